@@ -1,0 +1,312 @@
+"""DP-SGD's private aggregation step as an `optax.GradientTransformation`.
+
+Clip each example's gradient, sum, add Gaussian noise, normalise by a public
+constant: the Gaussian mechanism at the heart of DP-SGD (Abadi et al. 2016,
+"Deep Learning with Differential Privacy", arXiv 1607.00133).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_dp import _keys
+
+
+class DPAggregateState(NamedTuple):
+  """State of `dp_aggregate`.
+
+  Attributes:
+    noise_key: the typed PRNG key the *next* update draws its noise from. It is
+      split on every update, never reused.
+    step: int32, the number of noisy updates released so far (what the
+      accountant must be told).
+    nonfinite_examples: int32, running count of examples whose gradient had a
+      NaN or inf (or a squared norm that overflows float32) and whose
+      contribution was therefore dropped (set to zero). This count depends on
+      the data: it is a debugging aid, not something to publish.
+  """
+  noise_key: jax.Array
+  step: jax.Array
+  nonfinite_examples: jax.Array
+
+
+def _check_positive_finite(name: str, value: Any) -> float:
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number, got {value!r}.") from None
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(
+        f"{name} must be a finite number > 0, got {value}. It bounds each "
+        "example's influence: pick the scale of typical gradient norms "
+        "(e.g. 0.1 to 1.0).")
+  return value
+
+
+def _check_noise_multiplier(noise_multiplier: Any) -> float:
+  try:
+    noise_multiplier = float(noise_multiplier)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"noise_multiplier must be a number, got {noise_multiplier!r}.") from None
+  if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
+    raise ValueError(
+        f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}."
+        " Use optax_dp.calibrate_noise_multiplier(target_epsilon, target_delta,"
+        " ...) to pick it from a privacy budget.")
+  if noise_multiplier == 0:
+    warnings.warn(
+        "optax_dp: noise_multiplier=0 adds NO noise: this training run is NOT "
+        "differentially private, whatever epsilon anyone reports for it. Use "
+        "it only to debug clipping.", UserWarning, stacklevel=3)
+  return noise_multiplier
+
+
+def _check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
+  if expected_batch_size is None:
+    return None
+  if (isinstance(expected_batch_size, bool)
+      or not isinstance(expected_batch_size, numbers.Real)
+      or expected_batch_size != int(expected_batch_size)
+      or expected_batch_size < 1):
+    raise ValueError(
+        "expected_batch_size must be a positive integer (a public constant, "
+        f"e.g. q * dataset_size for Poisson sampling), got {expected_batch_size!r}.")
+  return int(expected_batch_size)
+
+
+def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
+  """Returns the common leading (batch) dimension of per-example gradients.
+
+  Raises:
+    ValueError: if the tree is empty, a leaf has no leading axis, or the
+      leaves' leading axes differ: these are not per-example gradients.
+  """
+  leaves = jax.tree.leaves(per_example_grads)
+  if not leaves:
+    raise ValueError("dp_aggregate got an empty gradient tree.")
+  dims = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(per_example_grads)[0]:
+    shape = jnp.shape(leaf)
+    if len(shape) == 0:
+      raise ValueError(
+          f"dp_aggregate needs per-example gradients, with a leading batch axis on "
+          f"every leaf, but leaf {jax.tree_util.keystr(path)} is a scalar. Compute "
+          "them with optax_dp.per_example_grads(loss_fn) instead of jax.grad(loss_fn).")
+    dims.append((jax.tree_util.keystr(path), shape[0]))
+  sizes = {d for _, d in dims}
+  if len(sizes) != 1:
+    listing = ", ".join(f"{p}: {d}" for p, d in dims[:6])
+    raise ValueError(
+        "dp_aggregate needs per-example gradients whose leaves all share the "
+        f"same leading batch axis; got leading dims {listing}. These look like "
+        "ordinary (batch-averaged) gradients: compute per-example gradients "
+        "with optax_dp.per_example_grads(loss_fn).")
+  return sizes.pop()
+
+
+def _check_against_params(per_example_grads, params) -> None:
+  """Checks per-example grads have shape (B, *param.shape) for every param."""
+  g_def = jax.tree.structure(per_example_grads)
+  p_def = jax.tree.structure(params)
+  if g_def != p_def:
+    raise ValueError(
+        "dp_aggregate: the gradient tree does not match the params tree "
+        f"(grads {g_def} vs params {p_def}).")
+  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(per_example_grads)[0],
+                          jax.tree.leaves(params)):
+    if tuple(jnp.shape(g)[1:]) != tuple(jnp.shape(p)):
+      raise ValueError(
+          f"dp_aggregate: gradient leaf {jax.tree_util.keystr(path)} has shape "
+          f"{jnp.shape(g)}, but per-example gradients of a parameter of shape "
+          f"{jnp.shape(p)} must have shape (batch, *{tuple(jnp.shape(p))}). "
+          "Pass per-example gradients (optax_dp.per_example_grads), and put "
+          "dp_aggregate first in optax.chain.")
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  """Clipping, summing and noise run in at least float32 (see bf16 note)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def per_example_sq_norms(per_example_grads: chex.ArrayTree) -> jax.Array:
+  """Squared global L2 norm of each example's gradient, in float32 or wider."""
+  sq = [jnp.sum(jnp.square(g.astype(_compute_dtype(g.dtype))),
+                axis=tuple(range(1, g.ndim))).astype(jnp.float32)
+        for g in jax.tree.leaves(per_example_grads)]
+  return sum(sq[1:], sq[0])
+
+
+def clip_factors(sq_norms: jax.Array, l2_norm_clip: float) -> jax.Array:
+  """Per-example scale factors `min(1, C / ||g_i||)`, 0 for non-finite norms.
+
+  An example whose squared norm is NaN or inf contributes nothing: its factor is
+  0 (and `clipped_sum` replaces its gradient by zeros so that 0 * NaN cannot
+  poison the sum). Dropping an example is within the sensitivity bound, so the
+  privacy guarantee is unchanged; a NaN in the output would instead reveal that
+  some example produced one.
+  """
+  finite = jnp.isfinite(sq_norms)
+  norms = jnp.sqrt(jnp.where(finite, sq_norms, 0.0))
+  tiny = jnp.finfo(jnp.float32).tiny
+  factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, tiny))
+  return jnp.where(finite, factors, 0.0)
+
+
+def clipped_sum(per_example_grads: chex.ArrayTree, factors: jax.Array,
+                any_nonfinite: jax.Array) -> chex.ArrayTree:
+  """`sum_i factors[i] * g_i` per leaf, in the compute dtype."""
+
+  def weighted_sum(g):
+    ct = _compute_dtype(g.dtype)
+    return jnp.tensordot(factors.astype(ct), g.astype(ct), axes=1)
+
+  def zero_nonfinite(g):
+    keep = (factors > 0).reshape((-1,) + (1,) * (g.ndim - 1))
+    return jnp.where(keep, g, jnp.zeros_like(g))
+
+  def clean_path(grads):
+    return jax.tree.map(weighted_sum, grads)
+
+  def dirty_path(grads):
+    return jax.tree.map(lambda g: weighted_sum(zero_nonfinite(g)), grads)
+
+  return jax.lax.cond(any_nonfinite, dirty_path, clean_path, per_example_grads)
+
+
+def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
+                       ) -> tuple[chex.ArrayTree, jax.Array]:
+  """Adds independent N(0, stddev^2) to every coordinate of `tree`.
+
+  Splits `key` into one subkey per leaf plus the key to carry forward, so no
+  two leaves and no two steps share noise (the mistake of jax#3646). Noise is
+  drawn in the leaf's compute dtype (float32 or wider).
+
+  Returns:
+    (noised tree, next key).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves) + 1)
+  if stddev == 0:
+    return tree, keys[0]
+  noised = [leaf + stddev * jax.random.normal(k, leaf.shape, leaf.dtype)
+            for leaf, k in zip(leaves, keys[1:])]
+  return jax.tree.unflatten(treedef, noised), keys[0]
+
+
+def dp_aggregate(
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    key: _keys.KeyLike,
+    *,
+    expected_batch_size: Optional[int] = None,
+) -> optax.GradientTransformation:
+  """DP-SGD's clip-sum-noise-normalise step, as an optax transformation.
+
+  Takes *per-example* gradients: every leaf with the same leading batch axis
+  `B` (use `optax_dp.per_example_grads`). For each example it scales its whole
+  gradient (the global L2 norm over all leaves) to norm at most `l2_norm_clip`,
+  sums over the batch, adds independent Gaussian noise of standard deviation
+  `noise_multiplier * l2_norm_clip` to every coordinate of the sum, and divides
+  by `expected_batch_size`. This is the Gaussian mechanism of DP-SGD (Abadi et
+  al. 2016, arXiv 1607.00133).
+
+  Privacy contract: with Poisson sampling at rate
+  `q = expected_batch_size / dataset_size`, each update is a Poisson-subsampled
+  Gaussian mechanism with noise multiplier `noise_multiplier` under add/remove
+  adjacency, and `optax_dp.compute_epsilon(noise_multiplier, delta,
+  dataset_size=..., batch_size=expected_batch_size, steps=state.step)` bounds
+  the privacy loss of all updates released so far. This holds only if
+
+  * it comes FIRST in `optax.chain` (anything before it sees raw per-example
+    gradients and is not covered; anything after it is post-processing);
+  * the batches are Poisson-sampled (`optax_dp.poisson_batches`) and padding
+    examples are masked out (their gradients are zero);
+  * `expected_batch_size` is the *expected* batch size `q * dataset_size`, a
+    public constant, never the realised one (default: the static leading
+    dimension `B`, right only for full-batch or fixed-size batches).
+
+  Examples whose gradient is not finite (NaN or inf) contribute zero and are
+  counted in `state.nonfinite_examples`.
+
+  Noise is fresh on every update: the key lives in the state and is split on
+  every call, one subkey per leaf. Clipping, summation and noise run in float32
+  (or wider) even for bfloat16/float16 gradients; the result is cast back to
+  each leaf's dtype (post-processing, so privacy is unaffected).
+
+  Args:
+    l2_norm_clip: the bound `C > 0` on each example's global gradient norm.
+    noise_multiplier: `sigma >= 0`; the noise std is `sigma * C`. 0 gives a
+      non-private run and warns loudly.
+    key: the PRNG key for the noise: a `jax.random.key`, a legacy `uint32[2]`
+      key, or an int seed. Use a key that nothing else uses.
+    expected_batch_size: the public normaliser; see above.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `DPAggregateState`.
+
+  Raises:
+    ValueError: for `l2_norm_clip <= 0`, `noise_multiplier < 0`, a bad key or
+      `expected_batch_size`; at update time, for gradients without a common
+      leading batch axis or whose shapes do not match `params`.
+  """
+  l2_norm_clip = _check_positive_finite("l2_norm_clip", l2_norm_clip)
+  noise_multiplier = _check_noise_multiplier(noise_multiplier)
+  expected_batch_size = _check_expected_batch_size(expected_batch_size)
+  key = _keys.as_typed_key(key)
+  noise_std = noise_multiplier * l2_norm_clip
+
+  def init_fn(params):
+    del params
+    return DPAggregateState(noise_key=key,
+                            step=jnp.zeros([], jnp.int32),
+                            nonfinite_examples=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    batch_size = batch_size_of(updates)
+    if params is not None:
+      _check_against_params(updates, params)
+    sq_norms = per_example_sq_norms(updates)
+    factors = clip_factors(sq_norms, l2_norm_clip)
+    nonfinite = ~jnp.isfinite(sq_norms)
+    summed = clipped_sum(updates, factors, jnp.any(nonfinite))
+    noised, next_key = add_gaussian_noise(summed, state.noise_key, noise_std)
+    normaliser = expected_batch_size or batch_size
+    out = jax.tree.map(lambda s, g: (s / normaliser).astype(g.dtype), noised, updates)
+    new_state = DPAggregateState(
+        noise_key=next_key,
+        step=state.step + 1,
+        nonfinite_examples=state.nonfinite_examples
+        + jnp.sum(nonfinite, dtype=jnp.int32))
+    return out, new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def dpsgd(
+    learning_rate: optax.ScalarOrSchedule,
+    l2_norm_clip: float,
+    noise_multiplier: float,
+    key: _keys.KeyLike,
+    *,
+    momentum: Optional[float] = None,
+    nesterov: bool = False,
+    expected_batch_size: Optional[int] = None,
+) -> optax.GradientTransformation:
+  """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
+
+  See `dp_aggregate` for the privacy contract and the arguments it shares;
+  `learning_rate`, `momentum` and `nesterov` are those of `optax.sgd`.
+  """
+  return optax.chain(
+      dp_aggregate(l2_norm_clip, noise_multiplier, key,
+                   expected_batch_size=expected_batch_size),
+      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))

@@ -1,0 +1,97 @@
+"""The MNIST example on the real, bundled MNIST files: data loading and a short run."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import optax_dp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, EXAMPLES)
+import mnist_data  # noqa: E402
+
+
+def test_bundled_files_match_their_checksums():
+  folder = mnist_data.DEFAULT_DATA_DIR
+  with open(os.path.join(folder, "SHA256SUMS")) as f:
+    sums = dict(reversed(line.split()) for line in f if line.strip())
+  assert set(sums) == set(mnist_data.FILES.values())
+  for name, digest in sums.items():
+    with open(os.path.join(folder, name), "rb") as f:
+      assert hashlib.sha256(f.read()).hexdigest() == digest, name
+
+
+def test_load_mnist_shapes_and_label_counts():
+  data = mnist_data.load_mnist()
+  assert data["train_images"].shape == (60000, 28, 28, 1)
+  assert data["test_images"].shape == (10000, 28, 28, 1)
+  assert data["train_images"].dtype == np.float32
+  assert 0.0 <= data["train_images"].min() and data["train_images"].max() == 1.0
+  # Published MNIST digit counts (also listed in the data folder's README).
+  np.testing.assert_array_equal(
+      np.bincount(data["train_labels"]),
+      [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+  np.testing.assert_array_equal(
+      np.bincount(data["test_labels"]),
+      [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+
+
+def test_read_idx_rejects_garbage(tmp_path):
+  bad = tmp_path / "bad.idx"
+  bad.write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x02ab")
+  with pytest.raises(ValueError, match="unsigned-byte"):
+    mnist_data.read_idx(str(bad))
+  short = tmp_path / "short.idx"
+  short.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+  with pytest.raises(ValueError, match="header says"):
+    mnist_data.read_idx(str(short))
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--data-dir"):
+    mnist_data.load_mnist(str(tmp_path))
+
+
+def _run(tmp_path, *args):
+  out = tmp_path / "result.json"
+  cmd = [sys.executable, os.path.join(EXAMPLES, "mnist_linen.py"), *args,
+         "--json-out", str(out)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_short_private_run_reports_the_epsilon_of_what_ran(tmp_path):
+  result, stdout = _run(tmp_path, "--steps", "4", "--eval-every", "2",
+                        "--batch-size", "128", "--epsilon", "2.0")
+  for key in ("test_accuracy", "epsilon", "delta", "noise_multiplier", "steps",
+              "batch_size", "seconds"):
+    assert key in result
+  assert result["steps"] == 4 and result["batch_size"] == 128
+  assert result["sampler"] == "poisson" and result["accountant"] == "pld"
+  # The noise was calibrated for the 4 steps that ran, at q = 128/60000...
+  sigma = optax_dp.calibrate_noise_multiplier(
+      2.0, 1e-5, dataset_size=60000, batch_size=128, steps=4)
+  assert result["noise_multiplier"] == sigma
+  # ...and the epsilon printed is the accountant's for exactly that run.
+  eps = optax_dp.compute_epsilon(sigma, 1e-5, dataset_size=60000, batch_size=128, steps=4)
+  assert result["epsilon"] == pytest.approx(eps, rel=1e-12)
+  assert result["epsilon"] <= 2.0
+  assert 0.0 <= result["test_accuracy"] <= 1.0
+  assert "epsilon" in stdout and "Poisson" in stdout
+
+
+@pytest.mark.slow
+def test_no_dp_run_learns_and_claims_no_privacy(tmp_path):
+  result, stdout = _run(tmp_path, "--no-dp", "--steps", "60", "--eval-every", "60")
+  assert result["private"] is False and result["epsilon"] is None
+  assert "NOT private" in stdout
+  # 60 non-private SGD steps at batch 256 reliably pass 85% on MNIST.
+  assert result["test_accuracy"] > 0.85
