@@ -34,7 +34,7 @@ _SIGNIFICANT_DIGITS = 4
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or value != int(value) or value < minimum):
+      or not math.isfinite(value) or value != int(value) or value < minimum):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
   return int(value)
 
@@ -94,8 +94,14 @@ def _epsilon(noise_multiplier: float, target_delta: float, dataset_size: int,
     return math.inf
   event = dpsgd_event(noise_multiplier, dataset_size=dataset_size,
                       batch_size=batch_size, steps=steps)
-  return float(_make_accountant(accountant, coarse=coarse).compose(event)
-               .get_epsilon(target_delta))
+  try:
+    return float(_make_accountant(accountant, coarse=coarse).compose(event)
+                 .get_epsilon(target_delta))
+  except MemoryError:
+    raise ValueError(
+        f"PLD accounting for noise_multiplier={noise_multiplier} needs more "
+        "memory than this machine has (the privacy loss distribution of such "
+        "small noise is huge); use accountant='rdp' for this setting.") from None
 
 
 def compute_epsilon(
@@ -175,6 +181,8 @@ def calibrate_noise_multiplier(
   Raises:
     ValueError: for out-of-range arguments.
   """
+  if isinstance(target_epsilon, bool):
+    raise ValueError("target_epsilon must be a number, got a bool.")
   try:
     target_epsilon = float(target_epsilon)
   except (TypeError, ValueError):
@@ -195,10 +203,24 @@ def calibrate_noise_multiplier(
         lambda: _make_accountant(accountant, coarse=coarse), event,
         target_epsilon, target_delta, bracket_interval=bracket, tol=tol)
 
-  if accountant == "pld":
+  # RDP is fast and looser than PLD: its sigma brackets the PLD search from
+  # above, which also keeps PLD away from tiny sigmas (huge distributions).
+  if accountant == "rdp":
+    sigma = calibrate(False, dp_accounting.LowerEndpointAndGuess(0.0, 1.0), 1e-5)
+  else:
+    sigma_rdp = dp_accounting.calibrate_dp_mechanism(
+        rdp.RdpAccountant, event, target_epsilon, target_delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=1e-4)
+    if _epsilon(sigma_rdp, target_delta, **args, accountant="pld", coarse=True) <= target_epsilon:
+      coarse_bracket = dp_accounting.ExplicitBracketInterval(0.5 * sigma_rdp, sigma_rdp)
+      if _epsilon(0.5 * sigma_rdp, target_delta, **args, accountant="pld",
+                  coarse=True) <= target_epsilon:
+        coarse_bracket = dp_accounting.LowerEndpointAndGuess(0.0, 0.5 * sigma_rdp)
+    else:
+      coarse_bracket = dp_accounting.LowerEndpointAndGuess(sigma_rdp, 2 * sigma_rdp)
     # The coarse grid's epsilon is a looser upper bound, so its sigma is an
     # upper end for the fine search; the fine sigma is within a few % below.
-    upper = calibrate(True, dp_accounting.LowerEndpointAndGuess(0.0, 1.0), 1e-3)
+    upper = calibrate(True, coarse_bracket, 1e-3 * sigma_rdp)
     lower = 0.97 * upper
     if _epsilon(lower, target_delta, **args, accountant=accountant) <= target_epsilon:
       bracket = dp_accounting.LowerEndpointAndGuess(0.0, lower)
@@ -209,8 +231,6 @@ def calibrate_noise_multiplier(
     except ValueError:  # the fine epsilon at `upper` was above target
       sigma = calibrate(False, dp_accounting.LowerEndpointAndGuess(0.0, upper),
                         1e-4 * upper)
-  else:
-    sigma = calibrate(False, dp_accounting.LowerEndpointAndGuess(0.0, 1.0), 1e-5)
 
   sigma = _round_up(sigma)
   # PLD's discretised epsilon is not exactly monotone in sigma: confirm the

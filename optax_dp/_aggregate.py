@@ -208,6 +208,7 @@ def dp_aggregate(
     key: _keys.KeyLike,
     *,
     expected_batch_size: Optional[int] = None,
+    rescale_to_unit_norm: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD's clip-sum-noise-normalise step, as an optax transformation.
 
@@ -249,6 +250,10 @@ def dp_aggregate(
     key: the PRNG key for the noise: a `jax.random.key`, a legacy `uint32[2]`
       key, or an int seed. Use a key that nothing else uses.
     expected_batch_size: the public normaliser; see above.
+    rescale_to_unit_norm: also divide the result by `l2_norm_clip`, as if each
+      example were clipped to norm 1 (De et al. 2022, arXiv 2204.13650): the
+      learning rate then need not be retuned when the clip changes. A public
+      rescaling, so privacy is unchanged. jax_privacy's Flax tutorial uses it.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DPAggregateState`.
@@ -263,6 +268,7 @@ def dp_aggregate(
   expected_batch_size = _check_expected_batch_size(expected_batch_size)
   key = _keys.as_typed_key(key)
   noise_std = noise_multiplier * l2_norm_clip
+  rescale = l2_norm_clip if rescale_to_unit_norm else 1.0
 
   def init_fn(params):
     del params
@@ -279,7 +285,7 @@ def dp_aggregate(
     nonfinite = ~jnp.isfinite(sq_norms)
     summed = clipped_sum(updates, factors, jnp.any(nonfinite))
     noised, next_key = add_gaussian_noise(summed, state.noise_key, noise_std)
-    normaliser = expected_batch_size or batch_size
+    normaliser = (expected_batch_size or batch_size) * rescale
     out = jax.tree.map(lambda s, g: (s / normaliser).astype(g.dtype), noised, updates)
     new_state = DPAggregateState(
         noise_key=next_key,
@@ -300,6 +306,7 @@ def dpsgd(
     momentum: Optional[float] = None,
     nesterov: bool = False,
     expected_batch_size: Optional[int] = None,
+    rescale_to_unit_norm: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
 
@@ -308,5 +315,6 @@ def dpsgd(
   """
   return optax.chain(
       dp_aggregate(l2_norm_clip, noise_multiplier, key,
-                   expected_batch_size=expected_batch_size),
+                   expected_batch_size=expected_batch_size,
+                   rescale_to_unit_norm=rescale_to_unit_norm),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))

@@ -35,7 +35,7 @@ class PoissonBatch(NamedTuple):
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or value != int(value) or value < minimum):
+      or not math.isfinite(value) or value != int(value) or value < minimum):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
   return int(value)
 
@@ -55,15 +55,25 @@ def poisson_max_batch_size(
     raise ValueError(
         f"expected_batch_size ({expected_batch_size}) must be <= dataset_size "
         f"({dataset_size}).")
-  if not 0 < overflow_probability < 1:
+  if (isinstance(overflow_probability, bool)
+      or not isinstance(overflow_probability, numbers.Real)
+      or not 0 < overflow_probability < 1):
     raise ValueError(
-        f"overflow_probability must be in (0, 1), got {overflow_probability}.")
+        f"overflow_probability must be in (0, 1), got {overflow_probability!r}.")
   q = expected_batch_size / dataset_size
-  # P(Binomial(N, q) > m) <= overflow_probability / steps.
-  m = int(stats.binom.isf(overflow_probability / steps, dataset_size, q))
-  while m < dataset_size and stats.binom.sf(m, dataset_size, q) * steps > overflow_probability:
-    m += 1
-  return min(max(m, expected_batch_size), dataset_size)
+
+  def overflows(m):  # union bound over the steps: steps * P(Binomial(N, q) > m)
+    return stats.binom.sf(m, dataset_size, q) * steps > overflow_probability
+
+  # Bisection on the monotone tail (scipy's isf saturates at N for tiny tails).
+  lo, hi = expected_batch_size - 1, dataset_size  # overflows(lo) or lo < E; not overflows(hi)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if overflows(mid):
+      lo = mid
+    else:
+      hi = mid
+  return max(hi, expected_batch_size)
 
 
 def poisson_batches(
@@ -112,6 +122,9 @@ def poisson_batches(
 
   Yields:
     `PoissonBatch(indices, mask)`.
+
+  Raises:
+    ValueError: for bad arguments, when called (not at the first batch).
   """
   dataset_size = _check_int("dataset_size", dataset_size, 1)
   expected_batch_size = _check_int("expected_batch_size", expected_batch_size, 1)
@@ -125,7 +138,13 @@ def poisson_batches(
     raise ValueError(
         f"expected_batch_size ({expected_batch_size}) must be <= dataset_size "
         f"({dataset_size}).")
-  q = expected_batch_size / dataset_size
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+  return _poisson_batches(seed, dataset_size, expected_batch_size / dataset_size,
+                          steps, max_batch_size, pad_to_multiple_of)
+
+
+def _poisson_batches(seed, dataset_size, q, steps, max_batch_size, pad_to_multiple_of):
   rng = np.random.Generator(np.random.PCG64(seed))
   for step in range(steps):
     size = int(rng.binomial(dataset_size, q))

@@ -290,3 +290,14 @@ def test_flax_trainstate_swap_under_jit():
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert int(new.opt_state[0].step) == 1
+
+
+def test_rescale_to_unit_norm_divides_by_clip_including_noise():
+  grads = _per_example_tree(batch=8, scale=0.5)
+  plain = optax_dp.dp_aggregate(0.2, 1.5, jax.random.key(4), expected_batch_size=10)
+  unit = optax_dp.dp_aggregate(0.2, 1.5, jax.random.key(4), expected_batch_size=10,
+                               rescale_to_unit_norm=True)
+  a, _ = plain.update(grads, plain.init(None))
+  b, _ = unit.update(grads, unit.init(None))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x) / 0.2, y, rtol=1e-5, atol=1e-7)
