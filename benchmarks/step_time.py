@@ -1,0 +1,380 @@
+"""Step time of one DP-SGD training step: optax_dp against its peers.
+
+One process, one model, one batch; every row is a complete jitted train step
+`(params, opt_state, batch) -> (params, opt_state)` with params and optimizer
+state donated. Rows run round-robin (each round runs one step of every row) so
+that machine noise hits all rows alike. Rows:
+
+  non_private   jax.grad of the mean loss + optax.sgd(0.1, momentum=0.9)
+  optax_dp      optax_dp.per_example_grads(loss_fn) +
+                chain(optax_dp.dp_aggregate(C, sigma, key, expected_batch_size=B),
+                      optax.sgd(0.1, momentum=0.9))
+  optax_contrib jax.vmap(jax.grad(loss of one example)) +
+                optax.contrib.dpsgd(0.1, C, sigma, seed, momentum=0.9)
+  jax_privacy   jax_privacy.clipped_grad(loss_fn, l2_clip_norm=C, batch_argnums=1,
+                normalize_by=B) + chain(noise_addition.gaussian_privatizer(
+                stddev=sigma * grad_fn.sensitivity()), optax.sgd(0.1, momentum=0.9))
+
+Every DP row computes g = (sum_i clip_C(grad loss_i) + sigma*C*N(0, I)) / B with
+C = 0.1, sigma = 1.34, then SGD with momentum. jax_privacy divides by B before
+adding noise of std sigma*C/B (its `sensitivity()`), which is the same
+distribution. `--check` verifies, with sigma = 0 on a small batch, that the DP
+rows produce the same params after two steps as a plain reference.
+
+Usage:
+  python benchmarks/step_time.py --check --rounds 2
+  python benchmarks/step_time.py --json-out benchmarks/results/step_time_b256.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any, Callable, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_dp
+
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+L2_NORM_CLIP = 0.1
+NOISE_MULTIPLIER = 1.34
+ALL_ROWS = ("non_private", "optax_dp", "optax_contrib", "jax_privacy")
+DP_ROWS = ALL_ROWS[1:]
+
+
+class CNN(nn.Module):
+  """The example's Flax Linen CNN (NHWC 28x28x1 input, 10 classes)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(features=32, kernel_size=(3, 3), padding="SAME")(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.Conv(features=64, kernel_size=(3, 3), padding="SAME")(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.Dense(features=256)(x)
+    x = nn.relu(x)
+    x = nn.Dense(features=10)(x)
+    return x
+
+
+MODEL = CNN()
+
+
+def loss_fn(params, batch):
+  """An ordinary batched mean loss: batch = (images, labels). Used by ALL rows."""
+  images, labels = batch
+  logits = MODEL.apply({"params": params}, images)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_batch(batch_size: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((batch_size, 28, 28, 1), dtype=np.float32)
+  labels = rng.integers(0, 10, size=(batch_size,), dtype=np.int32)
+  return jnp.asarray(images), jnp.asarray(labels)
+
+
+def init_params(seed: int = 0):
+  return MODEL.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 1)))["params"]
+
+
+def _sgd():
+  return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+
+
+class Row(NamedTuple):
+  init: Callable[[Any], Any]                     # params -> opt_state
+  step: Callable[[Any, Any, Any], tuple[Any, Any]]  # un-jitted train step
+
+
+def build_row(name: str, batch_size: int, noise_multiplier: float,
+              l2_norm_clip: float = L2_NORM_CLIP) -> Row:
+  """Returns (opt init, train step) for one row. Same math in every DP row."""
+  if name == "non_private":
+    tx = _sgd()
+    grad_fn = jax.grad(loss_fn)
+
+  elif name == "optax_dp":
+    tx = optax.chain(
+        optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
+                              expected_batch_size=batch_size),
+        _sgd())
+    grad_fn = optax_dp.per_example_grads(loss_fn)
+
+  elif name == "optax_contrib":
+    with warnings.catch_warnings():  # optax 0.2.8 dpsgd passes the deprecated seed=
+      warnings.simplefilter("ignore", DeprecationWarning)
+      tx = optax.contrib.dpsgd(LEARNING_RATE, l2_norm_clip, noise_multiplier, 1,
+                               momentum=MOMENTUM)
+
+    def one_example_loss(params, image, label):
+      return loss_fn(params, (image[None], label[None]))
+
+    vmapped = jax.vmap(jax.grad(one_example_loss), in_axes=(None, 0, 0))
+    grad_fn = lambda params, batch: vmapped(params, *batch)
+
+  elif name == "jax_privacy":
+    import jax_privacy  # pylint: disable=import-outside-toplevel
+    from jax_privacy import noise_addition  # pylint: disable=import-outside-toplevel
+    # `fun` is the ordinary batched loss; keep_batch_dim=True (default) calls it
+    # on batches of one example. Returns the SUM of clipped grads / normalize_by.
+    grad_fn = jax_privacy.clipped_grad(
+        loss_fn, l2_clip_norm=l2_norm_clip, batch_argnums=1,
+        normalize_by=float(batch_size))
+    # sensitivity() = C / B here, so the noise is sigma*C/B on the mean, i.e.
+    # sigma*C on the sum: the same mechanism as the other rows.
+    stddev = noise_multiplier * grad_fn.sensitivity()
+    tx = optax.chain(
+        noise_addition.gaussian_privatizer(stddev=stddev,
+                                           prng_key=jax.random.key(1)),
+        _sgd())
+
+  else:
+    raise ValueError(f"unknown row {name!r}; choose from {ALL_ROWS}")
+
+  def step(params, opt_state, batch):
+    grads = grad_fn(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return Row(tx.init, step)
+
+
+@contextlib.contextmanager
+def _quiet_sigma0():
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*noise_multiplier=0.*")
+    warnings.simplefilter("ignore", DeprecationWarning)
+    yield
+
+
+def per_example_norms(params, batch):
+  images, labels = batch
+  one = lambda p, x, y: loss_fn(p, (x[None], y[None]))
+  g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, images, labels)
+  return g, jnp.sqrt(sum(jnp.sum(l.reshape(l.shape[0], -1) ** 2, axis=1)
+                         for l in jax.tree.leaves(g)))
+
+
+def reference_step(params, opt_state, batch, l2_norm_clip):
+  """Plain-JAX clip / sum / divide-by-B reference (sigma=0) for --check."""
+  g, norms = per_example_norms(params, batch)
+  c = jnp.minimum(1.0, l2_norm_clip / norms)
+  batch_size = norms.shape[0]
+  mean = jax.tree.map(lambda l: jnp.tensordot(c, l, axes=1) / batch_size, g)
+  updates, opt_state = _sgd().update(mean, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _max_abs_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
+  """sigma=0, small batch: every DP row must match the reference params.
+
+  Two clip norms: the benchmark's C=0.1 (every example is clipped on this
+  model) and C = the median per-example norm at init (about half clipped, so
+  both branches of min(1, C/||g||) are exercised). Two steps, so momentum and
+  the optimizer-state threading are covered too.
+  """
+  params0 = init_params()
+  batch = make_batch(batch_size, seed=1)
+  _, norms0 = jax.jit(per_example_norms)(params0, batch)
+  median = float(jnp.median(norms0))
+  ref_step = jax.jit(reference_step)
+  results = {}
+  failed = False
+  for clip in (L2_NORM_CLIP, median):
+    n_clipped = int(jnp.sum(norms0 > clip))
+    print(f"## --check: batch {batch_size}, noise_multiplier 0, {steps} steps, "
+          f"C={clip:.4g} ({n_clipped}/{batch_size} examples clipped at step 1)")
+    ref_p, ref_s = params0, _sgd().init(params0)
+    for _ in range(steps):
+      ref_p, ref_s = ref_step(ref_p, ref_s, batch, clip)
+    ref_update = _max_abs_diff(ref_p, params0)
+    tol = 1e-3 * ref_update   # 0.1% of the update: float32 rounding passes,
+    #                           a wrong clip factor or normaliser does not.
+    res = {"l2_norm_clip": clip, "examples_clipped": n_clipped,
+           "max_abs_update_reference": ref_update, "tolerance": tol, "rows": {}}
+    for name in rows:
+      with _quiet_sigma0():
+        row = build_row(name, batch_size, 0.0, clip)
+        p, s = params0, row.init(params0)
+        step = jax.jit(row.step)
+        for _ in range(steps):
+          p, s = step(p, s, batch)
+      diff = _max_abs_diff(p, ref_p)
+      res["rows"][name] = diff
+      ok = name == "non_private" or diff <= tol
+      failed |= not ok
+      note = ("(not DP: expected to differ)" if name == "non_private"
+              else "ok" if ok else "MISMATCH")
+      print(f"  {name:14s} max|params - reference| = {diff:.2e}  {note}")
+    print(f"  (reference max|params - params0| = {ref_update:.2e}; "
+          f"tolerance {tol:.1e})")
+    results[f"C={clip:.4g}"] = res
+  if failed:
+    print("CHECK FAILED")
+    sys.exit(1)
+  print("check passed: the DP rows compute the same update\n", flush=True)
+  return results
+
+
+def versions() -> dict:
+  try:
+    import jax_privacy  # pylint: disable=import-outside-toplevel
+    jp = jax_privacy.__version__
+  except ImportError:
+    jp = "not installed"
+  try:
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    nproc = str(os.cpu_count())
+  cpu = platform.processor() or platform.machine()
+  with contextlib.suppress(OSError):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "optax": optax.__version__,
+          "flax": flax.__version__, "jax_privacy": jp,
+          "optax_dp": optax_dp.__version__, "python": platform.python_version(),
+          "nproc": nproc, "cpu": cpu, "backend": jax.default_backend(),
+          "devices": str(jax.devices()),
+          "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+          "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg")
+          else None}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--rows", default=",".join(ALL_ROWS),
+                      help=f"comma list from {','.join(ALL_ROWS)}")
+  parser.add_argument("--json-out", default=None)
+  parser.add_argument("--check", action="store_true",
+                      help="first verify (sigma=0, batch 16) that the DP rows "
+                      "compute the same updated params")
+  args = parser.parse_args(argv)
+  if args.rounds < 1 or args.batch_size < 1:
+    parser.error("--rounds and --batch-size must be >= 1")
+  rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+  for r in rows:
+    if r not in ALL_ROWS:
+      parser.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
+
+  info = versions()
+  header = (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
+            f"jax-privacy {info['jax_privacy']}, optax_dp {info['optax_dp']}; "
+            f"nproc {info['nproc']} ({info['cpu']}, {info['backend']}); "
+            f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
+            f"sigma={NOISE_MULTIPLIER}"
+            + (f"; XLA_FLAGS={info['XLA_FLAGS']}" if info["XLA_FLAGS"] else "")
+            + (f"; 1-min load avg at start {info['loadavg_at_start']:.1f}"
+               if info["loadavg_at_start"] is not None else ""))
+  print(header, flush=True)
+
+  check = run_check(rows) if args.check else None
+
+  params0 = init_params()
+  batch = make_batch(args.batch_size)
+  state = {}
+  compiled = {}
+  compile_s = {}
+  for name in rows:
+    row = build_row(name, args.batch_size, NOISE_MULTIPLIER)
+    # Each row owns its buffers (donation invalidates them).
+    params = jax.tree.map(jnp.copy, params0)
+    opt_state = row.init(params)
+    t0 = time.perf_counter()
+    compiled[name] = jax.jit(row.step, donate_argnums=(0, 1)).lower(
+        params, opt_state, batch).compile()
+    compile_s[name] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    params, opt_state = jax.block_until_ready(
+        compiled[name](params, opt_state, batch))   # warm-up step
+    state[name] = (params, opt_state)
+    print(f"{name}: compiled in {compile_s[name]:.1f} s, warm-up step "
+          f"{1e3 * (time.perf_counter() - t0):.0f} ms", flush=True)
+
+  times = {name: [] for name in rows}
+  for r in range(args.rounds):
+    for name in rows:
+      params, opt_state = state[name]
+      t0 = time.perf_counter()
+      params, opt_state = jax.block_until_ready(
+          compiled[name](params, opt_state, batch))
+      times[name].append(1e3 * (time.perf_counter() - t0))
+      state[name] = (params, opt_state)
+    print(f"round {r + 1}/{args.rounds}: "
+          + ", ".join(f"{n} {times[n][-1]:.0f} ms" for n in rows), flush=True)
+  for params, _ in state.values():
+    for leaf in jax.tree.leaves(params):
+      if not bool(jnp.all(jnp.isfinite(leaf))):
+        print("WARNING: non-finite params after timing")
+
+  base = times.get("non_private")
+  summary = {}
+  for name in rows:
+    t = times[name]
+    s = {"median_ms": statistics.median(t), "min_ms": min(t),
+         "compile_s": compile_s[name], "times_ms": t}
+    if base:
+      s["ratio_of_medians"] = s["median_ms"] / statistics.median(base)
+      s["median_round_ratio"] = statistics.median(
+          a / b for a, b in zip(t, base))
+    summary[name] = s
+
+  lines = [f"Step time, batch {args.batch_size} ({header})", "",
+           "| row | median ms | min ms | median / non-private median "
+           "| median of per-round ratios |",
+           "|---|---|---|---|---|"]
+  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+  for name in rows:
+    s = summary[name]
+    lines.append(f"| {name} | {s['median_ms']:.0f} | {s['min_ms']:.0f} | "
+                 f"{fmt(s.get('ratio_of_medians'))} | "
+                 f"{fmt(s.get('median_round_ratio'))} |")
+  table = "\n".join(lines)
+  print("\n" + table)
+
+  if args.json_out:
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "argv": sys.argv, "versions": info, "batch_size": args.batch_size,
+           "rounds": args.rounds, "l2_norm_clip": L2_NORM_CLIP,
+           "noise_multiplier": NOISE_MULTIPLIER, "rows": summary,
+           "check": check, "markdown": table}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"\nwrote {args.json_out}")
+
+
+if __name__ == "__main__":
+  main()
