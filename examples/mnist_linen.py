@@ -3,7 +3,8 @@
 The jax_privacy Flax Linen DP-SGD tutorial, rewritten for optax_dp: the same CNN
 (Conv32 3x3 - relu - avgpool 2 - Conv64 3x3 - relu - avgpool 2 - Dense256 -
 relu - Dense10), the same defaults (5000 steps, batch 256, SGD lr 0.1 momentum
-0.9, l2_norm_clip 0.1, epsilon 1, delta 1e-5), and a plain Flax `TrainState`
+0.9, l2_norm_clip 0.1 with the clipped sum rescaled to unit norm, epsilon 1,
+delta 1e-5), and a plain Flax `TrainState`
 loop. The only private parts are the optimizer (`tx`), the per-example gradient
 function and the Poisson sampler, so the epsilon printed is the epsilon of the
 run: Poisson sampling at q = batch_size / 60000 for exactly the steps run, with
@@ -116,6 +117,10 @@ def parse_args(argv=None):
   p.add_argument("--learning-rate", type=float, default=0.1)
   p.add_argument("--momentum", type=float, default=0.9)
   p.add_argument("--l2-norm-clip", type=float, default=0.1)
+  p.add_argument("--rescale-to-unit-norm", action=argparse.BooleanOptionalAction,
+                 default=True,
+                 help="divide clipped sums by the clip norm, as the jax_privacy "
+                      "tutorial does (learning rate independent of the clip)")
   p.add_argument("--epsilon", type=float, default=1.0)
   p.add_argument("--delta", type=float, default=1e-5)
   p.add_argument("--accountant", choices=optax_dp._accounting.ACCOUNTANTS, default="pld")
@@ -163,7 +168,8 @@ def main(argv=None):
           f"{args.steps} steps ({args.accountant} accountant, {time.time() - t:.1f} s).")
     tx = optax.chain(
         optax_dp.dp_aggregate(args.l2_norm_clip, noise_multiplier, noise_key,
-                              expected_batch_size=args.batch_size),
+                              expected_batch_size=args.batch_size,
+                              rescale_to_unit_norm=args.rescale_to_unit_norm),
         sgd)
     train_step = make_private_train_step(loss_fn)
 
