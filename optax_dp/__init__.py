@@ -16,6 +16,9 @@ from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
 from optax_dp._accounting import dpsgd_event
 from optax_dp._aggregate import DPAggregateState
+from optax_dp._clipped import ClippedGrads
+from optax_dp._clipped import clipped_grads
+from optax_dp._clipped import value_and_clipped_grads
 from optax_dp._aggregate import dp_aggregate
 from optax_dp._aggregate import dpsgd
 from optax_dp._per_example import per_example_grads
@@ -28,9 +31,11 @@ from optax_dp._sampling import poisson_max_batch_size
 __version__ = "0.1.0"
 
 __all__ = (
+    "ClippedGrads",
     "DPAggregateState",
     "PoissonBatch",
     "calibrate_noise_multiplier",
+    "clipped_grads",
     "compute_epsilon",
     "dp_aggregate",
     "dpsgd",
@@ -39,5 +44,6 @@ __all__ = (
     "per_example_grads",
     "poisson_batches",
     "poisson_max_batch_size",
+    "value_and_clipped_grads",
     "value_and_per_example_grads",
 )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_dp import _clipped
 from optax_dp import _keys
 
 
@@ -210,7 +211,10 @@ def dp_aggregate(
   """DP-SGD's clip-sum-noise-normalise step, as an optax transformation.
 
   Takes *per-example* gradients: every leaf with the same leading batch axis
-  `B` (use `optax_dp.per_example_grads`). For each example it scales its whole
+  `B` (use `optax_dp.per_example_grads`), or a `ClippedGrads` from
+  `optax_dp.clipped_grads` (the fast path: the clipped sum computed without
+  materialising per-example gradients), which must have been made with the same
+  `l2_norm_clip`. For each example it scales its whole
   gradient (the global L2 norm over all leaves) to norm at most `l2_norm_clip`,
   sums over the batch, adds independent Gaussian noise of standard deviation
   `noise_multiplier * l2_norm_clip` to every coordinate of the sum, and divides
@@ -274,22 +278,45 @@ def dp_aggregate(
                             nonfinite_examples=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None):
-    batch_size = batch_size_of(updates)
-    if params is not None:
-      _check_against_params(updates, params)
-    sq_norms = per_example_sq_norms(updates)
-    factors = clip_factors(sq_norms, l2_norm_clip)
-    nonfinite = ~jnp.isfinite(sq_norms)
-    summed = clipped_sum(updates, factors)
+    if isinstance(updates, _clipped.ClippedGrads):
+      summed, num_nonfinite, batch_size, dtypes = _from_clipped(updates, params)
+    else:
+      batch_size = batch_size_of(updates)
+      if params is not None:
+        _check_against_params(updates, params)
+      sq_norms = per_example_sq_norms(updates)
+      factors = clip_factors(sq_norms, l2_norm_clip)
+      num_nonfinite = jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32)
+      summed = clipped_sum(updates, factors)
+      dtypes = jax.tree.map(lambda g: g.dtype, updates)
     noised, next_key = add_gaussian_noise(summed, state.noise_key, noise_std)
     normaliser = (expected_batch_size or batch_size) * rescale
-    out = jax.tree.map(lambda s, g: (s / normaliser).astype(g.dtype), noised, updates)
+    out = jax.tree.map(lambda s, d: (s / normaliser).astype(d), noised, dtypes)
     new_state = DPAggregateState(
         noise_key=next_key,
         step=state.step + 1,
-        nonfinite_examples=state.nonfinite_examples
-        + jnp.sum(nonfinite, dtype=jnp.int32))
+        nonfinite_examples=state.nonfinite_examples + num_nonfinite)
     return out, new_state
+
+  def _from_clipped(clipped, params):
+    if clipped.l2_norm_clip != l2_norm_clip:
+      raise ValueError(
+          f"dp_aggregate(l2_norm_clip={l2_norm_clip}) got a clipped sum made "
+          f"with l2_norm_clip={clipped.l2_norm_clip}: the noise would not match "
+          "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
+          "dp_aggregate.")
+    summed = clipped.clipped_sum
+    if params is not None:
+      if jax.tree.structure(summed) != jax.tree.structure(params):
+        raise ValueError("dp_aggregate: the clipped sum's tree does not match params.")
+      for s, p in zip(jax.tree.leaves(summed), jax.tree.leaves(params)):
+        if jnp.shape(s) != jnp.shape(p):
+          raise ValueError(
+              f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
+              f"parameter of shape {jnp.shape(p)}.")
+    dtypes = jax.tree.map(lambda s: s.dtype, summed)
+    summed = jax.tree.map(lambda s: s.astype(_compute_dtype(s.dtype)), summed)
+    return summed, clipped.nonfinite_examples, clipped.batch_size, dtypes
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -1,0 +1,248 @@
+"""Clipped gradient sums: what `dp_aggregate` accepts in place of per-example grads."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optax_dp import _aggregate
+from optax_dp import _ghost
+from optax_dp import _per_example
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippedGrads:
+  """The sum over a batch of per-example gradients, each clipped to norm C.
+
+  Produced by `optax_dp.clipped_grads`; `dp_aggregate` constructed with the
+  same `l2_norm_clip` adds the noise and normalises, and refuses a sum clipped
+  with another norm (the noise would then not match the sensitivity).
+
+  Attributes:
+    clipped_sum: a pytree shaped like the params: `sum_i clip_C(g_i)`.
+    nonfinite_examples: int32 scalar, examples dropped for a non-finite
+      gradient (debugging aid; data-dependent, do not publish).
+    l2_norm_clip: the clip norm C used (static).
+    batch_size: the static number of rows B, padding included (static).
+  """
+  clipped_sum: Any
+  nonfinite_examples: Any
+  l2_norm_clip: float
+  batch_size: int
+
+
+jax.tree_util.register_dataclass(
+    ClippedGrads,
+    data_fields=["clipped_sum", "nonfinite_examples"],
+    meta_fields=["l2_norm_clip", "batch_size"])
+
+
+METHODS = ("auto", "ghost", "vmap")
+
+
+def value_and_clipped_grads(
+    loss_fn: Callable[..., Any],
+    l2_norm_clip: float,
+    *,
+    method: str = "auto",
+    has_aux: bool = False,
+    microbatch_size: Optional[int] = None,
+) -> Callable[..., Any]:
+  """Per-example losses and the clipped gradient sum, for `dp_aggregate`.
+
+  `loss_fn(params, batch)` is the same ordinary batched loss as for
+  `per_example_grads`; each example is evaluated as a batch of one. Returns
+  `fn(params, batch, mask=None) -> (losses, ClippedGrads)` (or
+  `((losses, aux), ClippedGrads)` with `has_aux`), where the clipped sum is
+  `sum_i mask_i * clip_C(g_i)`, `clip_C(g) = g * min(1, C / ||g||)` over all
+  parameters together, and an example with a non-finite gradient contributes
+  zero. Pass it to `dp_aggregate(l2_norm_clip=C, ...)` (same C) in place of
+  per-example gradients: the privacy contract is unchanged.
+
+  Methods:
+    * `"vmap"`: per-example gradients of every parameter (`per_example_grads`),
+      then clip and sum. Always works; memory B x params.
+    * `"ghost"`: book-keeping for Flax Linen models (Bu et al. 2023, arXiv
+      2210.00038; see `optax_dp._ghost`): no per-example gradients of Dense or
+      Conv kernels are materialised (Conv via im2col, per-example kernel
+      gradients when that is cheaper); other layers that own their parameters
+      (Embed, LayerNorm, ...) get a vmapped VJP of that layer alone. Raises if
+      some parameter is not owned by such a layer.
+    * `"auto"` (default): `"ghost"` for the covered layers, per-example
+      gradients for the parameters of the others, one global norm.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> loss` (or `(loss, aux)`).
+    l2_norm_clip: C > 0.
+    method: `"auto"`, `"ghost"` or `"vmap"`.
+    has_aux: whether `loss_fn` returns `(loss, aux)`.
+    microbatch_size: process the batch in sequential chunks of this size
+      (`lax.scan`), summing the chunks' clipped sums; same numbers, less memory.
+  """
+  l2_norm_clip = _aggregate._check_positive_finite("l2_norm_clip", l2_norm_clip)
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+  if microbatch_size is not None and (
+      isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
+      or microbatch_size < 1):
+    raise ValueError(
+        f"microbatch_size must be a positive int or None, got {microbatch_size!r}.")
+
+  def chunk_fn(params, batch, mask):
+    if method == "vmap":
+      return _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask)
+    return _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask)
+
+  def fn(params, batch, mask=None):
+    batch_size = _per_example._batch_size(batch)
+    mask = (jnp.ones((batch_size,), bool) if mask is None
+            else _per_example._check_mask(mask, batch_size))
+    if microbatch_size is None or microbatch_size >= batch_size:
+      values, summed, nonfinite = chunk_fn(params, batch, mask)
+    else:
+      values, summed, nonfinite = _scan_chunks(chunk_fn, params, batch, mask,
+                                               microbatch_size, batch_size)
+    return values, ClippedGrads(clipped_sum=summed, nonfinite_examples=nonfinite,
+                                l2_norm_clip=l2_norm_clip, batch_size=batch_size)
+
+  return fn
+
+
+def clipped_grads(
+    loss_fn: Callable[..., Any],
+    l2_norm_clip: float,
+    *,
+    method: str = "auto",
+    has_aux: bool = False,
+    microbatch_size: Optional[int] = None,
+) -> Callable[..., Any]:
+  """The clipped gradient sum of an ordinary batched loss, for `dp_aggregate`.
+
+  Same as `value_and_clipped_grads` but returns only the `ClippedGrads` (or
+  `(ClippedGrads, aux)` with `has_aux`): `fn(params, batch, mask=None)`. It
+  replaces `per_example_grads(loss_fn)` in a train step, nothing else changes.
+  """
+  value_and_clipped = value_and_clipped_grads(
+      loss_fn, l2_norm_clip, method=method, has_aux=has_aux,
+      microbatch_size=microbatch_size)
+
+  def fn(params, batch, mask=None):
+    values, clipped = value_and_clipped(params, batch, mask)
+    return (clipped, values[1]) if has_aux else clipped
+
+  return fn
+
+
+def _finish(l2_norm_clip, sq_norms, mask):
+  finite = jnp.isfinite(sq_norms)
+  keep = finite & mask
+  factors = jnp.where(keep, _aggregate.clip_factors(sq_norms, l2_norm_clip), 0.0)
+  nonfinite = jnp.sum(~finite & mask, dtype=jnp.int32)
+  return factors, keep, nonfinite
+
+
+def _mask_values(values, mask, has_aux):
+  if has_aux:
+    return (_per_example._zero_masked(values[0], mask), values[1])
+  return _per_example._zero_masked(values, mask)
+
+
+def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):
+  values, grads = _per_example.value_and_per_example_grads(loss_fn, has_aux=has_aux)(
+      params, batch)
+  sq = _aggregate.per_example_sq_norms(grads)
+  factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
+  summed = _aggregate.clipped_sum(grads, factors)
+  summed = jax.tree.map(lambda s, g: s.astype(g.dtype), summed, grads)
+  return _mask_values(values, mask, has_aux), summed, nonfinite
+
+
+def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
+  leaves, treedef = jax.tree.flatten(params)
+  example0 = jax.tree.map(lambda x: x[0], batch)
+  exclude = frozenset()
+  while True:
+    layers = _ghost.discover(loss_fn, params, example0, has_aux, exclude)
+    example_loss, covered, uncovered = _ghost.make_example_loss(
+        loss_fn, layers, has_aux, treedef, len(leaves))
+    layer_params = [{name: leaves[i] for name, i in layer.leaf_index.items()}
+                    for layer in layers]
+    zs1 = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layer.out_struct)
+           for layer in layers]
+    args1 = ([leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
+             zs1, example0)
+    used = _ghost.check_covered_unused(example_loss, args1)
+    if not used:
+      break
+    leaky = {covered[j] for j in used}
+    exclude = exclude | {l.path for l in layers
+                         if set(l.leaf_index.values()) & leaky}
+  if method == "ghost" and uncovered:
+    names = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+    raise ValueError(
+        "clipped_grads(method='ghost'): parameters "
+        f"{[names[i] for i in uncovered][:8]} are not owned by a Flax Linen layer "
+        "called once through __call__ (shared, reused or used outside their "
+        "module). Use method='auto' (per-example gradients for those) or 'vmap'.")
+
+  batch_size = mask.shape[0]
+  zs = [jax.tree.map(lambda s: jnp.zeros((batch_size,) + s.shape, s.dtype), layer.out_struct)
+        for layer in layers]
+  grad_fn = jax.value_and_grad(example_loss, argnums=(0, 3), has_aux=True)
+  (losses, (aux, inputs)), (uncovered_grads, out_grads) = jax.vmap(
+      grad_fn, in_axes=(None, None, None, 0, 0))(
+          [leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
+          zs, batch)
+
+  sq = jnp.zeros((batch_size,), jnp.float32)
+  sum_fns = []
+  for k, layer in enumerate(layers):
+    layer_sq, sums = _ghost.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
+    sq = sq + layer_sq.astype(jnp.float32)
+    sum_fns.append(sums)
+  if uncovered_grads:
+    sq = sq + _aggregate.per_example_sq_norms(uncovered_grads)
+  factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
+
+  out = [None] * len(leaves)
+  for k, layer in enumerate(layers):
+    sums = sum_fns[k](factors, keep)
+    for name, i in layer.leaf_index.items():
+      out[i] = sums[name].reshape(leaves[i].shape).astype(leaves[i].dtype)
+  if uncovered_grads:
+    keep_factors = jnp.where(keep, factors, 0.0)
+    for i, s in zip(uncovered, _aggregate.clipped_sum(uncovered_grads, keep_factors)):
+      out[i] = s.astype(leaves[i].dtype)
+  values = (losses, aux) if has_aux else losses
+  return _mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out), nonfinite
+
+
+def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
+  """Runs chunk_fn over sequential chunks, summing clipped sums; pads with masked rows."""
+  num = -(-batch_size // microbatch_size)
+  padded = num * microbatch_size
+  pad = padded - batch_size
+
+  def pad_rows(x):
+    if pad == 0:
+      return x
+    return jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)], axis=0)
+
+  chunks = jax.tree.map(lambda x: pad_rows(x).reshape((num, microbatch_size) + x.shape[1:]),
+                        batch)
+  mask_chunks = jnp.concatenate([mask, jnp.zeros((pad,), bool)]).reshape(num, microbatch_size)
+
+  def body(carry, xs):
+    chunk, chunk_mask = xs
+    values, summed, nonfinite = chunk_fn(params, chunk, chunk_mask)
+    total, count = carry
+    return (jax.tree.map(jnp.add, total, summed), count + nonfinite), values
+
+  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+  (summed, nonfinite), values = jax.lax.scan(body, init, (chunks, mask_chunks))
+  values = jax.tree.map(lambda v: v.reshape((padded,) + v.shape[2:])[:batch_size], values)
+  return values, summed, nonfinite

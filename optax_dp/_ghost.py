@@ -1,0 +1,329 @@
+"""Fast per-example clipping for Flax Linen models: book-keeping.
+
+The clipped sum `sum_i clip_C(g_i)` without materialising per-example
+gradients of the big layers (Bu, Wang, Zha & Karypis 2023, "Differentially
+Private Optimization on Large Model at Small Cost", arXiv 2210.00038; ghost
+norms: Goodfellow 2015, Li et al. 2022 arXiv 2110.05679; mixed ghost clipping:
+Bu, Mao & Xu 2022, arXiv 2205.10683).
+
+How, without touching the user's model code:
+
+1. A shape-only trace of the loss on one example, under
+   `flax.linen.intercept_methods`, finds every module that owns parameters
+   directly and is called exactly once (through `__call__`): the *covered*
+   layers. Their parameter leaves are located in the params tree by identity.
+2. One forward and one backward pass, each example as a batch of one under
+   `jax.vmap` (the same semantics as `per_example_grads`): the interceptor
+   computes each covered layer from its own parameters, records the layer's
+   inputs, and adds a zero perturbation to its output, whose gradient is the
+   layer's output gradient. Parameters of uncovered layers get ordinary
+   per-example gradients from the same backward pass.
+3. Per covered layer, each example's squared gradient norm from its inputs A
+   and output gradients G: for Dense and Conv (via im2col) either
+   `||a||^2 ||g||^2` (one position), the ghost form `<A A^T, G G^T>` or the
+   materialised `A^T G`, whichever costs less for the shapes; for any other
+   layer, a vmapped VJP of that layer alone.
+4. Clip factors from the global norms; the clipped sum per layer as
+   `A^T diag(c) G` (or `sum_i c_i g_i`).
+
+Exactness guard: the layer's parameters as they appear in the params tree must
+be unused in the traced per-example loss (checked on the jaxpr), so they can
+only influence the loss through the intercepted call; otherwise the layer is
+treated as uncovered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+try:  # flax is optional: without it everything is "uncovered" (vmap path).
+  import flax.linen as nn
+except ImportError:  # pragma: no cover
+  nn = None
+
+
+@dataclasses.dataclass
+class _Layer:
+  """A covered layer call, found by the shape-only trace."""
+  path: tuple
+  module: Any            # an unbound clone of the module
+  leaf_index: dict       # param name -> index in the flattened params
+  out_struct: Any        # per-example (batch of one) output shapes
+  arg_treedef: Any = None
+  arg_statics: Any = None  # non-array leaves of (args, kwargs), by position
+  kind: str = "generic"
+
+
+def _direct_params(module) -> Optional[dict]:
+  """The module's params if it owns only arrays directly (no submodules)."""
+  try:
+    variables = module.variables
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if set(variables.keys()) != {"params"}:
+    return None
+  params = variables["params"]
+  if not params or any(isinstance(v, dict) or hasattr(v, "items") for v in params.values()):
+    return None
+  return dict(params)
+
+
+def _kind(module) -> str:
+  if type(module) is nn.Dense and module.dot_general is None and module.dot_general_cls is None:
+    return "dense"
+  if (type(module) is nn.Conv and module.feature_group_count == 1 and module.mask is None
+      and module.conv_general_dilated is None and module.conv_general_dilated_cls is None
+      and _is_unit(module.input_dilation) and _conv_padding_supported(module.padding)):
+    return "conv"
+  return "generic"
+
+
+def _is_unit(x) -> bool:
+  if x is None:
+    return True
+  if isinstance(x, int):
+    return x == 1
+  return all(v == 1 for v in x)
+
+
+def _conv_padding_supported(padding) -> bool:
+  if isinstance(padding, str):
+    return padding in ("SAME", "VALID")
+  return True
+
+
+def _to_tuple(x, n, default):
+  if x is None:
+    return (default,) * n
+  if isinstance(x, int):
+    return (x,) * n
+  return tuple(x)
+
+
+def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
+             exclude: frozenset = frozenset()) -> list[_Layer]:
+  """Finds the covered layers (shape-only trace of one example)."""
+  if nn is None:
+    return []
+  calls: dict[tuple, list] = {}
+
+  def run(params, example):
+    ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      module = context.module
+      direct = None if context.method_name == "setup" else _direct_params(module)
+      if direct is not None:
+        index = {name: ids.get(id(leaf)) for name, leaf in direct.items()}
+        calls.setdefault(module.path, []).append(
+            (context.method_name, module, index,
+             jax.tree.map(lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out),
+             (args, kwargs)))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      return loss_fn(params, jax.tree.map(lambda x: x[None], example))
+
+  jax.eval_shape(run, params, example)
+  layers, owners = [], {}
+  for path, entries in calls.items():
+    method, module, index, out_struct, (args, kwargs) = entries[0]
+    if (len(entries) != 1 or method != "__call__" or path in exclude
+        or any(i is None for i in index.values())):
+      continue
+    if any(not isinstance(o, jax.ShapeDtypeStruct) for o in jax.tree.leaves(out_struct)):
+      continue
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    statics = [None if _is_array(x) else x for x in leaves]
+    layer = _Layer(path=path, module=module.clone(parent=None, name=None),
+                   leaf_index=index, out_struct=out_struct, arg_treedef=treedef,
+                   arg_statics=statics, kind=_kind(module))
+    if layer.kind in ("dense", "conv") and not (
+        len(args) == 1 and not kwargs and _is_array(args[0])):
+      layer.kind = "generic"
+    layers.append(layer)
+  # A leaf owned by two layers (shared parameters) is not covered.
+  for layer in layers:
+    for i in layer.leaf_index.values():
+      owners[i] = owners.get(i, 0) + 1
+  return [l for l in layers if all(owners[i] == 1 for i in l.leaf_index.values())]
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__") or (
+      hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
+                      params_treedef, num_leaves: int):
+  """The per-example loss with covered layers computed from their own params.
+
+  Signature: `(uncovered_leaves, covered_leaves, layer_params, zs, example) ->
+  (loss, (aux, layer_inputs))`, where `covered_leaves` stand in the params tree
+  (and must be unused: see `check_covered_unused`).
+  """
+  by_path = {layer.path: k for k, layer in enumerate(layers)}
+  covered = sorted(i for layer in layers for i in layer.leaf_index.values())
+  uncovered = [i for i in range(num_leaves) if i not in set(covered)]
+
+  def example_loss(uncovered_leaves, covered_leaves, layer_params, zs, example):
+    leaves = [None] * num_leaves
+    for i, x in zip(uncovered, uncovered_leaves):
+      leaves[i] = x
+    for i, x in zip(covered, covered_leaves):
+      leaves[i] = x
+    params = jax.tree.unflatten(params_treedef, leaves)
+    inputs: list[Any] = [None] * len(layers)
+    inside = [False]
+
+    def interceptor(next_fun, args, kwargs, context):
+      if inside[0] or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      k = by_path.get(context.module.path)
+      if k is None:
+        return next_fun(*args, **kwargs)
+      leaves_in = jax.tree.leaves((args, kwargs))
+      inputs[k] = [x for x in leaves_in if _is_array(x)]
+      inside[0] = True
+      try:
+        out = layers[k].module.apply({"params": layer_params[k]}, *args, **kwargs)
+      finally:
+        inside[0] = False
+      return jax.tree.map(jnp.add, out, zs[k])
+
+    with nn.intercept_methods(interceptor):
+      result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
+    loss, aux = result if has_aux else (result, None)
+    if any(x is None for x in inputs):
+      missing = [layers[k].path for k, x in enumerate(inputs) if x is None]
+      raise RuntimeError(f"optax_dp ghost clipping: layers {missing} were not called.")
+    return loss, (aux, inputs)
+
+  return example_loss, covered, uncovered
+
+
+def check_covered_unused(example_loss, args) -> set:
+  """Indices (into covered_leaves) of covered leaves the jaxpr uses directly."""
+  closed = jax.make_jaxpr(example_loss)(*args)
+  jaxpr = closed.jaxpr
+  sizes = [len(jax.tree.leaves(a)) for a in args]
+  start = sizes[0]
+  covered_vars = jaxpr.invars[start:start + sizes[1]]
+  used = set()
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      used.add(id(v))
+  for v in jaxpr.outvars:
+    used.add(id(v))
+  return {j for j, v in enumerate(covered_vars) if id(v) in used}
+
+
+# ---------------------------------------------------------------------------
+# Per-layer squared norms and clipped sums.
+
+
+def _rows(x, n):
+  """Reshapes (B, 1, ..., d) to (B, T, d) with T the product of the middle dims."""
+  return x.reshape((x.shape[0], -1, x.shape[-1])) if n is None else x.reshape(n)
+
+
+def _zero_rows(x, keep):
+  """Zeroes rows (leading axis) where keep is False, so 0 * NaN cannot leak."""
+  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _sq_and_sum_linear(a, g, use_bias):
+  """Per-example squared norms and a clipped-sum function for y = a @ W (+ b).
+
+  a: (B, T, d), g: (B, T, p), float32. Every per-example quantity depends on
+  its own row only, so a NaN in one example stays in that example's norm.
+  Returns (sq, sums) with `sums(c, keep) -> {"kernel": (d, p), "bias": (p,)}`.
+  """
+  positions, d = a.shape[1], a.shape[2]
+  p = g.shape[-1]
+  if positions == 1:
+    a1, g1 = a[:, 0], g[:, 0]
+    sq = jnp.sum(a1 * a1, -1) * jnp.sum(g1 * g1, -1)
+    def kernel_sum(c, keep):
+      return jnp.dot((_zero_rows(a1, keep) * c[:, None]).T, _zero_rows(g1, keep))
+  elif positions * positions * (d + p) < positions * d * p:  # ghost norm is cheaper
+    aa = jnp.einsum("btd,bsd->bts", a, a)
+    gg = jnp.einsum("btp,bsp->bts", g, g)
+    sq = jnp.sum(aa * gg, axis=(1, 2))
+    def kernel_sum(c, keep):
+      return jnp.einsum("btd,btp->dp", _zero_rows(a, keep) * c[:, None, None],
+                        _zero_rows(g, keep))
+  else:  # materialise each example's kernel gradient (small for image convs)
+    per_example = jnp.einsum("btd,btp->bdp", a, g)
+    sq = jnp.sum(per_example * per_example, axis=(1, 2))
+    def kernel_sum(c, keep):
+      return jnp.tensordot(c, _zero_rows(per_example, keep), axes=1)
+  if not use_bias:
+    return sq, lambda c, keep: {"kernel": kernel_sum(c, keep)}
+  gb = jnp.sum(g, axis=1)
+  sq = sq + jnp.sum(gb * gb, -1)
+  return sq, lambda c, keep: {"kernel": kernel_sum(c, keep),
+                              "bias": jnp.dot(c, _zero_rows(gb, keep))}
+
+
+def _conv_patches(x, module):
+  """im2col: (B, *spatial, cin) -> (B, T, prod(kernel) * cin), HWIO order."""
+  n = x.ndim - 2
+  kernel = _to_tuple(module.kernel_size, n, 1)
+  strides = _to_tuple(module.strides, n, 1)
+  dilation = _to_tuple(module.kernel_dilation, n, 1)
+  spatial = x.shape[1:-1]
+  eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+  padding = module.padding
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(spatial, eff, strides, padding)
+  elif isinstance(padding, int):
+    pads = [(padding, padding)] * n
+  else:
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+  out = [(s + lo + hi - e) // st + 1 for s, (lo, hi), e, st in zip(spatial, pads, eff, strides)]
+  pieces = []
+  for offsets in itertools.product(*(range(k) for k in kernel)):
+    start = [0] + [o * d for o, d in zip(offsets, dilation)] + [0]
+    limit = ([x.shape[0]] + [s0 + (o - 1) * st + 1 for s0, o, st in zip(start[1:-1], out, strides)]
+             + [x.shape[-1]])
+    pieces.append(lax.slice(x, start, limit, [1] + list(strides) + [1]))
+  patches = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+  return patches.reshape((x.shape[0], math.prod(out), -1))
+
+
+def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
+  """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)."""
+  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+  if layer.kind in ("dense", "conv"):
+    x, g = f32(inputs[0]), f32(out_grad)
+    batch = x.shape[0]
+    if layer.kind == "dense":
+      a = x.reshape((batch, -1, x.shape[-1]))
+    else:
+      a = _conv_patches(x.reshape((batch,) + x.shape[2:]), layer.module)
+    g = g.reshape((batch, -1, g.shape[-1]))
+    return _sq_and_sum_linear(a, g, "bias" in layer.leaf_index)
+
+  # Generic: a vmapped VJP of this layer alone, per example.
+  def one(arrays, cotangent):
+    it = iter(arrays)
+    leaves = [next(it) if s is None else s for s in layer.arg_statics]
+    args, kwargs = jax.tree.unflatten(layer.arg_treedef, leaves)
+    _, vjp = jax.vjp(lambda p: layer.module.apply({"params": p}, *args, **kwargs), layer_params)
+    return vjp(cotangent)[0]
+
+  per_example = jax.tree.map(f32, jax.vmap(one)(inputs, out_grad))
+  sq = sum(jnp.sum(x * x, axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
+  return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
+                              for name, x in per_example.items()}

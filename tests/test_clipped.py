@@ -1,0 +1,281 @@
+"""clipped_grads: the ghost / book-keeping path equals the vmap reference."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_dp
+
+
+def _reference_clipped_sum(loss_fn, params, batch, clip, mask=None):
+  """Independent reference: per-example grads by a Python loop, clipped in float64."""
+  n = jax.tree.leaves(batch)[0].shape[0]
+  grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b)))
+  total = None
+  norms = []
+  for i in range(n):
+    g = grad(params, jax.tree.map(lambda x: x[i:i + 1], batch))
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(g)]
+    norm = np.sqrt(sum(np.sum(x * x) for x in leaves))
+    norms.append(norm)
+    factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    if mask is not None and not mask[i]:
+      factor = 0.0
+    scaled = [x * factor for x in leaves]
+    total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
+  return total, np.array(norms)
+
+
+def _check_model(model, x, y=None, method="auto", rtol=2e-5, batch=6, seed=0,
+                 init_kwargs=None, loss_kind="mse"):
+  params = model.init(jax.random.key(seed), x[:1], **(init_kwargs or {}))["params"]
+  params = jax.tree.map(
+      lambda p: p + 0.3 * jax.random.normal(jax.random.key(seed + 1), p.shape, p.dtype), params)
+
+  def loss_fn(p, b):
+    out = model.apply({"params": p}, b[0])
+    if loss_kind == "mse":
+      return jnp.mean(jnp.sum(jnp.square(out - 0.5).reshape(out.shape[0], -1), -1))
+    return optax.softmax_cross_entropy_with_integer_labels(
+        out.reshape(out.shape[0], -1, out.shape[-1]),
+        b[1].reshape(out.shape[0], -1)).mean()
+
+  data = (x, y if y is not None else jnp.zeros((x.shape[0],), jnp.int32))
+  # Clip at the median norm: about half the examples are clipped, half not.
+  _, norms = _reference_clipped_sum(loss_fn, params, data, 1.0)
+  clip = float(np.median(norms))
+  assert np.sum(norms > clip) >= 1 and np.sum(norms < clip) >= 1
+  mask = np.arange(x.shape[0]) != 1           # one padding example
+  want, _ = _reference_clipped_sum(loss_fn, params, data, clip, mask)
+  got = jax.jit(optax_dp.clipped_grads(loss_fn, clip, method=method))(params, data, mask)
+  assert isinstance(got, optax_dp.ClippedGrads)
+  scale = max(np.max(np.abs(w)) for w in want)
+  for g, w in zip(jax.tree.leaves(got.clipped_sum), want):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol, atol=rtol * scale)
+  return got
+
+
+def _x(shape, seed=3):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.tanh(nn.Dense(7)(x)))
+
+
+@pytest.mark.parametrize("method", ["ghost", "auto"])
+def test_dense(method):
+  _check_model(MLP(), _x((6, 5)), method=method)
+
+
+class SeqDense(nn.Module):
+  features: int = 4
+
+  @nn.compact
+  def __call__(self, x):  # x: (B, T, d): Dense over a sequence, T=9 and T=2
+    h = nn.Dense(self.features)(x)
+    return nn.Dense(2, use_bias=False)(nn.relu(h))
+
+
+@pytest.mark.parametrize("seq,features", [(9, 4), (2, 64), (16, 3)])
+def test_dense_with_sequence_dims_both_norm_formulas(seq, features):
+  # (T=2, p=64) takes the ghost formula, (T=9/16, small p) the materialised one.
+  _check_model(SeqDense(features=features), _x((6, seq, 5)), method="ghost")
+
+
+class ConvNet(nn.Module):
+  kernel: tuple = (3, 3)
+  strides: tuple = (1, 1)
+  padding: object = "SAME"
+  dilation: tuple = (1, 1)
+  groups: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(4, self.kernel, strides=self.strides, padding=self.padding,
+                kernel_dilation=self.dilation, feature_group_count=self.groups)(x)
+    h = nn.tanh(h).reshape((x.shape[0], -1))
+    return nn.Dense(3)(h)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(kernel=(3, 2), strides=(2, 1), padding="VALID"),
+    dict(kernel=(2, 2), strides=(2, 2), padding=((1, 0), (0, 2))),
+    dict(kernel=(3, 3), dilation=(2, 1), padding=1),
+    dict(kernel=(1, 1)),
+    dict(groups=2),                      # grouped: generic per-layer VJP
+])
+def test_conv2d_variants(kw):
+  _check_model(ConvNet(**kw), _x((6, 7, 6, 2)), method="ghost")
+
+
+class Conv1D3D(nn.Module):
+  dims: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    k = (3,) * self.dims
+    s = (2,) + (1,) * (self.dims - 1)
+    h = nn.Conv(3, k, strides=s, padding="SAME")(x)
+    return nn.Dense(2)(nn.relu(h).reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (6, 9, 2)), (3, (6, 4, 5, 3, 2))])
+def test_conv_1d_and_3d(dims, shape):
+  _check_model(Conv1D3D(dims=dims), _x(shape), method="ghost")
+
+
+class Mixed(nn.Module):
+  """Embed, LayerNorm, GroupNorm, RMSNorm, DenseGeneral, ConvTranspose."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(11, 8)(tokens)                          # (B, T, 8)
+    h = nn.LayerNorm()(h)
+    h = nn.DenseGeneral((2, 4))(h)                       # (B, T, 2, 4)
+    h = h.reshape(h.shape[:2] + (8,))
+    h = nn.RMSNorm()(nn.gelu(h))
+    h = nn.GroupNorm(num_groups=2)(h)
+    h = nn.ConvTranspose(3, (2,), strides=(2,))(h)       # (B, 2T, 3)
+    return nn.Dense(5)(h)
+
+
+def test_mixed_layer_types_generic_path():
+  tokens = jax.random.randint(jax.random.key(5), (6, 5), 0, 11)
+  labels = jax.random.randint(jax.random.key(6), (6, 10), 0, 5)
+  _check_model(Mixed(), tokens, labels, method="ghost", loss_kind="ce")
+
+
+class Shared(nn.Module):
+  """A Dense called twice (shared weights) and a raw self.param: not coverable."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(5)
+    scale = self.param("scale", nn.initializers.ones, (5,))
+    return nn.Dense(2)(nn.tanh(dense(nn.tanh(dense(x))) * scale))
+
+
+def test_auto_falls_back_for_shared_and_raw_params():
+  _check_model(Shared(), _x((6, 5)), method="auto")
+
+
+def test_ghost_refuses_what_it_cannot_cover():
+  with pytest.raises(ValueError, match="not owned by a Flax Linen layer"):
+    _check_model(Shared(), _x((6, 5)), method="ghost")
+
+
+class Leaky(nn.Module):
+  """Reads a child's kernel outside the child's call: must not be 'covered'."""
+
+  @nn.compact
+  def __call__(self, x):
+    dense = nn.Dense(5, name="inner")
+    h = dense(x)
+    return h * jnp.sum(dense.variables["params"]["kernel"])
+
+
+def test_parameter_used_outside_its_layer_is_detected():
+  # The exactness guard finds the extra use in the jaxpr and falls back.
+  _check_model(Leaky(), _x((6, 5)), method="auto")
+  with pytest.raises(ValueError, match="not owned"):
+    _check_model(Leaky(), _x((6, 5)), method="ghost")
+
+
+def test_plain_jax_loss_without_flax_goes_vmap_in_auto():
+  w = jax.random.normal(jax.random.key(0), (4, 3))
+
+  def loss_fn(p, b):
+    return jnp.mean(jnp.square(b[0] @ p["w"]))
+
+  x = _x((5, 4))
+  data = (x, jnp.zeros((5,), jnp.int32))
+  want, _ = _reference_clipped_sum(loss_fn, {"w": w}, data, 0.5)
+  got = optax_dp.clipped_grads(loss_fn, 0.5)({"w": w}, data)
+  np.testing.assert_allclose(got.clipped_sum["w"], want[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["vmap", "auto"])
+def test_microbatching_gives_the_same_sum(method):
+  model = ConvNet()
+  x = _x((10, 7, 6, 2))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b)))
+  mask = np.arange(10) < 9
+  full = optax_dp.clipped_grads(loss_fn, 0.05, method=method)(params, x, mask)
+  for m in (3, 4):
+    chunked = jax.jit(optax_dp.clipped_grads(loss_fn, 0.05, method=method,
+                                             microbatch_size=m))(params, x, mask)
+    for a, b in zip(jax.tree.leaves(full.clipped_sum), jax.tree.leaves(chunked.clipped_sum)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_example_is_dropped_in_ghost_path():
+  model = MLP()
+  x = _x((6, 5))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b)))
+  clean = optax_dp.clipped_grads(loss_fn, 0.1)(params, x, np.arange(6) != 2)
+  poisoned = optax_dp.clipped_grads(loss_fn, 0.1)(params, x.at[2].set(jnp.nan))
+  assert int(poisoned.nonfinite_examples) == 1
+  for a, b in zip(jax.tree.leaves(clean.clipped_sum), jax.tree.leaves(poisoned.clipped_sum)):
+    assert np.all(np.isfinite(b))
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_values_and_aux_match_per_example_path():
+  model = MLP()
+  x = _x((6, 5))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+
+  def loss_fn(p, b):
+    out = model.apply({"params": p}, b)
+    return jnp.mean(jnp.square(out)), jnp.sum(out, -1)
+
+  mask = np.arange(6) < 5
+  (l1, a1), _ = optax_dp.value_and_clipped_grads(loss_fn, 0.1, has_aux=True)(params, x, mask)
+  (l2, a2), _ = optax_dp.value_and_per_example_grads(loss_fn, has_aux=True)(params, x, mask)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  np.testing.assert_allclose(a1, a2, rtol=1e-6)
+
+
+def test_dp_aggregate_accepts_clipped_and_matches_per_example_path():
+  model = ConvNet()
+  x = _x((8, 7, 6, 2))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b)))
+  tx = optax_dp.dp_aggregate(0.05, 1.3, jax.random.key(9), expected_batch_size=10)
+  a, sa = tx.update(optax_dp.per_example_grads(loss_fn)(params, x), tx.init(params), params)
+  b, sb = tx.update(optax_dp.clipped_grads(loss_fn, 0.05)(params, x), tx.init(params), params)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-7)  # same key: same noise
+  assert int(sa.step) == int(sb.step) == 1
+
+
+def test_dp_aggregate_refuses_a_different_clip():
+  model = MLP()
+  x = _x((4, 5))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b)))
+  clipped = optax_dp.clipped_grads(loss_fn, 0.5)(params, x)
+  tx = optax_dp.dp_aggregate(0.1, 1.0, 0)
+  with pytest.raises(ValueError, match="l2_norm_clip=0.5"):
+    tx.update(clipped, tx.init(params), params)
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="method"):
+    optax_dp.clipped_grads(lambda p, b: 0.0, 1.0, method="fast")
+  with pytest.raises(ValueError, match="l2_norm_clip"):
+    optax_dp.clipped_grads(lambda p, b: 0.0, -1.0)
+  with pytest.raises(ValueError, match="microbatch_size"):
+    optax_dp.clipped_grads(lambda p, b: 0.0, 1.0, microbatch_size=0)
