@@ -33,6 +33,12 @@ class ClippedGrads:
   l2_norm_clip: float
   batch_size: int
 
+  def __contains__(self, key) -> bool:
+    # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
+    # a clipped sum is never a dict of raw gradients, so the answer is no.
+    del key
+    return False
+
 
 jax.tree_util.register_dataclass(
     ClippedGrads,

@@ -279,3 +279,23 @@ def test_bad_arguments():
     optax_dp.clipped_grads(lambda p, b: 0.0, -1.0)
   with pytest.raises(ValueError, match="microbatch_size"):
     optax_dp.clipped_grads(lambda p, b: 0.0, 1.0, microbatch_size=0)
+
+
+def test_flax_trainstate_apply_gradients_with_clipped_grads():
+  from flax.training import train_state
+  model = MLP()
+  x = _x((8, 5))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b) - 1.0))
+
+  def make_state():
+    tx = optax.chain(optax_dp.dp_aggregate(0.05, 1.0, jax.random.key(3)), optax.sgd(0.1))
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  fast = jax.jit(lambda s: s.apply_gradients(
+      grads=optax_dp.clipped_grads(loss_fn, 0.05)(s.params, x)))(make_state())
+  slow = jax.jit(lambda s: s.apply_gradients(
+      grads=optax_dp.per_example_grads(loss_fn)(s.params, x)))(make_state())
+  for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(slow.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(fast.params)[0], jax.tree.leaves(params)[0])

@@ -69,7 +69,7 @@ def _run(tmp_path, *args):
 
 @pytest.mark.slow
 def test_short_private_run_reports_the_epsilon_of_what_ran(tmp_path):
-  result, stdout = _run(tmp_path, "--steps", "4", "--eval-every", "2",
+  result, stdout = _run(tmp_path, "--steps", "4", "--eval-every", "2", "--clipping", "auto",
                         "--batch-size", "128", "--epsilon", "2.0")
   for key in ("test_accuracy", "epsilon", "delta", "noise_multiplier", "steps",
               "batch_size", "seconds"):
