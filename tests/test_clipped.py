@@ -299,3 +299,33 @@ def test_flax_trainstate_apply_gradients_with_clipped_grads():
   for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(slow.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert not np.allclose(jax.tree.leaves(fast.params)[0], jax.tree.leaves(params)[0])
+
+
+class RematMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(jnp.tanh(nn.remat(nn.Dense)(7)(x)))
+
+
+class _ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, carry, _):
+    return jnp.tanh(nn.Dense(5)(carry)), None
+
+
+class ScanMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scanned = nn.scan(_ScanBlock, variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=2)
+    carry, _ = scanned()(x, None)
+    return nn.Dense(3)(carry)
+
+
+@pytest.mark.parametrize("model", [RematMLP(), ScanMLP()])
+def test_lifted_transforms_fall_back_exactly(model):
+  # Layers inside nn.remat / nn.scan are not intercepted: "auto" gives their
+  # parameters per-example gradients (still exact), "ghost" refuses.
+  _check_model(model, _x((6, 5)), method="auto")
+  with pytest.raises(ValueError, match="not owned"):
+    _check_model(model, _x((6, 5)), method="ghost")
