@@ -82,6 +82,8 @@ def _kind(module) -> str:
       and module.conv_general_dilated is None and module.conv_general_dilated_cls is None
       and _is_unit(module.input_dilation) and _conv_padding_supported(module.padding)):
     return "conv"
+  if type(module) is nn.Embed:
+    return "embed"
   return "generic"
 
 
@@ -146,9 +148,18 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
     layer = _Layer(path=path, module=module.clone(parent=None, name=None),
                    leaf_index=index, out_struct=out_struct, arg_treedef=treedef,
                    arg_statics=statics, kind=_kind(module))
-    if layer.kind in ("dense", "conv") and not (
+    if layer.kind in ("dense", "conv", "embed") and not (
         len(args) == 1 and not kwargs and _is_array(args[0])):
       layer.kind = "generic"
+    if layer.kind == "embed":
+      ids_shape = jnp.shape(args[0])
+      positions = math.prod(ids_shape)
+      table = direct["embedding"].shape if (direct := _direct_params(module)) else (0, 0)
+      # Ghost with token equality costs T^2 per example; the generic VJP
+      # materialises vocab x features per example: take the smaller.
+      if (not jnp.issubdtype(jnp.result_type(args[0]), jnp.integer)
+          or positions * positions > table[0] * table[1]):
+        layer.kind = "generic"
     layers.append(layer)
   # A leaf owned by two layers (shared parameters) is not covered.
   for layer in layers:
@@ -314,6 +325,21 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
       a = _conv_patches(x.reshape((batch,) + x.shape[2:]), layer.module)
     g = g.reshape((batch, -1, g.shape[-1]))
     return _sq_and_sum_linear(a, g, "bias" in layer.leaf_index)
+
+  if layer.kind == "embed":
+    batch = out_grad.shape[0]
+    ids = inputs[0].reshape((batch, -1))
+    g = f32(out_grad).reshape((batch, ids.shape[1], -1))
+    # ||sum_t onehot(id_t) g_t^T||^2 = sum_{t,s} [id_t == id_s] <g_t, g_s>.
+    same = ids[:, :, None] == ids[:, None, :]
+    sq = jnp.sum(jnp.where(same, jnp.einsum("btd,bsd->bts", g, g), 0.0), axis=(1, 2))
+    vocab = layer_params["embedding"].shape[0]
+
+    def embed_sum(c, keep):
+      rows = (_zero_rows(g, keep) * c[:, None, None]).reshape((-1, g.shape[-1]))
+      return {"embedding": jnp.zeros((vocab, g.shape[-1]), rows.dtype).at[ids.reshape(-1)].add(rows)}
+
+    return sq, embed_sum
 
   # Generic: a vmapped VJP of this layer alone, per example.
   def one(arrays, cotangent):

@@ -329,3 +329,19 @@ def test_lifted_transforms_fall_back_exactly(model):
   _check_model(model, _x((6, 5)), method="auto")
   with pytest.raises(ValueError, match="not owned"):
     _check_model(model, _x((6, 5)), method="ghost")
+
+
+class TokenModel(nn.Module):
+  vocab: int = 7
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(self.vocab, 6)(tokens)        # repeated ids within an example
+    return nn.Dense(4)(nn.tanh(h))
+
+
+@pytest.mark.parametrize("vocab,seq", [(7, 12), (50, 3)])
+def test_embed_ghost_path_with_repeated_tokens(vocab, seq):
+  tokens = jax.random.randint(jax.random.key(8), (6, seq), 0, vocab)
+  labels = jax.random.randint(jax.random.key(9), (6, seq), 0, 4)
+  _check_model(TokenModel(vocab=vocab), tokens, labels, method="ghost", loss_kind="ce")
