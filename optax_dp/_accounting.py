@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any
 
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
+
+from optax_dp import _checks
 
 ACCOUNTANTS = ("pld", "rdp")
 # PLD discretisation of the reported epsilon. The coarser one only brackets the
@@ -31,13 +32,6 @@ _PLD_VALUE_DISCRETIZATION = 1e-4
 _PLD_COARSE_DISCRETIZATION = 1e-3
 # The noise multiplier is reported rounded up to this many significant digits.
 _SIGNIFICANT_DIGITS = 4
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value != int(value) or value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-  return int(value)
 
 
 def _check_delta(target_delta: Any) -> float:
@@ -53,9 +47,9 @@ def _check_delta(target_delta: Any) -> float:
 
 
 def _check_sampling(dataset_size: Any, batch_size: Any, steps: Any) -> tuple[int, int, int]:
-  dataset_size = _check_int("dataset_size", dataset_size, 1)
-  batch_size = _check_int("batch_size", batch_size, 1)
-  steps = _check_int("steps", steps, 1)
+  dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
+  batch_size = _checks.check_int("batch_size", batch_size, 1)
+  steps = _checks.check_int("steps", steps, 1)
   if batch_size > dataset_size:
     raise ValueError(
         f"batch_size ({batch_size}) must be <= dataset_size ({dataset_size}): "

@@ -11,6 +11,8 @@ from typing import Any, Iterator, NamedTuple, Optional
 import numpy as np
 from scipy import stats
 
+from optax_dp import _checks
+
 # Default bound on the probability that any batch of a run overflows the static
 # maximum batch size (the sampler then raises instead of dropping examples).
 DEFAULT_OVERFLOW_PROBABILITY = 1e-12
@@ -33,13 +35,6 @@ class PoissonBatch(NamedTuple):
     return int(self.mask.sum())
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value != int(value) or value < minimum):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-  return int(value)
-
-
 def poisson_max_batch_size(
     dataset_size: int,
     expected_batch_size: int,
@@ -48,9 +43,9 @@ def poisson_max_batch_size(
 ) -> int:
   """The smallest static batch size that `steps` Poisson batches overflow with
   probability at most `overflow_probability` (union bound over the steps)."""
-  dataset_size = _check_int("dataset_size", dataset_size, 1)
-  expected_batch_size = _check_int("expected_batch_size", expected_batch_size, 1)
-  steps = _check_int("steps", steps, 1)
+  dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
+  expected_batch_size = _checks.check_int("expected_batch_size", expected_batch_size, 1)
+  steps = _checks.check_int("steps", steps, 1)
   if expected_batch_size > dataset_size:
     raise ValueError(
         f"expected_batch_size ({expected_batch_size}) must be <= dataset_size "
@@ -126,14 +121,14 @@ def poisson_batches(
   Raises:
     ValueError: for bad arguments, when called (not at the first batch).
   """
-  dataset_size = _check_int("dataset_size", dataset_size, 1)
-  expected_batch_size = _check_int("expected_batch_size", expected_batch_size, 1)
-  steps = _check_int("steps", steps, 1)
+  dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
+  expected_batch_size = _checks.check_int("expected_batch_size", expected_batch_size, 1)
+  steps = _checks.check_int("steps", steps, 1)
   if max_batch_size is None:
     max_batch_size = poisson_max_batch_size(dataset_size, expected_batch_size, steps)
-  max_batch_size = _check_int("max_batch_size", max_batch_size, 1)
+  max_batch_size = _checks.check_int("max_batch_size", max_batch_size, 1)
   if pad_to_multiple_of is not None:
-    pad_to_multiple_of = _check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
+    pad_to_multiple_of = _checks.check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
   if expected_batch_size > dataset_size:
     raise ValueError(
         f"expected_batch_size ({expected_batch_size}) must be <= dataset_size "

@@ -255,7 +255,7 @@ def test_dpsgd_is_chain_of_aggregate_and_sgd():
 
 
 def test_flax_trainstate_swap_under_jit():
-  flax = pytest.importorskip("flax")
+  pytest.importorskip("flax")
   import flax.linen as nn
   from flax.training import train_state
 

@@ -1,6 +1,5 @@
 """clipped_grads: the ghost / book-keeping path equals the vmap reference."""
 
-import warnings
 
 import flax.linen as nn
 import jax
