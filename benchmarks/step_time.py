@@ -6,9 +6,11 @@ state donated. Rows run round-robin (each round runs one step of every row) so
 that machine noise hits all rows alike. Rows:
 
   non_private   jax.grad of the mean loss + optax.sgd(0.1, momentum=0.9)
-  optax_dp      optax_dp.per_example_grads(loss_fn) +
+  optax_dp_auto optax_dp.clipped_grads(loss_fn, C, method="auto") (book-keeping:
+                no per-example grads of Dense/Conv kernels) +
                 chain(optax_dp.dp_aggregate(C, sigma, key, expected_batch_size=B),
                       optax.sgd(0.1, momentum=0.9))
+  optax_dp_vmap optax_dp.per_example_grads(loss_fn) + the same chain
   optax_contrib jax.vmap(jax.grad(loss of one example)) +
                 optax.contrib.dpsgd(0.1, C, sigma, seed, momentum=0.9)
   jax_privacy   jax_privacy.clipped_grad(loss_fn, l2_clip_norm=C, batch_argnums=1,
@@ -54,7 +56,8 @@ LEARNING_RATE = 0.1
 MOMENTUM = 0.9
 L2_NORM_CLIP = 0.1
 NOISE_MULTIPLIER = 1.34
-ALL_ROWS = ("non_private", "optax_dp", "optax_contrib", "jax_privacy")
+ALL_ROWS = ("non_private", "optax_dp_auto", "optax_dp_vmap", "optax_contrib",
+            "jax_privacy")
 DP_ROWS = ALL_ROWS[1:]
 
 
@@ -113,12 +116,15 @@ def build_row(name: str, batch_size: int, noise_multiplier: float,
     tx = _sgd()
     grad_fn = jax.grad(loss_fn)
 
-  elif name == "optax_dp":
+  elif name in ("optax_dp_auto", "optax_dp_vmap"):
     tx = optax.chain(
         optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
                               expected_batch_size=batch_size),
         _sgd())
-    grad_fn = optax_dp.per_example_grads(loss_fn)
+    if name == "optax_dp_vmap":
+      grad_fn = optax_dp.per_example_grads(loss_fn)
+    else:  # book-keeping (ghost) clipping; a ClippedGrads for dp_aggregate
+      grad_fn = optax_dp.clipped_grads(loss_fn, l2_norm_clip, method="auto")
 
   elif name == "optax_contrib":
     with warnings.catch_warnings():  # optax 0.2.8 dpsgd passes the deprecated seed=
@@ -260,7 +266,16 @@ def versions() -> dict:
           cpu = line.split(":", 1)[1].strip()
           break
   import jaxlib  # pylint: disable=import-outside-toplevel
-  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:  # which optax_dp source was measured (dirty: uncommitted edits)
+    rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "optax_dp"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    git = rev + ("-dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    git = "unknown"
+  return {"optax_dp_git": git, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "optax": optax.__version__,
           "flax": flax.__version__, "jax_privacy": jp,
           "optax_dp": optax_dp.__version__, "python": platform.python_version(),
@@ -269,6 +284,55 @@ def versions() -> dict:
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
           "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg")
           else None}
+
+
+def run_opacus(python: str, batch_size: int, rounds: int, check: bool) -> dict:
+  """Runs opacus_step.py under `python` (its own process, after the JAX rows)."""
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "opacus_step.py")
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "opacus.json")
+    cmd = [python, script, "--batch-size", str(batch_size), "--rounds",
+           str(rounds), "--json-out", out] + (["--check"] if check else [])
+    print(f"\n## Opacus rows: {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True)
+    with open(out) as f:
+      return json.load(f)
+
+
+def combined_table(summary: dict, opacus: dict, batch_size: int,
+                   header: str) -> str:
+  """Absolute medians of the JAX and PyTorch rows, and auto / Opacus ghost."""
+  ov = opacus["versions"]
+  load = ov.get("loadavg_at_start")
+  lines = [f"Step time, batch {batch_size}, JAX and PyTorch ({header}; "
+           f"torch {ov['torch']}, opacus {ov['opacus']}, eager, "
+           f"{ov['torch_threads']} threads"
+           + (f", 1-min load avg at Opacus start {load:.1f}" if load is not None
+              else "") + ")", "",
+           "| framework | row | median ms | min ms | median / same-framework "
+           "non-private median | median of per-round ratios |",
+           "|---|---|---|---|---|---|"]
+  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+  for framework, rows in (("JAX", summary), ("PyTorch", opacus["rows"])):
+    for name, s in rows.items():
+      lines.append(f"| {framework} | {name} | {s['median_ms']:.0f} | "
+                   f"{s['min_ms']:.0f} | {fmt(s.get('ratio_of_medians'))} | "
+                   f"{fmt(s.get('median_round_ratio'))} |")
+  auto = summary.get("optax_dp_auto")
+  ghost = opacus["rows"].get("opacus_ghost")
+  if auto and ghost:
+    lines += ["", f"optax_dp_auto / Opacus ghost (absolute medians; the two "
+              f"processes ran one after the other): "
+              f"{auto['median_ms'] / ghost['median_ms']:.2f}"]
+    if auto.get("ratio_of_medians") and ghost.get("ratio_of_medians"):
+      lines.append(
+          f"(optax_dp_auto / JAX non-private) / (Opacus ghost / torch "
+          f"non-private): {auto['ratio_of_medians']:.2f} / "
+          f"{ghost['ratio_of_medians']:.2f} = "
+          f"{auto['ratio_of_medians'] / ghost['ratio_of_medians']:.2f}")
+  return "\n".join(lines)
 
 
 def main(argv=None):
@@ -281,6 +345,11 @@ def main(argv=None):
   parser.add_argument("--check", action="store_true",
                       help="first verify (sigma=0, batch 16) that the DP rows "
                       "compute the same updated params")
+  parser.add_argument("--opacus-python", default=None, metavar="PATH",
+                      help="after the JAX rows, run benchmarks/opacus_step.py "
+                      "(same batch size, rounds and --check) with this "
+                      "interpreter (a venv with torch and opacus) and print a "
+                      "combined table")
   args = parser.parse_args(argv)
   if args.rounds < 1 or args.batch_size < 1:
     parser.error("--rounds and --batch-size must be >= 1")
@@ -291,7 +360,8 @@ def main(argv=None):
 
   info = versions()
   header = (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
-            f"jax-privacy {info['jax_privacy']}, optax_dp {info['optax_dp']}; "
+            f"jax-privacy {info['jax_privacy']}, optax_dp {info['optax_dp']} "
+            f"({info['optax_dp_git']}); "
             f"nproc {info['nproc']} ({info['cpu']}, {info['backend']}); "
             f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
             f"sigma={NOISE_MULTIPLIER}"
@@ -362,14 +432,22 @@ def main(argv=None):
                  f"{fmt(s.get('ratio_of_medians'))} | "
                  f"{fmt(s.get('median_round_ratio'))} |")
   table = "\n".join(lines)
-  print("\n" + table)
+  print("\n" + table, flush=True)
+
+  opacus = combined = None
+  if args.opacus_python:
+    opacus = run_opacus(args.opacus_python, args.batch_size, args.rounds,
+                        args.check)
+    combined = combined_table(summary, opacus, args.batch_size, header)
+    print("\n" + combined)
 
   if args.json_out:
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "argv": sys.argv, "versions": info, "batch_size": args.batch_size,
            "rounds": args.rounds, "l2_norm_clip": L2_NORM_CLIP,
            "noise_multiplier": NOISE_MULTIPLIER, "rows": summary,
-           "check": check, "markdown": table}
+           "check": check, "markdown": table, "opacus": opacus,
+           "combined_markdown": combined}
     os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
     with open(args.json_out, "w") as f:
       json.dump(out, f, indent=1)

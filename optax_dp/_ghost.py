@@ -273,10 +273,19 @@ def _sq_and_sum_linear(a, g, use_bias):
       return jnp.einsum("btd,btp->dp", _zero_rows(a, keep) * c[:, None, None],
                         _zero_rows(g, keep))
   else:  # materialise each example's kernel gradient (small for image convs)
-    per_example = jnp.einsum("btd,btp->bdp", a, g)
-    sq = jnp.sum(per_example * per_example, axis=(1, 2))
-    def kernel_sum(c, keep):
-      return jnp.tensordot(c, _zero_rows(per_example, keep), axes=1)
+    return _terms_from_per_example(jnp.einsum("btd,btp->bdp", a, g), g, use_bias)
+  return _with_bias(sq, kernel_sum, g, use_bias)
+
+
+def _terms_from_per_example(per_example, g, use_bias):
+  """Terms from materialised per-example kernel gradients (B, d, p)."""
+  sq = jnp.sum(per_example * per_example, axis=(1, 2))
+  def kernel_sum(c, keep):
+    return jnp.tensordot(c, _zero_rows(per_example, keep), axes=1)
+  return _with_bias(sq, kernel_sum, g, use_bias)
+
+
+def _with_bias(sq, kernel_sum, g, use_bias):
   if not use_bias:
     return sq, lambda c, keep: {"kernel": kernel_sum(c, keep)}
   gb = jnp.sum(g, axis=1)
@@ -285,8 +294,12 @@ def _sq_and_sum_linear(a, g, use_bias):
                               "bias": jnp.dot(c, _zero_rows(gb, keep))}
 
 
-def _conv_patches(x, module):
-  """im2col: (B, *spatial, cin) -> (B, T, prod(kernel) * cin), HWIO order."""
+def _conv_shifts(x, module):
+  """The strided input slices, one per kernel offset, in the kernel's HWIO order.
+
+  x: (B, *spatial, cin) -> list of (B, T, cin), with T the output positions:
+  concatenated along the last axis they are the im2col patches.
+  """
   n = x.ndim - 2
   kernel = _to_tuple(module.kernel_size, n, 1)
   strides = _to_tuple(module.strides, n, 1)
@@ -302,29 +315,40 @@ def _conv_patches(x, module):
     pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
   x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
   out = [(s + lo + hi - e) // st + 1 for s, (lo, hi), e, st in zip(spatial, pads, eff, strides)]
-  pieces = []
+  shifts = []
   for offsets in itertools.product(*(range(k) for k in kernel)):
     start = [0] + [o * d for o, d in zip(offsets, dilation)] + [0]
     limit = ([x.shape[0]] + [s0 + (o - 1) * st + 1 for s0, o, st in zip(start[1:-1], out, strides)]
              + [x.shape[-1]])
-    pieces.append(lax.slice(x, start, limit, [1] + list(strides) + [1]))
-  patches = jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
-  return patches.reshape((x.shape[0], math.prod(out), -1))
+    piece = lax.slice(x, start, limit, [1] + list(strides) + [1])
+    shifts.append(piece.reshape((x.shape[0], math.prod(out), x.shape[-1])))
+  return shifts
 
 
 def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
   """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)."""
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-  if layer.kind in ("dense", "conv"):
+  use_bias = "bias" in layer.leaf_index
+  if layer.kind == "dense":
     x, g = f32(inputs[0]), f32(out_grad)
     batch = x.shape[0]
-    if layer.kind == "dense":
-      a = x.reshape((batch, -1, x.shape[-1]))
-    else:
-      a = _conv_patches(x.reshape((batch,) + x.shape[2:]), layer.module)
+    return _sq_and_sum_linear(x.reshape((batch, -1, x.shape[-1])),
+                              g.reshape((batch, -1, g.shape[-1])), use_bias)
+  if layer.kind == "conv":
+    x, g = f32(inputs[0]), f32(out_grad)
+    batch = x.shape[0]
+    shifts = _conv_shifts(x.reshape((batch,) + x.shape[2:]), layer.module)
     g = g.reshape((batch, -1, g.shape[-1]))
-    return _sq_and_sum_linear(a, g, "bias" in layer.leaf_index)
+    positions, d, p = g.shape[1], len(shifts) * x.shape[-1], g.shape[-1]
+    if positions == 1 or positions * positions * (d + p) < positions * d * p:
+      a = jnp.concatenate(shifts, axis=-1) if len(shifts) > 1 else shifts[0]
+      return _sq_and_sum_linear(a, g, use_bias)
+    # Per-example kernel gradients block by block (one kernel offset at a
+    # time), so the (B, T, k*k*cin) im2col matrix is never materialised.
+    blocks = [jnp.einsum("btc,btp->bcp", s, g) for s in shifts]
+    per_example = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    return _terms_from_per_example(per_example, g, use_bias)
 
   if layer.kind == "embed":
     batch = out_grad.shape[0]

@@ -1,0 +1,307 @@
+"""Step time of one DP-SGD training step in PyTorch + Opacus (the peer baseline).
+
+A PyTorch copy of step_time.py's Flax Linen CNN (NCHW 1x28x28: Conv(1->32, 3x3,
+pad 1)-ReLU-AvgPool2-Conv(32->64, 3x3, pad 1)-ReLU-AvgPool2-Flatten(3136)-
+Linear(256)-ReLU-Linear(10)), mean cross-entropy, SGD(lr 0.1, momentum 0.9),
+C = 0.1, sigma = 1.34, random data, eager mode, torch.set_num_threads(2). Rows:
+
+  torch_non_private  plain loss.backward() + optimizer.step()
+  opacus_hooks       PrivacyEngine.make_private(grad_sample_mode="hooks")
+                     (Opacus's default: materialises per-sample gradients)
+  opacus_ghost       make_private(grad_sample_mode="ghost"), which also returns
+                     the criterion wrapper that runs the two backward passes
+                     of fast gradient ("ghost") clipping
+
+Both Opacus rows use `poisson_sampling=False`, flat clipping and the PRV
+accountant; the fixed batch is fed straight in (no DataLoader in the timed
+loop), so the optimizer divides the clipped sum plus noise by B, as the JAX rows
+do. Rows run round-robin (each round runs one step of every row) like
+step_time.py. `--check` verifies with sigma = 0 on a batch of 16 that both
+Opacus rows produce the same params after two steps as a manual clip / mean /
+SGD-with-momentum reference, at C = 0.1 and at C = the median per-example norm.
+
+Needs torch and opacus (benchmarks/requirements-peers.txt), in a separate venv:
+  python3 -m venv /tmp/opacus-venv
+  /tmp/opacus-venv/bin/pip install -r benchmarks/requirements-peers.txt
+  /tmp/opacus-venv/bin/python benchmarks/opacus_step.py --check --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+L2_NORM_CLIP = 0.1
+NOISE_MULTIPLIER = 1.34
+ALL_ROWS = ("torch_non_private", "opacus_hooks", "opacus_ghost")
+
+
+def make_model(seed: int = 0) -> nn.Module:
+  torch.manual_seed(seed)
+  return nn.Sequential(
+      nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+      nn.Flatten(), nn.Linear(3136, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def make_batch(batch_size: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  images = rng.standard_normal((batch_size, 1, 28, 28), dtype=np.float32)
+  labels = rng.integers(0, 10, size=(batch_size,), dtype=np.int64)
+  return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+class Row:
+  """One row: a model + optimizer (+ Opacus wrappers) and its `step(x, y)`."""
+
+  def __init__(self, name, model, batch, noise_multiplier, l2_norm_clip):
+    from opacus import PrivacyEngine  # pylint: disable=import-outside-toplevel
+    self.name = name
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE,
+                                momentum=MOMENTUM)
+    criterion = nn.CrossEntropyLoss()
+    if name == "torch_non_private":
+      self.model, self.optimizer, self.criterion = model, optimizer, criterion
+      return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*batch), batch_size=len(batch[0]))
+    engine = PrivacyEngine(accountant="prv")
+    mode = {"opacus_hooks": "hooks", "opacus_ghost": "ghost"}[name]
+    generator = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")   # secure-RNG and zero-noise warnings
+      out = engine.make_private(
+          module=model, optimizer=optimizer, criterion=criterion,
+          data_loader=loader, noise_multiplier=noise_multiplier,
+          max_grad_norm=l2_norm_clip, poisson_sampling=False,
+          clipping="flat", grad_sample_mode=mode, noise_generator=generator)
+    if mode == "ghost":
+      self.model, self.optimizer, self.criterion, _ = out
+    else:
+      self.model, self.optimizer, _ = out
+      self.criterion = criterion
+
+  def step(self, x, y):
+    self.optimizer.zero_grad(set_to_none=True)
+    loss = self.criterion(self.model(x), y)
+    loss.backward()   # ghost: the wrapper runs both backward passes
+    self.optimizer.step()
+
+  def params(self):
+    return [p.detach().clone() for p in self.model.parameters()]
+
+
+def build_row(name, batch, noise_multiplier=NOISE_MULTIPLIER,
+              l2_norm_clip=L2_NORM_CLIP) -> Row:
+  if name not in ALL_ROWS:
+    raise ValueError(f"unknown row {name!r}; choose from {ALL_ROWS}")
+  return Row(name, make_model(0), batch, noise_multiplier, l2_norm_clip)
+
+
+def per_example_grads(model, x, y):
+  """A loop of batch-of-one backward passes: [B][param] gradients."""
+  out = []
+  for i in range(len(x)):
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+    out.append([p.grad.detach().clone() for p in model.parameters()])
+  return out
+
+
+def reference_params(batch, l2_norm_clip, steps):
+  """Manual clip / mean / SGD-momentum (sigma = 0)."""
+  model = make_model(0)
+  opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+  x, y = batch
+  for _ in range(steps):
+    grads = per_example_grads(model, x, y)
+    summed = [torch.zeros_like(p) for p in model.parameters()]
+    for g in grads:
+      norm = torch.sqrt(sum(torch.sum(t * t) for t in g))
+      factor = torch.clamp(l2_norm_clip / norm, max=1.0)
+      for s, t in zip(summed, g):
+        s += factor * t
+    for p, s in zip(model.parameters(), summed):
+      p.grad = s / len(x)
+    opt.step()
+  return [p.detach().clone() for p in model.parameters()]
+
+
+def _max_abs_diff(a, b):
+  return max(float(torch.max(torch.abs(u - v))) for u, v in zip(a, b))
+
+
+def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
+  batch = make_batch(batch_size, seed=1)
+  model0 = make_model(0)
+  params0 = [p.detach().clone() for p in model0.parameters()]
+  norms = torch.tensor([
+      float(torch.sqrt(sum(torch.sum(t * t) for t in g)))
+      for g in per_example_grads(model0, *batch)])
+  median = float(torch.median(norms))
+  results, failed = {}, False
+  for clip in (L2_NORM_CLIP, median):
+    n_clipped = int(torch.sum(norms > clip))
+    print(f"## --check: batch {batch_size}, noise_multiplier 0, {steps} steps, "
+          f"C={clip:.4g} ({n_clipped}/{batch_size} examples clipped at step 1)")
+    ref = reference_params(batch, clip, steps)
+    ref_update = _max_abs_diff(ref, params0)
+    tol = 1e-3 * ref_update
+    res = {"l2_norm_clip": clip, "examples_clipped": n_clipped,
+           "max_abs_update_reference": ref_update, "tolerance": tol, "rows": {}}
+    for name in rows:
+      row = build_row(name, batch, 0.0, clip)
+      for _ in range(steps):
+        row.step(*batch)
+      diff = _max_abs_diff(row.params(), ref)
+      res["rows"][name] = diff
+      ok = name == "torch_non_private" or diff <= tol
+      failed |= not ok
+      note = ("(not DP: expected to differ)" if name == "torch_non_private"
+              else "ok" if ok else "MISMATCH")
+      print(f"  {name:18s} max|params - reference| = {diff:.2e}  {note}")
+    print(f"  (reference max|params - params0| = {ref_update:.2e}; "
+          f"tolerance {tol:.1e})")
+    results[f"C={clip:.4g}"] = res
+  if failed:
+    print("CHECK FAILED")
+    sys.exit(1)
+  print("check passed: the Opacus rows compute the same update\n", flush=True)
+  return results
+
+
+def versions() -> dict:
+  import opacus  # pylint: disable=import-outside-toplevel
+  try:
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    nproc = str(os.cpu_count())
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return {"torch": torch.__version__, "opacus": opacus.__version__,
+          "numpy": np.__version__, "python": platform.python_version(),
+          "nproc": nproc, "cpu": cpu, "torch_threads": torch.get_num_threads(),
+          "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg")
+          else None}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--rounds", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2,
+                      help="untimed steps per row before the timed rounds")
+  parser.add_argument("--rows", default=",".join(ALL_ROWS),
+                      help=f"comma list from {','.join(ALL_ROWS)}")
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--json-out", default=None)
+  parser.add_argument("--check", action="store_true",
+                      help="first verify (sigma=0, batch 16) that the Opacus rows "
+                      "compute the same updated params as a manual reference")
+  args = parser.parse_args(argv)
+  if args.rounds < 1 or args.batch_size < 1:
+    parser.error("--rounds and --batch-size must be >= 1")
+  rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+  for r in rows:
+    if r not in ALL_ROWS:
+      parser.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
+  torch.set_num_threads(args.threads)
+  # Known, harmless for this benchmark: secure_mode off (a seeded generator is
+  # used on purpose) and the hooks firing on the first layer, whose input
+  # needs no gradient.
+  warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+  warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+
+  info = versions()
+  header = (f"torch {info['torch']}, opacus {info['opacus']}; nproc {info['nproc']} "
+            f"({info['cpu']}), torch threads {info['torch_threads']}, eager; "
+            f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
+            f"sigma={NOISE_MULTIPLIER}"
+            + (f"; 1-min load avg at start {info['loadavg_at_start']:.1f}"
+               if info["loadavg_at_start"] is not None else ""))
+  print(header, flush=True)
+
+  check = run_check(rows) if args.check else None
+
+  batch = make_batch(args.batch_size)
+  built = {}
+  for name in rows:
+    built[name] = build_row(name, batch)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+      built[name].step(*batch)
+    print(f"{name}: {args.warmup} warm-up steps "
+          f"{1e3 * (time.perf_counter() - t0) / max(args.warmup, 1):.0f} ms each",
+          flush=True)
+
+  times = {name: [] for name in rows}
+  for r in range(args.rounds):
+    for name in rows:
+      t0 = time.perf_counter()
+      built[name].step(*batch)
+      times[name].append(1e3 * (time.perf_counter() - t0))
+    print(f"round {r + 1}/{args.rounds}: "
+          + ", ".join(f"{n} {times[n][-1]:.0f} ms" for n in rows), flush=True)
+  for name in rows:
+    if not all(bool(torch.all(torch.isfinite(p))) for p in built[name].params()):
+      print(f"WARNING: non-finite params in {name} after timing")
+
+  base = times.get("torch_non_private")
+  summary = {}
+  for name in rows:
+    t = times[name]
+    s = {"median_ms": statistics.median(t), "min_ms": min(t), "times_ms": t}
+    if base:
+      s["ratio_of_medians"] = s["median_ms"] / statistics.median(base)
+      s["median_round_ratio"] = statistics.median(a / b for a, b in zip(t, base))
+    summary[name] = s
+
+  lines = [f"Step time, batch {args.batch_size} ({header})", "",
+           "| row | median ms | min ms | median / non-private median "
+           "| median of per-round ratios |",
+           "|---|---|---|---|---|"]
+  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+  for name in rows:
+    s = summary[name]
+    lines.append(f"| {name} | {s['median_ms']:.0f} | {s['min_ms']:.0f} | "
+                 f"{fmt(s.get('ratio_of_medians'))} | "
+                 f"{fmt(s.get('median_round_ratio'))} |")
+  table = "\n".join(lines)
+  print("\n" + table, flush=True)
+
+  if args.json_out:
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "argv": sys.argv, "versions": info, "batch_size": args.batch_size,
+           "rounds": args.rounds, "warmup": args.warmup,
+           "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
+           "rows": summary, "check": check, "markdown": table}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+      json.dump(out, f, indent=1)
+    print(f"\nwrote {args.json_out}")
+
+
+if __name__ == "__main__":
+  main()
