@@ -344,3 +344,21 @@ def test_embed_ghost_path_with_repeated_tokens(vocab, seq):
   tokens = jax.random.randint(jax.random.key(8), (6, seq), 0, vocab)
   labels = jax.random.randint(jax.random.key(9), (6, seq), 0, 4)
   _check_model(TokenModel(vocab=vocab), tokens, labels, method="ghost", loss_kind="ce")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       strides=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.sampled_from(["SAME", "VALID", 1]),
+       features=st.integers(1, 5), height=st.integers(4, 7), channels=st.integers(1, 3))
+def test_conv_random_shapes(kernel, strides, padding, features, height, channels):
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(features, kernel, strides=strides, padding=padding)(x)
+      return nn.Dense(2)(jnp.tanh(h).reshape((x.shape[0], -1)))
+
+  _check_model(Net(), _x((6, height, 5, channels)), method="ghost")

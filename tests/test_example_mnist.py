@@ -95,3 +95,11 @@ def test_no_dp_run_learns_and_claims_no_privacy(tmp_path):
   assert "NOT private" in stdout
   # 60 non-private SGD steps at batch 256 reliably pass 85% on MNIST.
   assert result["test_accuracy"] > 0.85
+
+
+def test_tfds_path_without_tensorflow_datasets_is_a_clear_error(monkeypatch):
+  # The optional tfds extra is not installed in CI: the example must say how to
+  # get it instead of crashing, and the default (--data idx) needs neither.
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(SystemExit, match=r"optax_dp\[tfds\]"):
+    mnist_data.load_mnist_tfds()
