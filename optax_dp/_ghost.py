@@ -82,6 +82,9 @@ def _kind(module) -> str:
       and module.conv_general_dilated is None and module.conv_general_dilated_cls is None
       and _is_unit(module.input_dilation) and _conv_padding_supported(module.padding)):
     return "conv"
+  if (type(module) is nn.DenseGeneral and module.axis in (-1, (-1,)) and not module.batch_dims
+      and module.dot_general is None and module.dot_general_cls is None):
+    return "dense"  # contracts the last axis: a Dense with flattened features
   if type(module) is nn.Embed:
     return "embed"
   return "generic"
@@ -333,8 +336,10 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
   if layer.kind == "dense":
     x, g = f32(inputs[0]), f32(out_grad)
     batch = x.shape[0]
-    return _sq_and_sum_linear(x.reshape((batch, -1, x.shape[-1])),
-                              g.reshape((batch, -1, g.shape[-1])), use_bias)
+    a = x.reshape((batch, -1, x.shape[-1]))
+    # Output dims past the input's leading dims are the (flattened) features.
+    g = g.reshape((batch, a.shape[1], -1))
+    return _sq_and_sum_linear(a, g, use_bias)
   if layer.kind == "conv":
     x, g = f32(inputs[0]), f32(out_grad)
     batch = x.shape[0]

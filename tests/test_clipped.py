@@ -362,3 +362,20 @@ def test_conv_random_shapes(kernel, strides, padding, features, height, channels
       return nn.Dense(2)(jnp.tanh(h).reshape((x.shape[0], -1)))
 
   _check_model(Net(), _x((6, height, 5, channels)), method="ghost")
+
+
+class GeneralDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # (B, T, d) -> (B, T, 2, 3) -> (B, T, 6) -> (B, T, 2)
+    h = nn.DenseGeneral((2, 3))(x)
+    return nn.DenseGeneral(2, use_bias=False)(jnp.tanh(h.reshape(h.shape[:2] + (6,))))
+
+
+def test_dense_general_takes_the_dense_path():
+  model = GeneralDense()
+  x = _x((6, 4, 5))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  layers = optax_dp._ghost.discover(
+      lambda p, b: jnp.sum(model.apply({"params": p}, b)), params, x[0], False)
+  assert sorted(l.kind for l in layers) == ["dense", "dense"]
+  _check_model(model, x, method="ghost")
