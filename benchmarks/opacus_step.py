@@ -29,12 +29,8 @@ Needs torch and opacus (benchmarks/requirements-peers.txt), in a separate venv:
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -42,6 +38,9 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=wrong-import-position
 
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
@@ -186,25 +185,12 @@ def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
 
 def versions() -> dict:
   import opacus  # pylint: disable=import-outside-toplevel
-  try:
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True,
-                           check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    nproc = str(os.cpu_count())
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  machine = _common.machine_info()
   return {"torch": torch.__version__, "opacus": opacus.__version__,
           "numpy": np.__version__, "python": platform.python_version(),
-          "nproc": nproc, "cpu": cpu, "torch_threads": torch.get_num_threads(),
-          "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg")
-          else None}
+          "nproc": machine["nproc"], "cpu": machine["cpu"],
+          "torch_threads": torch.get_num_threads(),
+          "loadavg_at_start": _common.loadavg()}
 
 
 def main(argv=None):
@@ -221,12 +207,7 @@ def main(argv=None):
                       help="first verify (sigma=0, batch 16) that the Opacus rows "
                       "compute the same updated params as a manual reference")
   args = parser.parse_args(argv)
-  if args.rounds < 1 or args.batch_size < 1:
-    parser.error("--rounds and --batch-size must be >= 1")
-  rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-  for r in rows:
-    if r not in ALL_ROWS:
-      parser.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
+  rows = _common.parse_rows(parser, args, ALL_ROWS)
   torch.set_num_threads(args.threads)
   # Known, harmless for this benchmark: secure_mode off (a seeded generator is
   # used on purpose) and the hooks firing on the first layer, whose input
@@ -239,8 +220,7 @@ def main(argv=None):
             f"({info['cpu']}), torch threads {info['torch_threads']}, eager; "
             f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
             f"sigma={NOISE_MULTIPLIER}"
-            + (f"; 1-min load avg at start {info['loadavg_at_start']:.1f}"
-               if info["loadavg_at_start"] is not None else ""))
+            + _common.loadavg_suffix(info["loadavg_at_start"]))
   print(header, flush=True)
 
   check = run_check(rows) if args.check else None
@@ -256,51 +236,23 @@ def main(argv=None):
           f"{1e3 * (time.perf_counter() - t0) / max(args.warmup, 1):.0f} ms each",
           flush=True)
 
-  times = {name: [] for name in rows}
-  for r in range(args.rounds):
-    for name in rows:
-      t0 = time.perf_counter()
-      built[name].step(*batch)
-      times[name].append(1e3 * (time.perf_counter() - t0))
-    print(f"round {r + 1}/{args.rounds}: "
-          + ", ".join(f"{n} {times[n][-1]:.0f} ms" for n in rows), flush=True)
+  times = _common.round_robin(rows, args.rounds,
+                              lambda name: built[name].step(*batch))
   for name in rows:
     if not all(bool(torch.all(torch.isfinite(p))) for p in built[name].params()):
       print(f"WARNING: non-finite params in {name} after timing")
 
-  base = times.get("torch_non_private")
-  summary = {}
-  for name in rows:
-    t = times[name]
-    s = {"median_ms": statistics.median(t), "min_ms": min(t), "times_ms": t}
-    if base:
-      s["ratio_of_medians"] = s["median_ms"] / statistics.median(base)
-      s["median_round_ratio"] = statistics.median(a / b for a, b in zip(t, base))
-    summary[name] = s
-
-  lines = [f"Step time, batch {args.batch_size} ({header})", "",
-           "| row | median ms | min ms | median / non-private median "
-           "| median of per-round ratios |",
-           "|---|---|---|---|---|"]
-  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
-  for name in rows:
-    s = summary[name]
-    lines.append(f"| {name} | {s['median_ms']:.0f} | {s['min_ms']:.0f} | "
-                 f"{fmt(s.get('ratio_of_medians'))} | "
-                 f"{fmt(s.get('median_round_ratio'))} |")
-  table = "\n".join(lines)
+  summary = _common.summarize(times, "torch_non_private")
+  table = _common.summary_table(
+      f"Step time, batch {args.batch_size} ({header})", summary)
   print("\n" + table, flush=True)
 
   if args.json_out:
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "argv": sys.argv, "versions": info, "batch_size": args.batch_size,
-           "rounds": args.rounds, "warmup": args.warmup,
-           "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
-           "rows": summary, "check": check, "markdown": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump(out, f, indent=1)
-    print(f"\nwrote {args.json_out}")
+    _common.write_json(
+        args.json_out, versions=info, batch_size=args.batch_size,
+        rounds=args.rounds, warmup=args.warmup, l2_norm_clip=L2_NORM_CLIP,
+        noise_multiplier=NOISE_MULTIPLIER, rows=summary, check=check,
+        markdown=table)
 
 
 if __name__ == "__main__":

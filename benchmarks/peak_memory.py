@@ -28,7 +28,6 @@ memory available at that moment is reported as not run, with the estimate.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -39,6 +38,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _common  # pylint: disable=wrong-import-position
 ROWS = ("import_only", "non_private", "optax_dp_auto", "optax_dp_vmap",
         "optax_contrib", "jax_privacy")
 PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy")
@@ -118,14 +119,12 @@ def driver(args) -> None:
   rows = [r.strip() for r in args.rows.split(",") if r.strip()]
   sizes = [int(b) for b in args.batch_sizes.split(",")]
   num_params = _num_params()
-  header = (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
-            f"jax-privacy {info['jax_privacy']}, optax_dp {info['optax_dp']} ({info['optax_dp_git']}); "
-            f"nproc {info['nproc']} ({info['cpu']}, {info['backend']}); "
-            f"{num_params} params; /usr/bin/time -v max RSS, one process per "
+  header = (_common.jax_versions_header(info)
+            + f"{num_params} params; /usr/bin/time -v max RSS, one process per "
             f"row; {args.steps} steps ({args.big_steps} for per-example rows at "
             f"B>=1024), the first compiles"
-            + (f"; XLA_FLAGS={info['XLA_FLAGS']}" if info["XLA_FLAGS"] else "")
-            + f"; 1-min load avg at start {os.getloadavg()[0]:.1f}")
+            + _common.xla_flags_suffix(info)
+            + _common.loadavg_suffix(_common.loadavg()))
   print(header, flush=True)
 
   results = {}
@@ -184,14 +183,10 @@ def driver(args) -> None:
   print("\n" + table, flush=True)
 
   if args.json_out:
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "argv": sys.argv, "versions": info, "num_params": num_params,
-           "steps": args.steps, "big_steps": args.big_steps,
-           "results": results, "markdown": table, "python": platform.python_version()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump(out, f, indent=1)
-    print(f"\nwrote {args.json_out}")
+    _common.write_json(
+        args.json_out, versions=info, num_params=num_params, steps=args.steps,
+        big_steps=args.big_steps, results=results, markdown=table,
+        python=platform.python_version())
 
 
 def main(argv=None):

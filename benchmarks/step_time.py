@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -51,6 +49,9 @@ import numpy as np
 import optax
 
 import optax_dp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=wrong-import-position
 
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
@@ -253,37 +254,19 @@ def versions() -> dict:
     jp = jax_privacy.__version__
   except ImportError:
     jp = "not installed"
-  try:
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True,
-                           check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    nproc = str(os.cpu_count())
-  cpu = platform.processor() or platform.machine()
-  with contextlib.suppress(OSError):
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+  machine = _common.machine_info()
   import jaxlib  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:  # which optax_dp source was measured (dirty: uncommitted edits)
-    rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "optax_dp"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    git = rev + ("-dirty" if dirty else "")
-  except (OSError, subprocess.CalledProcessError):
-    git = "unknown"
+  # which optax_dp source was measured (dirty: uncommitted edits)
+  git = _common.git_revision(root, "optax_dp")
   return {"optax_dp_git": git, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
           "optax": optax.__version__,
           "flax": flax.__version__, "jax_privacy": jp,
           "optax_dp": optax_dp.__version__, "python": platform.python_version(),
-          "nproc": nproc, "cpu": cpu, "backend": jax.default_backend(),
-          "devices": str(jax.devices()),
+          "nproc": machine["nproc"], "cpu": machine["cpu"],
+          "backend": jax.default_backend(), "devices": str(jax.devices()),
           "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-          "loadavg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg")
-          else None}
+          "loadavg_at_start": _common.loadavg()}
 
 
 def run_opacus(python: str, batch_size: int, rounds: int, check: bool) -> dict:
@@ -314,7 +297,7 @@ def combined_table(summary: dict, opacus: dict, batch_size: int,
            "| framework | row | median ms | min ms | median / same-framework "
            "non-private median | median of per-round ratios |",
            "|---|---|---|---|---|---|"]
-  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+  fmt = _common.fmt_ratio
   for framework, rows in (("JAX", summary), ("PyTorch", opacus["rows"])):
     for name, s in rows.items():
       lines.append(f"| {framework} | {name} | {s['median_ms']:.0f} | "
@@ -351,23 +334,14 @@ def main(argv=None):
                       "interpreter (a venv with torch and opacus) and print a "
                       "combined table")
   args = parser.parse_args(argv)
-  if args.rounds < 1 or args.batch_size < 1:
-    parser.error("--rounds and --batch-size must be >= 1")
-  rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-  for r in rows:
-    if r not in ALL_ROWS:
-      parser.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
+  rows = _common.parse_rows(parser, args, ALL_ROWS)
 
   info = versions()
-  header = (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
-            f"jax-privacy {info['jax_privacy']}, optax_dp {info['optax_dp']} "
-            f"({info['optax_dp_git']}); "
-            f"nproc {info['nproc']} ({info['cpu']}, {info['backend']}); "
-            f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
+  header = (_common.jax_versions_header(info)
+            + f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
             f"sigma={NOISE_MULTIPLIER}"
-            + (f"; XLA_FLAGS={info['XLA_FLAGS']}" if info["XLA_FLAGS"] else "")
-            + (f"; 1-min load avg at start {info['loadavg_at_start']:.1f}"
-               if info["loadavg_at_start"] is not None else ""))
+            + _common.xla_flags_suffix(info)
+            + _common.loadavg_suffix(info["loadavg_at_start"]))
   print(header, flush=True)
 
   check = run_check(rows) if args.check else None
@@ -393,45 +367,19 @@ def main(argv=None):
     print(f"{name}: compiled in {compile_s[name]:.1f} s, warm-up step "
           f"{1e3 * (time.perf_counter() - t0):.0f} ms", flush=True)
 
-  times = {name: [] for name in rows}
-  for r in range(args.rounds):
-    for name in rows:
-      params, opt_state = state[name]
-      t0 = time.perf_counter()
-      params, opt_state = jax.block_until_ready(
-          compiled[name](params, opt_state, batch))
-      times[name].append(1e3 * (time.perf_counter() - t0))
-      state[name] = (params, opt_state)
-    print(f"round {r + 1}/{args.rounds}: "
-          + ", ".join(f"{n} {times[n][-1]:.0f} ms" for n in rows), flush=True)
+  def run_step(name):
+    params, opt_state = state[name]
+    state[name] = jax.block_until_ready(compiled[name](params, opt_state, batch))
+
+  times = _common.round_robin(rows, args.rounds, run_step)
   for params, _ in state.values():
     for leaf in jax.tree.leaves(params):
       if not bool(jnp.all(jnp.isfinite(leaf))):
         print("WARNING: non-finite params after timing")
 
-  base = times.get("non_private")
-  summary = {}
-  for name in rows:
-    t = times[name]
-    s = {"median_ms": statistics.median(t), "min_ms": min(t),
-         "compile_s": compile_s[name], "times_ms": t}
-    if base:
-      s["ratio_of_medians"] = s["median_ms"] / statistics.median(base)
-      s["median_round_ratio"] = statistics.median(
-          a / b for a, b in zip(t, base))
-    summary[name] = s
-
-  lines = [f"Step time, batch {args.batch_size} ({header})", "",
-           "| row | median ms | min ms | median / non-private median "
-           "| median of per-round ratios |",
-           "|---|---|---|---|---|"]
-  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
-  for name in rows:
-    s = summary[name]
-    lines.append(f"| {name} | {s['median_ms']:.0f} | {s['min_ms']:.0f} | "
-                 f"{fmt(s.get('ratio_of_medians'))} | "
-                 f"{fmt(s.get('median_round_ratio'))} |")
-  table = "\n".join(lines)
+  summary = _common.summarize(times, "non_private", compile_s)
+  table = _common.summary_table(
+      f"Step time, batch {args.batch_size} ({header})", summary)
   print("\n" + table, flush=True)
 
   opacus = combined = None
@@ -442,16 +390,11 @@ def main(argv=None):
     print("\n" + combined)
 
   if args.json_out:
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "argv": sys.argv, "versions": info, "batch_size": args.batch_size,
-           "rounds": args.rounds, "l2_norm_clip": L2_NORM_CLIP,
-           "noise_multiplier": NOISE_MULTIPLIER, "rows": summary,
-           "check": check, "markdown": table, "opacus": opacus,
-           "combined_markdown": combined}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump(out, f, indent=1)
-    print(f"\nwrote {args.json_out}")
+    _common.write_json(
+        args.json_out, versions=info, batch_size=args.batch_size,
+        rounds=args.rounds, l2_norm_clip=L2_NORM_CLIP,
+        noise_multiplier=NOISE_MULTIPLIER, rows=summary, check=check,
+        markdown=table, opacus=opacus, combined_markdown=combined)
 
 
 if __name__ == "__main__":

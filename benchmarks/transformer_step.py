@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -49,6 +47,7 @@ import optax
 import optax_dp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=wrong-import-position
 import step_time  # pylint: disable=wrong-import-position
 
 LEARNING_RATE = 0.1
@@ -274,25 +273,18 @@ def main(argv=None):
   parser.add_argument("--profile", action="store_true",
                       help="time the book-keeping pieces per layer first")
   args = parser.parse_args(argv)
-  if args.rounds < 1 or args.batch_size < 1:
-    parser.error("--rounds and --batch-size must be >= 1")
-  rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-  for r in rows:
-    if r not in ALL_ROWS:
-      parser.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
+  rows = _common.parse_rows(parser, args, ALL_ROWS)
 
   info = step_time.versions()
   params0 = init_params()
   num_params = int(sum(x.size for x in jax.tree.leaves(params0)))
-  header = (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
-            f"optax_dp {info['optax_dp']} ({info['optax_dp_git']}); nproc {info['nproc']} "
-            f"({info['cpu']}, "
-            f"{info['backend']}); transformer d={D_MODEL}, 2 blocks, 4 heads, "
+  header = (_common.jax_versions_header(info, jax_privacy=False)
+            + f"transformer d={D_MODEL}, 2 blocks, 4 heads, "
             f"T={SEQ_LEN}, vocab {VOCAB}, {num_params} params; batch "
             f"{args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
             f"sigma={NOISE_MULTIPLIER}"
-            + (f"; XLA_FLAGS={info['XLA_FLAGS']}" if info["XLA_FLAGS"] else "")
-            + f"; 1-min load avg at start {info['loadavg_at_start']:.1f}")
+            + _common.xla_flags_suffix(info)
+            + _common.loadavg_suffix(info["loadavg_at_start"]))
   print(header, flush=True)
 
   check = run_check() if args.check else None
@@ -313,48 +305,23 @@ def main(argv=None):
     print(f"{name}: compiled in {compile_s[name]:.1f} s, warm-up step "
           f"{1e3 * (time.perf_counter() - t0):.0f} ms", flush=True)
 
-  times = {name: [] for name in rows}
-  for r in range(args.rounds):
-    for name in rows:
-      params, opt_state = state[name]
-      t0 = time.perf_counter()
-      state[name] = jax.block_until_ready(compiled[name](params, opt_state, batch))
-      times[name].append(1e3 * (time.perf_counter() - t0))
-    print(f"round {r + 1}/{args.rounds}: "
-          + ", ".join(f"{n} {times[n][-1]:.1f} ms" for n in rows), flush=True)
+  def run_step(name):
+    params, opt_state = state[name]
+    state[name] = jax.block_until_ready(compiled[name](params, opt_state, batch))
 
-  base = times.get("non_private")
-  summary = {}
-  for name in rows:
-    t = times[name]
-    s = {"median_ms": statistics.median(t), "min_ms": min(t),
-         "compile_s": compile_s[name], "times_ms": t}
-    if base:
-      s["ratio_of_medians"] = s["median_ms"] / statistics.median(base)
-      s["median_round_ratio"] = statistics.median(a / b for a, b in zip(t, base))
-    summary[name] = s
-  fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
-  lines = [f"Transformer step time, batch {args.batch_size} ({header})", "",
-           "| row | median ms | min ms | median / non-private median "
-           "| median of per-round ratios |", "|---|---|---|---|---|"]
-  for name in rows:
-    s = summary[name]
-    lines.append(f"| {name} | {s['median_ms']:.1f} | {s['min_ms']:.1f} | "
-                 f"{fmt(s.get('ratio_of_medians'))} | "
-                 f"{fmt(s.get('median_round_ratio'))} |")
-  table = "\n".join(lines)
+  times = _common.round_robin(rows, args.rounds, run_step, ms_format=".1f")
+  summary = _common.summarize(times, "non_private", compile_s)
+  table = _common.summary_table(
+      f"Transformer step time, batch {args.batch_size} ({header})", summary,
+      ms_format=".1f")
   print("\n" + table)
 
   if args.json_out:
-    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-           "argv": sys.argv, "versions": info, "num_params": num_params,
-           "batch_size": args.batch_size, "rounds": args.rounds,
-           "l2_norm_clip": L2_NORM_CLIP, "noise_multiplier": NOISE_MULTIPLIER,
-           "rows": summary, "check": check, "profile": profile, "markdown": table}
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump(out, f, indent=1)
-    print(f"\nwrote {args.json_out}")
+    _common.write_json(
+        args.json_out, versions=info, num_params=num_params,
+        batch_size=args.batch_size, rounds=args.rounds,
+        l2_norm_clip=L2_NORM_CLIP, noise_multiplier=NOISE_MULTIPLIER,
+        rows=summary, check=check, profile=profile, markdown=table)
 
 
 if __name__ == "__main__":
