@@ -314,7 +314,7 @@ def dp_aggregate(
           raise ValueError(
               f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
               f"parameter of shape {jnp.shape(p)}.")
-    dtypes = jax.tree.map(lambda s: s.dtype, summed)
+    dtypes = jax.tree.map(lambda s: s.dtype, summed if params is None else params)
     summed = jax.tree.map(lambda s: s.astype(_compute_dtype(s.dtype)), summed)
     return summed, clipped.nonfinite_examples, clipped.batch_size, dtypes
 

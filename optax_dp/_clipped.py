@@ -22,7 +22,9 @@ class ClippedGrads:
   with another norm (the noise would then not match the sensitivity).
 
   Attributes:
-    clipped_sum: a pytree shaped like the params: `sum_i clip_C(g_i)`.
+    clipped_sum: a pytree shaped like the params: `sum_i clip_C(g_i)`, in
+      float32 or wider (cast to the params' dtype by `dp_aggregate`, after
+      the noise).
     nonfinite_examples: int32 scalar, examples dropped for a non-finite
       gradient (debugging aid; data-dependent, do not publish).
     l2_norm_clip: the clip norm C used (static).
@@ -142,6 +144,13 @@ def clipped_grads(
   return fn
 
 
+def _compute_dtype(x):
+  # The clipped sum stays in float32 (or wider) until the noise is added:
+  # rounding it to a narrower dtype first would perturb each example's
+  # contribution after clipping. dp_aggregate casts the noised result.
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def _finish(l2_norm_clip, sq_norms, mask):
   finite = jnp.isfinite(sq_norms)
   keep = finite & mask
@@ -162,7 +171,6 @@ def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):
   sq = _aggregate.per_example_sq_norms(grads)
   factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
   summed = _aggregate.clipped_sum(grads, factors)
-  summed = jax.tree.map(lambda s, g: s.astype(g.dtype), summed, grads)
   return _mask_values(values, mask, has_aux), summed, nonfinite
 
 
@@ -218,11 +226,11 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   for k, layer in enumerate(layers):
     sums = sum_fns[k](factors, keep)
     for name, i in layer.leaf_index.items():
-      out[i] = sums[name].reshape(leaves[i].shape).astype(leaves[i].dtype)
+      out[i] = sums[name].reshape(leaves[i].shape).astype(_compute_dtype(leaves[i]))
   if uncovered_grads:
     keep_factors = jnp.where(keep, factors, 0.0)
     for i, s in zip(uncovered, _aggregate.clipped_sum(uncovered_grads, keep_factors)):
-      out[i] = s.astype(leaves[i].dtype)
+      out[i] = s.astype(_compute_dtype(leaves[i]))
   values = (losses, aux) if has_aux else losses
   return _mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out), nonfinite
 

@@ -379,3 +379,15 @@ def test_dense_general_takes_the_dense_path():
       lambda p, b: jnp.sum(model.apply({"params": p}, b)), params, x[0], False)
   assert sorted(l.kind for l in layers) == ["dense", "dense"]
   _check_model(model, x, method="ghost")
+
+
+def test_bf16_params_keep_a_float32_clipped_sum_until_the_noise():
+  params = {"w": jnp.ones((5, 3), jnp.bfloat16)}
+  x = _x((4, 5))
+  loss_fn = lambda p, b: jnp.mean(jnp.square(b @ p["w"].astype(jnp.float32)))
+  for method in ("auto", "vmap"):
+    clipped = optax_dp.clipped_grads(loss_fn, 0.1, method=method)(params, x)
+    assert clipped.clipped_sum["w"].dtype == jnp.float32
+  tx = optax_dp.dp_aggregate(0.1, 1.0, 0)
+  update, _ = tx.update(clipped, tx.init(params), params)
+  assert update["w"].dtype == jnp.bfloat16
