@@ -1,10 +1,12 @@
-"""Privacy accounting for DP-SGD with Poisson sampling, through dp-accounting.
+"""Privacy accounting for DP-SGD, through dp-accounting.
 
-The mechanism accounted for is `steps` self-compositions of the
-Poisson-subsampled Gaussian mechanism (sampling rate `q = batch_size /
-dataset_size`, noise multiplier `sigma`), under add/remove-one adjacency: what
-`dp_aggregate` releases when fed batches from `poisson_batches`. The
-accountants are dp-accounting's (Google's `dp_accounting` package):
+The mechanism accounted for is the one a sampler (`optax_dp.PoissonSampler`,
+`FixedBatchSampler`, `ShuffleSampler`) says it runs: by default `steps`
+self-compositions of the Poisson-subsampled Gaussian mechanism (sampling rate
+`q = batch_size / dataset_size`, noise multiplier `sigma`), under add/remove-one
+adjacency: what `dp_aggregate` releases when fed batches from
+`poisson_batches`. The accountants are dp-accounting's (Google's
+`dp_accounting` package):
 
 * `"pld"`: privacy loss distributions (Meiser & Mohammadi 2018; Koskela et al.
   2020; Doroshenko et al. 2022, "Connect the Dots"), with pessimistic
@@ -15,15 +17,17 @@ accountants are dp-accounting's (Google's `dp_accounting` package):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
 import dp_accounting
 from dp_accounting import pld
 from dp_accounting import rdp
 
 from optax_dp import _checks
+from optax_dp import _sampling
 
 ACCOUNTANTS = ("pld", "rdp")
 # PLD discretisation of the reported epsilon. The coarser one only brackets the
@@ -32,6 +36,9 @@ _PLD_VALUE_DISCRETIZATION = 1e-4
 _PLD_COARSE_DISCRETIZATION = 1e-3
 # The noise multiplier is reported rounded up to this many significant digits.
 _SIGNIFICANT_DIGITS = 4
+# Calibration never searches below this noise multiplier (epsilon there is
+# astronomically large for any sampler; at 0 some RDP formulas divide by 0).
+_MIN_SIGMA = 1e-2
 
 
 def _check_delta(target_delta: Any) -> float:
@@ -57,40 +64,74 @@ def _check_sampling(dataset_size: Any, batch_size: Any, steps: Any) -> tuple[int
   return dataset_size, batch_size, steps
 
 
-def _check_accountant(accountant: Any) -> str:
+def resolve_sampler(sampler: Optional[_sampling.Sampler], dataset_size: Any,
+                    batch_size: Any) -> _sampling.Sampler:
+  """`sampler`, or Poisson sampling of `batch_size` of `dataset_size`."""
+  if sampler is None:
+    if dataset_size is None or batch_size is None:
+      raise ValueError(
+          "Pass either sampler=... (optax_dp.PoissonSampler, FixedBatchSampler "
+          "or ShuffleSampler) or dataset_size and batch_size (Poisson sampling).")
+    dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
+    batch_size = _checks.check_int("batch_size", batch_size, 1)
+    if batch_size > dataset_size:
+      raise ValueError(
+          f"batch_size ({batch_size}) must be <= dataset_size ({dataset_size}): "
+          "it is the expected Poisson batch size q * dataset_size.")
+    return _sampling.PoissonSampler(dataset_size, batch_size)
+  if dataset_size is not None or batch_size is not None:
+    raise ValueError(
+        "Pass either sampler=... or dataset_size and batch_size, not both: the "
+        "sampler already fixes them.")
+  if not isinstance(sampler, tuple(_sampling.SAMPLERS.values())):
+    raise ValueError(
+        "sampler must be an optax_dp.PoissonSampler, FixedBatchSampler or "
+        f"ShuffleSampler, got {type(sampler).__name__}.")
+  return sampler
+
+
+def resolve_accountant(accountant: Any, sampler: _sampling.Sampler) -> str:
+  """`accountant`, or the sampler's default; ValueError if it cannot account
+  for the sampler."""
+  if accountant is None:
+    return sampler.accountants[0]
   if accountant not in ACCOUNTANTS:
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
+  if accountant not in sampler.accountants:
+    raise ValueError(sampler.unsupported_accountant_reason(accountant))
   return accountant
 
 
-def dpsgd_event(noise_multiplier: float, *, dataset_size: int, batch_size: int,
-                steps: int) -> dp_accounting.DpEvent:
-  """The `DpEvent` of DP-SGD with Poisson sampling at rate batch_size/dataset_size."""
-  dataset_size, batch_size, steps = _check_sampling(dataset_size, batch_size, steps)
-  return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(
-          batch_size / dataset_size,
-          dp_accounting.GaussianDpEvent(float(noise_multiplier))),
-      steps)
+def dpsgd_event(noise_multiplier: float, *, steps: int,
+                dataset_size: Optional[int] = None, batch_size: Optional[int] = None,
+                sampler: Optional[_sampling.Sampler] = None) -> dp_accounting.DpEvent:
+  """The `DpEvent` of `steps` DP-SGD updates with `sampler`'s batches
+  (default: Poisson sampling at rate batch_size/dataset_size)."""
+  sampler = resolve_sampler(sampler, dataset_size, batch_size)
+  steps = _checks.check_int("steps", steps, 1)
+  return sampler.dp_event(float(noise_multiplier), steps)
 
 
-def _make_accountant(accountant: str, *, coarse: bool = False
-                     ) -> dp_accounting.PrivacyAccountant:
+def _make_accountant(accountant: str, sampler: _sampling.Sampler, *,
+                     coarse: bool = False) -> dp_accounting.PrivacyAccountant:
+  relation = (dp_accounting.NeighboringRelation.REPLACE_ONE
+              if sampler.neighboring_relation == _sampling.REPLACE_ONE
+              else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
   if accountant == "rdp":
-    return rdp.RdpAccountant()
+    return rdp.RdpAccountant(neighboring_relation=relation)
   return pld.PLDAccountant(
+      neighboring_relation=relation,
       value_discretization_interval=(
           _PLD_COARSE_DISCRETIZATION if coarse else _PLD_VALUE_DISCRETIZATION))
 
 
-def _epsilon(noise_multiplier: float, target_delta: float, dataset_size: int,
-             batch_size: int, steps: int, accountant: str, coarse: bool = False) -> float:
+def _epsilon(noise_multiplier: float, target_delta: float, sampler: _sampling.Sampler,
+             steps: int, accountant: str, coarse: bool = False) -> float:
   if noise_multiplier == 0:
     return math.inf
-  event = dpsgd_event(noise_multiplier, dataset_size=dataset_size,
-                      batch_size=batch_size, steps=steps)
+  event = sampler.dp_event(noise_multiplier, steps)
   try:
-    return float(_make_accountant(accountant, coarse=coarse).compose(event)
+    return float(_make_accountant(accountant, sampler, coarse=coarse).compose(event)
                  .get_epsilon(target_delta))
   except MemoryError:
     raise ValueError(
@@ -103,39 +144,67 @@ def compute_epsilon(
     noise_multiplier: float,
     target_delta: float,
     *,
-    dataset_size: int,
-    batch_size: int,
     steps: int,
-    accountant: str = "pld",
+    dataset_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    sampler: Optional[_sampling.Sampler] = None,
+    accountant: Optional[str] = None,
 ) -> float:
-  """Epsilon spent by `steps` DP-SGD updates with Poisson sampling.
+  """Epsilon spent by `steps` DP-SGD updates.
 
   Args:
     noise_multiplier: sigma, the noise std divided by the clip norm.
     target_delta: the delta of the (epsilon, delta) guarantee, in (0, 1).
-    dataset_size: the number of examples N the batches are sampled from.
-    batch_size: the *expected* batch size; the sampling rate is
+    steps: the number of noisy updates released (logical steps when
+      accumulating).
+    dataset_size: with `batch_size`, shorthand for
+      `sampler=PoissonSampler(dataset_size, batch_size)`.
+    batch_size: the *expected* Poisson batch size; the sampling rate is
       `batch_size / dataset_size` (`dp_aggregate`'s `expected_batch_size`).
-    steps: the number of noisy updates released.
-    accountant: `"pld"` (default, tighter) or `"rdp"`.
+    sampler: the sampler the run used; it decides the mechanism accounted for
+      (see `PoissonSampler`, `FixedBatchSampler`, `ShuffleSampler`).
+    accountant: `"pld"` (tighter) or `"rdp"`; default: the sampler's first
+      supported one (PLD, or RDP for fixed batches, which PLD cannot account).
 
   Returns:
-    An upper bound on epsilon at `target_delta` (`inf` for noise_multiplier 0).
+    An upper bound on epsilon at `target_delta` (`inf` for noise_multiplier 0),
+    under the sampler's neighbouring relation.
 
   Raises:
-    ValueError: for out-of-range arguments.
+    ValueError: for out-of-range arguments, or an accountant that cannot
+      account for the sampler.
   """
+  noise_multiplier = _check_noise_multiplier(noise_multiplier)
+  target_delta = _check_delta(target_delta)
+  sampler = resolve_sampler(sampler, dataset_size, batch_size)
+  steps = _checks.check_int("steps", steps, 1)
+  accountant = resolve_accountant(accountant, sampler)
+  return _epsilon(noise_multiplier, target_delta, sampler, steps, accountant)
+
+
+def _check_noise_multiplier(noise_multiplier: Any) -> float:
+  if isinstance(noise_multiplier, bool):
+    raise ValueError("noise_multiplier must be a number, got a bool.")
   try:
     noise_multiplier = float(noise_multiplier)
   except (TypeError, ValueError):
     raise ValueError(f"noise_multiplier must be a number, got {noise_multiplier!r}.") from None
   if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
     raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}.")
-  target_delta = _check_delta(target_delta)
-  dataset_size, batch_size, steps = _check_sampling(dataset_size, batch_size, steps)
-  accountant = _check_accountant(accountant)
-  return _epsilon(noise_multiplier, target_delta, dataset_size, batch_size, steps,
-                  accountant)
+  return noise_multiplier
+
+
+def _check_epsilon(target_epsilon: Any) -> float:
+  if isinstance(target_epsilon, bool):
+    raise ValueError("target_epsilon must be a number, got a bool.")
+  try:
+    target_epsilon = float(target_epsilon)
+  except (TypeError, ValueError):
+    raise ValueError(f"target_epsilon must be a number, got {target_epsilon!r}.") from None
+  if not math.isfinite(target_epsilon) or target_epsilon <= 0:
+    raise ValueError(
+        f"target_epsilon must be a finite number > 0, got {target_epsilon}.")
+  return target_epsilon
 
 
 def _round_up(x: float, digits: int = _SIGNIFICANT_DIGITS) -> float:
@@ -162,11 +231,13 @@ def _secant_root(f, x0, x1, target, rel_tol, max_iter=12):
   return None
 
 
-def _calibrate_pld(target_epsilon, target_delta, args, event) -> float:
+def _calibrate_pld(target_epsilon, target_delta, sampler, steps) -> float:
   """PLD calibration in few evaluations of the fine accountant (~0.2 s each).
 
   1. RDP (fast, looser) gives sigma_rdp, an upper end for PLD's sigma, which
-     also keeps PLD away from tiny sigmas whose distributions are huge.
+     also keeps PLD away from tiny sigmas whose distributions are huge. (For
+     truncated Poisson, which RDP cannot account, the untruncated sampler's
+     RDP sigma is only a starting guess.)
   2. The secant method on the coarse PLD grid (1e-3; cheap, epsilon smooth in
      sigma) finds sigma_c, with Brent's method as the fallback.
   3. One Newton step on the fine epsilon from sigma_c, with the coarse slope.
@@ -174,19 +245,24 @@ def _calibrate_pld(target_epsilon, target_delta, args, event) -> float:
      always meets the budget whatever these steps return.
   """
   def fine(sigma):
-    return _epsilon(sigma, target_delta, **args, accountant="pld")
+    return _epsilon(sigma, target_delta, sampler, steps, "pld")
 
   def coarse(sigma):
-    return _epsilon(sigma, target_delta, **args, accountant="pld", coarse=True)
+    return _epsilon(sigma, target_delta, sampler, steps, "pld", coarse=True)
 
+  rdp_sampler = sampler
+  if "rdp" not in sampler.accountants:
+    rdp_sampler = dataclasses.replace(sampler, truncate=False)
   sigma_rdp = dp_accounting.calibrate_dp_mechanism(
-      rdp.RdpAccountant, event, target_epsilon, target_delta,
-      bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0), tol=1e-2)
+      lambda: _make_accountant("rdp", rdp_sampler),
+      lambda s: rdp_sampler.dp_event(s, steps), target_epsilon, target_delta,
+      bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_SIGMA, 1.0), tol=1e-2)
   sigma_c = _secant_root(coarse, sigma_rdp, 0.95 * sigma_rdp, target_epsilon, 1e-4)
   if sigma_c is None or not 0.25 * sigma_rdp < sigma_c < 2 * sigma_rdp:
     sigma_c = dp_accounting.calibrate_dp_mechanism(
-        lambda: _make_accountant("pld", coarse=True), event, target_epsilon,
-        target_delta, bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, sigma_rdp),
+        lambda: _make_accountant("pld", sampler, coarse=True),
+        lambda s: sampler.dp_event(s, steps), target_epsilon, target_delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, sigma_rdp),
         tol=1e-4 * sigma_rdp)
   h = 1e-2 * sigma_c
   slope = (coarse(sigma_c + h) - coarse(sigma_c)) / h  # < 0
@@ -199,10 +275,11 @@ def calibrate_noise_multiplier(
     target_epsilon: float,
     target_delta: float,
     *,
-    dataset_size: int,
-    batch_size: int,
     steps: int,
-    accountant: str = "pld",
+    dataset_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    sampler: Optional[_sampling.Sampler] = None,
+    accountant: Optional[str] = None,
 ) -> float:
   """The smallest noise multiplier whose epsilon is at most `target_epsilon`.
 
@@ -218,7 +295,8 @@ def calibrate_noise_multiplier(
   Args:
     target_epsilon: the privacy budget, > 0.
     target_delta: in (0, 1).
-    dataset_size, batch_size, steps, accountant: as in `compute_epsilon`.
+    steps, dataset_size, batch_size, sampler, accountant: as in
+      `compute_epsilon`.
 
   Returns:
     The noise multiplier sigma to pass to `dp_aggregate`.
@@ -226,43 +304,28 @@ def calibrate_noise_multiplier(
   Raises:
     ValueError: for out-of-range arguments.
   """
-  if isinstance(target_epsilon, bool):
-    raise ValueError("target_epsilon must be a number, got a bool.")
-  try:
-    target_epsilon = float(target_epsilon)
-  except (TypeError, ValueError):
-    raise ValueError(f"target_epsilon must be a number, got {target_epsilon!r}.") from None
-  if not math.isfinite(target_epsilon) or target_epsilon <= 0:
-    raise ValueError(
-        f"target_epsilon must be a finite number > 0, got {target_epsilon}.")
+  target_epsilon = _check_epsilon(target_epsilon)
   target_delta = _check_delta(target_delta)
-  dataset_size, batch_size, steps = _check_sampling(dataset_size, batch_size, steps)
-  accountant = _check_accountant(accountant)
-  return _calibrate(target_epsilon, target_delta, dataset_size, batch_size, steps,
-                    accountant)
+  sampler = resolve_sampler(sampler, dataset_size, batch_size)
+  steps = _checks.check_int("steps", steps, 1)
+  accountant = resolve_accountant(accountant, sampler)
+  return _calibrate(target_epsilon, target_delta, sampler, steps, accountant)
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(target_epsilon, target_delta, dataset_size, batch_size, steps, accountant):
+def _calibrate(target_epsilon, target_delta, sampler, steps, accountant):
   """calibrate_noise_multiplier on validated arguments (pure, so cached)."""
-  args = dict(dataset_size=dataset_size, batch_size=batch_size, steps=steps)
-
-  def event(sigma):
-    return dpsgd_event(sigma, **args)
-
-  def calibrate(coarse, bracket, tol):
-    return dp_accounting.calibrate_dp_mechanism(
-        lambda: _make_accountant(accountant, coarse=coarse), event,
-        target_epsilon, target_delta, bracket_interval=bracket, tol=tol)
-
   if accountant == "rdp":
-    sigma = calibrate(False, dp_accounting.LowerEndpointAndGuess(0.0, 1.0), 1e-5)
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        lambda: _make_accountant("rdp", sampler),
+        lambda s: sampler.dp_event(s, steps), target_epsilon, target_delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(_MIN_SIGMA, 1.0), tol=1e-5)
   else:
-    sigma = _calibrate_pld(target_epsilon, target_delta, args, event)
+    sigma = _calibrate_pld(target_epsilon, target_delta, sampler, steps)
 
   sigma = _round_up(sigma)
   # PLD's discretised epsilon is not exactly monotone in sigma: confirm the
   # reported value, stepping up in the last digit until it meets the budget.
-  while _epsilon(sigma, target_delta, **args, accountant=accountant) > target_epsilon:
+  while _epsilon(sigma, target_delta, sampler, steps, accountant) > target_epsilon:
     sigma = _round_up(sigma * (1 + 10.0 ** -_SIGNIFICANT_DIGITS))
   return sigma

@@ -17,18 +17,28 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_dp import _budget
+from optax_dp import _checks
 from optax_dp import _clipped
 from optax_dp import _keys
 
 
+class NoiseReplayError(RuntimeError):
+  """The optimizer state's noise key does not belong to this run at its step."""
+
+
 class DPAggregateState(NamedTuple):
-  """State of `dp_aggregate`.
+  """State of `dp_aggregate`: plain arrays, so any checkpointer saves it.
 
   Attributes:
-    noise_key: the typed PRNG key the *next* update draws its noise from. It is
-      split on every update, never reused.
+    noise_key: uint32 key data (`jax.random.key_data`) of the key the *next*
+      update draws its noise from: `fold_in(key, step)` for the transform's
+      `key`. Noise for update t is a function of (key, t) alone, so a resumed
+      run continues the exact noise stream, and a state whose key does not
+      match its counter (an old key with a newer counter, or a state from
+      another run) is detected at the next update (`NoiseReplayError`).
     step: int32, the number of noisy updates released so far (what the
-      accountant must be told).
+      accountant must be told; `PrivacyBudget.epsilon_spent` reads it).
     nonfinite_examples: int32, running count of examples whose gradient had a
       NaN or inf (or a squared norm that overflows float32) and whose
       contribution was therefore dropped (set to zero). This count depends on
@@ -82,6 +92,35 @@ def _check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
         "expected_batch_size must be a positive integer (a public constant, "
         f"e.g. q * dataset_size for Poisson sampling), got {expected_batch_size!r}.")
   return int(expected_batch_size)
+
+
+def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_overrun):
+  """(noise_multiplier, expected_batch_size, max_steps or None) from the args."""
+  if not isinstance(allow_budget_overrun, bool):
+    raise ValueError(f"allow_budget_overrun must be a bool, got {allow_budget_overrun!r}.")
+  if budget is None:
+    if allow_budget_overrun:
+      raise ValueError("allow_budget_overrun=True needs a budget= to overrun.")
+    if noise_multiplier is None:
+      raise ValueError(
+          "dp_aggregate needs noise_multiplier= (or budget=optax_dp.privacy_budget"
+          "(...), which calibrates it from a target epsilon).")
+    return noise_multiplier, expected_batch_size, None
+  if not isinstance(budget, _budget.PrivacyBudget):
+    raise ValueError(
+        f"budget must be an optax_dp.PrivacyBudget, got {type(budget).__name__}.")
+  if noise_multiplier is not None and float(noise_multiplier) != budget.noise_multiplier:
+    raise ValueError(
+        f"dp_aggregate got noise_multiplier={noise_multiplier} and a budget "
+        f"calibrated for {budget.noise_multiplier}: pass only the budget.")
+  normaliser = budget.sampler.expected_batch_size
+  if expected_batch_size is not None and expected_batch_size != normaliser:
+    raise ValueError(
+        f"dp_aggregate got expected_batch_size={expected_batch_size}, but the "
+        f"budget's sampler has expected batch size {normaliser}: pass only the "
+        "budget.")
+  return budget.noise_multiplier, normaliser, (
+      None if allow_budget_overrun else budget.max_steps)
 
 
 def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
@@ -202,11 +241,13 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
 
 def dp_aggregate(
     l2_norm_clip: float,
-    noise_multiplier: float,
-    key: _keys.KeyLike,
+    noise_multiplier: Optional[float] = None,
+    key: Optional[_keys.KeyLike] = None,
     *,
     expected_batch_size: Optional[int] = None,
     rescale_to_unit_norm: bool = False,
+    budget: Optional[_budget.PrivacyBudget] = None,
+    allow_budget_overrun: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD's clip-sum-noise-normalise step, as an optax transformation.
 
@@ -239,22 +280,36 @@ def dp_aggregate(
   Examples whose gradient is not finite (NaN or inf) contribute zero and are
   counted in `state.nonfinite_examples`.
 
-  Noise is fresh on every update: the key lives in the state and is split on
-  every call, one subkey per leaf. Clipping, summation and noise run in float32
+  Noise is fresh on every update: update t draws from `fold_in(key, t)`, split
+  into one subkey per leaf. The state holds that key's data next to the step
+  counter; an update whose state key does not match `fold_in(key, step)` (a
+  state restored from another run, or with its key and counter out of step)
+  raises `NoiseReplayError` instead of replaying or mixing noise streams.
+
+  Budget: with `budget=optax_dp.privacy_budget(...)`, the noise multiplier and
+  `expected_batch_size` come from the budget (its sampler), and an update
+  past `budget.max_steps` raises `PrivacyBudgetExceededError`, also inside
+  `jax.jit` (a host callback; where callbacks cannot run, the refused
+  update is NaN, which releases nothing). With `allow_budget_overrun=True` the
+  updates continue and `budget.epsilon_spent(state)` grows past the target. Clipping, summation and noise run in float32
   (or wider) even for bfloat16/float16 gradients; the result is cast back to
   each leaf's dtype (post-processing, so privacy is unaffected).
 
   Args:
     l2_norm_clip: the bound `C > 0` on each example's global gradient norm.
     noise_multiplier: `sigma >= 0`; the noise std is `sigma * C`. 0 gives a
-      non-private run and warns loudly.
-    key: the PRNG key for the noise: a `jax.random.key`, a legacy `uint32[2]`
-      key, or an int seed. Use a key that nothing else uses.
-    expected_batch_size: the public normaliser; see above.
+      non-private run and warns loudly. Omit it when passing `budget`.
+    key: the PRNG key for the noise (required): a `jax.random.key`, a legacy
+      `uint32[2]` key, or an int seed. Use a key that nothing else uses.
+    expected_batch_size: the public normaliser; see above. Omit it when
+      passing `budget` (the budget's sampler fixes it).
     rescale_to_unit_norm: also divide the result by `l2_norm_clip`, as if each
       example were clipped to norm 1 (De et al. 2022, arXiv 2204.13650): the
       learning rate then need not be retuned when the clip changes. A public
       rescaling, so privacy is unchanged. jax_privacy's Flax tutorial uses it.
+    budget: an `optax_dp.PrivacyBudget`; see above.
+    allow_budget_overrun: continue past `budget.max_steps` (the epsilon
+      reported by `budget.epsilon_spent` then exceeds the budget's target).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DPAggregateState`.
@@ -265,17 +320,50 @@ def dp_aggregate(
       leading batch axis or whose shapes do not match `params`.
   """
   l2_norm_clip = _check_positive_finite("l2_norm_clip", l2_norm_clip)
+  noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
+      noise_multiplier, expected_batch_size, budget, allow_budget_overrun)
   noise_multiplier = _check_noise_multiplier(noise_multiplier)
   expected_batch_size = _check_expected_batch_size(expected_batch_size)
+  if key is None:
+    raise ValueError(
+        "dp_aggregate needs key=: the PRNG key of the noise (a jax.random.key or "
+        "an int seed that nothing else uses).")
   key = _keys.as_typed_key(key)
+  key_impl = jax.random.key_impl(key)
   noise_std = noise_multiplier * l2_norm_clip
   rescale = l2_norm_clip if rescale_to_unit_norm else 1.0
 
+  def key_data_at(step):
+    return jax.random.key_data(jax.random.fold_in(key, step))
+
   def init_fn(params):
     del params
-    return DPAggregateState(noise_key=key,
-                            step=jnp.zeros([], jnp.int32),
+    step = jnp.zeros([], jnp.int32)
+    return DPAggregateState(noise_key=key_data_at(step), step=step,
                             nonfinite_examples=jnp.zeros([], jnp.int32))
+
+  def guard(state):
+    """Checks the ledger before releasing update number `state.step`."""
+    key_ok = jnp.all(jnp.asarray(state.noise_key) == key_data_at(state.step))
+    _checks.raise_if(
+        ~key_ok, NoiseReplayError,
+        "dp_aggregate: the optimizer state's noise key does not match this "
+        "transformation's key at the state's step counter. The state comes "
+        "from another run (a different key or seed), or its key and step were "
+        "restored from different points. Continuing would replay or mix noise "
+        "streams, which breaks the privacy guarantee. Restore the whole "
+        "optimizer state of this run, and build dp_aggregate with that run's key.")
+    ok = key_ok
+    if max_steps is not None:
+      within = state.step < max_steps
+      _checks.raise_if(
+          ~within, _budget.PrivacyBudgetExceededError,
+          f"dp_aggregate: the privacy budget allows {max_steps} noisy steps "
+          f"(epsilon {budget.epsilon():.4g} at delta {budget.target_delta:g}); "
+          f"refusing step {max_steps + 1} and later ones. Stop training, or pass allow_budget_overrun=True to dp_aggregate to "
+          "continue and report the larger epsilon (budget.epsilon_spent(state)).")
+      ok = ok & within
+    return ok
 
   def update_fn(updates, state, params=None):
     if isinstance(updates, _clipped.ClippedGrads):
@@ -289,12 +377,16 @@ def dp_aggregate(
       num_nonfinite = jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32)
       summed = clipped_sum(updates, factors)
       dtypes = jax.tree.map(lambda g: g.dtype, updates)
-    noised, next_key = add_gaussian_noise(summed, state.noise_key, noise_std)
+    ok = guard(state)
+    noise_key = jax.random.wrap_key_data(jnp.asarray(state.noise_key), impl=key_impl)
+    noised, _ = add_gaussian_noise(summed, noise_key, noise_std)
     normaliser = (expected_batch_size or batch_size) * rescale
-    out = jax.tree.map(lambda s, d: (s / normaliser).astype(d), noised, dtypes)
+    out = jax.tree.map(
+        lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)
+    step = state.step + 1
     new_state = DPAggregateState(
-        noise_key=next_key,
-        step=state.step + 1,
+        noise_key=key_data_at(step),
+        step=step,
         nonfinite_examples=state.nonfinite_examples + num_nonfinite)
     return out, new_state
 
@@ -324,13 +416,15 @@ def dp_aggregate(
 def dpsgd(
     learning_rate: optax.ScalarOrSchedule,
     l2_norm_clip: float,
-    noise_multiplier: float,
-    key: _keys.KeyLike,
+    noise_multiplier: Optional[float] = None,
+    key: Optional[_keys.KeyLike] = None,
     *,
     momentum: Optional[float] = None,
     nesterov: bool = False,
     expected_batch_size: Optional[int] = None,
     rescale_to_unit_norm: bool = False,
+    budget: Optional[_budget.PrivacyBudget] = None,
+    allow_budget_overrun: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
 
@@ -340,5 +434,6 @@ def dpsgd(
   return optax.chain(
       dp_aggregate(l2_norm_clip, noise_multiplier, key,
                    expected_batch_size=expected_batch_size,
-                   rescale_to_unit_norm=rescale_to_unit_norm),
+                   rescale_to_unit_norm=rescale_to_unit_norm, budget=budget,
+                   allow_budget_overrun=allow_budget_overrun),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))

@@ -13,3 +13,27 @@ def check_int(name: str, value: Any, minimum: int) -> int:
       or not math.isfinite(value) or value != int(value) or value < minimum):
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
   return int(value)
+
+
+def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
+  """Raises `error(message)` if `predicate` holds, also inside `jax.jit`.
+
+  Outside a trace the check is an ordinary `if`. Inside one it is a
+  `lax.cond` whose taken branch runs a host callback that raises: the jitted
+  call then fails with a `JaxRuntimeError` whose text contains `message`
+  (JAX wraps exceptions raised in callbacks). The callback costs nothing
+  while the predicate is false. Callers also poison their outputs when the
+  predicate holds, so that a platform without host callbacks still cannot
+  release a refused update.
+  """
+  import jax  # local: keeps this module importable without touching devices
+
+  if not isinstance(predicate, jax.core.Tracer):
+    if bool(predicate):
+      raise error(message)
+    return
+
+  def fail():
+    raise error(message)
+
+  jax.lax.cond(predicate, lambda: jax.debug.callback(fail), lambda: None)

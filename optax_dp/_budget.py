@@ -1,0 +1,215 @@
+"""The privacy budget of a training run: what it may spend, and what it has.
+
+A `PrivacyBudget` ties together the public parameters the accountant needs
+(sampler, noise multiplier, delta, accountant) and the number of noisy steps
+the noise was calibrated for. `dp_aggregate(..., budget=budget)` takes its noise
+multiplier and normaliser from it and refuses to release a step past
+`max_steps`; `budget.epsilon_spent(opt_state)` reads the step counter from the
+optimizer state and reports the epsilon of the updates released so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Optional
+
+import jax
+
+from optax_dp import _accounting
+from optax_dp import _checks
+from optax_dp import _sampling
+
+
+class PrivacyBudgetExceededError(RuntimeError):
+  """A noisy update past the budget's `max_steps` was refused."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyBudget:
+  """The public accounting parameters of a DP-SGD run and its step budget.
+
+  Build it with `privacy_budget(...)`, which calibrates what is not given.
+
+  Attributes:
+    sampler: the sampler whose batches the run uses (decides the accounting).
+    noise_multiplier: sigma, passed on to `dp_aggregate`.
+    target_delta: the delta of every epsilon reported.
+    max_steps: the number of noisy (logical) steps the budget allows.
+    accountant: "pld" or "rdp".
+    target_epsilon: the epsilon the budget was set from, if any (the epsilon
+      after `max_steps` steps is `epsilon()`, which is <= it).
+  """
+  sampler: _sampling.Sampler
+  noise_multiplier: float
+  target_delta: float
+  max_steps: int
+  accountant: str
+  target_epsilon: Optional[float] = None
+
+  def epsilon(self, steps: Optional[int] = None) -> float:
+    """Epsilon after `steps` noisy steps (default: `max_steps`); 0 for 0 steps."""
+    steps = self.max_steps if steps is None else _checks.check_int("steps", steps, 0)
+    if steps == 0:
+      return 0.0
+    return _cached_epsilon(self.noise_multiplier, self.target_delta, self.sampler,
+                           steps, self.accountant)
+
+  def steps_taken(self, opt_state: Any) -> int:
+    """The number of noisy steps the `dp_aggregate` in `opt_state` released."""
+    return int(find_dp_state(opt_state).step)
+
+  def epsilon_spent(self, opt_state: Any) -> float:
+    """Epsilon of the updates released so far, read from the optimizer state
+    (an `opt_state`, or a Flax `TrainState`: anything containing exactly one
+    `DPAggregateState`)."""
+    return self.epsilon(self.steps_taken(opt_state))
+
+  def statement(self, steps: Optional[int] = None) -> str:
+    """The privacy guarantee after `steps` steps (default `max_steps`), in words."""
+    steps = self.max_steps if steps is None else steps
+    return privacy_statement(self.noise_multiplier, self.target_delta,
+                             sampler=self.sampler, steps=steps,
+                             accountant=self.accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_epsilon(noise_multiplier, target_delta, sampler, steps, accountant):
+  """Epsilon on validated arguments; cached, as loops ask for it at every eval."""
+  return _accounting._epsilon(noise_multiplier, target_delta, sampler, steps, accountant)  # pylint: disable=protected-access
+
+
+def privacy_budget(
+    *,
+    sampler: _sampling.Sampler,
+    target_delta: float,
+    target_epsilon: Optional[float] = None,
+    steps: Optional[int] = None,
+    noise_multiplier: Optional[float] = None,
+    accountant: Optional[str] = None,
+) -> PrivacyBudget:
+  """A `PrivacyBudget` from any two of (target_epsilon, steps, noise_multiplier).
+
+  * `target_epsilon` and `steps`: calibrates the noise multiplier
+    (`calibrate_noise_multiplier`); `max_steps = steps`.
+  * `noise_multiplier` and `target_epsilon`: `max_steps` is the largest number
+    of steps whose epsilon is at most `target_epsilon`.
+  * `noise_multiplier` and `steps`: `max_steps = steps`, whatever epsilon that
+    gives (`budget.epsilon()`).
+
+  Raises:
+    ValueError: for bad or inconsistent arguments, or when even one step at
+      `noise_multiplier` exceeds `target_epsilon`.
+  """
+  given = [x is not None for x in (target_epsilon, steps, noise_multiplier)]
+  if sum(given) != 2:
+    raise ValueError(
+        "privacy_budget needs exactly two of target_epsilon, steps and "
+        "noise_multiplier (the third is derived from them).")
+  sampler = _accounting.resolve_sampler(sampler, None, None)
+  target_delta = _accounting._check_delta(target_delta)  # pylint: disable=protected-access
+  accountant = _accounting.resolve_accountant(accountant, sampler)
+  if noise_multiplier is None:
+    steps = _checks.check_int("steps", steps, 1)
+    noise_multiplier = _accounting.calibrate_noise_multiplier(
+        target_epsilon, target_delta, sampler=sampler, steps=steps,
+        accountant=accountant)
+    return PrivacyBudget(sampler, noise_multiplier, target_delta, steps, accountant,
+                         float(target_epsilon))
+  noise_multiplier = _accounting._check_noise_multiplier(noise_multiplier)  # pylint: disable=protected-access
+  if noise_multiplier == 0:
+    raise ValueError(
+        "A privacy budget needs noise: noise_multiplier=0 is not differentially "
+        "private at any epsilon.")
+  if steps is not None:
+    steps = _checks.check_int("steps", steps, 1)
+    return PrivacyBudget(sampler, noise_multiplier, target_delta, steps, accountant,
+                         None)
+  target_epsilon = _accounting._check_epsilon(target_epsilon)  # pylint: disable=protected-access
+  max_steps = _max_steps(noise_multiplier, target_delta, sampler, accountant,
+                         target_epsilon)
+  return PrivacyBudget(sampler, noise_multiplier, target_delta, max_steps, accountant,
+                       target_epsilon)
+
+
+def _max_steps(noise_multiplier, target_delta, sampler, accountant, target_epsilon,
+               limit=10**8) -> int:
+  """Largest steps with epsilon <= target (epsilon is nondecreasing in steps)."""
+  def within(steps):
+    return _cached_epsilon(noise_multiplier, target_delta, sampler, steps,
+                           accountant) <= target_epsilon
+
+  if not within(1):
+    raise ValueError(
+        f"Even one step at noise_multiplier={noise_multiplier} spends more than "
+        f"target_epsilon={target_epsilon} (delta {target_delta}); raise the "
+        "noise multiplier or the budget.")
+  lo, hi = 1, 2  # within(lo); find hi with not within(hi)
+  while within(hi):
+    lo, hi = hi, hi * 2
+    if hi > limit:
+      raise ValueError(
+          f"noise_multiplier={noise_multiplier} allows more than {limit} steps "
+          f"within epsilon {target_epsilon}; pass steps= instead.")
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if within(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def find_dp_state(tree: Any):
+  """The single `DPAggregateState` inside an optimizer state or TrainState."""
+  from optax_dp import _aggregate  # local: _aggregate imports this module
+
+  found = [x for x in jax.tree.leaves(
+      tree, is_leaf=lambda x: isinstance(x, _aggregate.DPAggregateState))
+           if isinstance(x, _aggregate.DPAggregateState)]
+  if len(found) != 1:
+    raise ValueError(
+        f"Expected exactly one DPAggregateState (from optax_dp.dp_aggregate) in "
+        f"the optimizer state, found {len(found)}.")
+  return found[0]
+
+
+def privacy_statement(
+    noise_multiplier: float,
+    target_delta: float,
+    *,
+    steps: int,
+    sampler: Optional[_sampling.Sampler] = None,
+    dataset_size: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    accountant: Optional[str] = None,
+) -> str:
+  """The (epsilon, delta) guarantee of a DP-SGD run, in plain words.
+
+  Like TF Privacy's `compute_dp_sgd_privacy_statement`, for optax_dp's
+  samplers: it names the sampler, the neighbouring relation, the accountant
+  and what the guarantee does and does not cover.
+  """
+  sampler = _accounting.resolve_sampler(sampler, dataset_size, batch_size)
+  accountant = _accounting.resolve_accountant(accountant, sampler)
+  steps = _checks.check_int("steps", steps, 1)
+  epsilon = _accounting.compute_epsilon(noise_multiplier, target_delta, sampler=sampler,
+                                        steps=steps, accountant=accountant)
+  epochs = steps * sampler.expected_batch_size / sampler.dataset_size
+  accountant_name = {"pld": "privacy loss distribution (PLD, pessimistic)",
+                     "rdp": "Renyi DP (RDP)"}[accountant]
+  eps_text = "infinite (NOT private)" if math.isinf(epsilon) else f"{epsilon:.4g}"
+  return "\n".join([
+      f"DP-SGD with noise multiplier {noise_multiplier:g}, {steps} noisy steps "
+      f"(~{epochs:.3g} epochs), {sampler.describe()}.",
+      f"Guarantee: ({eps_text}, {target_delta:g})-differential privacy for each "
+      f"single training example, under the '{sampler.neighboring_relation}' "
+      f"neighbouring relation, by dp-accounting's {accountant_name} accountant.",
+      "This holds if the batches were drawn exactly as described, every "
+      "example's gradient was clipped before the noise was added, and the "
+      "noise multiplier and step count are those of the run. It protects "
+      "examples, not people: a person with several examples gets a weaker "
+      "guarantee.",
+  ])
+
