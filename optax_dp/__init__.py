@@ -2,20 +2,32 @@
 
 Swap `tx` to make a JAX/Flax training loop private::
 
-    sigma = optax_dp.calibrate_noise_multiplier(
-        1.0, 1e-5, dataset_size=60000, batch_size=256, steps=5000)
+    sampler = optax_dp.PoissonSampler(dataset_size=60000, expected_batch_size=256)
+    budget = optax_dp.privacy_budget(sampler=sampler, target_epsilon=1.0,
+                                     target_delta=1e-5, steps=5000)
     tx = optax.chain(
-        optax_dp.dp_aggregate(l2_norm_clip=0.1, noise_multiplier=sigma,
-                              key=jax.random.key(42), expected_batch_size=256),
+        optax_dp.dp_aggregate(l2_norm_clip=0.1, key=jax.random.key(42),
+                              budget=budget),
         optax.sgd(0.1, momentum=0.9))
-    grad_fn = optax_dp.per_example_grads(loss_fn)
-    state = state.apply_gradients(grads=grad_fn(state.params, batch, mask))
+    grad_fn = optax_dp.clipped_grads(loss_fn, l2_norm_clip=0.1)
+    for batch in sampler.batches(seed, steps=budget.max_steps):
+      x = optax_dp.gather_batch(data, batch)
+      state = state.apply_gradients(grads=grad_fn(state.params, x, batch.mask))
+    print(budget.epsilon_spent(state.opt_state))
 """
 
+from optax_dp._accumulate import DPAccumulateState
+from optax_dp._accumulate import clip_and_sum
+from optax_dp._accumulate import dp_accumulate
 from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
 from optax_dp._accounting import dpsgd_event
 from optax_dp._aggregate import DPAggregateState
+from optax_dp._aggregate import NoiseReplayError
+from optax_dp._budget import PrivacyBudget
+from optax_dp._budget import PrivacyBudgetExceededError
+from optax_dp._budget import privacy_budget
+from optax_dp._budget import privacy_statement
 from optax_dp._clipped import ClippedGrads
 from optax_dp._clipped import clipped_grads
 from optax_dp._clipped import value_and_clipped_grads
@@ -23,7 +35,12 @@ from optax_dp._aggregate import dp_aggregate
 from optax_dp._aggregate import dpsgd
 from optax_dp._per_example import per_example_grads
 from optax_dp._per_example import value_and_per_example_grads
+from optax_dp._sampling import Batch
+from optax_dp._sampling import FixedBatchSampler
 from optax_dp._sampling import PoissonBatch
+from optax_dp._sampling import PoissonSampler
+from optax_dp._sampling import ShuffleSampler
+from optax_dp._sampling import make_sampler
 from optax_dp._sampling import gather_batch
 from optax_dp._sampling import poisson_batches
 from optax_dp._sampling import poisson_max_batch_size
@@ -31,19 +48,32 @@ from optax_dp._sampling import poisson_max_batch_size
 __version__ = "0.1.0"
 
 __all__ = (
+    "Batch",
     "ClippedGrads",
+    "DPAccumulateState",
     "DPAggregateState",
+    "FixedBatchSampler",
+    "NoiseReplayError",
     "PoissonBatch",
+    "PoissonSampler",
+    "PrivacyBudget",
+    "PrivacyBudgetExceededError",
+    "ShuffleSampler",
     "calibrate_noise_multiplier",
+    "clip_and_sum",
     "clipped_grads",
     "compute_epsilon",
+    "dp_accumulate",
     "dp_aggregate",
     "dpsgd",
     "dpsgd_event",
     "gather_batch",
+    "make_sampler",
     "per_example_grads",
     "poisson_batches",
     "poisson_max_batch_size",
+    "privacy_budget",
+    "privacy_statement",
     "value_and_clipped_grads",
     "value_and_per_example_grads",
 )

@@ -1,0 +1,114 @@
+"""`python -m optax_dp` / `optax-dp`: privacy statements from the command line.
+
+    optax-dp epsilon --dataset-size 60000 --batch-size 256 --steps 5000 \\
+        --noise-multiplier 1.1 --delta 1e-5 [--sampler poisson] [--accountant pld]
+    optax-dp calibrate --dataset-size 60000 --batch-size 256 --epochs 20 \\
+        --epsilon 1 --delta 1e-5 --sampler fixed
+
+Prints the guarantee in plain words (`optax_dp.privacy_statement`). Bad input
+exits with status 2 and a message on stderr, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Optional, Sequence
+
+from optax_dp import _accounting
+from optax_dp import _budget
+from optax_dp import _sampling
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="optax-dp",
+      description="Privacy statements for DP-SGD runs (optax_dp).")
+  commands = parser.add_subparsers(dest="command", required=True)
+  for name, help_text in (
+      ("epsilon", "the epsilon of a run with a given noise multiplier"),
+      ("calibrate", "the noise multiplier that meets a target epsilon")):
+    p = commands.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--dataset-size", type=int, required=True,
+                   help="number of training examples N")
+    p.add_argument("--batch-size", type=int, required=True,
+                   help="expected batch size (Poisson) or exact batch size "
+                        "(fixed, shuffle); with accumulation, the logical one")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="noisy (logical) steps")
+    length.add_argument("--epochs", type=float,
+                        help="epochs; steps = ceil(epochs * N / batch size) "
+                             "(ceil(epochs * (N // batch)) for shuffle)")
+    if name == "epsilon":
+      p.add_argument("--noise-multiplier", type=float, required=True)
+    else:
+      p.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+    p.add_argument("--delta", type=float, required=True)
+    p.add_argument("--sampler", choices=tuple(_sampling.SAMPLERS), default="poisson")
+    p.add_argument("--accountant", choices=_accounting.ACCOUNTANTS, default=None,
+                   help="default: pld, or rdp for the fixed sampler")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="poisson only: the static maximum batch size")
+    p.add_argument("--truncate", action="store_true",
+                   help="poisson only: truncate batches above --max-batch-size "
+                        "(accounted as truncated Poisson, PLD only)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+  return parser
+
+
+def _steps(args, sampler) -> int:
+  if args.steps is not None:
+    return args.steps
+  if not (math.isfinite(args.epochs) and args.epochs > 0):
+    raise ValueError(f"--epochs must be a finite number > 0, got {args.epochs}.")
+  if isinstance(sampler, _sampling.ShuffleSampler):
+    return math.ceil(args.epochs * sampler.steps_per_epoch)
+  return math.ceil(args.epochs * sampler.dataset_size / sampler.expected_batch_size)
+
+
+def _run(args) -> str:
+  kwargs = {}
+  if args.sampler == "poisson":
+    kwargs = dict(max_batch_size=args.max_batch_size, truncate=args.truncate)
+  elif args.max_batch_size is not None or args.truncate:
+    raise ValueError("--max-batch-size and --truncate apply to --sampler poisson only.")
+  sampler = _sampling.make_sampler(args.sampler, dataset_size=args.dataset_size,
+                                   batch_size=args.batch_size, **kwargs)
+  steps = _steps(args, sampler)
+  accountant = _accounting.resolve_accountant(args.accountant, sampler)
+  if args.command == "calibrate":
+    noise_multiplier = _accounting.calibrate_noise_multiplier(
+        args.epsilon, args.delta, sampler=sampler, steps=steps, accountant=accountant)
+  else:
+    noise_multiplier = args.noise_multiplier
+  epsilon = _accounting.compute_epsilon(noise_multiplier, args.delta, sampler=sampler,
+                                        steps=steps, accountant=accountant)
+  statement = _budget.privacy_statement(noise_multiplier, args.delta, sampler=sampler,
+                                        steps=steps, accountant=accountant)
+  if args.json:
+    return json.dumps({
+        "epsilon": None if math.isinf(epsilon) else epsilon,
+        "delta": args.delta, "noise_multiplier": noise_multiplier, "steps": steps,
+        "sampler": sampler.name, "accountant": accountant,
+        "neighboring_relation": sampler.neighboring_relation,
+        "dataset_size": sampler.dataset_size,
+        "batch_size": sampler.expected_batch_size, "statement": statement,
+    }, indent=2)
+  if args.command == "calibrate":
+    return f"Noise multiplier: {noise_multiplier}\n{statement}"
+  return statement
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Entry point; returns the exit status (0, or 2 for bad input)."""
+  parser = _parser()
+  args = parser.parse_args(argv)  # exits 2 on malformed arguments
+  try:
+    text = _run(args)
+  except ValueError as e:
+    print(f"optax-dp {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  print(text)
+  return 0
