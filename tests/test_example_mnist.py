@@ -58,11 +58,16 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     mnist_data.load_mnist(str(tmp_path))
 
 
-def _run(tmp_path, *args):
-  out = tmp_path / "result.json"
+def _run_raw(tmp_path, *args, name="result"):
+  out = tmp_path / f"{name}.json"
   cmd = [sys.executable, os.path.join(EXAMPLES, "mnist_linen.py"), *args,
          "--json-out", str(out)]
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  return proc, out
+
+
+def _run(tmp_path, *args, name="result"):
+  proc, out = _run_raw(tmp_path, *args, name=name)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return json.loads(out.read_text()), proc.stdout
 
@@ -103,3 +108,96 @@ def test_tfds_path_without_tensorflow_datasets_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   with pytest.raises(SystemExit, match=r"optax_dp\[tfds\]"):
     mnist_data.load_mnist_tfds()
+
+
+# ---------------------------------------------------------------------------
+# The privacy ledger in the example: resume, budget refusal and overrun,
+# samplers, accumulation. Small settings (batch 64, 4 steps) keep each run to
+# seconds of training; the comparisons are exact (same numbers, not close).
+
+SMALL = ("--batch-size", "64", "--eval-every", "2", "--clipping", "auto")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """4 uninterrupted steps: the reference for resume and accumulation."""
+  return _run(tmp_path_factory.mktemp("straight"), "--steps", "4", *SMALL)[0]
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, straight_run):
+  ckpt = tmp_path / "ckpt"
+  first, _ = _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt),
+                  *SMALL, name="first")
+  assert first["steps"] == 2
+  assert (ckpt / "run.json").exists() and (ckpt / "step_2").is_dir()
+  # A fresh process resumes at step 2 and runs steps 3 and 4.
+  second, stdout = _run(tmp_path, "--steps", "4", "--resume", str(ckpt), name="second")
+  assert "Resumed" in stdout
+  assert second["resumed_from_step"] == 2 and second["steps_this_run"] == 2
+  assert second["steps"] == 4
+  # Same noise stream, same batches, same ledger: the same model and epsilon.
+  assert second["test_loss"] == straight_run["test_loss"]
+  assert second["test_accuracy"] == straight_run["test_accuracy"]
+  assert second["epsilon"] == straight_run["epsilon"]
+  assert second["noise_multiplier"] == straight_run["noise_multiplier"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_to_change_the_mechanism(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt), *SMALL)
+  proc, _ = _run_raw(tmp_path, "--steps", "4", "--resume", str(ckpt), "--sampler", "shuffle")
+  assert proc.returncode == 2
+  assert "conflicts with the resumed run" in proc.stderr
+  # Resuming past the budget the checkpoint's noise was calibrated for is refused too.
+  proc, _ = _run_raw(tmp_path, "--steps", "6", "--resume", str(ckpt))
+  assert proc.returncode == 2
+  assert "beyond the privacy budget" in proc.stderr
+
+
+@pytest.mark.slow
+def test_steps_beyond_the_budget_are_refused_unless_told(tmp_path):
+  sampler = optax_dp.PoissonSampler(60000, 64)
+  budget = optax_dp.privacy_budget(sampler=sampler, target_epsilon=0.8, target_delta=1e-5,
+                                   noise_multiplier=0.5)
+  steps = budget.max_steps + 2
+  proc, out = _run_raw(tmp_path, "--steps", str(steps), "--noise-multiplier", "0.5",
+                       "--epsilon", "0.8", *SMALL)
+  assert proc.returncode == 2
+  assert "beyond the privacy budget" in proc.stderr and not out.exists()
+  result, _ = _run(tmp_path, "--steps", str(steps), "--noise-multiplier", "0.5",
+                   "--epsilon", "0.8", "--allow-budget-overrun", *SMALL)
+  # The run went past the budget and says so with the larger epsilon.
+  assert result["steps"] == steps and result["budget_steps"] == budget.max_steps
+  expected = optax_dp.compute_epsilon(0.5, 1e-5, sampler=sampler, steps=steps)
+  assert result["epsilon"] == pytest.approx(expected, rel=1e-12)
+  assert result["epsilon"] > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler,accountant,relation", [
+    ("fixed", "rdp", "replace one"),
+    ("shuffle", "pld", "zero out"),
+])
+def test_other_samplers_report_their_own_accounting(tmp_path, sampler, accountant, relation):
+  result, stdout = _run(tmp_path, "--steps", "4", "--sampler", sampler, *SMALL)
+  assert result["sampler"] == sampler and result["accountant"] == accountant
+  assert relation in result["neighboring_relation"]
+  smp = optax_dp.make_sampler(sampler, dataset_size=60000, batch_size=64)
+  sigma = optax_dp.calibrate_noise_multiplier(1.0, 1e-5, sampler=smp, steps=4)
+  assert result["noise_multiplier"] == sigma
+  assert result["epsilon"] == pytest.approx(
+      optax_dp.compute_epsilon(sigma, 1e-5, sampler=smp, steps=4), rel=1e-12)
+  assert result["epsilon"] <= 1.0
+  assert relation in stdout
+
+
+@pytest.mark.slow
+def test_accumulation_equals_the_logical_batch(tmp_path, straight_run):
+  # Two physical batches per logical Poisson batch, noise once: the same
+  # model as one physical batch per step (same seed, same logical batches).
+  result, _ = _run(tmp_path, "--steps", "4", "--accumulation-steps", "2", *SMALL)
+  assert result["accumulation_steps"] == 2 and result["steps"] == 4
+  assert result["epsilon"] == straight_run["epsilon"]
+  assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-6)
