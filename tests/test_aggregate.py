@@ -174,8 +174,12 @@ def test_state_is_a_namedtuple_pytree_that_advances_the_key():
   state = tx.init(None)
   assert isinstance(state, optax_dp.DPAggregateState)
   _, new = tx.update(_per_example_tree(), state)
-  assert not np.array_equal(jax.random.key_data(state.noise_key),
-                            jax.random.key_data(new.noise_key))
+  # The state holds plain uint32 key data (checkpointable by any tool): the
+  # data of fold_in(key, step), which moves on with the step.
+  assert state.noise_key.dtype == jnp.uint32 and new.noise_key.dtype == jnp.uint32
+  assert not np.array_equal(state.noise_key, new.noise_key)
+  np.testing.assert_array_equal(
+      new.noise_key, jax.random.key_data(jax.random.fold_in(jax.random.key(0), 1)))
   assert int(new.step) == 1
   assert len(jax.tree.leaves(new)) == 3
 
