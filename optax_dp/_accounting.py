@@ -125,8 +125,10 @@ def _make_accountant(accountant: str, sampler: _sampling.Sampler, *,
           _PLD_COARSE_DISCRETIZATION if coarse else _PLD_VALUE_DISCRETIZATION))
 
 
+@functools.lru_cache(maxsize=1024)
 def _epsilon(noise_multiplier: float, target_delta: float, sampler: _sampling.Sampler,
              steps: int, accountant: str, coarse: bool = False) -> float:
+  """Epsilon on validated arguments (pure, so cached: loops ask at every eval)."""
   if noise_multiplier == 0:
     return math.inf
   event = sampler.dp_event(noise_multiplier, steps)

@@ -11,7 +11,6 @@ optimizer state and reports the epsilon of the updates released so far.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Optional
 
@@ -74,10 +73,8 @@ class PrivacyBudget:
                              accountant=self.accountant)
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_epsilon(noise_multiplier, target_delta, sampler, steps, accountant):
-  """Epsilon on validated arguments; cached, as loops ask for it at every eval."""
-  return _accounting._epsilon(noise_multiplier, target_delta, sampler, steps, accountant)  # pylint: disable=protected-access
+# Epsilon on validated arguments; cached, as loops ask for it at every eval.
+_cached_epsilon = _accounting._epsilon  # pylint: disable=protected-access
 
 
 def privacy_budget(

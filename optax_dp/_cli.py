@@ -12,6 +12,7 @@ exits with status 2 and a message on stderr, as argparse does.
 from __future__ import annotations
 
 import argparse
+import fractions
 import json
 import math
 import sys
@@ -63,9 +64,12 @@ def _steps(args, sampler) -> int:
     return args.steps
   if not (math.isfinite(args.epochs) and args.epochs > 0):
     raise ValueError(f"--epochs must be a finite number > 0, got {args.epochs}.")
+  # Exact arithmetic on the decimal the user typed: in floats, 1.1 * 100 is
+  # 110.00000000000001, whose ceil would count one step too many.
+  epochs = fractions.Fraction(repr(args.epochs))
   if isinstance(sampler, _sampling.ShuffleSampler):
-    return math.ceil(args.epochs * sampler.steps_per_epoch)
-  return math.ceil(args.epochs * sampler.dataset_size / sampler.expected_batch_size)
+    return math.ceil(epochs * sampler.steps_per_epoch)
+  return math.ceil(epochs * sampler.dataset_size / sampler.expected_batch_size)
 
 
 def _run(args) -> str:

@@ -158,7 +158,8 @@ class PoissonSampler:
     overflows keeps a uniformly random `max_batch_size` of its examples. This
     is accounted for exactly as truncated Poisson sampling
     (`dp_accounting.TruncatedSubsampledGaussianDpEvent`, arXiv 2508.15089),
-    which only the PLD accountant supports.
+    which only the PLD accountant supports, under zero-out adjacency (the
+    dataset size is public).
 
   Attributes:
     dataset_size: N.
@@ -176,7 +177,6 @@ class PoissonSampler:
   pad_to_multiple_of: Optional[int] = None
 
   name: ClassVar[str] = "poisson"
-  neighboring_relation: ClassVar[str] = ADD_OR_REMOVE_ONE
 
   def __post_init__(self):
     n, b = _check_sizes(self.dataset_size, self.expected_batch_size, "expected_batch_size")
@@ -198,6 +198,13 @@ class PoissonSampler:
   @property
   def sampling_probability(self) -> float:
     return self.expected_batch_size / self.dataset_size
+
+  @property
+  def neighboring_relation(self) -> str:
+    """Add/remove one; zero-out when truncating: the truncated event's
+    analysis fixes the dataset size (a zeroed example still takes its place
+    in the truncation), as jax_privacy also labels it."""
+    return ZERO_OUT if self.truncate else ADD_OR_REMOVE_ONE
 
   @property
   def accountants(self) -> tuple[str, ...]:
