@@ -31,8 +31,9 @@ class DPAccumulateState(NamedTuple):
     micro_step: int32 in [0, k): physical batches accumulated so far in the
       current logical batch.
     clipped_sum: float32 (or wider) tree like the params: the running clipped
-      sum of the current logical batch. Not private on its own; it never
-      leaves the optimizer state without the noise.
+      sum of the current logical batch, WITHOUT noise: not private. It is
+      zero at logical-batch boundaries (`micro_step == 0`); checkpoint there
+      (the MNIST example does), or treat a mid-batch checkpoint as raw data.
     nonfinite_examples: int32, examples dropped so far in this logical batch.
     inner_state: the wrapped optimizer's state (its `dp_aggregate` counts
       logical steps).
@@ -82,6 +83,9 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
   so the accountant counts logical steps (`dp_aggregate`'s `state.step`) with
   the logical batch's sampler: draw logical batches from the sampler and split
   them with `sampler.batches(..., accumulation_steps=k)`.
+
+  Checkpoints: save at logical-batch boundaries (`state.micro_step == 0`),
+  where the accumulator is zero; mid-batch it holds an unnoised sum.
 
   Why not `optax.MultiSteps(optax.chain(dp_aggregate(...), ...))`: MultiSteps
   accumulates its *inputs*, which would be per-example gradients (their rows
@@ -133,8 +137,16 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
       out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
       return out, state.inner_state, acc, nonfinite, state.micro_step + 1
 
-    out, inner, acc, nonfinite, micro = jax.lax.cond(
-        state.micro_step == k - 1, release, hold, None)
+    releasing = state.micro_step == k - 1
+    if isinstance(releasing, jax.core.Tracer):
+      out, inner, acc, nonfinite, micro = jax.lax.cond(releasing, release, hold, None)
+    else:
+      # Outside a trace, pick the branch in Python: the inner dp_aggregate then
+      # runs eagerly too, so its checks raise their own exception types
+      # (PrivacyBudgetExceededError, NoiseReplayError) rather than a
+      # JaxRuntimeError from a host callback inside lax.cond.
+      out, inner, acc, nonfinite, micro = (release if bool(releasing) else hold)(None)
+      micro = jnp.asarray(micro, jnp.int32)
     return out, DPAccumulateState(micro_step=micro, clipped_sum=acc,
                                   nonfinite_examples=nonfinite, inner_state=inner)
 
