@@ -16,6 +16,7 @@ Swap `tx` to make a JAX/Flax training loop private::
     print(budget.epsilon_spent(state.opt_state))
 """
 
+from optax_dp import audit
 from optax_dp._accumulate import DPAccumulateState
 from optax_dp._accumulate import clip_and_sum
 from optax_dp._accumulate import dp_accumulate
@@ -48,6 +49,7 @@ from optax_dp._sampling import poisson_max_batch_size
 __version__ = "0.1.0"
 
 __all__ = (
+    "audit",
     "Batch",
     "ClippedGrads",
     "DPAccumulateState",
