@@ -30,6 +30,7 @@ from optax_dp._budget import PrivacyBudgetExceededError
 from optax_dp._budget import privacy_budget
 from optax_dp._budget import privacy_statement
 from optax_dp._clipped import ClippedGrads
+from optax_dp._keys import NoiseKeyReuseWarning
 from optax_dp._clipped import clipped_grads
 from optax_dp._clipped import value_and_clipped_grads
 from optax_dp._aggregate import dp_aggregate
@@ -55,6 +56,7 @@ __all__ = (
     "DPAccumulateState",
     "DPAggregateState",
     "FixedBatchSampler",
+    "NoiseKeyReuseWarning",
     "NoiseReplayError",
     "PoissonBatch",
     "PoissonSampler",

@@ -300,7 +300,12 @@ def dp_aggregate(
     noise_multiplier: `sigma >= 0`; the noise std is `sigma * C`. 0 gives a
       non-private run and warns loudly. Omit it when passing `budget`.
     key: the PRNG key for the noise (required): a `jax.random.key`, a legacy
-      `uint32[2]` key, or an int seed. Use a key that nothing else uses.
+      `uint32[2]` key (the same noise as `jax.random.wrap_key_data` of it), or
+      an int seed (the same noise as `jax.random.key(seed)`). Use a key that
+      nothing else uses, and keep it secret: whoever knows it can regenerate
+      the noise. Building a second noisy `dp_aggregate` from the same key in
+      one process warns (`NoiseKeyReuseWarning`, a `UserWarning`): both would
+      add identical noise, which cancels in the difference of their outputs.
     expected_batch_size: the public normaliser; see above. Omit it when
       passing `budget` (the budget's sampler fixes it).
     rescale_to_unit_norm: also divide the result by `l2_norm_clip`, as if each
@@ -332,6 +337,13 @@ def dp_aggregate(
   key_impl = jax.random.key_impl(key)
   noise_std = noise_multiplier * l2_norm_clip
   rescale = l2_norm_clip if rescale_to_unit_norm else 1.0
+  if noise_std > 0:
+    # Warns (NoiseKeyReuseWarning) if another noisy dp_aggregate of this
+    # process was built from the same key: the two would add identical noise,
+    # which cancels in the difference of their outputs. See _keys.py.
+    _keys.register_noise_key(
+        key, f"dp_aggregate(l2_norm_clip={l2_norm_clip:g}, "
+        f"noise_multiplier={noise_multiplier:g})", stacklevel=2)
 
   def key_data_at(step):
     return jax.random.key_data(jax.random.fold_in(key, step))

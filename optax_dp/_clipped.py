@@ -62,7 +62,8 @@ def value_and_clipped_grads(
   """Per-example losses and the clipped gradient sum, for `dp_aggregate`.
 
   `loss_fn(params, batch)` is the same ordinary batched loss as for
-  `per_example_grads`; each example is evaluated as a batch of one. Returns
+  `per_example_grads`; each example is evaluated as a batch of one (so a Flax
+  Linen `BatchNorm` in training mode raises `ValueError`, as there). Returns
   `fn(params, batch, mask=None) -> (losses, ClippedGrads)` (or
   `((losses, aux), ClippedGrads)` with `has_aux`), where the clipped sum is
   `sum_i mask_i * clip_C(g_i)`, `clip_C(g) = g * min(1, C / ||g||)` over all
@@ -108,11 +109,15 @@ def value_and_clipped_grads(
     batch_size = _per_example._batch_size(batch)
     mask = (jnp.ones((batch_size,), bool) if mask is None
             else _per_example._check_mask(mask, batch_size))
-    if microbatch_size is None or microbatch_size >= batch_size:
-      values, summed, nonfinite = chunk_fn(params, batch, mask)
-    else:
-      values, summed, nonfinite = _scan_chunks(chunk_fn, params, batch, mask,
-                                               microbatch_size, batch_size)
+    # Trace-time check: a Linen BatchNorm in training mode is not per-example
+    # (see _per_example.no_cross_example_layers). It covers every method,
+    # including the ghost path's discovery trace, which runs first.
+    with _per_example.no_cross_example_layers("clipped_grads"):
+      if microbatch_size is None or microbatch_size >= batch_size:
+        values, summed, nonfinite = chunk_fn(params, batch, mask)
+      else:
+        values, summed, nonfinite = _scan_chunks(chunk_fn, params, batch, mask,
+                                                 microbatch_size, batch_size)
     return values, ClippedGrads(clipped_sum=summed, nonfinite_examples=nonfinite,
                                 l2_norm_clip=l2_norm_clip, batch_size=batch_size)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Optional
 
 import chex
@@ -50,6 +51,80 @@ def _zero_masked(tree: chex.ArrayTree, mask: jax.Array) -> chex.ArrayTree:
   return jax.tree.map(zero, tree)
 
 
+def _flax_linen():
+  """`flax.linen`, or None: flax is optional for the core (lazy import)."""
+  try:
+    import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  except ImportError:  # pragma: no cover
+    return None
+  return nn
+
+
+def _batchnorm_trains(module, args, kwargs) -> bool:
+  """Whether a Linen BatchNorm call normalises with the batch's statistics.
+
+  `BatchNorm.__call__(x, use_running_average=None)` merges the call argument
+  with the module attribute (`nn.merge_param`). When both or neither are set,
+  flax raises its own error, so this returns False and lets it. A value that
+  is not a concrete bool (a tracer) cannot be judged at trace time and passes.
+  """
+  call = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+  attr = module.use_running_average
+  if (call is None) == (attr is None):
+    return False
+  value = attr if call is None else call
+  try:
+    return not bool(value)
+  except Exception:  # pylint: disable=broad-except
+    return False
+
+
+@contextlib.contextmanager
+def no_cross_example_layers(caller: str):
+  """Raises ValueError if a Flax Linen BatchNorm in training mode runs inside.
+
+  Per-example gradients (and clipped sums) evaluate each example as a batch of
+  one. A BatchNorm that normalises with batch statistics then sees a batch of
+  one: its statistics are that example's own, so the function differentiated
+  is a different model from the one trained without privacy, where BatchNorm
+  mixes the examples of a batch (one example's output depends on the others,
+  so clipping "its" gradient would not bound its influence). Either way the
+  result is not what the user meant; the fix is a per-example normalisation
+  (GroupNorm, LayerNorm) or frozen statistics (`use_running_average=True`,
+  a per-example function, which passes).
+
+  Implemented with `flax.linen.intercept_methods` around the traced loss, so it
+  runs only while the loss is traced (once per compilation under `jax.jit`),
+  never inside the compiled step. Without flax nothing is checked (a model
+  without flax has no Linen BatchNorm). Other cross-example operations
+  (in-batch negatives, flax.nnx BatchNorm, hand-written batch statistics) are
+  not detected.
+  """
+  nn = _flax_linen()
+  if nn is None:  # pragma: no cover
+    yield
+    return
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
+        and _batchnorm_trains(module, args, kwargs)):
+      where = "/".join(str(p) for p in module.path) or type(module).__name__
+      raise ValueError(
+          f"{caller}: the model calls flax.linen.BatchNorm ({where}) in training "
+          "mode (use_running_average=False). Per-example gradients evaluate "
+          "each example as a batch of one, so BatchNorm's statistics would be "
+          "that one example's: a different model from the one trained without "
+          "privacy, where BatchNorm mixes the examples of a batch (which "
+          "per-example clipping cannot bound). Use nn.GroupNorm or nn.LayerNorm "
+          "instead, or BatchNorm with use_running_average=True (frozen "
+          "statistics).")
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    yield
+
+
 def value_and_per_example_grads(
     loss_fn: LossFn,
     *,
@@ -64,7 +139,9 @@ def value_and_per_example_grads(
   is evaluated as a batch of one, `loss_fn(params, example[None])`, under
   `jax.vmap`, so the loss code stays as it is. A loss that mixes examples
   (BatchNorm in training mode, in-batch negatives) is not per-example and must
-  not be used for DP-SGD.
+  not be used for DP-SGD: a Flax Linen `BatchNorm` called in training mode
+  (`use_running_average=False`) is detected while tracing and raises
+  `ValueError` (use `nn.GroupNorm`/`nn.LayerNorm`, or frozen statistics).
 
   Args:
     loss_fn: `loss_fn(params, batch) -> loss` or `-> (loss, aux)`.
@@ -95,12 +172,13 @@ def value_and_per_example_grads(
 
   def fn(params, batch, mask=None):
     batch_size = _batch_size(batch)
-    if microbatch_size is None or microbatch_size >= batch_size:
-      values, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)
-    else:
-      values, grads = jax.lax.map(
-          lambda example: value_and_grad(params, example), batch,
-          batch_size=microbatch_size)
+    with no_cross_example_layers("per_example_grads"):
+      if microbatch_size is None or microbatch_size >= batch_size:
+        values, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)
+      else:
+        values, grads = jax.lax.map(
+            lambda example: value_and_grad(params, example), batch,
+            batch_size=microbatch_size)
     if mask is not None:
       mask = _check_mask(mask, batch_size)
       grads = _zero_masked(grads, mask)
