@@ -37,6 +37,11 @@ from optax_dp._aggregate import dp_aggregate
 from optax_dp._aggregate import dpsgd
 from optax_dp._per_example import per_example_grads
 from optax_dp._per_example import value_and_per_example_grads
+from optax_dp._sharding import gather_sharded_batch
+from optax_dp._sharding import pad_batch_for_devices
+from optax_dp._sharding import sharded_clipped_grads
+from optax_dp._sharding import sharded_per_example_grads
+from optax_dp._sharding import sharded_value_and_clipped_grads
 from optax_dp._sampling import Batch
 from optax_dp._sampling import FixedBatchSampler
 from optax_dp._sampling import PoissonBatch
@@ -72,12 +77,17 @@ __all__ = (
     "dpsgd",
     "dpsgd_event",
     "gather_batch",
+    "gather_sharded_batch",
     "make_sampler",
+    "pad_batch_for_devices",
     "per_example_grads",
     "poisson_batches",
     "poisson_max_batch_size",
     "privacy_budget",
     "privacy_statement",
+    "sharded_clipped_grads",
+    "sharded_per_example_grads",
+    "sharded_value_and_clipped_grads",
     "value_and_clipped_grads",
     "value_and_per_example_grads",
 )

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp import _aggregate
+from optax_dp import _devices
 from optax_dp import _ghost
 from optax_dp import _per_example
 
@@ -107,6 +108,7 @@ def value_and_clipped_grads(
 
   def fn(params, batch, mask=None):
     batch_size = _per_example._batch_size(batch)
+    params = _devices.local_params(params, batch, "clipped_grads")
     mask = (jnp.ones((batch_size,), bool) if mask is None
             else _per_example._check_mask(mask, batch_size))
     # Trace-time check: a Linen BatchNorm in training mode is not per-example
@@ -211,6 +213,9 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   batch_size = mask.shape[0]
   zs = [jax.tree.map(lambda s: jnp.zeros((batch_size,) + s.shape, s.dtype), layer.out_struct)
         for layer in layers]
+  # Inside shard_map the output perturbations must be device-varying like the
+  # batch, or their per-example cotangents are summed across devices.
+  zs = _devices.make_varying(zs, _devices.varying_axes(batch))
   grad_fn = jax.value_and_grad(example_loss, argnums=(0, 3), has_aux=True)
   (losses, (aux, inputs)), (uncovered_grads, out_grads) = jax.vmap(
       grad_fn, in_axes=(None, None, None, 0, 0))(
@@ -261,7 +266,9 @@ def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
     total, count = carry
     return (jax.tree.map(jnp.add, total, summed), count + nonfinite), values
 
-  init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+  init = _devices.make_varying(
+      (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32)),
+      _devices.varying_axes(batch))
   (summed, nonfinite), values = jax.lax.scan(body, init, (chunks, mask_chunks))
   values = jax.tree.map(lambda v: v.reshape((padded,) + v.shape[2:])[:batch_size], values)
   return values, summed, nonfinite

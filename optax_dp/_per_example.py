@@ -9,6 +9,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from optax_dp import _devices
+
 LossFn = Callable[..., Any]  # loss_fn(params, batch) -> scalar (or (scalar, aux))
 
 
@@ -172,6 +174,7 @@ def value_and_per_example_grads(
 
   def fn(params, batch, mask=None):
     batch_size = _batch_size(batch)
+    params = _devices.local_params(params, batch, "per_example_grads")
     with no_cross_example_layers("per_example_grads"):
       if microbatch_size is None or microbatch_size >= batch_size:
         values, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)
