@@ -15,7 +15,7 @@ the optimizer refuse steps past the budget.
 Run:  python examples/mnist_linen.py --steps 200
 Also: --sampler {poisson,fixed,shuffle}, --accumulation-steps K,
       --noise-multiplier S (the budget then caps the steps; --allow-budget-overrun),
-      --checkpoint-dir DIR and --resume DIR.
+      --checkpoint-dir DIR and --resume DIR, --devices N (data-parallel).
 """
 
 from __future__ import annotations
@@ -71,8 +71,14 @@ def make_loss_fn(model):
   return loss_fn
 
 
-def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=1):
+def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=1,
+                            mesh=None):
   """A jitted train step; only the gradient function is DP-specific.
+
+  With a `mesh` (several devices), the batch is split over its "data" axis:
+  each device clips its own examples and only the clipped sum crosses devices
+  (`optax_dp.sharded_value_and_clipped_grads` / `sharded_per_example_grads`);
+  the noise is then drawn once, as on one device.
 
   `clipping="per-example"` materialises per-example gradients and lets
   `dp_aggregate` clip them; the other values use `optax_dp.clipped_grads`
@@ -82,16 +88,21 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
   gradients are clipped with `optax_dp.clip_and_sum` first.
   """
   if clipping == "per-example":
-    per_example = optax_dp.value_and_per_example_grads(loss_fn, has_aux=True)
+    per_example = (optax_dp.value_and_per_example_grads(loss_fn, has_aux=True)
+                   if mesh is None else
+                   optax_dp.sharded_per_example_grads(loss_fn, mesh=mesh, has_aux=True))
 
     def grad_fn(params, batch, mask):
       values, grads = per_example(params, batch, mask)
       if accumulation_steps > 1:
         grads = optax_dp.clip_and_sum(grads, l2_norm_clip)
       return values, grads
-  else:
+  elif mesh is None:
     grad_fn = optax_dp.value_and_clipped_grads(loss_fn, l2_norm_clip, method=clipping,
                                                has_aux=True)
+  else:
+    grad_fn = optax_dp.sharded_value_and_clipped_grads(
+        loss_fn, l2_norm_clip, mesh=mesh, method=clipping, has_aux=True)
 
   @jax.jit
   def train_step(state, images, labels, mask):
@@ -180,6 +191,10 @@ def parse_args(argv=None):
                       "that can account for it)")
   p.add_argument("--eval-every", type=int, default=200)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--devices", type=int, default=None,
+                 help="data-parallel over this many devices (default: all visible); "
+                      "each device clips its share of the batch, one all-reduce "
+                      "of the clipped sum per step, noise drawn once")
   p.add_argument("--checkpoint-dir", default=None,
                  help="save the training state (orbax) and the run's settings "
                       "here at every evaluation")
@@ -301,6 +316,13 @@ def main(argv=None):
   if args.batch_size > dataset_size:
     raise SystemExit(f"--batch-size {args.batch_size} > dataset size {dataset_size}")
   k = args.accumulation_steps
+  available = len(jax.devices())
+  num_devices = args.devices or available
+  if not 1 <= num_devices <= available:
+    fail(f"--devices {args.devices}: {available} device(s) visible (on CPU, set "
+         "XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N).")
+  mesh = (jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("data",))
+          if num_devices > 1 else None)
 
   root = jax.random.key(args.seed)
   init_key, noise_key = jax.random.split(root)
@@ -342,7 +364,8 @@ def main(argv=None):
         sgd)
     if k > 1:
       tx = optax_dp.dp_accumulate(tx, k)
-    train_step = make_private_train_step(loss_fn, args.l2_norm_clip, args.clipping, k)
+    train_step = make_private_train_step(loss_fn, args.l2_norm_clip, args.clipping, k,
+                                         mesh)
 
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   settings = {name: getattr(args, name) for name in RUN_SETTINGS}
@@ -372,8 +395,15 @@ def main(argv=None):
   for step in range(start_step + 1, last_step + 1):
     for _ in range(k):
       batch = next(batches)
-      images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
-      state, loss, acc = train_step(state, images, labels, batch.mask)
+      if mesh is None:
+        images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
+        mask = batch.mask
+      else:  # each device's rows, loaded where they are used
+        batch = optax_dp.pad_batch_for_devices(batch, num_devices)
+        (images, labels), mask = optax_dp.gather_sharded_batch(
+            (train_images, train_labels), batch,
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+      state, loss, acc = train_step(state, images, labels, mask)
       train_losses.append(loss)
       train_accs.append(acc)
     steps_done += 1
@@ -420,6 +450,7 @@ def main(argv=None):
         "budget_steps": budget.max_steps if budget else None,
         "batch_size": args.batch_size,
         "accumulation_steps": k,
+        "devices": num_devices,
         "seconds": seconds,
         "l2_norm_clip": args.l2_norm_clip,
         "sampler": sampler.name,

@@ -58,16 +58,17 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     mnist_data.load_mnist(str(tmp_path))
 
 
-def _run_raw(tmp_path, *args, name="result"):
+def _run_raw(tmp_path, *args, name="result", env=None):
   out = tmp_path / f"{name}.json"
   cmd = [sys.executable, os.path.join(EXAMPLES, "mnist_linen.py"), *args,
          "--json-out", str(out)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                        env=None if env is None else {**os.environ, **env})
   return proc, out
 
 
-def _run(tmp_path, *args, name="result"):
-  proc, out = _run_raw(tmp_path, *args, name=name)
+def _run(tmp_path, *args, name="result", env=None):
+  proc, out = _run_raw(tmp_path, *args, name=name, env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return json.loads(out.read_text()), proc.stdout
 
@@ -201,3 +202,17 @@ def test_accumulation_equals_the_logical_batch(tmp_path, straight_run):
   assert result["accumulation_steps"] == 2 and result["steps"] == 4
   assert result["epsilon"] == straight_run["epsilon"]
   assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_eight_devices_train_the_same_model(tmp_path, straight_run):
+  # 8 simulated CPU devices, data-parallel: each device clips its share, one
+  # all-reduce of the clipped sum, noise drawn once. Same model as 1 device,
+  # up to float reduction order (the sum is split 8 ways before adding).
+  result, _ = _run(tmp_path, "--steps", "4", "--devices", "8", *SMALL,
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result["devices"] == 8
+  assert result["epsilon"] == straight_run["epsilon"]
+  assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-5)
+  proc, _ = _run_raw(tmp_path, "--steps", "4", "--devices", "3", *SMALL)
+  assert proc.returncode == 2 and "device" in proc.stderr
