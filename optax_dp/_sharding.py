@@ -168,9 +168,17 @@ def gather_sharded_batch(data: Any, batch: _sampling.Batch,
   Every host derives the same `batch` from the shared sampler seed; this is
   how each then loads just its shard (multi-host: `jax.distributed`).
 
+  `sharding` must split the batch (leading) axis only, e.g.
+  `NamedSharding(mesh, PartitionSpec("data"))`; other shardings are refused.
+
   Returns:
     `(data rows, mask)`, both split along the batch axis by `sharding`.
   """
+  spec = getattr(sharding, "spec", None)
+  if spec is None or any(axis is not None for axis in tuple(spec)[1:]):
+    raise ValueError(
+        "gather_sharded_batch needs a NamedSharding that splits the batch axis "
+        f"only, e.g. NamedSharding(mesh, PartitionSpec('data')); got {sharding}.")
   def load(x):
     x = np.asarray(x)
     shape = (len(batch.indices),) + x.shape[1:]

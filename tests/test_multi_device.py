@@ -1,0 +1,624 @@
+"""Data-parallel DP-SGD on 8 (simulated CPU) devices equals the 1-device run.
+
+The pytest process has one CPU device, and the device count of a process is
+fixed when jax initialises its backend, so every multi-device check runs in a
+fresh subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8
+(and JAX_PLATFORMS=cpu, so a GPU host still gets its 8 CPU devices). One
+script (`_SCRIPT`, below) runs all the multi-device sections in one process
+(each process pays the jax import and its compilations, ~45 s here) and writes
+raw results (a JSON of scalars/strings, an .npz of arrays); the tests below
+only compare numbers, so each acceptance point fails on its own. A section
+that raises records its traceback and fails only the tests reading it.
+
+Acceptance points (the multi-device issue):
+  1. 8-device TrainState steps == 1-device ones (vmap path, fast path,
+     padding, accumulation with dp_accumulate).
+  2. sharded per-example gradients == a single-example loop; trap 1 (XLA's
+     partitioner) and trap 2 (vmap(grad) inside shard_map without pcast) are
+     real in this jax; the guard refuses a partitioned batch.
+  3. the noise of the 8-device update has variance (sigma*C/E)^2 (added once)
+     and equals the 1-device noise bitwise.
+  4. the compiled step has exactly one all-reduce, carrying every parameter.
+  5. pad_batch_for_devices / gather_sharded_batch, and Poisson batches padded
+     for 8 devices train exactly like the unpadded 1-device run.
+  6. a batch not divisible by the device count is refused.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import optax_dp
+
+pytest.importorskip("flax")   # the model under test is a flax.linen CNN
+
+_REPO = Path(__file__).resolve().parent.parent
+_SECTIONS = ("train", "per_example", "noise", "sampler", "divisible")
+
+
+# The 8-device script (written to a temp dir and run by the `results` fixture).
+_SCRIPT = r'''# Runs in a fresh process with 8 simulated CPU devices; writes results.json
+# (scalars, strings, tracebacks) and arrays.npz, one section at a time, so that
+# one failing section fails only the tests that read it.
+import json, os, sys, time, traceback, warnings
+assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+import flax.linen as nn
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax_dp
+
+# Both sides of each comparison build dp_aggregate from the same key on
+# purpose (the same noise), which NoiseKeyReuseWarning would flag.
+warnings.filterwarnings("ignore", category=optax_dp.NoiseKeyReuseWarning)
+OUT = sys.argv[1]
+SECTIONS = sys.argv[2].split(",")
+R, A = {}, {}
+assert jax.device_count() == 8, jax.devices()
+mesh = Mesh(np.array(jax.devices()), ("data",))
+SHARD = NamedSharding(mesh, P("data"))
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(3)(x)
+
+
+model = CNN()
+params0 = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  logits = model.apply({"params": params}, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def single_loss(params, example):
+  return loss_fn(params, jax.tree.map(lambda a: a[None], example))
+
+
+rng = np.random.default_rng(1234)
+N = 64
+DATA = (rng.normal(size=(N, 6, 6, 1)).astype(np.float32),
+        rng.integers(0, 3, N).astype(np.int32))
+# C sits inside the per-example norms of this model and data (about 3 to 11
+# at the initial params): some examples are clipped, some are not.
+C, SIGMA, LR = 6.0, 1.0, 0.1
+
+
+def save(name, tree):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    A[name + jax.tree_util.keystr(path)] = np.asarray(leaf)
+
+
+def leaf_names(tree):
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def make_step(grad_fn):
+  @jax.jit
+  def step(state, batch, mask):
+    return state.apply_gradients(grads=grad_fn(state.params, batch, mask))
+  return step
+
+
+def new_state(tx):
+  return train_state.TrainState.create(apply_fn=model.apply, params=params0, tx=tx)
+
+
+def physical_batches(count, size=16, pad=3, seed=5):
+  """Batches of `size` rows of DATA with `pad` padding rows (mask False) at
+  random positions; padding rows hold real, unrelated data, so only the mask
+  keeps them out."""
+  r = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    idx = r.choice(N, size, replace=False)
+    mask = np.ones(size, bool)
+    mask[r.choice(size, pad, replace=False)] = False
+    out.append(((DATA[0][idx], DATA[1][idx]), mask))
+  return out
+
+
+def section_train():
+  """Point 1: 8-device TrainState runs equal 1-device runs."""
+  E = 13
+  res = {}
+  batches = physical_batches(6)
+  # How many real examples of the first batch the clip actually bounds (the
+  # test wants both clipped and unclipped ones).
+  g = jax.jit(optax_dp.per_example_grads(loss_fn))(params0, batches[0][0])
+  norms = np.sqrt(sum(np.sum(np.asarray(l).reshape(16, -1) ** 2, 1) for l in jax.tree.leaves(g)))
+  norms = norms[batches[0][1]]
+  res["clipped_count"] = int(np.sum(norms > C))
+  res["unclipped_count"] = int(np.sum(norms < C))
+  runs = [("vmap", 1), ("auto", 1), ("auto", 2)]
+  for method, k in runs:
+    name = f"{method}_k{k}"
+    def tx():
+      t = optax.chain(optax_dp.dp_aggregate(C, SIGMA, 7, expected_batch_size=E * k),
+                      optax.sgd(LR, momentum=0.9))
+      return optax_dp.dp_accumulate(t, k) if k > 1 else t
+    step8 = make_step(optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh, method=method))
+    step1 = make_step(optax_dp.clipped_grads(loss_fn, C, method=method))
+    s8, s1 = new_state(tx()), new_state(tx())
+    for batch, mask in batches[:3 * k]:
+      b8 = jax.device_put(batch, SHARD)
+      m8 = jax.device_put(mask, SHARD)
+      s8 = step8(s8, b8, m8)
+      s1 = step1(s1, batch, mask)
+    save(f"train/{name}/8", s8.params)
+    save(f"train/{name}/1", s1.params)
+    res[name] = {
+        "steps": [int(s8.step), int(s1.step)],
+        "param_devices": len(jax.tree.leaves(s8.params)[0].sharding.device_set),
+        "moved": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(params0))),
+    }
+    if k == 1:
+      # Point 4: the compiled step of this run, as text.
+      batch, mask = batches[0]
+      hlo = step8.lower(s8, jax.device_put(batch, SHARD), jax.device_put(mask, SHARD)
+                        ).compile().as_text()
+      res[name]["all_reduce_lines"] = [
+          line.strip() for line in hlo.splitlines()
+          if " all-reduce(" in line or "all-reduce-start(" in line]
+  res["leaf_names"] = leaf_names(params0)
+  res["param_shapes"] = [list(np.shape(l)) for l in jax.tree.leaves(params0)]
+  return res
+
+
+def section_per_example():
+  """Point 2: sharded per-example grads equal a loop; the traps; the guard."""
+  res = {"leaf_names": leaf_names(params0)}
+  x, y = DATA[0][:16], DATA[1][:16]
+  grad1 = jax.jit(jax.grad(single_loss))
+  ref = [grad1(params0, (x[i], y[i])) for i in range(16)]
+  save("pe/ref", jax.tree.map(lambda *a: np.stack(a), *ref))
+  b8 = jax.device_put((x, y), SHARD)
+  pe8 = jax.jit(optax_dp.sharded_per_example_grads(loss_fn, mesh=mesh))
+  _, g8 = pe8(params0, b8)
+  save("pe/sharded", g8)
+  res["sharded_devices"] = len(jax.tree.leaves(g8)[0].sharding.device_set)
+  # With padding rows (mask False) on two devices: those rows come back zero.
+  mask = np.ones(16, bool)
+  mask[[3, 12]] = False
+  A["pe/mask"] = mask
+  _, g8m = pe8(params0, b8, jax.device_put(mask, SHARD))
+  save("pe/sharded_masked", g8m)
+  # Trap 1: XLA's partitioner, plain vmap(grad) on a sharded batch.
+  naive = jax.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0)))
+  save("pe/trap1", naive(params0, b8))
+  save("pe/trap1_unsharded", naive(params0, (x, y)))
+  # Trap 2: inside shard_map, vmap(grad) w.r.t. replicated params (no pcast)
+  # versus optax_dp.per_example_grads in the same shard_map.
+  def sm(f):
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P("data")),
+                                 out_specs=P("data")))
+  save("pe/trap2_naive", sm(lambda p, b: jax.vmap(jax.grad(single_loss), in_axes=(None, 0))(p, b))(params0, b8))
+  save("pe/trap2_optax_dp", sm(lambda p, b: optax_dp.per_example_grads(loss_fn)(p, b))(params0, b8))
+  # The guard: the unsharded-API functions on a partitioned batch, under jit
+  # (refused at compile time from a callback, so the error arrives wrapped in
+  # a JaxRuntimeError) and eagerly (a concrete sharded array: ValueError).
+  res["guard"] = {}
+  for name, fn in [("per_example_grads", optax_dp.per_example_grads(loss_fn)),
+                   ("clipped_grads", optax_dp.clipped_grads(loss_fn, C))]:
+    for mode, f in [("jit", jax.jit(fn)), ("eager", fn)]:
+      try:
+        jax.block_until_ready(f(params0, b8))
+        res["guard"][f"{name}/{mode}"] = {"raised": False}
+      except Exception as e:
+        res["guard"][f"{name}/{mode}"] = {
+            "raised": True, "type": type(e).__name__, "message": str(e)}
+  return res
+
+
+def section_noise():
+  """Point 3: zero-gradient examples, noise only: variance and 1-vs-8 equality."""
+  E, sigma, steps = 12, 1.3, 8
+  params = {"a": jnp.zeros((64, 64)), "b": jnp.zeros((1024,))}
+  def const_loss(p, batch):  # constant in p: every per-example gradient is 0
+    x, _ = batch
+    return jnp.mean(x ** 2) + 0.0 * (jnp.sum(p["a"]) + jnp.sum(p["b"]))
+  def run(grad_fn, shard):
+    tx = optax_dp.dp_aggregate(C, sigma, 11, expected_batch_size=E)
+    @jax.jit
+    def step(state, batch, mask):
+      return tx.update(grad_fn(params, batch, mask), state, params)
+    state, outs = tx.init(params), []
+    for batch, mask in physical_batches(steps, seed=9):
+      if shard:
+        batch, mask = jax.device_put((batch, mask), SHARD)
+      out, state = step(state, batch, mask)
+      outs.append(np.concatenate([np.ravel(np.asarray(l)) for l in jax.tree.leaves(out)]))
+    return np.stack(outs), int(state.step)
+  out8, n8 = run(optax_dp.sharded_clipped_grads(const_loss, C, mesh=mesh, method="vmap"), True)
+  out1, n1 = run(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")), False)
+  A["noise/8"], A["noise/1"] = out8, out1
+  return {"E": E, "sigma": sigma, "C": C, "steps": [n8, n1]}
+
+
+def section_sampler():
+  """Point 5: gather_sharded_batch; Poisson batches padded for 8 devices."""
+  E, steps = 12, 3
+  sampler = optax_dp.PoissonSampler(dataset_size=N, expected_batch_size=E)
+  tx = lambda: optax.chain(optax_dp.dp_aggregate(C, SIGMA, 3, expected_batch_size=E),
+                           optax.sgd(LR, momentum=0.9))
+  step8 = make_step(optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh))
+  step1 = make_step(optax_dp.clipped_grads(loss_fn, C))
+  s8, s1 = new_state(tx()), new_state(tx())
+  res = {"gather": []}
+  for t, batch in enumerate(sampler.batches(21, steps=steps)):
+    padded = optax_dp.pad_batch_for_devices(batch, 8)
+    (xs, ys), mask = optax_dp.gather_sharded_batch(DATA, padded, SHARD)
+    want_x, want_y = optax_dp.gather_batch(DATA, padded)
+    res["gather"].append({
+        "x_equal": bool(np.array_equal(np.asarray(xs), want_x)),
+        "y_equal": bool(np.array_equal(np.asarray(ys), want_y)),
+        "mask_equal": bool(np.array_equal(np.asarray(mask), padded.mask)),
+        "sharding_ok": all(a.sharding == SHARD for a in (xs, ys, mask)),
+        "sharding": str(xs.sharding),
+        "sizes": [len(batch.indices), len(padded.indices), int(batch.mask.sum())],
+    })
+    s8 = step8(s8, (xs, ys), mask)
+    s1 = step1(s1, optax_dp.gather_batch(DATA, batch), batch.mask)
+  save("sampler/8", s8.params)
+  save("sampler/1", s1.params)
+  res["steps"] = [int(s8.step), int(s1.step)]
+  res["moved"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(params0)))
+  res["leaf_names"] = leaf_names(params0)
+  return res
+
+
+def section_divisible():
+  """Point 6: a batch of 12 rows on 8 devices is refused."""
+  res = {}
+  batch = (DATA[0][:12], DATA[1][:12])
+  fns = {"sharded_clipped_grads": optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh),
+         "sharded_per_example_grads": optax_dp.sharded_per_example_grads(loss_fn, mesh=mesh)}
+  for name, fn in fns.items():
+    for jit in (False, True):
+      try:
+        (jax.jit(fn) if jit else fn)(params0, batch)
+        res[f"{name}/jit={jit}"] = {"raised": False}
+      except Exception as e:
+        res[f"{name}/jit={jit}"] = {"raised": True, "type": type(e).__name__, "message": str(e)}
+  return res
+
+
+for name in SECTIONS:
+  t0 = time.time()
+  try:
+    R[name] = globals()["section_" + name]()
+  except Exception:
+    R[name] = {"error": traceback.format_exc()}
+  R[name]["seconds"] = time.time() - t0
+  with open(os.path.join(OUT, "results.json"), "w") as f:
+    json.dump(R, f)
+  np.savez(os.path.join(OUT, "arrays.npz"), **A)
+'''
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """Runs `_SCRIPT` once with 8 CPU devices; returns (json results, arrays)."""
+  out = tmp_path_factory.mktemp("multi_device")
+  script = out / "multi_device_script.py"
+  script.write_text(_SCRIPT)
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(_REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  proc = subprocess.run([sys.executable, str(script), str(out), ",".join(_SECTIONS)],
+                        capture_output=True, text=True, timeout=900, cwd=out, env=env)
+  if proc.returncode != 0 or not (out / "results.json").exists():
+    pytest.fail(f"the 8-device subprocess failed (rc {proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+  data = json.loads((out / "results.json").read_text())
+  with np.load(out / "arrays.npz") as npz:
+    arrays = dict(npz)
+  return data, arrays
+
+
+def _section(results, name):
+  data, arrays = results
+  section = data.get(name)
+  if section is None:
+    pytest.fail(f"the 8-device script did not run section {name!r}")
+  if "error" in section:
+    pytest.fail(f"section {name!r} raised in the 8-device process:\n{section['error']}")
+  return section, arrays
+
+
+def _leaves(arrays, prefix, names):
+  return [arrays[prefix + n] for n in names]
+
+
+# Float tolerance of "8 devices == 1 device" (points 1 and 5). The two runs add
+# bitwise the same noise (same key, same step; checked in point 3), so they
+# differ only in float32 rounding: the clipped sum is added up in another
+# order (8 local sums of 2 rows, then the psum, against one sum of 16 rows),
+# and XLA vectorises the per-example conv/dense over 2 rows instead of 16.
+# Both are relative errors of order B * eps_f32 ~ 16 * 6e-8 ~ 1e-6 of the
+# clipped sum, which reach the parameters scaled by lr / E = 0.1 / 13 (times
+# at most 1 + 0.9 + 0.81 for momentum over 3 steps): ~1e-8 absolute on
+# parameters of size ~0.01 to 0.7 (measured: <= 3e-8). rtol 1e-5 / atol 1e-6
+# leaves a margin of >= 30x, yet any mechanism error is far above it: one
+# example dropped, duplicated, or a padding row let in moves the clipped sum
+# by a whole per-example gradient (norm >= 2.9 here, so some coordinate
+# >= 2.9 / sqrt(475 parameters) ~ 0.13), the parameters by >= 1e-3.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _assert_same_params(got, want, names):
+  for name, g, w in zip(names, got, want):
+    np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+# ---------------------------------------------------------------- point 1
+
+
+@pytest.mark.parametrize("run", ["vmap_k1", "auto_k1", "auto_k2"])
+def test_point1_8_device_trainstate_steps_equal_1_device(results, run):
+  """3 (logical) TrainState steps of chain(dp_aggregate(sigma=1), sgd(momentum
+  0.9)) on 16-row batches with 3 padding rows each: sharded_clipped_grads on 8
+  devices == clipped_grads on 1 device. `auto_k2`: dp_accumulate with k=2,
+  fed the 8-device clipped sums of 6 physical batches."""
+  train, arrays = _section(results, "train")
+  names = train["leaf_names"]
+  # The clip is active and not everywhere: both kinds of example are present.
+  assert train["clipped_count"] >= 1 and train["unclipped_count"] >= 1, train
+  info = train[run]
+  steps = 6 if run.endswith("k2") else 3
+  assert info["steps"] == [steps, steps]
+  assert info["param_devices"] == 8          # the 8-device run ran on 8 devices
+  assert info["moved"] > 1e-2                # training moved the parameters
+  _assert_same_params(_leaves(arrays, f"train/{run}/8", names),
+                      _leaves(arrays, f"train/{run}/1", names), names)
+
+
+# ---------------------------------------------------------------- point 2
+
+# Per-example gradients: the sharded ones and the loop's differ by float32
+# rounding of the same conv/dense arithmetic batched differently (measured
+# ~2e-7 of the leaf's largest entry); 1e-5 of each leaf's largest entry is a
+# 50x margin. The traps are wrong by O(1) of that scale (measured 0.76 and
+# 1.5 to 3.4): "large" below means > 0.1.
+PE_RTOL = 1e-5
+LARGE = 0.1
+
+
+def _rel_err(got, ref):
+  return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+
+
+def test_point2_sharded_per_example_grads_equal_single_example_loop(results):
+  pe, arrays = _section(results, "per_example")
+  names = pe["leaf_names"]
+  assert pe["sharded_devices"] == 8
+  mask = arrays["pe/mask"]
+  assert not mask.all()
+  for name, got, masked, ref in zip(names, _leaves(arrays, "pe/sharded", names),
+                                    _leaves(arrays, "pe/sharded_masked", names),
+                                    _leaves(arrays, "pe/ref", names)):
+    assert got.shape == ref.shape and ref.shape[0] == 16
+    scale = np.max(np.abs(ref))
+    np.testing.assert_allclose(got, ref, rtol=PE_RTOL, atol=PE_RTOL * scale, err_msg=name)
+    np.testing.assert_array_equal(masked[~mask], 0.0, err_msg=name)
+    np.testing.assert_allclose(masked[mask], ref[mask], rtol=PE_RTOL,
+                               atol=PE_RTOL * scale, err_msg=name)
+
+
+def test_point2_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(results):
+  """jit(vmap(grad(loss))) on a batch placed with NamedSharding(mesh, P("data"))
+  gets the conv kernel's per-example gradients wrong; the same function on an
+  unsharded batch, and every other leaf, are right. This is why optax_dp does
+  per-example work inside shard_map and refuses partitioned batches."""
+  pe, arrays = _section(results, "per_example")
+  names = pe["leaf_names"]
+  kernel = "['Conv_0']['kernel']"
+  assert kernel in names
+  ref = {n: arrays["pe/ref" + n] for n in names}
+  for n in names:   # unsharded: the naive function itself is right
+    np.testing.assert_allclose(arrays["pe/trap1_unsharded" + n], ref[n], rtol=PE_RTOL,
+                               atol=PE_RTOL * np.max(np.abs(ref[n])), err_msg=n)
+  err = _rel_err(arrays["pe/trap1" + kernel], ref[kernel])
+  if err <= 1e-3:
+    pytest.skip(
+        f"trap 1 no longer reproduces in this jax (conv kernel per-example "
+        f"gradient error {err:.2g} of its scale under XLA's partitioner, was "
+        "0.76 in jax 0.10.2): XLA may have fixed it. The guard in "
+        "optax_dp/_devices.py and docs/multi_device.md may then be relaxed.")
+  assert err > LARGE, err
+
+
+def test_point2_trap2_vmap_grad_in_shard_map_needs_pcast(results):
+  """Inside shard_map, vmap(grad) w.r.t. replicated params (no pcast) sums the
+  cotangents across devices: wrong per-example gradients. per_example_grads
+  in the same shard_map casts the params to varying and is right."""
+  pe, arrays = _section(results, "per_example")
+  names = pe["leaf_names"]
+  naive = [_rel_err(arrays["pe/trap2_naive" + n], arrays["pe/ref" + n]) for n in names]
+  assert min(naive) > LARGE, dict(zip(names, naive))
+  for n in names:
+    ref = arrays["pe/ref" + n]
+    np.testing.assert_allclose(arrays["pe/trap2_optax_dp" + n], ref, rtol=PE_RTOL,
+                               atol=PE_RTOL * np.max(np.abs(ref)), err_msg=n)
+
+
+@pytest.mark.parametrize("mode", ["jit", "eager"])
+@pytest.mark.parametrize("fn", ["per_example_grads", "clipped_grads"])
+def test_point2_guard_refuses_a_partitioned_batch(results, fn, mode):
+  """optax_dp.<fn>(loss_fn) on a batch placed with NamedSharding(mesh,
+  P("data")) raises: under jax.jit at compile time (from the
+  inspect_array_sharding callback; JAX wraps it in a JaxRuntimeError, so only
+  the text is matched), eagerly a ValueError."""
+  pe, _ = _section(results, "per_example")
+  guard = pe["guard"][f"{fn}/{mode}"]
+  assert guard["raised"], f"{fn} ({mode}) ran on a batch partitioned by XLA"
+  if mode == "eager":
+    assert guard["type"] == "ValueError", guard["type"]
+  assert "partitioner" in guard["message"], guard["message"][:2000]
+  assert "sharded_clipped_grads" in guard["message"]       # it says what to use
+
+
+# ---------------------------------------------------------------- point 3
+
+
+def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
+  """Zero-gradient examples (a loss constant in the params), so the update of
+  dp_aggregate is pure noise / E. With noise std sigma*C on the sum,
+  z = update * E / (sigma * C) should be i.i.d. N(0, 1) over the n = 5120
+  coordinates x 8 steps = 40960 values, so S = sum z^2 ~ chi2(n) (the exact
+  distribution, not a normal approximation). Accept iff S lies between the
+  5e-7 and 1 - 5e-7 quantiles: false alarm 1e-6 in total. Noise added on
+  each of the 8 devices and summed would make S ~ 8 n (and the same noise
+  summed 8 times 64 n), no noise S = 0: both far outside the band (its half
+  width is ~5 sqrt(2 n) ~ 1.4e3, i.e. 3.5% of n)."""
+  noise, arrays = _section(results, "noise")
+  out8, out1 = arrays["noise/8"], arrays["noise/1"]
+  assert noise["steps"] == [8, 8]
+  assert out8.shape == (8, 5120)
+  z = out8.astype(np.float64) * noise["E"] / (noise["sigma"] * noise["C"])
+  n = z.size
+  s = float(np.sum(z * z))
+  lo, hi = stats.chi2.ppf(5e-7, n), stats.chi2.isf(5e-7, n)
+  assert lo < s < hi, (s / n, lo / n, hi / n)
+  assert lo > 0.5 * n and hi < 2 * n       # the band rejects 8x (and 0)
+  # Steps draw fresh noise (not the same vector every step).
+  assert not np.array_equal(out8[0], out8[1])
+  # Same key, same step: the 8-device noise is the 1-device noise, bit for bit.
+  np.testing.assert_array_equal(out8, out1)
+
+
+# ---------------------------------------------------------------- point 4
+
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def _all_reduce_shapes(line):
+  """The shapes an all-reduce carries: the result type, i.e. the text between
+  '= ' and the op name ('(f32[4]{0}, f32[3,3,1,4]{3,2,1,0}, f32[])')."""
+  result_type = re.split(r" all-reduce(?:-start)?\(", line.split(" = ", 1)[1])[0]
+  return [(dtype, tuple(int(d) for d in dims.split(",") if d))
+          for dtype, dims in _SHAPE.findall(result_type)]
+
+
+def test_all_reduce_shape_parser():
+  line = ("%all-reduce.1 = (f32[4]{0}, f32[3,3,1,4]{3,2,1,0}, f32[]) "
+          "all-reduce(%a, %b, %c), channel_id=1, replica_groups={{0,1}}")
+  assert _all_reduce_shapes(line) == [("f32", (4,)), ("f32", (3, 3, 1, 4)), ("f32", ())]
+
+
+@pytest.mark.parametrize("run", ["vmap_k1", "auto_k1"])
+def test_point4_compiled_step_has_one_all_reduce_of_all_parameters(results, run):
+  """The compiled 8-device train step (sharded_clipped_grads + dp_aggregate +
+  sgd with momentum, in TrainState.apply_gradients) communicates once: one
+  all-reduce, whose operands are every parameter leaf's clipped sum (plus
+  the scalar count of non-finite examples), and nothing else."""
+  train, _ = _section(results, "train")
+  lines = train[run]["all_reduce_lines"]
+  assert len(lines) == 1, lines
+  shapes = _all_reduce_shapes(lines[0])
+  params = Counter(("f32", tuple(s)) for s in train["param_shapes"])
+  carried = Counter(shapes)
+  assert not params - carried, (lines[0], train["param_shapes"])   # all leaves
+  assert all(dims == () for _, dims in (carried - params).elements()), lines[0]
+
+
+# ---------------------------------------------------------------- point 5
+
+
+def _padded_batches():
+  """Sampled batches of several shapes, including accumulation chunks (whose
+  later chunks may be all padding) and a batch needing no padding."""
+  samplers = [
+      (optax_dp.PoissonSampler(dataset_size=200, expected_batch_size=30), 1),
+      (optax_dp.PoissonSampler(dataset_size=200, expected_batch_size=30,
+                               pad_to_multiple_of=5), 1),
+      (optax_dp.PoissonSampler(dataset_size=64, expected_batch_size=12), 3),
+      (optax_dp.FixedBatchSampler(dataset_size=100, batch_size=24), 1),
+  ]
+  for sampler, k in samplers:
+    yield from sampler.batches(4, steps=5, accumulation_steps=k)
+
+
+@pytest.mark.parametrize("devices", [8, 3, 1])
+def test_point5_pad_batch_for_devices_keeps_examples_and_spreads_them(devices):
+  """Same real indices (as a multiset), length the next multiple of the
+  device count, padding rows are (-1, False), and each device's contiguous
+  slice (what PartitionSpec("data") gives it) has the same number of real
+  examples up to 1. numpy only: runs in the pytest process."""
+  checked = 0
+  for batch in _padded_batches():
+    padded = optax_dp.pad_batch_for_devices(batch, devices)
+    size = len(batch.indices)
+    assert len(padded.indices) == len(padded.mask) == math.ceil(size / devices) * devices
+    assert len(padded.indices) % devices == 0
+    assert Counter(padded.indices[padded.mask].tolist()) == Counter(
+        batch.indices[batch.mask].tolist())
+    assert padded.mask.sum() == batch.mask.sum()
+    assert np.all(padded.indices[~padded.mask] == -1)
+    per_device = padded.mask.reshape(devices, -1).sum(axis=1)
+    assert per_device.max() - per_device.min() <= 1, per_device
+    checked += 1
+  assert checked == 5 + 5 + 15 + 5
+
+
+def test_point5_gather_sharded_batch_equals_gather_batch(results):
+  """On 8 devices, for 3 Poisson batches padded with pad_batch_for_devices:
+  gather_sharded_batch returns gather_batch's rows and the batch's mask,
+  placed with the requested NamedSharding(mesh, P("data"))."""
+  sampler, _ = _section(results, "sampler")
+  assert len(sampler["gather"]) == 3
+  for g in sampler["gather"]:
+    assert g["x_equal"] and g["y_equal"] and g["mask_equal"], g
+    assert g["sharding_ok"], g["sharding"]
+    raw, padded, real = g["sizes"]
+    assert padded % 8 == 0 and padded >= raw > real   # padding really happened
+
+
+def test_point5_poisson_batches_padded_for_8_devices_train_like_1_device(results):
+  """3 steps on 8 devices (Poisson batches padded to 40 rows, interleaved,
+  loaded with gather_sharded_batch) == 3 steps on 1 device with the
+  sampler's unpadded 38-row batches (same key): padding and row order do not
+  change the mechanism. Tolerance: see RTOL above."""
+  sampler, arrays = _section(results, "sampler")
+  names = sampler["leaf_names"]
+  assert sampler["steps"] == [3, 3]
+  assert sampler["moved"] > 1e-2
+  _assert_same_params(_leaves(arrays, "sampler/8", names),
+                      _leaves(arrays, "sampler/1", names), names)
+
+
+# ---------------------------------------------------------------- point 6
+
+
+@pytest.mark.parametrize("fn", ["sharded_clipped_grads", "sharded_per_example_grads"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_point6_batch_not_multiple_of_devices_is_refused(results, fn, jit):
+  divisible, _ = _section(results, "divisible")
+  outcome = divisible[f"{fn}/jit={jit}"]
+  assert outcome["raised"], f"{fn} accepted a 12-row batch on 8 devices"
+  assert outcome["type"] == "ValueError", outcome
+  assert "pad_batch_for_devices" in outcome["message"], outcome["message"]
