@@ -124,9 +124,12 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
     nonfinite = state.nonfinite_examples + updates.nonfinite_examples
 
     def release(_):
+      # batch_size=None: the logical batch's size is not a static public
+      # constant (physical shapes may vary with padding), so dp_aggregate must
+      # normalise by its expected_batch_size (or budget), and refuses otherwise.
       logical = _clipped.ClippedGrads(
           clipped_sum=acc, nonfinite_examples=nonfinite,
-          l2_norm_clip=updates.l2_norm_clip, batch_size=updates.batch_size * k)
+          l2_norm_clip=updates.l2_norm_clip, batch_size=None)
       out, inner = tx.update(logical, state.inner_state, params)
       return (out, inner, jax.tree.map(jnp.zeros_like, acc),
               jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))

@@ -392,6 +392,11 @@ def dp_aggregate(
     ok = guard(state)
     noise_key = jax.random.wrap_key_data(jnp.asarray(state.noise_key), impl=key_impl)
     noised, _ = add_gaussian_noise(summed, noise_key, noise_std)
+    if expected_batch_size is None and batch_size is None:
+      raise ValueError(
+          "dp_aggregate under dp_accumulate needs expected_batch_size= (the "
+          "expected LOGICAL batch size, a public constant) or budget=: the "
+          "accumulated batch has no static size to fall back on.")
     normaliser = (expected_batch_size or batch_size) * rescale
     out = jax.tree.map(
         lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)

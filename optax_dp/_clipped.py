@@ -29,12 +29,13 @@ class ClippedGrads:
     nonfinite_examples: int32 scalar, examples dropped for a non-finite
       gradient (debugging aid; data-dependent, do not publish).
     l2_norm_clip: the clip norm C used (static).
-    batch_size: the static number of rows B, padding included (static).
+    batch_size: the static number of rows B, padding included (static); None
+      for a logical batch accumulated by `dp_accumulate` (no static size).
   """
   clipped_sum: Any
   nonfinite_examples: Any
   l2_norm_clip: float
-  batch_size: int
+  batch_size: Optional[int]
 
   def __contains__(self, key) -> bool:
     # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
@@ -266,8 +267,11 @@ def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
     total, count = carry
     return (jax.tree.map(jnp.add, total, summed), count + nonfinite), values
 
+  # The running total is in the clipped sums' dtype (float32 or wider), not
+  # the params' (a bfloat16 carry would not match the chunks' float32 sums).
   init = _devices.make_varying(
-      (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32)),
+      (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _aggregate._compute_dtype(p.dtype)),  # pylint: disable=protected-access
+                    params), jnp.zeros((), jnp.int32)),
       _devices.varying_axes(batch))
   (summed, nonfinite), values = jax.lax.scan(body, init, (chunks, mask_chunks))
   values = jax.tree.map(lambda v: v.reshape((padded,) + v.shape[2:])[:batch_size], values)

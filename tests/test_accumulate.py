@@ -344,3 +344,17 @@ def test_clip_and_sum_is_dp_aggregate_clipping():
 def test_bad_accumulation_steps_raise(k):
   with pytest.raises(ValueError, match="accumulation_steps"):
     optax_dp.dp_accumulate(_inner(0, 8), k)
+
+
+def test_accumulated_batch_needs_a_public_normaliser():
+  # Physical chunks may have different (padded) sizes, so "k times the last
+  # chunk's size" is not a public constant: without expected_batch_size (or a
+  # budget) it is refused, already at the first physical batch (the release
+  # branch is traced then), eagerly and under jit.
+  params = {"w": jnp.zeros((3,))}
+  inner = optax.chain(optax_dp.dp_aggregate(1.0, 1.0, 0), optax.sgd(0.1))
+  tx = optax_dp.dp_accumulate(inner, 2)
+  chunk = optax_dp.clip_and_sum({"w": jnp.ones((4, 3))}, 1.0)
+  for update in (tx.update, jax.jit(tx.update)):
+    with pytest.raises(ValueError, match="expected_batch_size"):
+      update(chunk, tx.init(params), params)
