@@ -22,6 +22,7 @@ import optax
 from optax_dp import _aggregate
 from optax_dp import _checks
 from optax_dp import _clipped
+from optax_dp import _clipping
 
 
 class DPAccumulateState(NamedTuple):
@@ -53,13 +54,12 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float
   For the fast path that never materialises per-example gradients, use
   `optax_dp.clipped_grads`.
   """
-  l2_norm_clip = _aggregate._check_positive_finite("l2_norm_clip", l2_norm_clip)  # pylint: disable=protected-access
+  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
   batch_size = _aggregate.batch_size_of(per_example_grads)
-  sq_norms = _aggregate.per_example_sq_norms(per_example_grads)
-  factors = _aggregate.clip_factors(sq_norms, l2_norm_clip)
+  summed, _, nonfinite = _clipping.clip_and_sum_rows(per_example_grads, l2_norm_clip)
   return _clipped.ClippedGrads(
-      clipped_sum=_aggregate.clipped_sum(per_example_grads, factors),
-      nonfinite_examples=jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32),
+      clipped_sum=summed,
+      nonfinite_examples=nonfinite,
       l2_norm_clip=l2_norm_clip,
       batch_size=batch_size)
 
@@ -104,7 +104,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
 
   def init_fn(params):
     acc = jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), _aggregate._compute_dtype(jnp.result_type(p))),  # pylint: disable=protected-access
+        lambda p: jnp.zeros(jnp.shape(p), _clipping.compute_dtype(_clipping.leaf_dtype(p))),
         params)
     return DPAccumulateState(micro_step=jnp.zeros([], jnp.int32), clipped_sum=acc,
                              nonfinite_examples=jnp.zeros([], jnp.int32),

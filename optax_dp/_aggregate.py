@@ -15,11 +15,14 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_dp import _budget
 from optax_dp import _checks
 from optax_dp import _clipped
+from optax_dp import _clipping
+from optax_dp import _composition
 from optax_dp import _keys
 
 
@@ -49,17 +52,7 @@ class DPAggregateState(NamedTuple):
   nonfinite_examples: jax.Array
 
 
-def _check_positive_finite(name: str, value: Any) -> float:
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number, got {value!r}.") from None
-  if not math.isfinite(value) or value <= 0:
-    raise ValueError(
-        f"{name} must be a finite number > 0, got {value}. It bounds each "
-        "example's influence: pick the scale of typical gradient norms "
-        "(e.g. 0.1 to 1.0).")
-  return value
+_check_positive_finite = _checks.check_positive_finite
 
 
 def _check_noise_multiplier(noise_multiplier: Any) -> float:
@@ -81,9 +74,30 @@ def _check_noise_multiplier(noise_multiplier: Any) -> float:
   return noise_multiplier
 
 
+def _refuse_traced(**privacy_args: Any) -> None:
+  """ValueError if a privacy parameter is a tracer (built inside a trace)."""
+  for name, value in privacy_args.items():
+    if isinstance(value, jax.core.Tracer):
+      raise ValueError(
+          f"dp_aggregate: {name} is a traced value ({type(value).__name__}): the "
+          "transform is being built inside jax.jit, typically by "
+          "optax.inject_hyperparams, which turns numeric arguments into "
+          "optimizer-state arrays. The privacy parameters must be fixed Python "
+          "values when the transform is built (the noise and the accounting "
+          "depend on them). Pass them as static arguments: "
+          "optax.inject_hyperparams(optax_dp.dpsgd, static_args=('l2_norm_clip', "
+          "'noise_multiplier', 'key', 'expected_batch_size'))(learning_rate=..., "
+          "...); the learning rate and momentum can stay injected.")
+
+
 def _check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
   if expected_batch_size is None:
     return None
+  if (isinstance(expected_batch_size, (jax.Array, np.ndarray))
+      and expected_batch_size.shape == ()
+      and jnp.issubdtype(expected_batch_size.dtype, jnp.integer)):
+    # A concrete integer array (optax.inject_hyperparams stores ints so).
+    expected_batch_size = int(expected_batch_size)
   if (isinstance(expected_batch_size, bool)
       or not isinstance(expected_batch_size, numbers.Real)
       or expected_batch_size != int(expected_batch_size)
@@ -132,7 +146,9 @@ def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
   """
   leaves = jax.tree.leaves(per_example_grads)
   if not leaves:
-    raise ValueError("dp_aggregate got an empty gradient tree.")
+    hint = (" If it came from nnx.Optimizer.update with a ClippedGrads: "
+            + _NNX_STRIPPED) if _is_nnx_state(per_example_grads) else ""
+    raise ValueError("dp_aggregate got an empty gradient tree." + hint)
   dims = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(per_example_grads)[0]:
     shape = jnp.shape(leaf)
@@ -153,10 +169,89 @@ def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
   return sizes.pop()
 
 
+def _check_composition(updates) -> None:
+  """Refuses the optax wrappers that break the contract around dp_aggregate."""
+  refusal = _composition.refusal_for_caller("dp_aggregate")
+  if refusal is None and _composition.contains_masked_node(updates):
+    refusal = _composition.masked_refusal("dp_aggregate")
+  if refusal is not None:
+    raise ValueError(refusal)
+
+
+def _is_nnx_state(tree) -> bool:
+  return type(tree).__module__.startswith("flax.nnx")
+
+
+_NNX_STRIPPED = (
+    "nnx.Optimizer.update(model, grads) stripped the ClippedGrads to a plain "
+    "nnx.State of its arrays (it calls nnx.state(grads, wrt)), losing the clip "
+    "norm and the batch size dp_aggregate needs. Until NNX is supported "
+    "natively, either pass per-example gradients (optax_dp.per_example_grads, "
+    "which nnx.Optimizer passes through intact), or update by hand: params = "
+    "nnx.state(model, nnx.Param); updates, opt_state = tx.update(clipped, "
+    "opt_state, params); nnx.update(model, optax.apply_updates(params, "
+    "updates)).")
+
+
+def _has_clipped_sum_key(tree) -> bool:
+  try:
+    return "clipped_sum" in tree.keys()
+  except (AttributeError, TypeError):
+    return False
+
+
+def _refuse_params_shaped(updates, params) -> None:
+  """ValueError if `updates` is not per-example but a stripped or averaged tree.
+
+  A tree shaped exactly like `params` (no batch axis) is either batch-averaged
+  gradients or the arrays of a `ClippedGrads` whose wrapper was stripped on
+  the way here (a tree_map, nnx.Optimizer); an nnx.State with a
+  `clipped_sum` entry is a `ClippedGrads` that `nnx.state` flattened. The
+  message says what happened and what to do.
+  """
+  if _is_nnx_state(updates) and _has_clipped_sum_key(updates):
+    raise ValueError(
+        "dp_aggregate got an nnx.State holding 'clipped_sum': a ClippedGrads "
+        "from optax_dp.clipped_grads that nnx turned into a State. " + _NNX_STRIPPED)
+  if params is None:
+    return
+  if jax.tree.structure(updates) != jax.tree.structure(params) or any(
+      jnp.shape(u) != jnp.shape(p)
+      for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))):
+    return
+  if _is_nnx_state(updates):
+    origin = (
+        "It is an nnx.State: if it came from optax_dp.clipped_grads, "
+        + _NNX_STRIPPED + " If it came from nnx.grad, those are batch-averaged "
+        "gradients: use per-example gradients instead.")
+  else:
+    origin = (
+        "Either (a) they are ordinary batch-averaged gradients (jax.grad of the "
+        "mean loss), which clipping cannot make private: compute the clipped sum "
+        "with optax_dp.clipped_grads(loss_fn, l2_norm_clip) or per-example "
+        "gradients with optax_dp.per_example_grads(loss_fn); or (b) they are "
+        "the arrays of a ClippedGrads from clipped_grads whose wrapper was "
+        "removed on the way here (a jax.tree.map or tree_util round trip over "
+        "the gradients, an nnx.state, a wrapper that rebuilds the tree): pass "
+        "the ClippedGrads to tx.update unchanged, and accumulate with "
+        "optax_dp.dp_accumulate.")
+  raise ValueError(
+      "dp_aggregate got gradients shaped exactly like the parameters, with no "
+      "batch axis: not per-example gradients, and not a ClippedGrads. " + origin)
+
+
 def _check_against_params(per_example_grads, params) -> None:
   """Checks per-example grads have shape (B, *param.shape) for every param."""
   g_def = jax.tree.structure(per_example_grads)
   p_def = jax.tree.structure(params)
+  if g_def != p_def and isinstance(params, optax.LookaheadParams):
+    raise ValueError(
+        "dp_aggregate got optax.LookaheadParams as params: it runs inside "
+        "optax.chain after optax.lookahead's params were handed to the chain. "
+        "optax.lookahead must wrap the whole DP optimizer, so that the DP step "
+        "sees the fast params: optax.lookahead(optax.chain(optax_dp."
+        "dp_aggregate(...), optax.sgd(...)), sync_period, slow_step_size) "
+        "(or optax.lookahead(optax_dp.dpsgd(...), ...)).")
   if g_def != p_def:
     raise ValueError(
         "dp_aggregate: the gradient tree does not match the params tree "
@@ -172,71 +267,14 @@ def _check_against_params(per_example_grads, params) -> None:
           "dp_aggregate first in optax.chain.")
 
 
-def _compute_dtype(dtype) -> jnp.dtype:
-  """Clipping, summing and noise run in at least float32 (see bf16 note)."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def per_example_sq_norms(per_example_grads: chex.ArrayTree) -> jax.Array:
-  """Squared global L2 norm of each example's gradient, in float32 or wider."""
-  sq = [jnp.sum(jnp.square(g.astype(_compute_dtype(g.dtype))),
-                axis=tuple(range(1, g.ndim))).astype(jnp.float32)
-        for g in jax.tree.leaves(per_example_grads)]
-  return sum(sq[1:], sq[0])
-
-
-def clip_factors(sq_norms: jax.Array, l2_norm_clip: float) -> jax.Array:
-  """Per-example scale factors `min(1, C / ||g_i||)`, 0 for non-finite norms.
-
-  An example whose squared norm is NaN or inf contributes nothing: its factor is
-  0 (and `clipped_sum` replaces its gradient by zeros so that 0 * NaN cannot
-  poison the sum). Dropping an example is within the sensitivity bound, so the
-  privacy guarantee is unchanged; a NaN in the output would instead reveal that
-  some example produced one.
-  """
-  finite = jnp.isfinite(sq_norms)
-  norms = jnp.sqrt(jnp.where(finite, sq_norms, 0.0))
-  tiny = jnp.finfo(jnp.float32).tiny
-  factors = jnp.minimum(1.0, l2_norm_clip / jnp.maximum(norms, tiny))
-  return jnp.where(finite, factors, 0.0)
-
-
-def clipped_sum(per_example_grads: chex.ArrayTree, factors: jax.Array) -> chex.ArrayTree:
-  """`sum_i factors[i] * g_i` per leaf, in the compute dtype.
-
-  Rows with factor 0 (non-finite examples) are replaced by zeros first, so that
-  0 * NaN cannot poison the sum. The `where` fuses into the producer of the
-  per-example gradients; a `lax.cond` around the whole tree instead made XLA
-  materialise the largest per-example gradient twice (measured in benchmarks/).
-  """
-
-  def weighted_sum(g):
-    ct = _compute_dtype(g.dtype)
-    keep = (factors > 0).reshape((-1,) + (1,) * (g.ndim - 1))
-    g = jnp.where(keep, g.astype(ct), jnp.zeros((), ct))
-    return jnp.tensordot(factors.astype(ct), g, axes=1)
-
-  return jax.tree.map(weighted_sum, per_example_grads)
-
-
-def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
-                       ) -> tuple[chex.ArrayTree, jax.Array]:
-  """Adds independent N(0, stddev^2) to every coordinate of `tree`.
-
-  Splits `key` into one subkey per leaf plus the key to carry forward, so no
-  two leaves and no two steps share noise (the mistake of jax#3646). Noise is
-  drawn in the leaf's compute dtype (float32 or wider).
-
-  Returns:
-    (noised tree, next key).
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves) + 1)
-  if stddev == 0:
-    return tree, keys[0]
-  noised = [leaf + stddev * jax.random.normal(k, leaf.shape, leaf.dtype)
-            for leaf, k in zip(leaves, keys[1:])]
-  return jax.tree.unflatten(treedef, noised), keys[0]
+# The numeric rules live in _clipping (one home); these names stay importable
+# from here for the callers and tests that reach them through this module.
+compute_dtype = _clipping.compute_dtype
+per_example_sq_norms = _clipping.per_example_sq_norms
+clip_factors = _clipping.clip_factors
+clipped_sum = _clipping.clipped_sum
+add_gaussian_noise = _clipping.add_gaussian_noise
+_compute_dtype = _clipping.compute_dtype
 
 
 def dp_aggregate(
@@ -303,9 +341,10 @@ def dp_aggregate(
       `uint32[2]` key (the same noise as `jax.random.wrap_key_data` of it), or
       an int seed (the same noise as `jax.random.key(seed)`). Use a key that
       nothing else uses, and keep it secret: whoever knows it can regenerate
-      the noise. Building a second noisy `dp_aggregate` from the same key in
-      one process warns (`NoiseKeyReuseWarning`, a `UserWarning`): both would
-      add identical noise, which cancels in the difference of their outputs.
+      the noise. Two live noisy transforms that release from the same key
+      warn (`NoiseKeyReuseWarning`, a `UserWarning`): both add identical
+      noise, which cancels in the difference of their outputs. A rebuild that
+      replaces a transform (the old one discarded) does not warn.
     expected_batch_size: the public normaliser; see above. Omit it when
       passing `budget` (the budget's sampler fixes it).
     rescale_to_unit_norm: also divide the result by `l2_norm_clip`, as if each
@@ -324,6 +363,8 @@ def dp_aggregate(
       `expected_batch_size`; at update time, for gradients without a common
       leading batch axis or whose shapes do not match `params`.
   """
+  _refuse_traced(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+                 key=key, expected_batch_size=expected_batch_size)
   l2_norm_clip = _check_positive_finite("l2_norm_clip", l2_norm_clip)
   noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
       noise_multiplier, expected_batch_size, budget, allow_budget_overrun)
@@ -333,17 +374,16 @@ def dp_aggregate(
     raise ValueError(
         "dp_aggregate needs key=: the PRNG key of the noise (a jax.random.key or "
         "an int seed that nothing else uses).")
-  key = _keys.as_typed_key(key)
+  with jax.ensure_compile_time_eval():  # concrete even when built inside jit
+    key = _keys.as_typed_key(key)
   key_impl = jax.random.key_impl(key)
   noise_std = noise_multiplier * l2_norm_clip
   rescale = l2_norm_clip if rescale_to_unit_norm else 1.0
-  if noise_std > 0:
-    # Warns (NoiseKeyReuseWarning) if another noisy dp_aggregate of this
-    # process was built from the same key: the two would add identical noise,
-    # which cancels in the difference of their outputs. See _keys.py.
-    _keys.register_noise_key(
-        key, f"dp_aggregate(l2_norm_clip={l2_norm_clip:g}, "
-        f"noise_multiplier={noise_multiplier:g})", stacklevel=2)
+  # NoiseKeyReuseWarning if another live transform built from this key has
+  # released updates when this one releases (see _keys.py for the rule).
+  stream = (_keys.noise_stream(key, f"dp_aggregate(l2_norm_clip={l2_norm_clip:g}, "
+                               f"noise_multiplier={noise_multiplier:g})")
+            if noise_std > 0 else None)
 
   def key_data_at(step):
     return jax.random.key_data(jax.random.fold_in(key, step))
@@ -378,16 +418,17 @@ def dp_aggregate(
     return ok
 
   def update_fn(updates, state, params=None):
+    if stream is not None:
+      _keys.note_release(stream, stacklevel=2)
+    _check_composition(updates)
     if isinstance(updates, _clipped.ClippedGrads):
       summed, num_nonfinite, batch_size, dtypes = _from_clipped(updates, params)
     else:
+      _refuse_params_shaped(updates, params)
       batch_size = batch_size_of(updates)
       if params is not None:
         _check_against_params(updates, params)
-      sq_norms = per_example_sq_norms(updates)
-      factors = clip_factors(sq_norms, l2_norm_clip)
-      num_nonfinite = jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32)
-      summed = clipped_sum(updates, factors)
+      summed, _, num_nonfinite = _clipping.clip_and_sum_rows(updates, l2_norm_clip)
       dtypes = jax.tree.map(lambda g: g.dtype, updates)
     ok = guard(state)
     noise_key = jax.random.wrap_key_data(jnp.asarray(state.noise_key), impl=key_impl)
@@ -408,7 +449,9 @@ def dp_aggregate(
     return out, new_state
 
   def _from_clipped(clipped, params):
-    if clipped.l2_norm_clip != l2_norm_clip:
+    # Equal in float32 counts as equal: the clip is applied in float32, and
+    # optax.inject_hyperparams stores C as a float32 array (0.1 -> 0.10000000149).
+    if np.float32(clipped.l2_norm_clip) != np.float32(l2_norm_clip):
       raise ValueError(
           f"dp_aggregate(l2_norm_clip={l2_norm_clip}) got a clipped sum made "
           f"with l2_norm_clip={clipped.l2_norm_clip}: the noise would not match "
@@ -423,7 +466,7 @@ def dp_aggregate(
           raise ValueError(
               f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
               f"parameter of shape {jnp.shape(p)}.")
-    dtypes = jax.tree.map(lambda s: s.dtype, summed if params is None else params)
+    dtypes = jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
     summed = jax.tree.map(lambda s: s.astype(_compute_dtype(s.dtype)), summed)
     return summed, clipped.nonfinite_examples, clipped.batch_size, dtypes
 

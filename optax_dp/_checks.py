@@ -15,6 +15,22 @@ def check_int(name: str, value: Any, minimum: int) -> int:
   return int(value)
 
 
+def check_positive_finite(name: str, value: Any) -> float:
+  """`value` as a float, or ValueError unless it is a finite number > 0."""
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a number, got {value!r}.")
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number, got {value!r}.") from None
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(
+        f"{name} must be a finite number > 0, got {value}. It bounds each "
+        "example's influence: pick the scale of typical gradient norms "
+        "(e.g. 0.1 to 1.0).")
+  return value
+
+
 def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
   """Raises `error(message)` if `predicate` holds, also inside `jax.jit`.
 

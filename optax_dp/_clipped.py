@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _aggregate
+from optax_dp import _checks
+from optax_dp import _clipping
 from optax_dp import _devices
 from optax_dp import _ghost
 from optax_dp import _per_example
@@ -93,7 +94,7 @@ def value_and_clipped_grads(
     microbatch_size: process the batch in sequential chunks of this size
       (`lax.scan`), summing the chunks' clipped sums; same numbers, less memory.
   """
-  l2_norm_clip = _aggregate._check_positive_finite("l2_norm_clip", l2_norm_clip)
+  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if microbatch_size is not None and (
@@ -156,13 +157,14 @@ def _compute_dtype(x):
   # The clipped sum stays in float32 (or wider) until the noise is added:
   # rounding it to a narrower dtype first would perturb each example's
   # contribution after clipping. dp_aggregate casts the noised result.
-  return jnp.promote_types(x.dtype, jnp.float32)
+  # (result_type: a leaf may be a Python scalar, e.g. params {'w': 2.5}.)
+  return _clipping.compute_dtype(_clipping.leaf_dtype(x))
 
 
 def _finish(l2_norm_clip, sq_norms, mask):
   finite = jnp.isfinite(sq_norms)
   keep = finite & mask
-  factors = jnp.where(keep, _aggregate.clip_factors(sq_norms, l2_norm_clip), 0.0)
+  factors = jnp.where(keep, _clipping.clip_factors(sq_norms, l2_norm_clip), 0.0)
   nonfinite = jnp.sum(~finite & mask, dtype=jnp.int32)
   return factors, keep, nonfinite
 
@@ -176,9 +178,9 @@ def _mask_values(values, mask, has_aux):
 def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):
   values, grads = _per_example.value_and_per_example_grads(loss_fn, has_aux=has_aux)(
       params, batch)
-  sq = _aggregate.per_example_sq_norms(grads)
+  sq = _clipping.per_example_sq_norms(grads)
   factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
-  summed = _aggregate.clipped_sum(grads, factors)
+  summed = _clipping.clipped_sum(grads, factors)
   return _mask_values(values, mask, has_aux), summed, nonfinite
 
 
@@ -230,7 +232,7 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
     sq = sq + layer_sq.astype(jnp.float32)
     sum_fns.append(sums)
   if uncovered_grads:
-    sq = sq + _aggregate.per_example_sq_norms(uncovered_grads)
+    sq = sq + _clipping.per_example_sq_norms(uncovered_grads)
   factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
 
   out = [None] * len(leaves)
@@ -240,7 +242,7 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
       out[i] = sums[name].reshape(leaves[i].shape).astype(_compute_dtype(leaves[i]))
   if uncovered_grads:
     keep_factors = jnp.where(keep, factors, 0.0)
-    for i, s in zip(uncovered, _aggregate.clipped_sum(uncovered_grads, keep_factors)):
+    for i, s in zip(uncovered, _clipping.clipped_sum(uncovered_grads, keep_factors)):
       out[i] = s.astype(_compute_dtype(leaves[i]))
   values = (losses, aux) if has_aux else losses
   return _mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out), nonfinite
@@ -270,8 +272,8 @@ def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
   # The running total is in the clipped sums' dtype (float32 or wider), not
   # the params' (a bfloat16 carry would not match the chunks' float32 sums).
   init = _devices.make_varying(
-      (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _aggregate._compute_dtype(p.dtype)),  # pylint: disable=protected-access
-                    params), jnp.zeros((), jnp.int32)),
+      (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _compute_dtype(p)), params),
+       jnp.zeros((), jnp.int32)),
       _devices.varying_axes(batch))
   (summed, nonfinite), values = jax.lax.scan(body, init, (chunks, mask_chunks))
   values = jax.tree.map(lambda v: v.reshape((padded,) + v.shape[2:])[:batch_size], values)

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from optax_dp import _clipping
+
 try:  # flax is optional: without it everything is "uncovered" (vmap path).
   import flax.linen as nn
 except ImportError:  # pragma: no cover
@@ -244,6 +246,9 @@ def check_covered_unused(example_loss, args) -> set:
 # Per-layer squared norms and clipped sums.
 
 
+_sq = _clipping.squared_abs  # |x|^2 elementwise, real (complex-safe)
+
+
 def _rows(x, n):
   """Reshapes (B, 1, ..., d) to (B, T, d) with T the product of the middle dims."""
   return x.reshape((x.shape[0], -1, x.shape[-1])) if n is None else x.reshape(n)
@@ -265,13 +270,14 @@ def _sq_and_sum_linear(a, g, use_bias):
   p = g.shape[-1]
   if positions == 1:
     a1, g1 = a[:, 0], g[:, 0]
-    sq = jnp.sum(a1 * a1, -1) * jnp.sum(g1 * g1, -1)
+    sq = jnp.sum(_sq(a1), -1) * jnp.sum(_sq(g1), -1)
     def kernel_sum(c, keep):
       return jnp.dot((_zero_rows(a1, keep) * c[:, None]).T, _zero_rows(g1, keep))
   elif positions * positions * (d + p) < positions * d * p:  # ghost norm is cheaper
-    aa = jnp.einsum("btd,bsd->bts", a, a)
-    gg = jnp.einsum("btp,bsp->bts", g, g)
-    sq = jnp.sum(aa * gg, axis=(1, 2))
+    # Complex: ||sum_t a_t g_t^T||^2 = sum_{t,s} (A A^H)_ts (G G^H)_ts, real.
+    aa = jnp.einsum("btd,bsd->bts", a, jnp.conj(a))
+    gg = jnp.einsum("btp,bsp->bts", g, jnp.conj(g))
+    sq = jnp.real(jnp.sum(aa * gg, axis=(1, 2)))
     def kernel_sum(c, keep):
       return jnp.einsum("btd,btp->dp", _zero_rows(a, keep) * c[:, None, None],
                         _zero_rows(g, keep))
@@ -282,7 +288,7 @@ def _sq_and_sum_linear(a, g, use_bias):
 
 def _terms_from_per_example(per_example, g, use_bias):
   """Terms from materialised per-example kernel gradients (B, d, p)."""
-  sq = jnp.sum(per_example * per_example, axis=(1, 2))
+  sq = jnp.sum(_sq(per_example), axis=(1, 2))
   def kernel_sum(c, keep):
     return jnp.tensordot(c, _zero_rows(per_example, keep), axes=1)
   return _with_bias(sq, kernel_sum, g, use_bias)
@@ -292,7 +298,7 @@ def _with_bias(sq, kernel_sum, g, use_bias):
   if not use_bias:
     return sq, lambda c, keep: {"kernel": kernel_sum(c, keep)}
   gb = jnp.sum(g, axis=1)
-  sq = sq + jnp.sum(gb * gb, -1)
+  sq = sq + jnp.sum(_sq(gb), -1)
   return sq, lambda c, keep: {"kernel": kernel_sum(c, keep),
                               "bias": jnp.dot(c, _zero_rows(gb, keep))}
 
@@ -329,8 +335,12 @@ def _conv_shifts(x, module):
 
 
 def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
-  """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)."""
-  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`).
+
+  Every term is computed in the compute dtype (float32 or wider): in bf16 the
+  norms would round the clip bound away (a sensitivity breach, tested).
+  """
+  f32 = lambda x: x.astype(_clipping.compute_dtype(x.dtype))
 
   use_bias = "bias" in layer.leaf_index
   if layer.kind == "dense":
@@ -361,7 +371,8 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
     g = f32(out_grad).reshape((batch, ids.shape[1], -1))
     # ||sum_t onehot(id_t) g_t^T||^2 = sum_{t,s} [id_t == id_s] <g_t, g_s>.
     same = ids[:, :, None] == ids[:, None, :]
-    sq = jnp.sum(jnp.where(same, jnp.einsum("btd,bsd->bts", g, g), 0.0), axis=(1, 2))
+    gg = jnp.einsum("btd,bsd->bts", g, jnp.conj(g))
+    sq = jnp.real(jnp.sum(jnp.where(same, gg, jnp.zeros((), gg.dtype)), axis=(1, 2)))
     vocab = layer_params["embedding"].shape[0]
 
     def embed_sum(c, keep):
@@ -379,6 +390,6 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
     return vjp(cotangent)[0]
 
   per_example = jax.tree.map(f32, jax.vmap(one)(inputs, out_grad))
-  sq = sum(jnp.sum(x * x, axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
+  sq = sum(jnp.sum(_sq(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
   return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
                               for name, x in per_example.items()}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import numbers
 import threading
 import warnings
+import weakref
 from typing import Any
 
 import jax
@@ -55,67 +58,126 @@ def as_typed_key(key: KeyLike, *, name: str = "key") -> jax.Array:
 # every step t (update t uses fold_in(key, t)). If both release updates, the
 # adversary subtracts a suitably scaled copy of one from the other and the
 # noise cancels: the two clipped sums' difference is released WITHOUT noise.
-# The accountant cannot see this, so dp_aggregate warns when it is built from
-# key data another dp_aggregate of this process was already built from.
+# The accountant cannot see this, so dp_aggregate warns.
 #
-# Design: a process-wide registry of the key data (impl name, uint32 bits).
-# Only the construction of a transform registers (not init/update/jit), so one
-# transform used for a whole run never warns; a second construction with the
-# same bits always warns, even with identical arguments, since the library
-# cannot tell whether the first one's updates were discarded. It only warns
-# (never raises): rebuilding the same transform to resume in the same process
-# (re-running a notebook cell, tests) is legitimate when the first one's
-# outputs are discarded. Transforms that add no noise (noise_multiplier=0, which
-# already warns that it is not private) are not registered: they share nothing.
-# The warning never prints the key bits: the noise key must stay secret (whoever
-# knows it can regenerate and subtract the noise), and warnings end up in logs.
+# The rule: when a transform T releases for the first time (its update runs,
+# eagerly or while being traced), it warns if another transform U built from
+# the same key bits has released and
+#   (a) U is still alive, or
+#   (b) U released while T already existed (U was not replaced by T).
+# Each noisy transform owns a `NoiseStream` token, held only by its update
+# function, so "alive" means the transform can still release; the registry
+# holds weak references to the tokens plus the sequence number of their last
+# release. So
+#   * one transform used for a whole run (init, update, jit, retraces) never
+#     warns;
+#   * a rebuild that replaces a transform (a re-run notebook cell, a resumed
+#     run, one transform per benchmark row, `optax.inject_hyperparams`, which
+#     rebuilds its inner transform at every update or trace) does not warn:
+#     the new one is built after the old one's last release, and by its first
+#     release the old one is garbage;
+#   * two transforms releasing side by side from one key warn, at the first
+#     release of the second, whichever order they were built in (also when
+#     one of them is a jitted `inject_hyperparams`, whose inner transform is
+#     garbage once traced: rule (b)).
+# Not caught: two runs one after the other from the same key, the first one
+# discarded before the second releases (e.g. a sweep reusing one seed): each
+# release is private on its own, publishing both is not.
+# Transforms that add no noise (noise_multiplier=0, which already warns that
+# it is not private) get no token: they share nothing. The warning never
+# prints the key bits: the noise key must stay secret (whoever knows it can
+# regenerate the noise), and warnings end up in logs.
 # `_reset_noise_key_registry` clears it (tests/conftest.py does so before every
-# test, so that separate test cases that reuse small seeds do not warn).
+# test).
 
 
 class NoiseKeyReuseWarning(UserWarning):
-  """Two `dp_aggregate` transforms of one process were built from the same key."""
+  """Two live `dp_aggregate` transforms release updates from the same key."""
 
 
+class NoiseStream:
+  """The identity of one noisy transform's noise stream (see the note above).
+
+  Held by the transform's update function, so it lives exactly as long as the
+  transform; the registry holds a weak reference to it and its `record`.
+  """
+  __slots__ = ("record", "fingerprint", "created", "__weakref__")
+
+  def __init__(self, owner: str, fingerprint):
+    self.record = _Release(owner)
+    self.fingerprint = fingerprint
+    self.created = next(_SEQUENCE)
+
+
+class _Release:
+  """What the registry remembers of a stream, also once it is garbage."""
+  __slots__ = ("owner", "last")
+
+  def __init__(self, owner: str):
+    self.owner = owner
+    self.last = None  # sequence number of its latest release; None: none yet
+
+
+_SEQUENCE = itertools.count()
 _REGISTRY_LOCK = threading.Lock()
-# sha256(impl name, key bits) -> description of the first transform built from it
-# (a digest, so the registry does not keep copies of secret key material).
+_REMEMBERED = 64  # released streams remembered per key (the most recent)
+# sha256(impl name, key bits) -> deque of (weakref to NoiseStream, _Release)
+# of the streams built from those bits that have released (a digest, so the
+# registry keeps no copy of secret key material).
 _NOISE_KEY_REGISTRY: dict = {}
 
 
 def _key_fingerprint(key: jax.Array):
   """A digest of (impl name, uint32 bits) of a concrete typed key; None if traced."""
   try:
-    data = np.asarray(jax.random.key_data(key), dtype=np.uint32)
+    # A concrete key stays concrete inside a jit trace (dp_aggregate built
+    # there, e.g. by optax.inject_hyperparams with static_args).
+    with jax.ensure_compile_time_eval():
+      data = np.asarray(jax.random.key_data(key), dtype=np.uint32)
     impl = str(jax.random.key_impl(key))
   except Exception:  # pylint: disable=broad-except  (a tracer: cannot know the bits)
     return None
   return hashlib.sha256(impl.encode() + b"\0" + data.tobytes()).hexdigest()
 
 
-def register_noise_key(key: jax.Array, owner: str, *, stacklevel: int = 2) -> None:
-  """Records that `owner` draws its noise from `key`; warns if another did.
+def noise_stream(key: jax.Array, owner: str) -> NoiseStream:
+  """The token of a new noisy transform drawing its noise from `key`."""
+  return NoiseStream(owner, _key_fingerprint(key))
 
-  Never raises: a failure to read the key (a traced key) skips the check.
+
+def note_release(stream: NoiseStream, *, stacklevel: int = 2) -> None:
+  """Records that `stream`'s transform releases; at its first release, warns
+  if another transform from the same key bits releases side by side with it
+  (rules (a) and (b) above).
+
+  Never raises; a key whose bits could not be read (a traced key) is skipped.
   """
-  fingerprint = _key_fingerprint(key)
-  if fingerprint is None:
+  if stream.fingerprint is None:
     return
   with _REGISTRY_LOCK:
-    first = _NOISE_KEY_REGISTRY.get(fingerprint)
-    if first is None:
-      _NOISE_KEY_REGISTRY[fingerprint] = owner
+    first = stream.record.last is None
+    stream.record.last = next(_SEQUENCE)
+    if not first:
       return
+    entries = _NOISE_KEY_REGISTRY.setdefault(
+        stream.fingerprint, collections.deque(maxlen=_REMEMBERED))
+    clash = next((record for ref, record in entries
+                  if ref() is not None or record.last > stream.created), None)
+    entries.append((weakref.ref(stream), stream.record))
+  if clash is None:
+    return
   warnings.warn(
-      f"optax_dp: {owner} was built from the same noise key as an earlier "
-      f"{first} in this process. The two "
-      "transforms add IDENTICAL noise at every step, so the difference of their "
-      "(rescaled) outputs cancels the noise and releases the difference of the "
-      "clipped sums with no noise at all: releasing both breaks the privacy "
-      "guarantee, whatever epsilon is reported. Give each transform its own key, "
-      "e.g. k1, k2 = jax.random.split(jax.random.key(seed)). (Rebuilding the "
-      "same transform to resume a run whose earlier updates are discarded is "
-      "fine; this warning cannot tell the two apart.)",
+      f"optax_dp: {stream.record.owner} releases updates with the same noise "
+      f"key as {clash.owner}, which released updates side by side with it in "
+      "this process. The two transforms add IDENTICAL noise at every step, so "
+      "the difference of their (rescaled) outputs cancels the noise and "
+      "releases the difference of the clipped sums with no noise at all: "
+      "releasing both breaks the privacy guarantee, whatever epsilon is "
+      "reported. Give each transform its own key, e.g. k1, k2 = "
+      "jax.random.split(jax.random.key(seed)). (A transform rebuilt to replace "
+      "an earlier one does not warn: build it after the earlier one's last "
+      "update and drop every reference to the earlier one, e.g. the TrainState "
+      "or jitted step that holds it.)",
       NoiseKeyReuseWarning, stacklevel=stacklevel + 1)
 
 
