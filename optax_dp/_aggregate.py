@@ -318,6 +318,17 @@ def dp_aggregate(
   Examples whose gradient is not finite (NaN or inf) contribute zero and are
   counted in `state.nonfinite_examples`.
 
+  Complex parameters: `C^n` is treated as `R^2n`. An example's norm is
+  `sqrt(sum |z|^2)`, and the real and the imaginary part of every coordinate
+  each get noise of standard deviation `noise_multiplier * l2_norm_clip`: the
+  real Gaussian mechanism, with the same accounting.
+
+  Composition: wrappers that would see, average, reshape or pass through the
+  raw per-example gradients (`optax.masked`, `optax.multi_transform`,
+  `optax.apply_if_finite`, `optax.MultiSteps`, `optax.flatten`, the
+  conditional wrappers) are refused around it with the composition that works
+  (almost always: put them after it in `optax.chain`).
+
   Noise is fresh on every update: update t draws from `fold_in(key, t)`, split
   into one subkey per leaf. The state holds that key's data next to the step
   counter; an update whose state key does not match `fold_in(key, step)` (a

@@ -133,7 +133,8 @@ def audit_transformation(
       aggregate, e.g. `lambda: optax_dp.dp_aggregate(C, sigma, key)`. Its
       updates are scored as released (a following `optax.sgd` only flips and
       scales them, which the score functions allow for).
-    params_like: a pytree whose shapes are the parameters'.
+    params_like: a pytree whose shapes (and dtypes) are the parameters'; a
+      complex leaf counts two real coordinates per entry (C^n as R^2n).
     l2_norm_clip: the clip norm the transformation claims to apply.
     noise_multiplier: the noise multiplier it claims to add (the claim audited).
     num_canaries: m; more canaries give a higher attainable bound.
@@ -167,9 +168,13 @@ def audit_transformation(
 
   leaves, treedef = jax.tree.flatten(params_like)
   shapes = [jnp.shape(x) for x in leaves]
-  sizes = [int(np.prod(s)) for s in shapes]
+  dtypes = [jnp.result_type(x) for x in leaves]
+  complex_leaf = [jnp.issubdtype(d, jnp.complexfloating) for d in dtypes]
+  # C^n as R^2n (optax_dp._clipping): a complex leaf takes two real
+  # coordinates per entry, real parts first, so the canaries and the scores
+  # live in the same real space as the mechanism's sensitivity and noise.
+  sizes = [int(np.prod(s)) * (2 if c else 1) for s, c in zip(shapes, complex_leaf)]
   dim = sum(sizes)
-  dtype = jnp.result_type(leaves[0]) if leaves else jnp.float32
 
   rng = np.random.default_rng(seed)
   included = rng.random(num_canaries) < 0.5
@@ -182,11 +187,20 @@ def audit_transformation(
 
   def unflatten(rows):  # (B, dim) -> per-example gradient tree
     parts, start = [], 0
-    for shape, size in zip(shapes, sizes):
-      parts.append(rows[:, start:start + size].reshape((rows.shape[0],) + shape)
-                   .astype(dtype))
+    for shape, size, dtype, c in zip(shapes, sizes, dtypes, complex_leaf):
+      block = rows[:, start:start + size]
+      if c:
+        block = jax.lax.complex(block[:, :size // 2], block[:, size // 2:])
+      parts.append(block.reshape((rows.shape[0],) + shape).astype(dtype))
       start += size
     return jax.tree.unflatten(treedef, parts)
+
+  def flatten(update):  # update tree -> (dim,) real coordinates
+    parts = []
+    for u in jax.tree.leaves(update):
+      u = jnp.ravel(u)
+      parts += [jnp.real(u), jnp.imag(u)] if jnp.iscomplexobj(u) else [u]
+    return jnp.concatenate([x.astype(jnp.float32) for x in parts])
 
   tx = make_tx()
   state = tx.init(params_like)
@@ -205,9 +219,7 @@ def audit_transformation(
   @jax.jit
   def step(state, t, include_t):
     updates, state = tx.update(batch_at(t, include_t), state, params_like)
-    flat = jnp.concatenate([jnp.ravel(u).astype(jnp.float32)
-                            for u in jax.tree.leaves(updates)])
-    return state, flat
+    return state, flatten(updates)
 
   released = []
   for t in range(steps):
