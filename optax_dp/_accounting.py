@@ -39,6 +39,14 @@ _SIGNIFICANT_DIGITS = 4
 # Calibration never searches below this noise multiplier (epsilon there is
 # astronomically large for any sampler; at 0 some RDP formulas divide by 0).
 _MIN_SIGMA = 1e-2
+# The verification after calibration steps sigma up one unit in its last
+# (4th significant) digit at a time until the accountant confirms the budget.
+# A correct calibration lands within 0.1% of the smallest sigma meeting it
+# (tested), i.e. at most 10 such units (0.1% of 9.999 is 10 units of 0.001),
+# so it needs at most ~10 steps; this bound is 5x that. Past it the
+# calibration itself is broken (a sigma far below the budget, or a rounding
+# that goes down), and stepping on would spin for hours: raise instead.
+_MAX_VERIFY_STEPS = 50
 
 
 def _check_delta(target_delta: Any) -> float:
@@ -305,6 +313,9 @@ def calibrate_noise_multiplier(
 
   Raises:
     ValueError: for out-of-range arguments.
+    RuntimeError: if the verification does not confirm the budget within
+      `_MAX_VERIFY_STEPS` steps up (a calibration bug: no sigma is returned
+      rather than one that overspends the budget).
   """
   target_epsilon = _check_epsilon(target_epsilon)
   target_delta = _check_delta(target_delta)
@@ -325,9 +336,37 @@ def _calibrate(target_epsilon, target_delta, sampler, steps, accountant):
   else:
     sigma = _calibrate_pld(target_epsilon, target_delta, sampler, steps)
 
-  sigma = _round_up(sigma)
-  # PLD's discretised epsilon is not exactly monotone in sigma: confirm the
-  # reported value, stepping up in the last digit until it meets the budget.
-  while _epsilon(sigma, target_delta, sampler, steps, accountant) > target_epsilon:
-    sigma = _round_up(sigma * (1 + 10.0 ** -_SIGNIFICANT_DIGITS))
-  return sigma
+  return _verify_budget(_round_up(sigma), target_epsilon, target_delta, sampler,
+                        steps, accountant)
+
+
+def _verify_budget(sigma, target_epsilon, target_delta, sampler, steps, accountant):
+  """`sigma`, or the next 4-digit values above it, until epsilon <= target.
+
+  PLD's discretised epsilon is not exactly monotone in sigma: the reported
+  value is confirmed with the accountant `compute_epsilon` uses, stepping up in
+  the last digit. At most `_MAX_VERIFY_STEPS` steps, each strictly up: a
+  RuntimeError (a bug in the calibration, never a budget overrun) otherwise.
+  """
+  start = sigma
+  epsilon = _epsilon(sigma, target_delta, sampler, steps, accountant)
+  for _ in range(_MAX_VERIFY_STEPS):
+    if epsilon <= target_epsilon:
+      return sigma
+    bigger = _round_up(sigma * (1 + 10.0 ** -_SIGNIFICANT_DIGITS))
+    if not bigger > sigma:
+      raise RuntimeError(
+          f"optax_dp calibration bug: stepping sigma={sigma!r} up in its last "
+          f"digit gave {bigger!r} (the rounding must go up). No noise "
+          "multiplier is returned rather than one that overspends the budget.")
+    sigma = bigger
+    epsilon = _epsilon(sigma, target_delta, sampler, steps, accountant)
+  if epsilon <= target_epsilon:
+    return sigma
+  raise RuntimeError(
+      f"optax_dp calibration bug: the calibrated noise multiplier {start!r} "
+      f"still spends epsilon {epsilon:.6g} > target {target_epsilon:g} (delta "
+      f"{target_delta:g}, {steps} steps, {accountant}) after "
+      f"{_MAX_VERIFY_STEPS} steps up to {sigma!r}; a correct calibration is "
+      "within 0.1% of the budget. No noise multiplier is returned rather than "
+      "one that overspends it.")

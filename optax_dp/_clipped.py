@@ -188,7 +188,9 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   leaves, treedef = jax.tree.flatten(params)
   example0 = jax.tree.map(lambda x: x[0], batch)
   exclude = frozenset()
-  while True:
+  # Each pass that finds a leaky layer excludes at least one more layer, and
+  # each layer owns at least one leaf: at most len(leaves) + 1 passes.
+  for _ in range(len(leaves) + 2):
     layers = _ghost.discover(loss_fn, params, example0, has_aux, exclude)
     example_loss, covered, uncovered = _ghost.make_example_loss(
         loss_fn, layers, has_aux, treedef, len(leaves))
@@ -204,6 +206,8 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
     leaky = {covered[j] for j in used}
     exclude = exclude | {l.path for l in layers
                          if set(l.leaf_index.values()) & leaky}
+  else:  # pragma: no cover (unreachable: see the bound above)
+    raise RuntimeError("optax_dp ghost clipping: layer discovery did not settle.")
   if method == "ghost" and uncovered:
     names = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]

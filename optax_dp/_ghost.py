@@ -166,7 +166,12 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
           or positions * positions > table[0] * table[1]):
         layer.kind = "generic"
     layers.append(layer)
-  # A leaf owned by two layers (shared parameters) is not covered.
+  # A leaf owned by two layers (shared parameters) is not covered. The call
+  # count above cannot see this case: two modules at different paths, each
+  # called once, that the loss hands the same array (weight tying outside the
+  # model, `apply({"params": {"a": p["w"], "b": p["w"]}}, x)`); covering both
+  # would lose one layer's clipped sum and mis-add their norms
+  # (tests/test_ghost.py::test_shared_parameters_are_not_covered_and_auto_is_exact).
   for layer in layers:
     for i in layer.leaf_index.values():
       owners[i] = owners.get(i, 0) + 1

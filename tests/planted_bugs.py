@@ -77,6 +77,15 @@ def realised_normaliser(l2_norm_clip, noise_multiplier, key, expected_batch_size
   return optax.GradientTransformation(init, update)
 
 
+def unscaled_noise(l2_norm_clip, noise_multiplier, key, expected_batch_size):
+  """(e) The real transform with noise std `noise_multiplier` instead of
+  `noise_multiplier * l2_norm_clip` (the clip's scale left out of the noise).
+  Identical to the real one at C = 1, which is why the audit of it runs at
+  C != 1 (`CLIP_SETTINGS`)."""
+  return optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier / l2_norm_clip, key,
+                               expected_batch_size=expected_batch_size)
+
+
 def correct(l2_norm_clip, noise_multiplier, key, expected_batch_size):
   """The real `dp_aggregate` (for the same table)."""
   return optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, key,
@@ -118,4 +127,27 @@ def run_setting(factory, noise_multiplier, num_canaries, canaries_per_step, seed
   return audit.audit_transformation(
       lambda: factory(L2_NORM_CLIP, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
       params, l2_norm_clip=L2_NORM_CLIP, noise_multiplier=noise_multiplier,
+      num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)
+
+
+# Audits at a clip norm C != 1, where bugs that confuse the noise multiplier
+# with the noise std show: (name, factory, l2_norm_clip, noise_multiplier,
+# num_canaries, canaries_per_step); the sizes of SETTINGS' 10^4-canary rows.
+# At C = 4, unscaled_noise adds std 1 = sigma C / 4: the effective noise
+# multiplier is 0.25 against a claimed 1.
+CLIP_SETTINGS = [
+    ("dp_aggregate", correct, 4.0, 1.0, 10000, 100),
+    ("(e) noise std sigma, not sigma * C", unscaled_noise, 4.0, 1.0, 10000, 100),
+]
+
+
+def run_clip_setting(factory, l2_norm_clip, noise_multiplier, num_canaries,
+                     canaries_per_step, seed=0):
+  """Runs optax_dp.audit on one row of CLIP_SETTINGS; returns the AuditReport."""
+  from optax_dp import audit  # pylint: disable=g-import-not-at-top
+
+  params = {k: jnp.zeros(s, jnp.float32) for k, s in PARAMS_SHAPES.items()}
+  return audit.audit_transformation(
+      lambda: factory(l2_norm_clip, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
+      params, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
       num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)

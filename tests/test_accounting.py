@@ -14,6 +14,7 @@ from dp_accounting import rdp
 import pytest
 
 import optax_dp
+from optax_dp import _accounting
 
 # MNIST-sized dataset used by most reference rows.
 N_MNIST = 60000
@@ -237,6 +238,42 @@ def test_calibration_mnist_reference_points_pld(b, t, eps, sigma_rdp, sigma_pld)
   assert got >= sigma_pld * (1 - 0.02), got
   # PLD is the tighter accountant: less noise than RDP for the same budget.
   assert got < _calibrate(eps, 1e-5, N_MNIST, b, t, "rdp")
+
+
+@pytest.mark.parametrize("x", [0.7706, 0.77060000001, 1.0, 1.00000001, 2.0545, 9.9991,
+                               9.99999, 123.456, 3.3e-3, 1e-2, 5.0000001e-2])
+def test_round_up_never_rounds_down(x):
+  """The reported sigma is x rounded UP to 4 significant digits (less than
+  one 4-digit unit above x; below it only by float noise, at most 1e-9 of a
+  unit, which `_round_up` drops on purpose: the verification then checks the
+  value itself), and the verification's step `round_up(sigma * (1 + 1e-4))`
+  from a 4-digit sigma strictly increases it (a rounding that went down would
+  leave it stuck: the loop never ended)."""
+  got = _accounting._round_up(x)  # pylint: disable=protected-access
+  assert x - 1e-9 * _unit(x) <= got < x + _unit(x), got
+  assert float(f"{got:.4g}") == got
+  stepped = _accounting._round_up(got * (1 + 1e-4))  # pylint: disable=protected-access
+  assert got < stepped <= got + _unit(got) * (1 + 1e-9), (got, stepped)
+
+
+def test_budget_verification_is_bounded(monkeypatch):
+  """If the accountant never confirms the budget (a calibration gone wrong),
+  calibrate_noise_multiplier raises after _MAX_VERIFY_STEPS steps up instead
+  of stepping forever, and never returns a sigma."""
+  calls = []
+
+  def never_within(*args, **kwargs):
+    calls.append(args[0])
+    return math.inf
+
+  monkeypatch.setattr(_accounting, "_epsilon", never_within)
+  # RDP calibration (dp_accounting's own, which this patch does not touch),
+  # then the verification, which asks the patched _epsilon.
+  with pytest.raises(RuntimeError, match="calibration bug"):
+    optax_dp.calibrate_noise_multiplier(1.0, 1e-5, dataset_size=1000, batch_size=10,
+                                        steps=7, accountant="rdp")
+  assert len(calls) == _accounting._MAX_VERIFY_STEPS + 1  # pylint: disable=protected-access
+  assert all(a < b for a, b in zip(calls, calls[1:]))      # each step strictly up
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """optax_dp.audit: the one-run canary audit passes the real dp_aggregate and
-catches each planted bug (issue 5's (a)-(d)).
+catches each planted bug (issue 5's (a)-(d) at C = 1; (e), noise std sigma
+instead of sigma * C, at C = 4, where it shows).
 
 The audit's lower bound holds with probability >= 95% over the run's
 randomness (jax_privacy's one-run f-DP test, Bonferroni over score functions
@@ -55,6 +56,38 @@ def test_each_planted_bug_is_caught(reports, index):
   report = reports[index]
   assert report.verdict == "VIOLATION", (planted_bugs.SETTINGS[index][0], report)
   assert report.epsilon_lower_bound > report.claimed_epsilon
+
+
+@pytest.fixture(scope="module")
+def clip_reports():
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return {row[0]: planted_bugs.run_clip_setting(*row[1:])
+            for row in planted_bugs.CLIP_SETTINGS}
+
+
+def test_unscaled_noise_is_caught_at_clip_4(clip_reports):
+  """Noise std sigma instead of sigma * C, at C = 4 (invisible at C = 1, where
+  every other audit runs): the effective noise multiplier is sigma / 4, and
+  the audit proves more than the claim (measured 9.06, the ceiling of 10^4
+  canaries, against 4.38)."""
+  report = clip_reports["(e) noise std sigma, not sigma * C"]
+  assert report.claimed_epsilon == pytest.approx(audit.claimed_canary_epsilon(1.0, 1e-5))
+  assert report.verdict == "VIOLATION", report
+  assert report.epsilon_lower_bound > report.claimed_epsilon
+
+
+def test_real_transform_at_clip_4_stays_below_its_claim(clip_reports):
+  """No false alarm at C = 4: the canaries (norm 10 C), the fillers (C / 2)
+  and the noise (sigma C) all scale with C, so the real dp_aggregate audits
+  as at C = 1 (measured 2.293 against 4.38, the C = 1 row's value), still a
+  real fraction of the claim (not vacuous). With the noise std sigma in
+  dp_aggregate itself, this test fails (9.06)."""
+  report = clip_reports["dp_aggregate"]
+  assert report.claimed_epsilon == pytest.approx(audit.claimed_canary_epsilon(1.0, 1e-5))
+  assert report.verdict == "consistent", report
+  assert report.epsilon_lower_bound <= report.claimed_epsilon
+  assert report.tightness > 0.3
 
 
 def test_the_score_sign_does_not_matter():

@@ -22,6 +22,9 @@ Acceptance points (the multi-device issue):
   5. pad_batch_for_devices / gather_sharded_batch, and Poisson batches padded
      for 8 devices train exactly like the unpadded 1-device run.
   6. a batch not divisible by the device count is refused.
+  7. the sharded ClippedGrads reports the GLOBAL batch size, so dp_aggregate
+     without expected_batch_size (which falls back on it) normalises as on
+     one device.
 """
 
 import json
@@ -42,7 +45,7 @@ import optax_dp
 pytest.importorskip("flax")   # the model under test is a flax.linen CNN
 
 _REPO = Path(__file__).resolve().parent.parent
-_SECTIONS = ("train", "per_example", "noise", "sampler", "divisible")
+_SECTIONS = ("train", "per_example", "noise", "sampler", "divisible", "normaliser")
 
 
 # The 8-device script (written to a temp dir and run by the `results` fixture).
@@ -301,6 +304,27 @@ def section_divisible():
       except Exception as e:
         res[f"{name}/jit={jit}"] = {"raised": True, "type": type(e).__name__, "message": str(e)}
   return res
+
+
+def section_normaliser():
+  """Point 7: the static batch size of the sharded ClippedGrads, and the
+  update of a dp_aggregate that falls back on it (no expected_batch_size)."""
+  (batch, mask), = physical_batches(1, seed=13)
+  c8 = jax.jit(optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh))(
+      params0, jax.device_put(batch, SHARD), jax.device_put(mask, SHARD))
+  c1 = jax.jit(optax_dp.clipped_grads(loss_fn, C))(params0, batch, mask)
+  tx = optax_dp.dp_aggregate(C, SIGMA, 17)   # normaliser: the static batch size
+  update = jax.jit(tx.update)
+  save("normaliser/sum8", c8.clipped_sum)
+  save("normaliser/sum1", c1.clipped_sum)
+  u8 = update(c8, tx.init(params0), params0)[0]
+  u1 = update(c1, tx.init(params0), params0)[0]
+  save("normaliser/8", u8)
+  save("normaliser/1", u1)
+  norm = lambda t: float(np.sqrt(sum(np.sum(np.asarray(l, np.float64) ** 2)
+                                     for l in jax.tree.leaves(t))))
+  return {"batch_size": [c8.batch_size, c1.batch_size], "rows": len(mask),
+          "update_norm_ratio": norm(u8) / norm(u1), "leaf_names": leaf_names(params0)}
 
 
 for name in SECTIONS:
@@ -622,3 +646,29 @@ def test_point6_batch_not_multiple_of_devices_is_refused(results, fn, jit):
   assert outcome["raised"], f"{fn} accepted a 12-row batch on 8 devices"
   assert outcome["type"] == "ValueError", outcome
   assert "pad_batch_for_devices" in outcome["message"], outcome["message"]
+
+
+# ---------------------------------------------------------------- point 7
+
+
+def test_point7_sharded_batch_size_is_global_and_default_normaliser_matches_1_device(results):
+  """sharded_clipped_grads on 8 devices reports batch_size = the global 16
+  rows (padding included, like clipped_grads on one device), not the 2 rows
+  of each device. dp_aggregate without expected_batch_size divides by it: the
+  8-device update equals the 1-device one. Reporting the per-device size
+  would make it 8x too large, which no test passing an explicit normaliser
+  sees. Tolerance: the noise is bitwise the same (point 3); the clipped sums
+  differ by float32 summation order, ~B eps_f32 ~ 1e-6 of their coordinates
+  (<= 6 here), i.e. <= ~4e-7 on the update after / 16. |diff| <= 1e-6 + 1e-5
+  |want| is >= 2.5x that; an 8x normaliser error moves the update by 7x its
+  size (~0.4, the noise std sigma C / 16)."""
+  norm, arrays = _section(results, "normaliser")
+  names = norm["leaf_names"]
+  assert norm["rows"] == 16
+  assert norm["batch_size"] == [16, 16], (
+      f"batch_size (8 devices, 1 device) = {norm['batch_size']}: the 8-device "
+      f"update is {norm['update_norm_ratio']:.4g}x the 1-device one")
+  _assert_same_params(_leaves(arrays, "normaliser/sum8", names),
+                      _leaves(arrays, "normaliser/sum1", names), names)
+  _assert_same_params(_leaves(arrays, "normaliser/8", names),
+                      _leaves(arrays, "normaliser/1", names), names)
