@@ -86,6 +86,28 @@ def unscaled_noise(l2_norm_clip, noise_multiplier, key, expected_batch_size):
                                expected_batch_size=expected_batch_size)
 
 
+def complex_square_norm(l2_norm_clip, noise_multiplier, key, expected_batch_size):
+  """(f) Complex parameters clipped by `Re(sum z^2)` instead of `sum |z|^2`
+  (the bug of issue 10: `jnp.square` of a complex gradient), noise as the real
+  transform (each part N(0, (sigma C)^2)). For a random complex direction
+  `Re(sum z^2)` is near 0 or negative: canaries are released barely clipped."""
+  def init(params):
+    del params
+    return jax.random.key(key)
+
+  def update(grads, state, params=None):
+    del params
+    state, sub = jax.random.split(state)
+    sq = sum(jnp.real(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))
+             for g in jax.tree.leaves(grads))
+    sq = jnp.abs(sq)  # (the NaN of a negative one would only hide the bug)
+    summed = _aggregate.clipped_sum(grads, _aggregate.clip_factors(sq, l2_norm_clip))
+    noised, _ = _aggregate.add_gaussian_noise(summed, sub, noise_multiplier * l2_norm_clip)
+    return jax.tree.map(lambda x: x / expected_batch_size, noised), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def correct(l2_norm_clip, noise_multiplier, key, expected_batch_size):
   """The real `dp_aggregate` (for the same table)."""
   return optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, key,
@@ -150,4 +172,23 @@ def run_clip_setting(factory, l2_norm_clip, noise_multiplier, num_canaries,
   return audit.audit_transformation(
       lambda: factory(l2_norm_clip, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
       params, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+      num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)
+
+
+# Audits of complex parameters (C^n as R^2n: the canaries and scores use both
+# parts): (name, factory, noise_multiplier, num_canaries, canaries_per_step).
+COMPLEX_SETTINGS = [
+    ("dp_aggregate", correct, 1.0, 2000, 20),
+    ("(f) complex norm as Re(sum z^2)", complex_square_norm, 1.0, 2000, 20),
+]
+
+
+def run_complex_setting(factory, noise_multiplier, num_canaries, canaries_per_step, seed=0):
+  """Runs optax_dp.audit on one row of COMPLEX_SETTINGS (complex64 params)."""
+  from optax_dp import audit  # pylint: disable=g-import-not-at-top
+
+  params = {k: jnp.zeros(s, jnp.complex64) for k, s in PARAMS_SHAPES.items()}
+  return audit.audit_transformation(
+      lambda: factory(L2_NORM_CLIP, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
+      params, l2_norm_clip=L2_NORM_CLIP, noise_multiplier=noise_multiplier,
       num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)

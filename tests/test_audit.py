@@ -121,3 +121,24 @@ def test_bad_arguments_raise(kwargs):
   with pytest.raises(ValueError):
     audit.audit_transformation(lambda: optax_dp.dp_aggregate(1.0, 1.0, 0),
                                {"w": jnp.zeros((3,))}, **args)
+
+
+@pytest.fixture(scope="module")
+def complex_reports():
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    return {row[0]: planted_bugs.run_complex_setting(*row[1:])
+            for row in planted_bugs.COMPLEX_SETTINGS}
+
+
+def test_complex_parameters_audit_as_r2n(complex_reports):
+  """Complex params (C^n as R^2n): the real dp_aggregate is consistent and not
+  vacuous (measured 1.48 against 4.38 with 2000 canaries), and the norm bug of
+  issue 10 (Re(sum z^2) in place of sum |z|^2, canaries released barely
+  clipped) is caught (measured 6.95, the ceiling of 2000 canaries)."""
+  real = complex_reports["dp_aggregate"]
+  assert real.verdict == "consistent", real
+  assert 0.2 < real.tightness <= 1
+  bug = complex_reports["(f) complex norm as Re(sum z^2)"]
+  assert bug.verdict == "VIOLATION", bug
+  assert bug.epsilon_lower_bound > bug.claimed_epsilon
