@@ -220,6 +220,8 @@ def _optimise(tx, problem, dtype, steps=10000):
   return params, final
 
 
+# optax.contrib.dpsgd only takes `seed`, which its aggregate now deprecates.
+@pytest.mark.filterwarnings("ignore:\"seed\" is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("problem", [_parabola, _rosenbrock])
 @pytest.mark.parametrize("dtype", [jnp.float32, C64])
 def test_optax_complex_test_problems_converge_as_with_optax_contrib(problem, dtype):
