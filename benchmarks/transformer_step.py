@@ -20,7 +20,7 @@ projections are "generic" layers (a vmapped VJP of that layer alone).
 `--check`: sigma = 0, batch 16, two steps, at C = 0.1 and at C = the median
 per-example norm: the params of optax_dp_auto and optax_dp_vmap must match
 (within 0.1% of the update size). `--profile` times the pieces of the
-book-keeping path (uses optax_dp._ghost internals; a diagnostic only).
+book-keeping path (uses optax_dp._linen internals; a diagnostic only).
 
 Usage:
   python benchmarks/transformer_step.py --check --rounds 10 \
@@ -208,14 +208,14 @@ def _time(fn, *args, reps=5):
 
 
 def run_profile(batch_size: int, reps: int = 5) -> dict:
-  """Times the pieces of the book-keeping path (optax_dp._ghost internals)."""
-  from optax_dp import _ghost  # pylint: disable=import-outside-toplevel
+  """Times the pieces of the book-keeping path (optax_dp._linen internals)."""
+  from optax_dp import _linen  # pylint: disable=import-outside-toplevel
   params = init_params()
   batch = make_batch(batch_size)
   leaves, treedef = jax.tree.flatten(params)
   example0 = jax.tree.map(lambda x: x[0], batch)
-  layers = _ghost.discover(loss_fn, params, example0, False)
-  example_loss, covered, uncovered = _ghost.make_example_loss(
+  layers = _linen.discover(loss_fn, params, example0, False)
+  example_loss, covered, uncovered = _linen.make_example_loss(
       loss_fn, layers, False, treedef, len(leaves))
   layer_params = [{n: leaves[i] for n, i in l.leaf_index.items()} for l in layers]
   zs = [jax.tree.map(lambda s: jnp.zeros((batch_size,) + s.shape, s.dtype),
@@ -247,7 +247,7 @@ def run_profile(batch_size: int, reps: int = 5) -> dict:
   keep = jnp.ones((batch_size,), bool)
   for k, layer in enumerate(layers):
     def terms(lp, x, g, c, keep, layer=layer):
-      sq, sums = _ghost.layer_terms(layer, lp, x, g)
+      sq, sums = _linen.layer_terms(layer, lp, x, g)
       return sq, sums(c, keep)
     ms = _time(jax.jit(terms), layer_params[k], inputs[k], out_grads[k], c, keep,
                reps=reps)

@@ -18,7 +18,7 @@ Swap `tx` to make a JAX/Flax training loop private::
 
 from optax_dp import audit
 from optax_dp._accumulate import DPAccumulateState
-from optax_dp._accumulate import clip_and_sum
+from optax_dp._clipping import clip_and_sum
 from optax_dp._accumulate import dp_accumulate
 from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
@@ -29,7 +29,7 @@ from optax_dp._budget import PrivacyBudget
 from optax_dp._budget import PrivacyBudgetExceededError
 from optax_dp._budget import privacy_budget
 from optax_dp._budget import privacy_statement
-from optax_dp._clipped import ClippedGrads
+from optax_dp._clipping import ClippedGrads
 from optax_dp._keys import NoiseKeyReuseWarning
 from optax_dp._clipped import clipped_grads
 from optax_dp._clipped import value_and_clipped_grads
@@ -42,15 +42,15 @@ from optax_dp._sharding import pad_batch_for_devices
 from optax_dp._sharding import sharded_clipped_grads
 from optax_dp._sharding import sharded_per_example_grads
 from optax_dp._sharding import sharded_value_and_clipped_grads
-from optax_dp._sampling import Batch
+from optax_dp._batches import Batch
 from optax_dp._sampling import FixedBatchSampler
-from optax_dp._sampling import PoissonBatch
+from optax_dp._batches import PoissonBatch
 from optax_dp._sampling import PoissonSampler
 from optax_dp._sampling import ShuffleSampler
 from optax_dp._sampling import make_sampler
-from optax_dp._sampling import gather_batch
+from optax_dp._batches import gather_batch
 from optax_dp._sampling import poisson_batches
-from optax_dp._sampling import poisson_max_batch_size
+from optax_dp._batches import poisson_max_batch_size
 
 __version__ = "0.1.0"
 

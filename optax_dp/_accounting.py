@@ -8,11 +8,12 @@ adjacency: what `dp_aggregate` releases when fed batches from
 `poisson_batches`. The accountants are dp-accounting's (Google's
 `dp_accounting` package):
 
-* `"pld"`: privacy loss distributions (Meiser & Mohammadi 2018; Koskela et al.
-  2020; Doroshenko et al. 2022, "Connect the Dots"), with pessimistic
-  discretisation, so the epsilon is an upper bound. The default: tightest.
-* `"rdp"`: Renyi DP (Mironov 2017; Mironov, Talwar & Zhang 2019), with
-  dp-accounting's default orders: a looser upper bound, but fast.
+* `"pld"`: privacy loss distributions, with pessimistic discretisation, so
+  the epsilon is an upper bound. The default: tightest.
+* `"rdp"`: Renyi DP, with dp-accounting's default orders: a looser upper
+  bound, but fast.
+
+The papers behind both are listed under `compute_epsilon`'s References.
 """
 
 from __future__ import annotations
@@ -49,27 +50,22 @@ _MIN_SIGMA = 1e-2
 _MAX_VERIFY_STEPS = 50
 
 
-def _check_delta(target_delta: Any) -> float:
+def _to_float(name: str, value: Any) -> float:
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a number, got a bool.")
   try:
-    target_delta = float(target_delta)
+    return float(value)
   except (TypeError, ValueError):
-    raise ValueError(f"target_delta must be a number, got {target_delta!r}.") from None
+    raise ValueError(f"{name} must be a number, got {value!r}.") from None
+
+
+def _check_delta(target_delta: Any) -> float:
+  target_delta = _to_float("target_delta", target_delta)
   if not 0 < target_delta < 1:
     raise ValueError(
         f"target_delta must be in (0, 1), got {target_delta}. A common choice "
         "is well below 1/dataset_size, e.g. 1e-5 for 60000 examples.")
   return target_delta
-
-
-def _check_sampling(dataset_size: Any, batch_size: Any, steps: Any) -> tuple[int, int, int]:
-  dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
-  batch_size = _checks.check_int("batch_size", batch_size, 1)
-  steps = _checks.check_int("steps", steps, 1)
-  if batch_size > dataset_size:
-    raise ValueError(
-        f"batch_size ({batch_size}) must be <= dataset_size ({dataset_size}): "
-        "it is the expected Poisson batch size q * dataset_size.")
-  return dataset_size, batch_size, steps
 
 
 def resolve_sampler(sampler: Optional[_sampling.Sampler], dataset_size: Any,
@@ -114,7 +110,17 @@ def dpsgd_event(noise_multiplier: float, *, steps: int,
                 dataset_size: Optional[int] = None, batch_size: Optional[int] = None,
                 sampler: Optional[_sampling.Sampler] = None) -> dp_accounting.DpEvent:
   """The `DpEvent` of `steps` DP-SGD updates with `sampler`'s batches
-  (default: Poisson sampling at rate batch_size/dataset_size)."""
+  (default: Poisson sampling at rate batch_size/dataset_size), to compose with
+  other mechanisms in a dp-accounting accountant of your own.
+
+  Privacy contract: as `compute_epsilon`'s, which accounts for this event.
+
+  Example:
+    >>> import optax_dp
+    >>> event = optax_dp.dpsgd_event(1.1, steps=10, dataset_size=1000, batch_size=10)
+    >>> event.count, event.event.sampling_probability
+    (10, 0.01)
+  """
   sampler = resolve_sampler(sampler, dataset_size, batch_size)
   steps = _checks.check_int("steps", steps, 1)
   return sampler.dp_event(float(noise_multiplier), steps)
@@ -162,6 +168,12 @@ def compute_epsilon(
 ) -> float:
   """Epsilon spent by `steps` DP-SGD updates.
 
+  Privacy contract: the bound holds only if the run released exactly `steps`
+  updates, each the clipped sum of one of `sampler`'s batches plus fresh
+  Gaussian noise of std `noise_multiplier * l2_norm_clip`, normalised by a
+  public constant (as `dp_aggregate` does); anything else released about the
+  data (evaluations, other runs) composes on top of it.
+
   Args:
     noise_multiplier: sigma, the noise std divided by the clip norm.
     target_delta: the delta of the (epsilon, delta) guarantee, in (0, 1).
@@ -183,6 +195,21 @@ def compute_epsilon(
   Raises:
     ValueError: for out-of-range arguments, or an accountant that cannot
       account for the sampler.
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133 (the DP-SGD mechanism).
+    PLD: Meiser & Mohammadi 2018, "Tight on Budget?", CCS 2018; Koskela,
+    Jalko & Honkela 2020, https://arxiv.org/abs/1906.03049; Doroshenko et al.
+    2022, "Connect the Dots", https://arxiv.org/abs/2207.04380.
+    RDP: Mironov 2017, "Renyi Differential Privacy", arXiv 1702.07476;
+    Mironov, Talwar & Zhang 2019, https://arxiv.org/abs/1908.10530.
+
+  Example:
+    >>> import optax_dp
+    >>> round(optax_dp.compute_epsilon(1.1, 1e-5, steps=1000, dataset_size=60000,
+    ...                                batch_size=256), 2)
+    0.6
   """
   noise_multiplier = _check_noise_multiplier(noise_multiplier)
   target_delta = _check_delta(target_delta)
@@ -193,24 +220,14 @@ def compute_epsilon(
 
 
 def _check_noise_multiplier(noise_multiplier: Any) -> float:
-  if isinstance(noise_multiplier, bool):
-    raise ValueError("noise_multiplier must be a number, got a bool.")
-  try:
-    noise_multiplier = float(noise_multiplier)
-  except (TypeError, ValueError):
-    raise ValueError(f"noise_multiplier must be a number, got {noise_multiplier!r}.") from None
+  noise_multiplier = _to_float("noise_multiplier", noise_multiplier)
   if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
     raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}.")
   return noise_multiplier
 
 
 def _check_epsilon(target_epsilon: Any) -> float:
-  if isinstance(target_epsilon, bool):
-    raise ValueError("target_epsilon must be a number, got a bool.")
-  try:
-    target_epsilon = float(target_epsilon)
-  except (TypeError, ValueError):
-    raise ValueError(f"target_epsilon must be a number, got {target_epsilon!r}.") from None
+  target_epsilon = _to_float("target_epsilon", target_epsilon)
   if not math.isfinite(target_epsilon) or target_epsilon <= 0:
     raise ValueError(
         f"target_epsilon must be a finite number > 0, got {target_epsilon}.")
@@ -302,6 +319,9 @@ def calibrate_noise_multiplier(
   the same arguments, and is within 0.1% of the smallest such value (tested).
   Results are cached per argument tuple.
 
+  Privacy contract: as `compute_epsilon`'s; pass the returned sigma to
+  `dp_aggregate` and stop after `steps` updates (`privacy_budget` does both).
+
   Args:
     target_epsilon: the privacy budget, > 0.
     target_delta: in (0, 1).
@@ -316,6 +336,14 @@ def calibrate_noise_multiplier(
     RuntimeError: if the verification does not confirm the budget within
       `_MAX_VERIFY_STEPS` steps up (a calibration bug: no sigma is returned
       rather than one that overspends the budget).
+
+  Example:
+    >>> import optax_dp
+    >>> sigma = optax_dp.calibrate_noise_multiplier(
+    ...     1.0, 1e-5, steps=1000, dataset_size=60000, batch_size=256, accountant="rdp")
+    >>> sigma, optax_dp.compute_epsilon(sigma, 1e-5, steps=1000, dataset_size=60000,
+    ...                                 batch_size=256, accountant="rdp") <= 1.0
+    (1.04, True)
   """
   target_epsilon = _check_epsilon(target_epsilon)
   target_delta = _check_delta(target_delta)

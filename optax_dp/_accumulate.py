@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_dp import _aggregate
 from optax_dp import _checks
-from optax_dp import _clipped
 from optax_dp import _clipping
 
 
@@ -45,23 +42,7 @@ class DPAccumulateState(NamedTuple):
   inner_state: Any
 
 
-def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float
-                 ) -> _clipped.ClippedGrads:
-  """Clips each example's gradient to global norm `l2_norm_clip` and sums.
-
-  The same clipping `dp_aggregate` applies (non-finite examples contribute
-  zero), returned as a `ClippedGrads` for `dp_accumulate` or `dp_aggregate`.
-  For the fast path that never materialises per-example gradients, use
-  `optax_dp.clipped_grads`.
-  """
-  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
-  batch_size = _aggregate.batch_size_of(per_example_grads)
-  summed, _, nonfinite = _clipping.clip_and_sum_rows(per_example_grads, l2_norm_clip)
-  return _clipped.ClippedGrads(
-      clipped_sum=summed,
-      nonfinite_examples=nonfinite,
-      l2_norm_clip=l2_norm_clip,
-      batch_size=batch_size)
+clip_and_sum = _clipping.clip_and_sum  # the clipping rules' home
 
 
 def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
@@ -99,6 +80,25 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DPAccumulateState`.
+
+  References:
+    De et al. 2022, "Unlocking High-Accuracy Differentially Private Image
+    Classification through Scale", https://arxiv.org/abs/2204.13650 (large
+    logical batches).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_dp
+    >>> inner = optax.chain(optax_dp.dp_aggregate(1.0, 1.1, key=0,
+    ...                                           expected_batch_size=8),
+    ...                     optax.sgd(0.1))
+    >>> tx = optax_dp.dp_accumulate(inner, accumulation_steps=2)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> half = optax_dp.clip_and_sum({"w": jnp.ones((4, 3))}, 1.0)
+    >>> first, state = tx.update(half, state, params)    # held: zeros
+    >>> second, state = tx.update(half, state, params)   # released, noised once
+    >>> bool(jnp.all(first["w"] == 0)), int(state.micro_step)
+    (True, 0)
   """
   k = _checks.check_int("accumulation_steps", accumulation_steps, 1)
 
@@ -111,7 +111,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
                              inner_state=tx.init(params))
 
   def update_fn(updates, state, params=None):
-    if not isinstance(updates, _clipped.ClippedGrads):
+    if not isinstance(updates, _clipping.ClippedGrads):
       raise ValueError(
           "dp_accumulate takes the ClippedGrads of each physical batch: use "
           "optax_dp.clipped_grads(loss_fn, l2_norm_clip), or "
@@ -127,7 +127,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
       # batch_size=None: the logical batch's size is not a static public
       # constant (physical shapes may vary with padding), so dp_aggregate must
       # normalise by its expected_batch_size (or budget), and refuses otherwise.
-      logical = _clipped.ClippedGrads(
+      logical = _clipping.ClippedGrads(
           clipped_sum=acc, nonfinite_examples=nonfinite,
           l2_norm_clip=updates.l2_norm_clip, batch_size=None)
       out, inner = tx.update(logical, state.inner_state, params)

@@ -7,23 +7,34 @@ constant: the Gaussian mechanism at the heart of DP-SGD (Abadi et al. 2016,
 
 from __future__ import annotations
 
-import math
-import numbers
-import warnings
+import typing
 from typing import Any, NamedTuple, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_dp import _budget
 from optax_dp import _checks
-from optax_dp import _clipped
 from optax_dp import _clipping
 from optax_dp import _composition
 from optax_dp import _keys
+
+
+class PrivacyBudgetExceededError(RuntimeError):
+  """A noisy update past the budget's `max_steps` was refused."""
+
+
+@typing.runtime_checkable
+class _Budget(typing.Protocol):
+  """What dp_aggregate reads of an `optax_dp.PrivacyBudget` (defined above
+  this module, in the lifecycle layer, which imports this one)."""
+  noise_multiplier: float
+  target_delta: float
+  max_steps: int
+  sampler: Any
+
+  def epsilon(self, steps: Optional[int] = None) -> float: ...
 
 
 class NoiseReplayError(RuntimeError):
@@ -52,62 +63,6 @@ class DPAggregateState(NamedTuple):
   nonfinite_examples: jax.Array
 
 
-_check_positive_finite = _checks.check_positive_finite
-
-
-def _check_noise_multiplier(noise_multiplier: Any) -> float:
-  try:
-    noise_multiplier = float(noise_multiplier)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"noise_multiplier must be a number, got {noise_multiplier!r}.") from None
-  if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-    raise ValueError(
-        f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}."
-        " Use optax_dp.calibrate_noise_multiplier(target_epsilon, target_delta,"
-        " ...) to pick it from a privacy budget.")
-  if noise_multiplier == 0:
-    warnings.warn(
-        "optax_dp: noise_multiplier=0 adds NO noise: this training run is NOT "
-        "differentially private, whatever epsilon anyone reports for it. Use "
-        "it only to debug clipping.", UserWarning, stacklevel=3)
-  return noise_multiplier
-
-
-def _refuse_traced(**privacy_args: Any) -> None:
-  """ValueError if a privacy parameter is a tracer (built inside a trace)."""
-  for name, value in privacy_args.items():
-    if isinstance(value, jax.core.Tracer):
-      raise ValueError(
-          f"dp_aggregate: {name} is a traced value ({type(value).__name__}): the "
-          "transform is being built inside jax.jit, typically by "
-          "optax.inject_hyperparams, which turns numeric arguments into "
-          "optimizer-state arrays. The privacy parameters must be fixed Python "
-          "values when the transform is built (the noise and the accounting "
-          "depend on them). Pass them as static arguments: "
-          "optax.inject_hyperparams(optax_dp.dpsgd, static_args=('l2_norm_clip', "
-          "'noise_multiplier', 'key', 'expected_batch_size'))(learning_rate=..., "
-          "...); the learning rate and momentum can stay injected.")
-
-
-def _check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
-  if expected_batch_size is None:
-    return None
-  if (isinstance(expected_batch_size, (jax.Array, np.ndarray))
-      and expected_batch_size.shape == ()
-      and jnp.issubdtype(expected_batch_size.dtype, jnp.integer)):
-    # A concrete integer array (optax.inject_hyperparams stores ints so).
-    expected_batch_size = int(expected_batch_size)
-  if (isinstance(expected_batch_size, bool)
-      or not isinstance(expected_batch_size, numbers.Real)
-      or expected_batch_size != int(expected_batch_size)
-      or expected_batch_size < 1):
-    raise ValueError(
-        "expected_batch_size must be a positive integer (a public constant, "
-        f"e.g. q * dataset_size for Poisson sampling), got {expected_batch_size!r}.")
-  return int(expected_batch_size)
-
-
 def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_overrun):
   """(noise_multiplier, expected_batch_size, max_steps or None) from the args."""
   if not isinstance(allow_budget_overrun, bool):
@@ -120,7 +75,7 @@ def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_
           "dp_aggregate needs noise_multiplier= (or budget=optax_dp.privacy_budget"
           "(...), which calibrates it from a target epsilon).")
     return noise_multiplier, expected_batch_size, None
-  if not isinstance(budget, _budget.PrivacyBudget):
+  if not isinstance(budget, _Budget):
     raise ValueError(
         f"budget must be an optax_dp.PrivacyBudget, got {type(budget).__name__}.")
   if noise_multiplier is not None and float(noise_multiplier) != budget.noise_multiplier:
@@ -137,144 +92,47 @@ def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_
       None if allow_budget_overrun else budget.max_steps)
 
 
-def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
-  """Returns the common leading (batch) dimension of per-example gradients.
+def _as_clipped(updates, params, l2_norm_clip: float):
+  """`(ClippedGrads, output dtypes)` from per-example gradients or a ClippedGrads.
 
-  Raises:
-    ValueError: if the tree is empty, a leaf has no leading axis, or the
-      leaves' leading axes differ: these are not per-example gradients.
+  Output dtypes: the gradients' (bf16 in, bf16 out), or the params' for a
+  ClippedGrads (whose sum is float32 or wider).
   """
-  leaves = jax.tree.leaves(per_example_grads)
-  if not leaves:
-    hint = (" If it came from nnx.Optimizer.update with a ClippedGrads: "
-            + _NNX_STRIPPED) if _is_nnx_state(per_example_grads) else ""
-    raise ValueError("dp_aggregate got an empty gradient tree." + hint)
-  dims = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(per_example_grads)[0]:
-    shape = jnp.shape(leaf)
-    if len(shape) == 0:
-      raise ValueError(
-          f"dp_aggregate needs per-example gradients, with a leading batch axis on "
-          f"every leaf, but leaf {jax.tree_util.keystr(path)} is a scalar. Compute "
-          "them with optax_dp.per_example_grads(loss_fn) instead of jax.grad(loss_fn).")
-    dims.append((jax.tree_util.keystr(path), shape[0]))
-  sizes = {d for _, d in dims}
-  if len(sizes) != 1:
-    listing = ", ".join(f"{p}: {d}" for p, d in dims[:6])
+  if not isinstance(updates, _clipping.ClippedGrads):
+    _composition.refuse_params_shaped(updates, params)
+    _clipping.batch_size_of(updates)
+    if params is not None:
+      _composition.check_against_params(updates, params)
+    return (_clipping.clip_and_sum(updates, l2_norm_clip),
+            jax.tree.map(lambda g: g.dtype, updates))
+  # Equal in float32 counts as equal: the clip is applied in float32, and
+  # optax.inject_hyperparams stores C as a float32 array (0.1 -> 0.10000000149).
+  if np.float32(updates.l2_norm_clip) != np.float32(l2_norm_clip):
     raise ValueError(
-        "dp_aggregate needs per-example gradients whose leaves all share the "
-        f"same leading batch axis; got leading dims {listing}. These look like "
-        "ordinary (batch-averaged) gradients: compute per-example gradients "
-        "with optax_dp.per_example_grads(loss_fn).")
-  return sizes.pop()
+        f"dp_aggregate(l2_norm_clip={l2_norm_clip}) got a clipped sum made "
+        f"with l2_norm_clip={updates.l2_norm_clip}: the noise would not match "
+        "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
+        "dp_aggregate.")
+  summed = updates.clipped_sum
+  if params is not None:
+    if jax.tree.structure(summed) != jax.tree.structure(params):
+      raise ValueError("dp_aggregate: the clipped sum's tree does not match params.")
+    for s, p in zip(jax.tree.leaves(summed), jax.tree.leaves(params)):
+      if jnp.shape(s) != jnp.shape(p):
+        raise ValueError(
+            f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
+            f"parameter of shape {jnp.shape(p)}.")
+  return updates, jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
 
 
-def _check_composition(updates) -> None:
-  """Refuses the optax wrappers that break the contract around dp_aggregate."""
-  refusal = _composition.refusal_for_caller("dp_aggregate")
-  if refusal is None and _composition.contains_masked_node(updates):
-    refusal = _composition.masked_refusal("dp_aggregate")
-  if refusal is not None:
-    raise ValueError(refusal)
-
-
-def _is_nnx_state(tree) -> bool:
-  return type(tree).__module__.startswith("flax.nnx")
-
-
-_NNX_STRIPPED = (
-    "nnx.Optimizer.update(model, grads) stripped the ClippedGrads to a plain "
-    "nnx.State of its arrays (it calls nnx.state(grads, wrt)), losing the clip "
-    "norm and the batch size dp_aggregate needs. Until NNX is supported "
-    "natively, either pass per-example gradients (optax_dp.per_example_grads, "
-    "which nnx.Optimizer passes through intact), or update by hand: params = "
-    "nnx.state(model, nnx.Param); updates, opt_state = tx.update(clipped, "
-    "opt_state, params); nnx.update(model, optax.apply_updates(params, "
-    "updates)).")
-
-
-def _has_clipped_sum_key(tree) -> bool:
-  try:
-    return "clipped_sum" in tree.keys()
-  except (AttributeError, TypeError):
-    return False
-
-
-def _refuse_params_shaped(updates, params) -> None:
-  """ValueError if `updates` is not per-example but a stripped or averaged tree.
-
-  A tree shaped exactly like `params` (no batch axis) is either batch-averaged
-  gradients or the arrays of a `ClippedGrads` whose wrapper was stripped on
-  the way here (a tree_map, nnx.Optimizer); an nnx.State with a
-  `clipped_sum` entry is a `ClippedGrads` that `nnx.state` flattened. The
-  message says what happened and what to do.
-  """
-  if _is_nnx_state(updates) and _has_clipped_sum_key(updates):
+def _normaliser(expected_batch_size: Optional[int], batch_size: Optional[int]) -> int:
+  """The public normaliser: `expected_batch_size`, else the static batch size."""
+  if expected_batch_size is None and batch_size is None:
     raise ValueError(
-        "dp_aggregate got an nnx.State holding 'clipped_sum': a ClippedGrads "
-        "from optax_dp.clipped_grads that nnx turned into a State. " + _NNX_STRIPPED)
-  if params is None:
-    return
-  if jax.tree.structure(updates) != jax.tree.structure(params) or any(
-      jnp.shape(u) != jnp.shape(p)
-      for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))):
-    return
-  if _is_nnx_state(updates):
-    origin = (
-        "It is an nnx.State: if it came from optax_dp.clipped_grads, "
-        + _NNX_STRIPPED + " If it came from nnx.grad, those are batch-averaged "
-        "gradients: use per-example gradients instead.")
-  else:
-    origin = (
-        "Either (a) they are ordinary batch-averaged gradients (jax.grad of the "
-        "mean loss), which clipping cannot make private: compute the clipped sum "
-        "with optax_dp.clipped_grads(loss_fn, l2_norm_clip) or per-example "
-        "gradients with optax_dp.per_example_grads(loss_fn); or (b) they are "
-        "the arrays of a ClippedGrads from clipped_grads whose wrapper was "
-        "removed on the way here (a jax.tree.map or tree_util round trip over "
-        "the gradients, an nnx.state, a wrapper that rebuilds the tree): pass "
-        "the ClippedGrads to tx.update unchanged, and accumulate with "
-        "optax_dp.dp_accumulate.")
-  raise ValueError(
-      "dp_aggregate got gradients shaped exactly like the parameters, with no "
-      "batch axis: not per-example gradients, and not a ClippedGrads. " + origin)
-
-
-def _check_against_params(per_example_grads, params) -> None:
-  """Checks per-example grads have shape (B, *param.shape) for every param."""
-  g_def = jax.tree.structure(per_example_grads)
-  p_def = jax.tree.structure(params)
-  if g_def != p_def and isinstance(params, optax.LookaheadParams):
-    raise ValueError(
-        "dp_aggregate got optax.LookaheadParams as params: it runs inside "
-        "optax.chain after optax.lookahead's params were handed to the chain. "
-        "optax.lookahead must wrap the whole DP optimizer, so that the DP step "
-        "sees the fast params: optax.lookahead(optax.chain(optax_dp."
-        "dp_aggregate(...), optax.sgd(...)), sync_period, slow_step_size) "
-        "(or optax.lookahead(optax_dp.dpsgd(...), ...)).")
-  if g_def != p_def:
-    raise ValueError(
-        "dp_aggregate: the gradient tree does not match the params tree "
-        f"(grads {g_def} vs params {p_def}).")
-  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(per_example_grads)[0],
-                          jax.tree.leaves(params)):
-    if tuple(jnp.shape(g)[1:]) != tuple(jnp.shape(p)):
-      raise ValueError(
-          f"dp_aggregate: gradient leaf {jax.tree_util.keystr(path)} has shape "
-          f"{jnp.shape(g)}, but per-example gradients of a parameter of shape "
-          f"{jnp.shape(p)} must have shape (batch, *{tuple(jnp.shape(p))}). "
-          "Pass per-example gradients (optax_dp.per_example_grads), and put "
-          "dp_aggregate first in optax.chain.")
-
-
-# The numeric rules live in _clipping (one home); these names stay importable
-# from here for the callers and tests that reach them through this module.
-compute_dtype = _clipping.compute_dtype
-per_example_sq_norms = _clipping.per_example_sq_norms
-clip_factors = _clipping.clip_factors
-clipped_sum = _clipping.clipped_sum
-add_gaussian_noise = _clipping.add_gaussian_noise
-_compute_dtype = _clipping.compute_dtype
+        "dp_aggregate under dp_accumulate needs expected_batch_size= (the "
+        "expected LOGICAL batch size, a public constant) or budget=: the "
+        "accumulated batch has no static size to fall back on.")
+  return expected_batch_size or batch_size
 
 
 def dp_aggregate(
@@ -284,7 +142,7 @@ def dp_aggregate(
     *,
     expected_batch_size: Optional[int] = None,
     rescale_to_unit_norm: bool = False,
-    budget: Optional[_budget.PrivacyBudget] = None,
+    budget: Optional[_Budget] = None,
     allow_budget_overrun: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD's clip-sum-noise-normalise step, as an optax transformation.
@@ -372,15 +230,33 @@ def dp_aggregate(
   Raises:
     ValueError: for `l2_norm_clip <= 0`, `noise_multiplier < 0`, a bad key or
       `expected_batch_size`; at update time, for gradients without a common
-      leading batch axis or whose shapes do not match `params`.
+      leading batch axis or whose shapes do not match `params`, and for the
+      optax wrappers that break the contract around it.
+
+  References:
+    Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar & Zhang 2016, "Deep
+    Learning with Differential Privacy", https://arxiv.org/abs/1607.00133.
+    De, Berrada, Hayes, Smith & Balle 2022, "Unlocking High-Accuracy
+    Differentially Private Image Classification through Scale",
+    https://arxiv.org/abs/2204.13650 (`rescale_to_unit_norm`).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_dp
+    >>> tx = optax_dp.dp_aggregate(l2_norm_clip=1.0, noise_multiplier=1.1,
+    ...                            key=0, expected_batch_size=4)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> per_example = {"w": jnp.ones((4, 3))}   # 4 examples, each of norm 1.73
+    >>> update, state = tx.update(per_example, tx.init(params), params)
+    >>> update["w"].shape, int(state.step)
+    ((3,), 1)
   """
-  _refuse_traced(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
+  _checks.refuse_traced("dp_aggregate", l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
                  key=key, expected_batch_size=expected_batch_size)
-  l2_norm_clip = _check_positive_finite("l2_norm_clip", l2_norm_clip)
+  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
   noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
       noise_multiplier, expected_batch_size, budget, allow_budget_overrun)
-  noise_multiplier = _check_noise_multiplier(noise_multiplier)
-  expected_batch_size = _check_expected_batch_size(expected_batch_size)
+  noise_multiplier = _checks.check_noise_multiplier(noise_multiplier, warn_if_zero=True)
+  expected_batch_size = _checks.check_expected_batch_size(expected_batch_size)
   if key is None:
     raise ValueError(
         "dp_aggregate needs key=: the PRNG key of the noise (a jax.random.key or "
@@ -420,7 +296,7 @@ def dp_aggregate(
     if max_steps is not None:
       within = state.step < max_steps
       _checks.raise_if(
-          ~within, _budget.PrivacyBudgetExceededError,
+          ~within, PrivacyBudgetExceededError,
           f"dp_aggregate: the privacy budget allows {max_steps} noisy steps "
           f"(epsilon {budget.epsilon():.4g} at delta {budget.target_delta:g}); "
           f"refusing step {max_steps + 1} and later ones. Stop training, or pass allow_budget_overrun=True to dp_aggregate to "
@@ -431,55 +307,21 @@ def dp_aggregate(
   def update_fn(updates, state, params=None):
     if stream is not None:
       _keys.note_release(stream, stacklevel=2)
-    _check_composition(updates)
-    if isinstance(updates, _clipped.ClippedGrads):
-      summed, num_nonfinite, batch_size, dtypes = _from_clipped(updates, params)
-    else:
-      _refuse_params_shaped(updates, params)
-      batch_size = batch_size_of(updates)
-      if params is not None:
-        _check_against_params(updates, params)
-      summed, _, num_nonfinite = _clipping.clip_and_sum_rows(updates, l2_norm_clip)
-      dtypes = jax.tree.map(lambda g: g.dtype, updates)
+    _composition.check_composition(updates)
+    # One path: raw per-example gradients become a ClippedGrads on entry.
+    clipped, dtypes = _as_clipped(updates, params, l2_norm_clip)
+    summed = jax.tree.map(lambda s: s.astype(_clipping.compute_dtype(s.dtype)),
+                          clipped.clipped_sum)
+    normaliser = _normaliser(expected_batch_size, clipped.batch_size) * rescale
     ok = guard(state)
     noise_key = jax.random.wrap_key_data(jnp.asarray(state.noise_key), impl=key_impl)
-    noised, _ = add_gaussian_noise(summed, noise_key, noise_std)
-    if expected_batch_size is None and batch_size is None:
-      raise ValueError(
-          "dp_aggregate under dp_accumulate needs expected_batch_size= (the "
-          "expected LOGICAL batch size, a public constant) or budget=: the "
-          "accumulated batch has no static size to fall back on.")
-    normaliser = (expected_batch_size or batch_size) * rescale
+    noised, _ = _clipping.add_gaussian_noise(summed, noise_key, noise_std)
     out = jax.tree.map(
         lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)
     step = state.step + 1
-    new_state = DPAggregateState(
-        noise_key=key_data_at(step),
-        step=step,
-        nonfinite_examples=state.nonfinite_examples + num_nonfinite)
-    return out, new_state
-
-  def _from_clipped(clipped, params):
-    # Equal in float32 counts as equal: the clip is applied in float32, and
-    # optax.inject_hyperparams stores C as a float32 array (0.1 -> 0.10000000149).
-    if np.float32(clipped.l2_norm_clip) != np.float32(l2_norm_clip):
-      raise ValueError(
-          f"dp_aggregate(l2_norm_clip={l2_norm_clip}) got a clipped sum made "
-          f"with l2_norm_clip={clipped.l2_norm_clip}: the noise would not match "
-          "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
-          "dp_aggregate.")
-    summed = clipped.clipped_sum
-    if params is not None:
-      if jax.tree.structure(summed) != jax.tree.structure(params):
-        raise ValueError("dp_aggregate: the clipped sum's tree does not match params.")
-      for s, p in zip(jax.tree.leaves(summed), jax.tree.leaves(params)):
-        if jnp.shape(s) != jnp.shape(p):
-          raise ValueError(
-              f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
-              f"parameter of shape {jnp.shape(p)}.")
-    dtypes = jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
-    summed = jax.tree.map(lambda s: s.astype(_compute_dtype(s.dtype)), summed)
-    return summed, clipped.nonfinite_examples, clipped.batch_size, dtypes
+    return out, DPAggregateState(
+        noise_key=key_data_at(step), step=step,
+        nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -494,13 +336,27 @@ def dpsgd(
     nesterov: bool = False,
     expected_batch_size: Optional[int] = None,
     rescale_to_unit_norm: bool = False,
-    budget: Optional[_budget.PrivacyBudget] = None,
+    budget: Optional[_Budget] = None,
     allow_budget_overrun: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
 
   See `dp_aggregate` for the privacy contract and the arguments it shares;
-  `learning_rate`, `momentum` and `nesterov` are those of `optax.sgd`.
+  `learning_rate`, `momentum` and `nesterov` are those of `optax.sgd` (the SGD
+  step after the noise is post-processing: it costs no privacy).
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133 (Algorithm 1).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_dp
+    >>> tx = optax_dp.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, key=0,
+    ...                     expected_batch_size=4)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> updates, _ = tx.update({"w": jnp.ones((4, 3))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].shape
+    (3,)
   """
   return optax.chain(
       dp_aggregate(l2_norm_clip, noise_multiplier, key,

@@ -17,12 +17,13 @@ from typing import Any, Optional
 import jax
 
 from optax_dp import _accounting
+from optax_dp import _aggregate
 from optax_dp import _checks
 from optax_dp import _sampling
 
 
-class PrivacyBudgetExceededError(RuntimeError):
-  """A noisy update past the budget's `max_steps` was refused."""
+# Raised by dp_aggregate's guard, which lives in the aggregation layer below.
+PrivacyBudgetExceededError = _aggregate.PrivacyBudgetExceededError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,20 @@ class PrivacyBudget:
     accountant: "pld" or "rdp".
     target_epsilon: the epsilon the budget was set from, if any (the epsilon
       after `max_steps` steps is `epsilon()`, which is <= it).
+
+  Privacy contract: `epsilon(steps)` is dp-accounting's bound for `steps`
+  updates of the Gaussian mechanism with this noise multiplier over batches
+  drawn by this sampler; `epsilon_spent(opt_state)` applies it to the step
+  counter of the `dp_aggregate` in the optimizer state (the updates actually
+  released).
+
+  Example:
+    >>> import optax_dp
+    >>> sampler = optax_dp.PoissonSampler(dataset_size=60000, expected_batch_size=256)
+    >>> budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5,
+    ...                                  noise_multiplier=1.0, steps=1000)
+    >>> budget.max_steps, round(budget.epsilon(), 2), round(budget.epsilon(10), 3)
+    (1000, 0.73, 0.144)
   """
   sampler: _sampling.Sampler
   noise_multiplier: float
@@ -95,9 +110,29 @@ def privacy_budget(
   * `noise_multiplier` and `steps`: `max_steps = steps`, whatever epsilon that
     gives (`budget.epsilon()`).
 
+  Privacy contract: the budget is the accounting of `sampler`'s batches; pass
+  it to `dp_aggregate(..., budget=budget)`, which takes sigma and the
+  normaliser from it and refuses update `max_steps + 1`
+  (`PrivacyBudgetExceededError`). Sigma is rounded up, never down, and the
+  result is verified with the accountant `compute_epsilon` uses.
+
   Raises:
     ValueError: for bad or inconsistent arguments, or when even one step at
       `noise_multiplier` exceeds `target_epsilon`.
+
+  References:
+    Doroshenko, Ghazi, Kamath, Kumar & Manurangsi 2022, "Connect the Dots:
+    Tighter Discrete Approximations of Privacy Loss Distributions",
+    https://arxiv.org/abs/2207.04380 (the PLD accountant of dp-accounting).
+    Mironov 2017, "Renyi Differential Privacy", https://arxiv.org/abs/1702.07476.
+
+  Example:
+    >>> import optax_dp
+    >>> sampler = optax_dp.PoissonSampler(dataset_size=60000, expected_batch_size=256)
+    >>> budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5,
+    ...                                  noise_multiplier=1.0, steps=1000)
+    >>> round(budget.epsilon(), 2)
+    0.73
   """
   given = [x is not None for x in (target_epsilon, steps, noise_multiplier)]
   if sum(given) != 2:
@@ -160,7 +195,6 @@ def _max_steps(noise_multiplier, target_delta, sampler, accountant, target_epsil
 
 def find_dp_state(tree: Any):
   """The single `DPAggregateState` inside an optimizer state or TrainState."""
-  from optax_dp import _aggregate  # local: _aggregate imports this module
 
   found = [x for x in jax.tree.leaves(
       tree, is_leaf=lambda x: isinstance(x, _aggregate.DPAggregateState))
@@ -186,7 +220,15 @@ def privacy_statement(
 
   Like TF Privacy's `compute_dp_sgd_privacy_statement`, for optax_dp's
   samplers: it names the sampler, the neighbouring relation, the accountant
-  and what the guarantee does and does not cover.
+  and what the guarantee does and does not cover. A noise multiplier of 0
+  gives an infinite epsilon, said as "NOT private".
+
+  Example:
+    >>> import optax_dp
+    >>> text = optax_dp.privacy_statement(1.0, 1e-5, steps=1000,
+    ...                                   dataset_size=60000, batch_size=256)
+    >>> text.splitlines()[1][:60]
+    'Guarantee: (0.7276, 1e-05)-differential privacy for each sin'
   """
   sampler = _accounting.resolve_sampler(sampler, dataset_size, batch_size)
   accountant = _accounting.resolve_accountant(accountant, sampler)

@@ -106,7 +106,38 @@ def _run(args) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Entry point; returns the exit status (0, or 2 for bad input)."""
+  """Entry point of `optax-dp` / `python -m optax_dp`; returns the exit status.
+
+  Prints the epsilon of a run (`epsilon`) or the noise multiplier that meets
+  a target epsilon (`calibrate`), with the privacy statement
+  (`optax_dp.privacy_statement`; `--json` for machine-readable output). Bad
+  input prints a message on stderr and returns 2, as argparse does.
+
+  Privacy contract: the numbers describe a run only if the flags are the
+  run's: its sampler and (logical) batch size, its number of noisy steps,
+  its noise multiplier and the delta; see `optax_dp.compute_epsilon` (and its
+  References) for what the run itself must satisfy.
+
+  Args:
+    argv: the arguments without the program name; default `sys.argv[1:]`.
+
+  Returns:
+    0 on success, 2 for bad input.
+
+  Example:
+    >>> import contextlib, io, json
+    >>> from optax_dp._cli import main
+    >>> out = io.StringIO()
+    >>> with contextlib.redirect_stdout(out):
+    ...   status = main(["epsilon", "--dataset-size", "60000", "--batch-size", "256",
+    ...                  "--steps", "1000", "--noise-multiplier", "1.1",
+    ...                  "--delta", "1e-5", "--json"])
+    >>> status, round(json.loads(out.getvalue())["epsilon"], 2)
+    (0, 0.6)
+    >>> main(["epsilon", "--dataset-size", "60000", "--batch-size", "256",
+    ...       "--steps", "0", "--noise-multiplier", "1.1", "--delta", "1e-5"])
+    2
+  """
   parser = _parser()
   args = parser.parse_args(argv)  # exits 2 on malformed arguments
   try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
@@ -11,44 +10,11 @@ import jax.numpy as jnp
 from optax_dp import _checks
 from optax_dp import _clipping
 from optax_dp import _devices
-from optax_dp import _ghost
+from optax_dp import _linen
 from optax_dp import _per_example
 
 
-@dataclasses.dataclass(frozen=True)
-class ClippedGrads:
-  """The sum over a batch of per-example gradients, each clipped to norm C.
-
-  Produced by `optax_dp.clipped_grads`; `dp_aggregate` constructed with the
-  same `l2_norm_clip` adds the noise and normalises, and refuses a sum clipped
-  with another norm (the noise would then not match the sensitivity).
-
-  Attributes:
-    clipped_sum: a pytree shaped like the params: `sum_i clip_C(g_i)`, in
-      float32 or wider (cast to the params' dtype by `dp_aggregate`, after
-      the noise).
-    nonfinite_examples: int32 scalar, examples dropped for a non-finite
-      gradient (debugging aid; data-dependent, do not publish).
-    l2_norm_clip: the clip norm C used (static).
-    batch_size: the static number of rows B, padding included (static); None
-      for a logical batch accumulated by `dp_accumulate` (no static size).
-  """
-  clipped_sum: Any
-  nonfinite_examples: Any
-  l2_norm_clip: float
-  batch_size: Optional[int]
-
-  def __contains__(self, key) -> bool:
-    # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
-    # a clipped sum is never a dict of raw gradients, so the answer is no.
-    del key
-    return False
-
-
-jax.tree_util.register_dataclass(
-    ClippedGrads,
-    data_fields=["clipped_sum", "nonfinite_examples"],
-    meta_fields=["l2_norm_clip", "batch_size"])
+ClippedGrads = _clipping.ClippedGrads  # defined with the clipping rules
 
 
 METHODS = ("auto", "ghost", "vmap")
@@ -78,7 +44,7 @@ def value_and_clipped_grads(
     * `"vmap"`: per-example gradients of every parameter (`per_example_grads`),
       then clip and sum. Always works; memory B x params.
     * `"ghost"`: book-keeping for Flax Linen models (Bu et al. 2023, arXiv
-      2210.00038; see `optax_dp._ghost`): no per-example gradients of Dense or
+      2210.00038; see `optax_dp._layer_rules` and its Linen adapter `optax_dp._linen`): no per-example gradients of Dense or
       Conv kernels are materialised (Conv via im2col, per-example kernel
       gradients when that is cheaper); other layers that own their parameters
       (Embed, LayerNorm, ...) get a vmapped VJP of that layer alone. Raises if
@@ -93,6 +59,22 @@ def value_and_clipped_grads(
     has_aux: whether `loss_fn` returns `(loss, aux)`.
     microbatch_size: process the batch in sequential chunks of this size
       (`lax.scan`), summing the chunks' clipped sums; same numbers, less memory.
+
+  Returns:
+    `fn(params, batch, mask=None) -> (losses, ClippedGrads)`.
+
+  References:
+    Bu, Wang, Zha & Karypis 2023, "Differentially Private Optimization on Large
+    Model at Small Cost", https://arxiv.org/abs/2210.00038 (book-keeping).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_dp
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch[:, :2] @ params["w"] - batch[:, 2]) ** 2)
+    >>> fn = optax_dp.value_and_clipped_grads(loss_fn, l2_norm_clip=1.0)
+    >>> losses, clipped = fn({"w": jnp.zeros(2)}, jnp.ones((5, 3)))
+    >>> losses.shape, clipped.batch_size, [round(float(v), 3) for v in clipped.clipped_sum["w"]]
+    ((5,), 5, [-3.536, -3.536])
   """
   l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
   if method not in METHODS:
@@ -141,6 +123,21 @@ def clipped_grads(
   Same as `value_and_clipped_grads` but returns only the `ClippedGrads` (or
   `(ClippedGrads, aux)` with `has_aux`): `fn(params, batch, mask=None)`. It
   replaces `per_example_grads(loss_fn)` in a train step, nothing else changes.
+  Privacy contract: each real example (mask True) contributes at most
+  `l2_norm_clip` to the sum; `dp_aggregate` with the same clip adds the noise.
+
+  References:
+    Bu, Wang, Zha & Karypis 2023, https://arxiv.org/abs/2210.00038.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_dp
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch[:, :2] @ params["w"] - batch[:, 2]) ** 2)
+    >>> grad_fn = optax_dp.clipped_grads(loss_fn, l2_norm_clip=1.0)
+    >>> mask = jnp.array([True, True, True, False])   # the last row is padding
+    >>> clipped = grad_fn({"w": jnp.zeros(2)}, jnp.ones((4, 3)), mask)
+    >>> [round(float(v), 3) for v in clipped.clipped_sum["w"]]  # 3 examples, norm 1 each
+    [-2.121, -2.121]
   """
   value_and_clipped = value_and_clipped_grads(
       loss_fn, l2_norm_clip, method=method, has_aux=has_aux,
@@ -191,8 +188,8 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   # Each pass that finds a leaky layer excludes at least one more layer, and
   # each layer owns at least one leaf: at most len(leaves) + 1 passes.
   for _ in range(len(leaves) + 2):
-    layers = _ghost.discover(loss_fn, params, example0, has_aux, exclude)
-    example_loss, covered, uncovered = _ghost.make_example_loss(
+    layers = _linen.discover(loss_fn, params, example0, has_aux, exclude)
+    example_loss, covered, uncovered = _linen.make_example_loss(
         loss_fn, layers, has_aux, treedef, len(leaves))
     layer_params = [{name: leaves[i] for name, i in layer.leaf_index.items()}
                     for layer in layers]
@@ -200,7 +197,7 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
            for layer in layers]
     args1 = ([leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
              zs1, example0)
-    used = _ghost.check_covered_unused(example_loss, args1)
+    used = _linen.check_covered_unused(example_loss, args1)
     if not used:
       break
     leaky = {covered[j] for j in used}
@@ -232,7 +229,7 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   sq = jnp.zeros((batch_size,), jnp.float32)
   sum_fns = []
   for k, layer in enumerate(layers):
-    layer_sq, sums = _ghost.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
+    layer_sq, sums = _linen.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
     sq = sq + layer_sq.astype(jnp.float32)
     sum_fns.append(sums)
   if uncovered_grads:

@@ -2,7 +2,7 @@
 
 The one home of the arithmetic every clipping path shares (per-example
 gradients in `dp_aggregate` and `clip_and_sum`, the book-keeping rules of
-`_ghost`, `clipped_grads`, accumulation, sharding). Nothing here knows about
+`_layer_rules`, `clipped_grads`, accumulation, sharding). Nothing here knows about
 optax or Flax.
 
 Complex parameters: `C^n` is treated as `R^2n` (the real and imaginary parts
@@ -18,11 +18,88 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from optax_dp import _checks
+
+
+@dataclasses.dataclass(frozen=True)
+class ClippedGrads:
+  """The sum over a batch of per-example gradients, each clipped to norm C.
+
+  Produced by `optax_dp.clipped_grads`; `dp_aggregate` constructed with the
+  same `l2_norm_clip` adds the noise and normalises, and refuses a sum clipped
+  with another norm (the noise would then not match the sensitivity).
+
+  Attributes:
+    clipped_sum: a pytree shaped like the params: `sum_i clip_C(g_i)`, in
+      float32 or wider (cast to the params' dtype by `dp_aggregate`, after
+      the noise).
+    nonfinite_examples: int32 scalar, examples dropped for a non-finite
+      gradient (debugging aid; data-dependent, do not publish).
+    l2_norm_clip: the clip norm C used (static).
+    batch_size: the static number of rows B, padding included (static); None
+      for a logical batch accumulated by `dp_accumulate` (no static size).
+  """
+  clipped_sum: Any
+  nonfinite_examples: Any
+  l2_norm_clip: float
+  batch_size: Optional[int]
+
+  def __contains__(self, key) -> bool:
+    # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
+    # a clipped sum is never a dict of raw gradients, so the answer is no.
+    del key
+    return False
+
+
+jax.tree_util.register_dataclass(
+    ClippedGrads,
+    data_fields=["clipped_sum", "nonfinite_examples"],
+    meta_fields=["l2_norm_clip", "batch_size"])
+
+
+def _empty_hint(tree) -> str:
+  if type(tree).__module__.startswith("flax.nnx"):
+    return (" It is an empty nnx.State: nnx.Optimizer.update(model, grads) "
+            "strips a ClippedGrads to the nnx.Param arrays it holds (see the "
+            "error dp_aggregate gives for a non-empty one).")
+  return ""
+
+
+def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
+  """Returns the common leading (batch) dimension of per-example gradients.
+
+  Raises:
+    ValueError: if the tree is empty, a leaf has no leading axis, or the
+      leaves' leading axes differ: these are not per-example gradients.
+  """
+  leaves = jax.tree.leaves(per_example_grads)
+  if not leaves:
+    raise ValueError("dp_aggregate got an empty gradient tree." + _empty_hint(per_example_grads))
+  dims = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(per_example_grads)[0]:
+    shape = jnp.shape(leaf)
+    if len(shape) == 0:
+      raise ValueError(
+          f"dp_aggregate needs per-example gradients, with a leading batch axis on "
+          f"every leaf, but leaf {jax.tree_util.keystr(path)} is a scalar. Compute "
+          "them with optax_dp.per_example_grads(loss_fn) instead of jax.grad(loss_fn).")
+    dims.append((jax.tree_util.keystr(path), shape[0]))
+  sizes = {d for _, d in dims}
+  if len(sizes) != 1:
+    listing = ", ".join(f"{p}: {d}" for p, d in dims[:6])
+    raise ValueError(
+        "dp_aggregate needs per-example gradients whose leaves all share the "
+        f"same leading batch axis; got leading dims {listing}. These look like "
+        "ordinary (batch-averaged) gradients: compute per-example gradients "
+        "with optax_dp.per_example_grads(loss_fn).")
+  return sizes.pop()
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -153,3 +230,32 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
     return tree, keys[0]
   noised = [leaf + gaussian_like(k, leaf, stddev) for leaf, k in zip(leaves, keys[1:])]
   return jax.tree.unflatten(treedef, noised), keys[0]
+
+
+def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> ClippedGrads:
+  """Clips each example's gradient to global norm `l2_norm_clip` and sums.
+
+  The clipping `dp_aggregate` applies (non-finite examples contribute zero),
+  returned as a `ClippedGrads` for `dp_accumulate` or `dp_aggregate`. The fast
+  path that never materialises per-example gradients is
+  `optax_dp.clipped_grads`.
+
+  Privacy contract: each example (row) contributes at most `l2_norm_clip` in
+  L2 norm over all leaves together: the sensitivity `dp_aggregate`'s noise is
+  calibrated to. Nothing here is private yet: the sum is unnoised.
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133 (per-example clipping, Algorithm 1).
+
+  Example:
+    >>> grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # norms 5 and 0.5
+    >>> clipped = clip_and_sum(grads, l2_norm_clip=1.0)
+    >>> [round(float(v), 2) for v in clipped.clipped_sum["w"]], clipped.batch_size
+    ([0.9, 1.2], 2)
+  """
+  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
+  batch_size = batch_size_of(per_example_grads)
+  summed, _, nonfinite = clip_and_sum_rows(per_example_grads, l2_norm_clip)
+  return ClippedGrads(clipped_sum=summed, nonfinite_examples=nonfinite,
+                      l2_norm_clip=l2_norm_clip, batch_size=batch_size)

@@ -21,6 +21,8 @@ import sys
 import types
 from typing import Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import optax
 
 _MAX_FRAMES = 400  # the call stack is walked at most this deep
@@ -136,6 +138,107 @@ def masked_refusal(caller: str) -> str:
 
 def contains_masked_node(tree) -> bool:
   """Whether `tree` has an `optax.MaskedNode` (a leaf `optax.masked` hid)."""
-  import jax  # pylint: disable=import-outside-toplevel
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
+
+
+# ---------------------------------------------------------------------------
+# What the DP step is handed: per-example gradients, or a stripped/averaged tree.
+
+
+def check_composition(updates) -> None:
+  """Refuses the optax wrappers that break the contract around dp_aggregate."""
+  refusal = refusal_for_caller("dp_aggregate")
+  if refusal is None and contains_masked_node(updates):
+    refusal = masked_refusal("dp_aggregate")
+  if refusal is not None:
+    raise ValueError(refusal)
+
+
+def _is_nnx_state(tree) -> bool:
+  return type(tree).__module__.startswith("flax.nnx")
+
+
+_NNX_STRIPPED = (
+    "nnx.Optimizer.update(model, grads) stripped the ClippedGrads to a plain "
+    "nnx.State of its arrays (it calls nnx.state(grads, wrt)), losing the clip "
+    "norm and the batch size dp_aggregate needs. Until NNX is supported "
+    "natively, either pass per-example gradients (optax_dp.per_example_grads, "
+    "which nnx.Optimizer passes through intact), or update by hand: params = "
+    "nnx.state(model, nnx.Param); updates, opt_state = tx.update(clipped, "
+    "opt_state, params); nnx.update(model, optax.apply_updates(params, "
+    "updates)).")
+
+
+def _has_clipped_sum_key(tree) -> bool:
+  try:
+    return "clipped_sum" in tree.keys()
+  except (AttributeError, TypeError):
+    return False
+
+
+def refuse_params_shaped(updates, params) -> None:
+  """ValueError if `updates` is not per-example but a stripped or averaged tree.
+
+  A tree shaped exactly like `params` (no batch axis) is either batch-averaged
+  gradients or the arrays of a `ClippedGrads` whose wrapper was stripped on
+  the way here (a tree_map, nnx.Optimizer); an nnx.State with a
+  `clipped_sum` entry is a `ClippedGrads` that `nnx.state` flattened. The
+  message says what happened and what to do.
+  """
+  if _is_nnx_state(updates) and _has_clipped_sum_key(updates):
+    raise ValueError(
+        "dp_aggregate got an nnx.State holding 'clipped_sum': a ClippedGrads "
+        "from optax_dp.clipped_grads that nnx turned into a State. " + _NNX_STRIPPED)
+  if params is None:
+    return
+  if jax.tree.structure(updates) != jax.tree.structure(params) or any(
+      jnp.shape(u) != jnp.shape(p)
+      for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))):
+    return
+  if _is_nnx_state(updates):
+    origin = (
+        "It is an nnx.State: if it came from optax_dp.clipped_grads, "
+        + _NNX_STRIPPED + " If it came from nnx.grad, those are batch-averaged "
+        "gradients: use per-example gradients instead.")
+  else:
+    origin = (
+        "Either (a) they are ordinary batch-averaged gradients (jax.grad of the "
+        "mean loss), which clipping cannot make private: compute the clipped sum "
+        "with optax_dp.clipped_grads(loss_fn, l2_norm_clip) or per-example "
+        "gradients with optax_dp.per_example_grads(loss_fn); or (b) they are "
+        "the arrays of a ClippedGrads from clipped_grads whose wrapper was "
+        "removed on the way here (a jax.tree.map or tree_util round trip over "
+        "the gradients, an nnx.state, a wrapper that rebuilds the tree): pass "
+        "the ClippedGrads to tx.update unchanged, and accumulate with "
+        "optax_dp.dp_accumulate.")
+  raise ValueError(
+      "dp_aggregate got gradients shaped exactly like the parameters, with no "
+      "batch axis: not per-example gradients, and not a ClippedGrads. " + origin)
+
+
+def check_against_params(per_example_grads, params) -> None:
+  """Checks per-example grads have shape (B, *param.shape) for every param."""
+  g_def = jax.tree.structure(per_example_grads)
+  p_def = jax.tree.structure(params)
+  if g_def != p_def and isinstance(params, optax.LookaheadParams):
+    raise ValueError(
+        "dp_aggregate got optax.LookaheadParams as params: it runs inside "
+        "optax.chain after optax.lookahead's params were handed to the chain. "
+        "optax.lookahead must wrap the whole DP optimizer, so that the DP step "
+        "sees the fast params: optax.lookahead(optax.chain(optax_dp."
+        "dp_aggregate(...), optax.sgd(...)), sync_period, slow_step_size) "
+        "(or optax.lookahead(optax_dp.dpsgd(...), ...)).")
+  if g_def != p_def:
+    raise ValueError(
+        "dp_aggregate: the gradient tree does not match the params tree "
+        f"(grads {g_def} vs params {p_def}).")
+  for (path, g), p in zip(jax.tree_util.tree_flatten_with_path(per_example_grads)[0],
+                          jax.tree.leaves(params)):
+    if tuple(jnp.shape(g)[1:]) != tuple(jnp.shape(p)):
+      raise ValueError(
+          f"dp_aggregate: gradient leaf {jax.tree_util.keystr(path)} has shape "
+          f"{jnp.shape(g)}, but per-example gradients of a parameter of shape "
+          f"{jnp.shape(p)} must have shape (batch, *{tuple(jnp.shape(p))}). "
+          "Pass per-example gradients (optax_dp.per_example_grads), and put "
+          "dp_aggregate first in optax.chain.")

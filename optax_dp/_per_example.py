@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import chex
 import jax
@@ -11,7 +11,24 @@ import jax.numpy as jnp
 
 from optax_dp import _devices
 
-LossFn = Callable[..., Any]  # loss_fn(params, batch) -> scalar (or (scalar, aux))
+# loss_fn(params, batch) -> scalar loss, or (loss, aux) with has_aux.
+LossFn = Callable[[chex.ArrayTree, chex.ArrayTree], Any]
+
+_Out = TypeVar("_Out", covariant=True)
+
+
+class BatchGradFn(Protocol[_Out]):
+  """What optax_dp's gradient builders return: `fn(params, batch, mask=None)`.
+
+  `batch` is a pytree whose leaves share a leading batch axis `B`; `mask`
+  (shape `(B,)`, bool or 0/1, default all True) marks the real examples,
+  False for padding. The result type `_Out` depends on the builder (per-example
+  gradients, a `ClippedGrads`, or `(values, ...)` for the `value_and_` forms).
+  """
+
+  def __call__(self, params: chex.ArrayTree, batch: chex.ArrayTree,
+               mask: Optional[chex.Array] = None) -> _Out:
+    ...
 
 
 def _batch_size(batch: chex.ArrayTree) -> int:
@@ -132,7 +149,7 @@ def value_and_per_example_grads(
     *,
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
-) -> Callable[..., Any]:
+) -> BatchGradFn[tuple[Any, chex.ArrayTree]]:
   """Per-example losses and gradients of an ordinary batched loss.
 
   `loss_fn(params, batch)` is the loss you would give `jax.value_and_grad`: it
@@ -144,6 +161,12 @@ def value_and_per_example_grads(
   not be used for DP-SGD: a Flax Linen `BatchNorm` called in training mode
   (`use_running_average=False`) is detected while tracing and raises
   `ValueError` (use `nn.GroupNorm`/`nn.LayerNorm`, or frozen statistics).
+
+  Privacy contract: row i of the gradients must depend on example i alone,
+  which holds when `loss_fn` is a mean of per-example terms (no batch
+  statistics, no in-batch negatives): only then does clipping a row bound
+  one example's influence. Nothing returned is private yet: clip, sum and
+  noise the gradients (`dp_aggregate`), and never publish the losses.
 
   Args:
     loss_fn: `loss_fn(params, batch) -> loss` or `-> (loss, aux)`.
@@ -160,6 +183,22 @@ def value_and_per_example_grads(
     batch axis (the aux of each batch of one, stacked: shape `(B, *aux_shape)`).
     `mask` (shape `(B,)`, bool or 0/1) marks real examples: rows
     where it is False (padding) get zero gradients and zero loss.
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133 (per-example gradients, Algorithm 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_dp
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+    >>> batch = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]),
+    ...          "y": jnp.array([-1.0, -1.0, 0.0])}
+    >>> fn = optax_dp.value_and_per_example_grads(loss_fn)
+    >>> losses, grads = fn({"w": jnp.zeros(2)}, batch, jnp.array([1, 1, 0]))
+    >>> losses.tolist(), grads["w"].tolist()
+    ([1.0, 1.0, 0.0], [[2.0, 0.0], [0.0, 4.0], [0.0, 0.0]])
   """
   if microbatch_size is not None and (
       isinstance(microbatch_size, bool) or not isinstance(microbatch_size, int)
@@ -199,12 +238,28 @@ def per_example_grads(
     *,
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
-) -> Callable[..., Any]:
+) -> BatchGradFn[chex.ArrayTree]:
   """Per-example gradients of an ordinary batched loss, for `dp_aggregate`.
 
   Same contract as `value_and_per_example_grads`, returning only the gradients:
   `fn(params, batch, mask=None) -> grads`, or `-> (grads, aux)` with `has_aux`
   (like `jax.grad`). Every leaf of `grads` has shape `(B, *param.shape)`.
+
+  Privacy contract: as `value_and_per_example_grads`'s: a per-example loss;
+  the gradients are private only once `dp_aggregate` clips and noises them.
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax_dp
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean(batch @ params)
+    >>> grads = optax_dp.per_example_grads(loss_fn)(jnp.zeros(2), jnp.eye(2) * 3)
+    >>> grads.tolist()  # row i is example i's gradient
+    [[3.0, 0.0], [0.0, 3.0]]
   """
   value_and_grads = value_and_per_example_grads(
       loss_fn, has_aux=has_aux, microbatch_size=microbatch_size)

@@ -20,20 +20,24 @@ differentiated value to device-varying whenever the batch is varying, so even
 a hand-written `shard_map` around `per_example_grads` or `clipped_grads` is
 right, and (c) refuses, at compile time, a batch that XLA has partitioned
 across devices outside `shard_map`.
+
+The examples below use a one-device mesh, `Mesh(np.array(jax.devices()[:1]),
+("data",))`; with more devices only the mesh changes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from optax_dp import _batches
 from optax_dp import _clipped
 from optax_dp import _per_example
-from optax_dp import _sampling
 
 
 def _default_mask(batch):
@@ -52,7 +56,7 @@ def _check_divisible(batch, mesh, axis_name, caller):
 
 
 def sharded_value_and_clipped_grads(
-    loss_fn: Callable[..., Any],
+    loss_fn: _per_example.LossFn,
     l2_norm_clip: float,
     *,
     mesh: jax.sharding.Mesh,
@@ -60,7 +64,7 @@ def sharded_value_and_clipped_grads(
     method: str = "auto",
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
-) -> Callable[..., Any]:
+) -> _per_example.BatchGradFn[tuple[Any, _clipped.ClippedGrads]]:
   """`value_and_clipped_grads` over a batch split across `mesh[axis_name]`.
 
   Each device computes the per-example values and the clipped sum of its
@@ -75,9 +79,33 @@ def sharded_value_and_clipped_grads(
   mask are split along their leading axis, whose size must be a multiple of
   the number of devices on the axis.
 
+  Privacy contract: the same as on one device (`value_and_clipped_grads`): a
+  per-example `loss_fn`, and the noise added once to the global sum, by a
+  `dp_aggregate` with the same key on every device and process. Every process
+  must feed its slice of the same global batch (one sampler seed for all, see
+  `gather_sharded_batch`), padded with `pad_batch_for_devices` (padding rows
+  masked), never a batch sampled per device.
+
   Returns:
     `fn(params, batch, mask=None) -> (values, ClippedGrads)`; `values` (the
     per-example losses, and aux) are split along the batch axis like the batch.
+
+  References:
+    Abadi et al. 2016, "Deep Learning with Differential Privacy",
+    https://arxiv.org/abs/1607.00133 (the mechanism, unchanged by sharding).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import optax_dp
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> def loss_fn(w, x):
+    ...   return jnp.mean(x @ w)
+    >>> fn = jax.jit(optax_dp.sharded_value_and_clipped_grads(loss_fn, 1.0, mesh=mesh))
+    >>> losses, clipped = fn(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]))
+    >>> losses.tolist(), [round(g, 3) for g in clipped.clipped_sum.tolist()]
+    ([7.0, 0.5], [0.6, 1.3])
+    >>> clipped.batch_size  # the global batch
+    2
   """
   local_fn = _clipped.value_and_clipped_grads(
       loss_fn, l2_norm_clip, method=method, has_aux=has_aux,
@@ -103,10 +131,36 @@ def sharded_value_and_clipped_grads(
   return fn
 
 
-def sharded_clipped_grads(loss_fn, l2_norm_clip, *, mesh, axis_name="data",
-                          method="auto", has_aux=False, microbatch_size=None):
+def sharded_clipped_grads(
+    loss_fn: _per_example.LossFn,
+    l2_norm_clip: float,
+    *,
+    mesh: jax.sharding.Mesh,
+    axis_name: str = "data",
+    method: str = "auto",
+    has_aux: bool = False,
+    microbatch_size: Optional[int] = None,
+) -> _per_example.BatchGradFn[_clipped.ClippedGrads]:
   """`sharded_value_and_clipped_grads` without the values: `fn(params, batch,
-  mask=None) -> ClippedGrads`, replicated, for `dp_aggregate`."""
+  mask=None) -> ClippedGrads`, replicated, for `dp_aggregate`.
+
+  Privacy contract: as `sharded_value_and_clipped_grads`'s. The result equals
+  `clipped_grads(loss_fn, l2_norm_clip)` on the whole batch (up to float
+  summation order), so the accounting is the single-device one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import optax_dp
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> def loss_fn(w, x):
+    ...   return jnp.mean(x @ w)
+    >>> x = jnp.array([[3.0, 4.0], [0.0, 0.5]])  # gradient norms 5 and 0.5
+    >>> sharded = jax.jit(optax_dp.sharded_clipped_grads(loss_fn, 1.0, mesh=mesh))
+    >>> single = jax.jit(optax_dp.clipped_grads(loss_fn, 1.0))
+    >>> bool(jnp.allclose(sharded(jnp.ones(2), x).clipped_sum,
+    ...                   single(jnp.ones(2), x).clipped_sum))
+    True
+  """
   fn = sharded_value_and_clipped_grads(
       loss_fn, l2_norm_clip, mesh=mesh, axis_name=axis_name, method=method,
       has_aux=has_aux, microbatch_size=microbatch_size)
@@ -114,13 +168,13 @@ def sharded_clipped_grads(loss_fn, l2_norm_clip, *, mesh, axis_name="data",
 
 
 def sharded_per_example_grads(
-    loss_fn: Callable[..., Any],
+    loss_fn: _per_example.LossFn,
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
-) -> Callable[..., Any]:
+) -> _per_example.BatchGradFn[tuple[Any, chex.ArrayTree]]:
   """`value_and_per_example_grads` over a batch split across `mesh[axis_name]`.
 
   Per-example gradients are computed on each device for its slice (inside
@@ -128,8 +182,22 @@ def sharded_per_example_grads(
   axis. Feeding them to `dp_aggregate` makes XLA all-reduce the clipped sum;
   prefer `sharded_clipped_grads`, which never materialises them.
 
+  Privacy contract: as `value_and_per_example_grads`'s (a per-example loss;
+  nothing private until `dp_aggregate`), with the batch as for
+  `sharded_value_and_clipped_grads`.
+
   Returns:
     `fn(params, batch, mask=None) -> (values, per_example_grads)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> import optax_dp
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> fn = jax.jit(optax_dp.sharded_per_example_grads(lambda w, x: jnp.mean(x @ w),
+    ...                                                 mesh=mesh))
+    >>> losses, grads = fn(jnp.ones(2), jnp.array([[3.0, 4.0], [0.0, 0.5]]))
+    >>> grads.tolist()
+    [[3.0, 4.0], [0.0, 0.5]]
   """
   local_fn = _per_example.value_and_per_example_grads(
       loss_fn, has_aux=has_aux, microbatch_size=microbatch_size)
@@ -144,12 +212,25 @@ def sharded_per_example_grads(
   return fn
 
 
-def pad_batch_for_devices(batch: _sampling.Batch, num_devices: int) -> _sampling.Batch:
+def pad_batch_for_devices(batch: _batches.Batch, num_devices: int) -> _batches.Batch:
   """Pads a sampled batch with padding rows (index -1, mask False) to a
   multiple of `num_devices` and interleaves it, so that each device's
   contiguous slice (`PartitionSpec("data")`) gets every `num_devices`-th row:
   the real examples, which the samplers put first, spread evenly. Row order
-  does not change the clipped sum."""
+  does not change the clipped sum.
+
+  Privacy contract: the real examples are exactly the sampler's (none added,
+  dropped or repeated); keep passing the returned `mask`.
+
+  Example:
+    >>> import numpy as np
+    >>> import optax_dp
+    >>> batch = optax_dp.Batch(indices=np.array([5, 2, 9, -1, -1]),
+    ...                        mask=np.array([True, True, True, False, False]))
+    >>> padded = optax_dp.pad_batch_for_devices(batch, 2)
+    >>> padded.indices.tolist()  # device 0: [5, 9, -1], device 1: [2, -1, -1]
+    [5, 9, -1, 2, -1, -1]
+  """
   n = int(num_devices)
   size = len(batch.indices)
   padded = -(-size // n) * n
@@ -157,10 +238,10 @@ def pad_batch_for_devices(batch: _sampling.Batch, num_devices: int) -> _sampling
   mask = np.zeros((padded,), bool)
   indices[:size], mask[:size] = batch.indices, batch.mask
   order = np.arange(padded).reshape(-1, n).T.reshape(-1)
-  return _sampling.Batch(indices=indices[order], mask=mask[order])
+  return _batches.Batch(indices=indices[order], mask=mask[order])
 
 
-def gather_sharded_batch(data: Any, batch: _sampling.Batch,
+def gather_sharded_batch(data: Any, batch: _batches.Batch,
                          sharding: jax.sharding.Sharding) -> tuple[Any, jax.Array]:
   """`gather_batch` straight into sharded global arrays: each process loads
   only the rows of its own devices' slices (`jax.make_array_from_callback`).
@@ -171,8 +252,24 @@ def gather_sharded_batch(data: Any, batch: _sampling.Batch,
   `sharding` must split the batch (leading) axis only, e.g.
   `NamedSharding(mesh, PartitionSpec("data"))`; other shardings are refused.
 
+  Privacy contract: every process must pass the same `batch` (the same
+  sampler and seed), so the global batch is the one sampler's; the padding
+  rows are zeros, but the returned `mask` must still be passed on.
+
   Returns:
     `(data rows, mask)`, both split along the batch axis by `sharding`.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> import optax_dp
+    >>> from jax.sharding import NamedSharding, PartitionSpec
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> batch = optax_dp.Batch(indices=np.array([3, 1, -1]),
+    ...                        mask=np.array([True, True, False]))
+    >>> rows, mask = optax_dp.gather_sharded_batch(
+    ...     {"x": np.arange(10.0)}, batch, NamedSharding(mesh, PartitionSpec("data")))
+    >>> rows["x"].tolist(), mask.tolist()
+    ([3.0, 1.0, 0.0], [True, True, False])
   """
   spec = getattr(sharding, "spec", None)
   if spec is None or any(axis is not None for axis in tuple(spec)[1:]):
@@ -184,8 +281,8 @@ def gather_sharded_batch(data: Any, batch: _sampling.Batch,
     shape = (len(batch.indices),) + x.shape[1:]
 
     def rows(index):
-      part = _sampling.Batch(indices=batch.indices[index[0]], mask=batch.mask[index[0]])
-      return _sampling.gather_batch(x, part)
+      part = _batches.Batch(indices=batch.indices[index[0]], mask=batch.mask[index[0]])
+      return _batches.gather_batch(x, part)
 
     return jax.make_array_from_callback(shape, sharding, rows)
 

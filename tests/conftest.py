@@ -46,6 +46,6 @@ _DELIBERATE_KEY_REUSE = {
 
 def pytest_collection_modifyitems(items):
   for item in items:
-    if (item.path.name, item.originalname) in _DELIBERATE_KEY_REUSE:
+    if (item.path.name, getattr(item, "originalname", None)) in _DELIBERATE_KEY_REUSE:
       item.add_marker(pytest.mark.filterwarnings(
           "ignore::optax_dp._keys.NoiseKeyReuseWarning"))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_dp
-from optax_dp import _aggregate
+from optax_dp import _clipping
 
 
 def _noisy(summed, key, std):
@@ -68,8 +68,8 @@ def realised_normaliser(l2_norm_clip, noise_multiplier, key, expected_batch_size
   def update(grads, state, params=None):
     del params
     state, sub = jax.random.split(state)
-    sq_norms = _aggregate.per_example_sq_norms(grads)
-    summed = _aggregate.clipped_sum(grads, _aggregate.clip_factors(sq_norms, l2_norm_clip))
+    sq_norms = _clipping.per_example_sq_norms(grads)
+    summed = _clipping.clipped_sum(grads, _clipping.clip_factors(sq_norms, l2_norm_clip))
     realised = jnp.maximum(jnp.sum(sq_norms > 0), 1)
     out = _noisy(summed, sub, noise_multiplier * l2_norm_clip)
     return jax.tree.map(lambda x: x / realised, out), state
@@ -101,8 +101,8 @@ def complex_square_norm(l2_norm_clip, noise_multiplier, key, expected_batch_size
     sq = sum(jnp.real(jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))))
              for g in jax.tree.leaves(grads))
     sq = jnp.abs(sq)  # (the NaN of a negative one would only hide the bug)
-    summed = _aggregate.clipped_sum(grads, _aggregate.clip_factors(sq, l2_norm_clip))
-    noised, _ = _aggregate.add_gaussian_noise(summed, sub, noise_multiplier * l2_norm_clip)
+    summed = _clipping.clipped_sum(grads, _clipping.clip_factors(sq, l2_norm_clip))
+    noised, _ = _clipping.add_gaussian_noise(summed, sub, noise_multiplier * l2_norm_clip)
     return jax.tree.map(lambda x: x / expected_batch_size, noised), state
 
   return optax.GradientTransformation(init, update)

@@ -19,6 +19,7 @@ import pytest
 from scipy import stats
 
 import optax_dp
+from optax_dp import _clipping
 from optax_dp import _keys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -200,9 +201,8 @@ def test_zero_norm_examples():
   for x, y in zip(_leaves(a), _leaves(b)):     # same sum, same normaliser 3
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)
   # The clip factor of a zero norm is 1, not 0/0.
-  from optax_dp import _aggregate
   np.testing.assert_array_equal(
-      _aggregate.clip_factors(jnp.array([0.0, 4.0]), 1.0), [1.0, 0.5])
+      _clipping.clip_factors(jnp.array([0.0, 4.0]), 1.0), [1.0, 0.5])
   # Fast path (Flax MLP, book-keeping): examples with loss weight 0 have an
   # exactly zero gradient (0 * finite), i.e. zero norm in every layer's terms.
   loss_fn, params, x = _mlp_setup(batch=4)

@@ -70,7 +70,7 @@ class ComplexMLP(nn.Module):
 
 class ComplexSeqDense(nn.Module):
   """Dense over a sequence: the ghost-norm formula for T=4, d=p=16, and the
-  materialised per-example kernel for T=16, d=p=4 (see _ghost)."""
+  materialised per-example kernel for T=16, d=p=4 (see optax_dp._layer_rules)."""
   features: int
 
   @nn.compact

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from scipy import stats
 
 import optax_dp
-from optax_dp import _aggregate, _clipped
+from optax_dp import _clipped, _clipping
 
 U32 = 2.0 ** -24          # float32 unit roundoff
 SUB32 = 2.0 ** -149       # float32 smallest subnormal
@@ -278,7 +278,7 @@ def test_clip_factors_bound_each_contribution(log_clip, count, regime, seed, spe
   sq += [SUB32 * 3 if s == "sub" else s for s in specials]
   sq = np.asarray(sq, np.float32)
   mask = np.asarray(mask[:len(sq)])
-  f = np.asarray(_aggregate.clip_factors(jnp.asarray(sq), clip), np.float64)
+  f = np.asarray(_clipping.clip_factors(jnp.asarray(sq), clip), np.float64)
   finite = np.isfinite(sq)
   norm = np.sqrt(sq.astype(np.float64))
   hi = (1 + U32) ** 2 / (1 - U32) * (1 + 4 * U64)
@@ -316,7 +316,7 @@ def test_clipped_contribution_norm_at_most_clip(spec, log_clip, seed, batch, reg
   t = _gamma(n) + n * SUB32 / clip ** 2
   lo = (1 - U32) ** 3 / ((1 + U32) * math.sqrt(1 + t)) * (1 - (n + 2) * U64)
   # All examples at once, through the internal factors.
-  f = np.asarray(_aggregate.clip_factors(_aggregate.per_example_sq_norms(grads), clip),
+  f = np.asarray(_clipping.clip_factors(_clipping.per_example_sq_norms(grads), clip),
                  np.float64)
   finite_rows = np.all(np.isfinite(G), axis=1)
   norms = np.linalg.norm(np.where(finite_rows[:, None], G, 0.0), axis=1)

@@ -1,4 +1,4 @@
-"""Fast per-example clipping for Flax Linen models: book-keeping.
+"""Book-keeping for Flax Linen models: the Linen adapter of `_layer_rules`.
 
 The clipped sum `sum_i clip_C(g_i)` without materialising per-example
 gradients of the big layers (Bu, Wang, Zha & Karypis 2023, "Differentially
@@ -35,15 +35,13 @@ treated as uncovered.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from optax_dp import _clipping
+from optax_dp import _layer_rules
 
 try:  # flax is optional: without it everything is "uncovered" (vmap path).
   import flax.linen as nn
@@ -106,14 +104,6 @@ def _conv_padding_supported(padding) -> bool:
   return True
 
 
-def _to_tuple(x, n, default):
-  if x is None:
-    return (default,) * n
-  if isinstance(x, int):
-    return (x,) * n
-  return tuple(x)
-
-
 def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
              exclude: frozenset = frozenset()) -> list[_Layer]:
   """Finds the covered layers (shape-only trace of one example)."""
@@ -171,7 +161,7 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
   # called once, that the loss hands the same array (weight tying outside the
   # model, `apply({"params": {"a": p["w"], "b": p["w"]}}, x)`); covering both
   # would lose one layer's clipped sum and mis-add their norms
-  # (tests/test_ghost.py::test_shared_parameters_are_not_covered_and_auto_is_exact).
+  # (tests/test_linen.py::test_shared_parameters_are_not_covered_and_auto_is_exact).
   for layer in layers:
     for i in layer.leaf_index.values():
       owners[i] = owners.get(i, 0) + 1
@@ -247,154 +237,25 @@ def check_covered_unused(example_loss, args) -> set:
   return {j for j, v in enumerate(covered_vars) if id(v) in used}
 
 
-# ---------------------------------------------------------------------------
-# Per-layer squared norms and clipped sums.
-
-
-_sq = _clipping.squared_abs  # |x|^2 elementwise, real (complex-safe)
-
-
-def _rows(x, n):
-  """Reshapes (B, 1, ..., d) to (B, T, d) with T the product of the middle dims."""
-  return x.reshape((x.shape[0], -1, x.shape[-1])) if n is None else x.reshape(n)
-
-
-def _zero_rows(x, keep):
-  """Zeroes rows (leading axis) where keep is False, so 0 * NaN cannot leak."""
-  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
-
-
-def _sq_and_sum_linear(a, g, use_bias):
-  """Per-example squared norms and a clipped-sum function for y = a @ W (+ b).
-
-  a: (B, T, d), g: (B, T, p), float32. Every per-example quantity depends on
-  its own row only, so a NaN in one example stays in that example's norm.
-  Returns (sq, sums) with `sums(c, keep) -> {"kernel": (d, p), "bias": (p,)}`.
-  """
-  positions, d = a.shape[1], a.shape[2]
-  p = g.shape[-1]
-  if positions == 1:
-    a1, g1 = a[:, 0], g[:, 0]
-    sq = jnp.sum(_sq(a1), -1) * jnp.sum(_sq(g1), -1)
-    def kernel_sum(c, keep):
-      return jnp.dot((_zero_rows(a1, keep) * c[:, None]).T, _zero_rows(g1, keep))
-  elif positions * positions * (d + p) < positions * d * p:  # ghost norm is cheaper
-    # Complex: ||sum_t a_t g_t^T||^2 = sum_{t,s} (A A^H)_ts (G G^H)_ts, real.
-    aa = jnp.einsum("btd,bsd->bts", a, jnp.conj(a))
-    gg = jnp.einsum("btp,bsp->bts", g, jnp.conj(g))
-    sq = jnp.real(jnp.sum(aa * gg, axis=(1, 2)))
-    def kernel_sum(c, keep):
-      return jnp.einsum("btd,btp->dp", _zero_rows(a, keep) * c[:, None, None],
-                        _zero_rows(g, keep))
-  else:  # materialise each example's kernel gradient (small for image convs)
-    return _terms_from_per_example(jnp.einsum("btd,btp->bdp", a, g), g, use_bias)
-  return _with_bias(sq, kernel_sum, g, use_bias)
-
-
-def _terms_from_per_example(per_example, g, use_bias):
-  """Terms from materialised per-example kernel gradients (B, d, p)."""
-  sq = jnp.sum(_sq(per_example), axis=(1, 2))
-  def kernel_sum(c, keep):
-    return jnp.tensordot(c, _zero_rows(per_example, keep), axes=1)
-  return _with_bias(sq, kernel_sum, g, use_bias)
-
-
-def _with_bias(sq, kernel_sum, g, use_bias):
-  if not use_bias:
-    return sq, lambda c, keep: {"kernel": kernel_sum(c, keep)}
-  gb = jnp.sum(g, axis=1)
-  sq = sq + jnp.sum(_sq(gb), -1)
-  return sq, lambda c, keep: {"kernel": kernel_sum(c, keep),
-                              "bias": jnp.dot(c, _zero_rows(gb, keep))}
-
-
-def _conv_shifts(x, module):
-  """The strided input slices, one per kernel offset, in the kernel's HWIO order.
-
-  x: (B, *spatial, cin) -> list of (B, T, cin), with T the output positions:
-  concatenated along the last axis they are the im2col patches.
-  """
-  n = x.ndim - 2
-  kernel = _to_tuple(module.kernel_size, n, 1)
-  strides = _to_tuple(module.strides, n, 1)
-  dilation = _to_tuple(module.kernel_dilation, n, 1)
-  spatial = x.shape[1:-1]
-  eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
-  padding = module.padding
-  if isinstance(padding, str):
-    pads = lax.padtype_to_pads(spatial, eff, strides, padding)
-  elif isinstance(padding, int):
-    pads = [(padding, padding)] * n
-  else:
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-  x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
-  out = [(s + lo + hi - e) // st + 1 for s, (lo, hi), e, st in zip(spatial, pads, eff, strides)]
-  shifts = []
-  for offsets in itertools.product(*(range(k) for k in kernel)):
-    start = [0] + [o * d for o, d in zip(offsets, dilation)] + [0]
-    limit = ([x.shape[0]] + [s0 + (o - 1) * st + 1 for s0, o, st in zip(start[1:-1], out, strides)]
-             + [x.shape[-1]])
-    piece = lax.slice(x, start, limit, [1] + list(strides) + [1])
-    shifts.append(piece.reshape((x.shape[0], math.prod(out), x.shape[-1])))
-  return shifts
-
-
 def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
-  """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`).
-
-  Every term is computed in the compute dtype (float32 or wider): in bf16 the
-  norms would round the clip bound away (a sensitivity breach, tested).
-  """
-  f32 = lambda x: x.astype(_clipping.compute_dtype(x.dtype))
-
+  """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)
+  of one covered Linen layer, by the framework-neutral rule of its kind."""
   use_bias = "bias" in layer.leaf_index
   if layer.kind == "dense":
-    x, g = f32(inputs[0]), f32(out_grad)
-    batch = x.shape[0]
-    a = x.reshape((batch, -1, x.shape[-1]))
-    # Output dims past the input's leading dims are the (flattened) features.
-    g = g.reshape((batch, a.shape[1], -1))
-    return _sq_and_sum_linear(a, g, use_bias)
+    return _layer_rules.dense_terms(inputs[0], out_grad, use_bias)
   if layer.kind == "conv":
-    x, g = f32(inputs[0]), f32(out_grad)
-    batch = x.shape[0]
-    shifts = _conv_shifts(x.reshape((batch,) + x.shape[2:]), layer.module)
-    g = g.reshape((batch, -1, g.shape[-1]))
-    positions, d, p = g.shape[1], len(shifts) * x.shape[-1], g.shape[-1]
-    if positions == 1 or positions * positions * (d + p) < positions * d * p:
-      a = jnp.concatenate(shifts, axis=-1) if len(shifts) > 1 else shifts[0]
-      return _sq_and_sum_linear(a, g, use_bias)
-    # Per-example kernel gradients block by block (one kernel offset at a
-    # time), so the (B, T, k*k*cin) im2col matrix is never materialised.
-    blocks = [jnp.einsum("btc,btp->bcp", s, g) for s in shifts]
-    per_example = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-    return _terms_from_per_example(per_example, g, use_bias)
-
+    m = layer.module
+    return _layer_rules.conv_terms(
+        inputs[0], out_grad, kernel_size=m.kernel_size, strides=m.strides,
+        kernel_dilation=m.kernel_dilation, padding=m.padding, use_bias=use_bias)
   if layer.kind == "embed":
-    batch = out_grad.shape[0]
-    ids = inputs[0].reshape((batch, -1))
-    g = f32(out_grad).reshape((batch, ids.shape[1], -1))
-    # ||sum_t onehot(id_t) g_t^T||^2 = sum_{t,s} [id_t == id_s] <g_t, g_s>.
-    same = ids[:, :, None] == ids[:, None, :]
-    gg = jnp.einsum("btd,bsd->bts", g, jnp.conj(g))
-    sq = jnp.real(jnp.sum(jnp.where(same, gg, jnp.zeros((), gg.dtype)), axis=(1, 2)))
-    vocab = layer_params["embedding"].shape[0]
+    return _layer_rules.embed_terms(inputs[0], out_grad,
+                                    layer_params["embedding"].shape[0])
 
-    def embed_sum(c, keep):
-      rows = (_zero_rows(g, keep) * c[:, None, None]).reshape((-1, g.shape[-1]))
-      return {"embedding": jnp.zeros((vocab, g.shape[-1]), rows.dtype).at[ids.reshape(-1)].add(rows)}
-
-    return sq, embed_sum
-
-  # Generic: a vmapped VJP of this layer alone, per example.
-  def one(arrays, cotangent):
+  def apply_fn(params, arrays):
     it = iter(arrays)
     leaves = [next(it) if s is None else s for s in layer.arg_statics]
     args, kwargs = jax.tree.unflatten(layer.arg_treedef, leaves)
-    _, vjp = jax.vjp(lambda p: layer.module.apply({"params": p}, *args, **kwargs), layer_params)
-    return vjp(cotangent)[0]
+    return layer.module.apply({"params": params}, *args, **kwargs)
 
-  per_example = jax.tree.map(f32, jax.vmap(one)(inputs, out_grad))
-  sq = sum(jnp.sum(_sq(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
-  return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
-                              for name, x in per_example.items()}
+  return _layer_rules.vjp_terms(apply_fn, layer_params, inputs, out_grad)

@@ -1,0 +1,268 @@
+"""Batches of example indices: the fixed-shape, masked format every sampler
+yields, the random draws that fill them, and gathering the rows they name.
+
+What a sampler *is* as a mechanism (its parameters, accounting event and
+neighbouring relation) lives in `optax_dp._sampling`; this module holds how
+its batches are drawn and laid out. A batch's shape never depends on the
+data: the realised size of a Poisson batch is hidden behind padding rows
+(index -1, mask False) up to a static maximum. Batch t of a run is a function
+of (seed, t) alone (numpy's PCG64: reproducible, not cryptographically
+secure), so a resumed run draws the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterator, NamedTuple, Optional
+
+import numpy as np
+from scipy import stats
+
+from optax_dp import _checks
+
+# Default bound on the probability that any batch of a run overflows the static
+# maximum batch size (the sampler then raises instead of dropping examples).
+DEFAULT_OVERFLOW_PROBABILITY = 1e-12
+
+
+def poisson_max_batch_size(
+    dataset_size: int,
+    expected_batch_size: int,
+    steps: int,
+    overflow_probability: float = DEFAULT_OVERFLOW_PROBABILITY,
+) -> int:
+  """The smallest static batch size that `steps` Poisson batches overflow with
+  probability at most `overflow_probability`.
+
+  A Poisson batch has a Binomial(`dataset_size`, q) size, `q =
+  expected_batch_size / dataset_size`; a static shape needs a maximum. This is
+  the smallest `m` with `steps * P(Binomial(N, q) > m) <= overflow_probability`
+  (a union bound over the steps, by bisection on the exact binomial tail).
+
+  Privacy contract: the maximum depends only on public constants. A batch
+  above it is never silently cut: `PoissonSampler` raises (or, with
+  `truncate=True`, truncates and accounts for it), because dropping examples
+  is a different mechanism from the one the Poisson accounting analyses.
+
+  Args:
+    dataset_size: N, >= 1.
+    expected_batch_size: q * N, in [1, N].
+    steps: the number of batches in the run, >= 1.
+    overflow_probability: the bound on the probability that any batch of the
+      run overflows, in (0, 1).
+
+  Returns:
+    The static batch size, >= `expected_batch_size`.
+
+  Raises:
+    ValueError: for out-of-range arguments.
+
+  Example:
+    >>> import optax_dp
+    >>> optax_dp.poisson_max_batch_size(60000, 256, steps=5000)
+    396
+    >>> optax_dp.poisson_max_batch_size(100, 100, steps=1)  # q = 1: no slack
+    100
+  """
+  dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
+  expected_batch_size = _checks.check_int("expected_batch_size", expected_batch_size, 1)
+  steps = _checks.check_int("steps", steps, 1)
+  if expected_batch_size > dataset_size:
+    raise ValueError(
+        f"expected_batch_size ({expected_batch_size}) must be <= dataset_size "
+        f"({dataset_size}).")
+  if (isinstance(overflow_probability, bool)
+      or not isinstance(overflow_probability, numbers.Real)
+      or not 0 < overflow_probability < 1):
+    raise ValueError(
+        f"overflow_probability must be in (0, 1), got {overflow_probability!r}.")
+  q = expected_batch_size / dataset_size
+
+  def overflows(m):  # union bound over the steps: steps * P(Binomial(N, q) > m)
+    return stats.binom.sf(m, dataset_size, q) * steps > overflow_probability
+
+  # Bisection on the monotone tail (scipy's isf saturates at N for tiny tails).
+  lo, hi = expected_batch_size - 1, dataset_size  # overflows(lo) or lo < E; not overflows(hi)
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if overflows(mid):
+      lo = mid
+    else:
+      hi = mid
+  return max(hi, expected_batch_size)
+
+
+class Batch(NamedTuple):
+  """One batch of example indices, padded to a static size.
+
+  Privacy contract: feed `mask` to the gradient function (`clipped_grads`,
+  `per_example_grads`) so that padding rows contribute nothing, and normalise
+  by the sampler's public `expected_batch_size` (what `dp_aggregate` does),
+  never by `size`: the realised size of a Poisson batch is data-independent
+  but not public, and publishing it (or dividing by it) is not covered by the
+  accounting.
+
+  Attributes:
+    indices: int64 `(batch_shape,)`, the sampled example indices first, then
+      `-1` for padding.
+    mask: bool `(batch_shape,)`, True for real examples, False for padding.
+
+  Example:
+    >>> import numpy as np
+    >>> import optax_dp
+    >>> batch = optax_dp.Batch(indices=np.array([4, 7, -1]),
+    ...                        mask=np.array([True, True, False]))
+    >>> batch.size
+    2
+  """
+  indices: np.ndarray
+  mask: np.ndarray
+
+  @property
+  def size(self) -> int:
+    """The realised number of examples (data-independent, but not public)."""
+    return int(self.mask.sum())
+
+
+PoissonBatch = Batch  # The name used before the other samplers existed.
+
+
+def step_rng(seed: int, *counters: int) -> np.random.Generator:
+  """An independent PCG64 stream per (seed, counters): batch t of a run is a
+  function of (seed, t) alone, so a resumed run draws the batches the
+  uninterrupted run would have drawn."""
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *counters])))
+
+
+def round_up(x: int, multiple: Optional[int]) -> int:
+  """`x` rounded up to a positive multiple of `multiple` (None: `x` itself)."""
+  return x if multiple is None else max(1, math.ceil(x / multiple)) * multiple
+
+
+def split_logical(chosen: np.ndarray, physical: int, accumulation_steps: int
+                  ) -> Iterator[Batch]:
+  """Yields the logical batch `chosen` as `accumulation_steps` padded chunks
+  of `physical` rows each (indices sorted, padding last)."""
+  total = physical * accumulation_steps
+  indices = np.full((total,), -1, dtype=np.int64)
+  indices[:len(chosen)] = np.sort(chosen)
+  mask = np.zeros((total,), dtype=bool)
+  mask[:len(chosen)] = True
+  for j in range(accumulation_steps):
+    part = slice(j * physical, (j + 1) * physical)
+    yield Batch(indices=indices[part].copy(), mask=mask[part].copy())
+
+
+def check_run(seed: Any, steps: Any, start_step: Any, accumulation_steps: Any
+              ) -> tuple[int, range, int]:
+  """`(seed, range(start_step, steps), accumulation_steps)`, validated."""
+  if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    raise ValueError(f"seed must be a non-negative int, got {seed!r}.")
+  steps = _checks.check_int("steps", steps, 1)
+  start_step = _checks.check_int("start_step", start_step, 0)
+  accumulation_steps = _checks.check_int("accumulation_steps", accumulation_steps, 1)
+  if start_step > steps:
+    raise ValueError(f"start_step ({start_step}) must be <= steps ({steps}).")
+  return int(seed), range(start_step, steps), accumulation_steps
+
+
+def check_sizes(dataset_size: Any, batch_size: Any, batch_name: str) -> tuple[int, int]:
+  """Validated `(dataset_size, batch_size)`, the batch at most the dataset."""
+  dataset_size = _checks.check_int("dataset_size", dataset_size, 1)
+  batch_size = _checks.check_int(batch_name, batch_size, 1)
+  if batch_size > dataset_size:
+    raise ValueError(
+        f"{batch_name} ({batch_size}) must be <= dataset_size ({dataset_size}).")
+  return dataset_size, batch_size
+
+
+def poisson_draws(seed: int, steps: range, accumulation_steps: int, *,
+                  dataset_size: int, sampling_probability: float, max_size: int,
+                  truncate: bool, pad_to_multiple_of: Optional[int]
+                  ) -> Iterator[Batch]:
+  """`PoissonSampler`'s batches for `steps` (validated arguments): a
+  Binomial(N, q) size, then a uniform subset of that size (exactly Poisson
+  sampling), truncated to a uniform subset of `max_size` or refused above it."""
+  k = accumulation_steps
+  for step in steps:
+    rng = step_rng(seed, step)
+    size = int(rng.binomial(dataset_size, sampling_probability))
+    if size > max_size:
+      if not truncate:
+        raise RuntimeError(
+            f"Poisson sampler: step {step} sampled {size} examples, more than "
+            f"max_batch_size={max_size}. Dropping examples would break the "
+            "privacy accounting, so the run stops here (this depends only on "
+            "the sampler's seed, not on the data). Raise max_batch_size, leave "
+            "it at its default (which makes this astronomically unlikely), or "
+            "use truncate=True, which is accounted for.")
+      size = max_size  # truncation: a uniform subset of the Poisson sample
+    chosen = rng.choice(dataset_size, size=size, replace=False)
+    padded = round_up(max(size, 1), pad_to_multiple_of)
+    padded = min(max_size, padded) if pad_to_multiple_of else max_size
+    physical = round_up(math.ceil(padded / k), pad_to_multiple_of if k > 1 else None)
+    yield from split_logical(chosen, physical, k)
+
+
+def fixed_draws(seed: int, steps: range, accumulation_steps: int, *,
+                dataset_size: int, batch_size: int) -> Iterator[Batch]:
+  """`FixedBatchSampler`'s batches: `batch_size` distinct examples per step."""
+  physical = math.ceil(batch_size / accumulation_steps)
+  for step in steps:
+    chosen = step_rng(seed, step).choice(dataset_size, size=batch_size, replace=False)
+    yield from split_logical(chosen, physical, accumulation_steps)
+
+
+def shuffle_draws(seed: int, steps: range, accumulation_steps: int, *,
+                  dataset_size: int, batch_size: int) -> Iterator[Batch]:
+  """`ShuffleSampler`'s batches: epoch e cuts the permutation drawn from
+  (seed, e) into `dataset_size // batch_size` consecutive batches."""
+  spe, b = dataset_size // batch_size, batch_size
+  perm, perm_epoch = None, -1
+  for step in steps:
+    epoch, position = divmod(step, spe)
+    if epoch != perm_epoch:
+      perm, perm_epoch = step_rng(seed, epoch).permutation(dataset_size), epoch
+    yield from split_logical(perm[position * b:(position + 1) * b],
+                             math.ceil(b / accumulation_steps), accumulation_steps)
+
+
+def gather_batch(data: Any, batch: Batch) -> Any:
+  """Rows `batch.indices` of every array in the pytree `data`; padding rows
+  (index -1) are zeros, so a forgotten mask cannot duplicate a real example.
+
+  Privacy contract: every leaf of `data` must hold one row per example, in the
+  same order, for the indices the sampler drew (the examples the accounting
+  is about). The zero padding rows are not a substitute for the mask: a zero
+  input can still have a non-zero gradient, so pass `batch.mask` on.
+
+  Args:
+    data: a pytree of arrays with a leading example axis (numpy or jax; read
+      on the host).
+    batch: a `Batch` from a sampler.
+
+  Returns:
+    A pytree like `data` of numpy arrays with `len(batch.indices)` rows.
+
+  Example:
+    >>> import numpy as np
+    >>> import optax_dp
+    >>> data = {"x": np.arange(10.0).reshape(5, 2), "y": np.arange(5)}
+    >>> batch = optax_dp.Batch(indices=np.array([3, 1, -1]),
+    ...                        mask=np.array([True, True, False]))
+    >>> rows = optax_dp.gather_batch(data, batch)
+    >>> rows["x"].tolist(), rows["y"].tolist()
+    ([[6.0, 7.0], [2.0, 3.0], [0.0, 0.0]], [3, 1, 0])
+  """
+  import jax  # pylint: disable=import-outside-toplevel  (keeps samplers device-free)
+
+  safe = np.where(batch.mask, batch.indices, 0)
+
+  def take(x):
+    x = np.asarray(x)
+    rows = x[safe]
+    rows[~batch.mask] = 0
+    return rows
+
+  return jax.tree.map(take, data)

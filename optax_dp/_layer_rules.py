@@ -1,0 +1,206 @@
+"""Book-keeping rules per layer type, framework-neutral.
+
+Given one layer's per-example inputs and output gradients (each example a
+batch of one, stacked: leading axis B), each rule returns the per-example
+squared norms of that layer's parameter gradients and a function
+`sums(c, keep) -> {param name: sum_i c_i g_i}` for the clip factors `c`,
+without materialising per-example gradients where a cheaper form exists:
+
+* `dense_terms`: y = a @ W (+ b) over T positions: `|a|^2 |g|^2` (T = 1), the
+  ghost norm `<A A^H, G G^H>` or the materialised `A^T G`, whichever costs
+  less for the shapes.
+* `conv_terms`: a convolution as im2col + `dense_terms`, or per-example kernel
+  gradients block by block (one kernel offset at a time) when cheaper.
+* `embed_terms`: a table lookup, by token equality.
+* `vjp_terms`: any other layer: a vmapped VJP of that layer alone.
+
+Every per-example quantity depends on its own row only (a NaN stays in that
+example's norm), and rows with `keep` False are zeroed with `where` before the
+sums. Complex parameters follow `optax_dp._clipping` (C^n as R^2n). The
+framework adapters (`_linen` for Flax Linen) find the layers and call these.
+
+References:
+  Bu, Wang, Zha & Karypis 2023, "Differentially Private Optimization on Large
+  Model at Small Cost", https://arxiv.org/abs/2210.00038 (book-keeping).
+  Li, Tramer, Liang & Hashimoto 2022, "Large Language Models Can Be Strong
+  Differentially Private Learners", https://arxiv.org/abs/2110.05679 (ghost
+  norms of sequence layers).
+  Bu, Mao & Xu 2022, "Scalable and Efficient Training of Large Convolutional
+  Neural Networks with Differential Privacy", https://arxiv.org/abs/2205.10683
+  (mixed ghost clipping: the cheaper of the two forms per layer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from optax_dp import _clipping
+
+Terms = tuple  # (per-example squared norms (B,), sums(c, keep) -> {name: array})
+
+
+_sq = _clipping.squared_abs  # |x|^2 elementwise, real (complex-safe)
+
+
+def _compute(x):
+  """In the compute dtype (float32 or wider): in bf16 the norms would round
+  the clip bound away (a sensitivity breach, tested in tests/test_linen.py)."""
+  return x.astype(_clipping.compute_dtype(x.dtype))
+
+
+def _zero_rows(x, keep):
+  """Zeroes rows (leading axis) where keep is False, so 0 * NaN cannot leak."""
+  return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
+
+
+def _sq_and_sum_linear(a, g, use_bias):
+  """Per-example squared norms and a clipped-sum function for y = a @ W (+ b).
+
+  a: (B, T, d), g: (B, T, p), float32. Every per-example quantity depends on
+  its own row only, so a NaN in one example stays in that example's norm.
+  Returns (sq, sums) with `sums(c, keep) -> {"kernel": (d, p), "bias": (p,)}`.
+  """
+  positions, d = a.shape[1], a.shape[2]
+  p = g.shape[-1]
+  if positions == 1:
+    a1, g1 = a[:, 0], g[:, 0]
+    sq = jnp.sum(_sq(a1), -1) * jnp.sum(_sq(g1), -1)
+    def kernel_sum(c, keep):
+      return jnp.dot((_zero_rows(a1, keep) * c[:, None]).T, _zero_rows(g1, keep))
+  elif positions * positions * (d + p) < positions * d * p:  # ghost norm is cheaper
+    # Complex: ||sum_t a_t g_t^T||^2 = sum_{t,s} (A A^H)_ts (G G^H)_ts, real.
+    aa = jnp.einsum("btd,bsd->bts", a, jnp.conj(a))
+    gg = jnp.einsum("btp,bsp->bts", g, jnp.conj(g))
+    sq = jnp.real(jnp.sum(aa * gg, axis=(1, 2)))
+    def kernel_sum(c, keep):
+      return jnp.einsum("btd,btp->dp", _zero_rows(a, keep) * c[:, None, None],
+                        _zero_rows(g, keep))
+  else:  # materialise each example's kernel gradient (small for image convs)
+    return _terms_from_per_example(jnp.einsum("btd,btp->bdp", a, g), g, use_bias)
+  return _with_bias(sq, kernel_sum, g, use_bias)
+
+
+def _terms_from_per_example(per_example, g, use_bias):
+  """Terms from materialised per-example kernel gradients (B, d, p)."""
+  sq = jnp.sum(_sq(per_example), axis=(1, 2))
+  def kernel_sum(c, keep):
+    return jnp.tensordot(c, _zero_rows(per_example, keep), axes=1)
+  return _with_bias(sq, kernel_sum, g, use_bias)
+
+
+def _with_bias(sq, kernel_sum, g, use_bias):
+  if not use_bias:
+    return sq, lambda c, keep: {"kernel": kernel_sum(c, keep)}
+  gb = jnp.sum(g, axis=1)
+  sq = sq + jnp.sum(_sq(gb), -1)
+  return sq, lambda c, keep: {"kernel": kernel_sum(c, keep),
+                              "bias": jnp.dot(c, _zero_rows(gb, keep))}
+
+
+def _to_tuple(x, n, default):
+  if x is None:
+    return (default,) * n
+  if isinstance(x, int):
+    return (x,) * n
+  return tuple(x)
+
+
+def _conv_shifts(x, kernel_size, strides, kernel_dilation, padding):
+  """The strided input slices, one per kernel offset, in the kernel's HWIO order.
+
+  x: (B, *spatial, cin) -> list of (B, T, cin), with T the output positions:
+  concatenated along the last axis they are the im2col patches.
+  """
+  n = x.ndim - 2
+  kernel = _to_tuple(kernel_size, n, 1)
+  strides = _to_tuple(strides, n, 1)
+  dilation = _to_tuple(kernel_dilation, n, 1)
+  spatial = x.shape[1:-1]
+  eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilation)]
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(spatial, eff, strides, padding)
+  elif isinstance(padding, int):
+    pads = [(padding, padding)] * n
+  else:
+    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+  x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+  out = [(s + lo + hi - e) // st + 1 for s, (lo, hi), e, st in zip(spatial, pads, eff, strides)]
+  shifts = []
+  for offsets in itertools.product(*(range(k) for k in kernel)):
+    start = [0] + [o * d for o, d in zip(offsets, dilation)] + [0]
+    limit = ([x.shape[0]] + [s0 + (o - 1) * st + 1 for s0, o, st in zip(start[1:-1], out, strides)]
+             + [x.shape[-1]])
+    piece = lax.slice(x, start, limit, [1] + list(strides) + [1])
+    shifts.append(piece.reshape((x.shape[0], math.prod(out), x.shape[-1])))
+  return shifts
+
+
+def dense_terms(x: jax.Array, out_grad: jax.Array, use_bias: bool) -> Terms:
+  """A Dense layer (a last-axis contraction): x (B, ..., d), out_grad (B, ..., p)."""
+  x, g = _compute(x), _compute(out_grad)
+  batch = x.shape[0]
+  a = x.reshape((batch, -1, x.shape[-1]))
+  # Output dims past the input's leading dims are the (flattened) features.
+  g = g.reshape((batch, a.shape[1], -1))
+  return _sq_and_sum_linear(a, g, use_bias)
+
+
+def conv_terms(x: jax.Array, out_grad: jax.Array, *, kernel_size, strides,
+               kernel_dilation, padding, use_bias: bool) -> Terms:
+  """A convolution (one feature group, no input dilation), channels last.
+
+  x: (B, 1, *spatial, cin) (each example a batch of one), out_grad likewise.
+  """
+  x, g = _compute(x), _compute(out_grad)
+  batch = x.shape[0]
+  shifts = _conv_shifts(x.reshape((batch,) + x.shape[2:]), kernel_size, strides,
+                        kernel_dilation, padding)
+  g = g.reshape((batch, -1, g.shape[-1]))
+  positions, d, p = g.shape[1], len(shifts) * x.shape[-1], g.shape[-1]
+  if positions == 1 or positions * positions * (d + p) < positions * d * p:
+    a = jnp.concatenate(shifts, axis=-1) if len(shifts) > 1 else shifts[0]
+    return _sq_and_sum_linear(a, g, use_bias)
+  # Per-example kernel gradients block by block (one kernel offset at a
+  # time), so the (B, T, k*k*cin) im2col matrix is never materialised.
+  blocks = [jnp.einsum("btc,btp->bcp", s, g) for s in shifts]
+  per_example = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+  return _terms_from_per_example(per_example, g, use_bias)
+
+
+def embed_terms(ids: jax.Array, out_grad: jax.Array, vocab: int,
+                name: str = "embedding") -> Terms:
+  """A table lookup `table[ids]`: ids (B, ...) integers, out_grad (B, ..., d)."""
+  batch = out_grad.shape[0]
+  ids = ids.reshape((batch, -1))
+  g = _compute(out_grad).reshape((batch, ids.shape[1], -1))
+  # ||sum_t onehot(id_t) g_t^T||^2 = sum_{t,s} [id_t == id_s] <g_t, conj g_s>.
+  same = ids[:, :, None] == ids[:, None, :]
+  gg = jnp.einsum("btd,bsd->bts", g, jnp.conj(g))
+  sq = jnp.real(jnp.sum(jnp.where(same, gg, jnp.zeros((), gg.dtype)), axis=(1, 2)))
+
+  def embed_sum(c, keep):
+    rows = (_zero_rows(g, keep) * c[:, None, None]).reshape((-1, g.shape[-1]))
+    return {name: jnp.zeros((vocab, g.shape[-1]), rows.dtype).at[ids.reshape(-1)].add(rows)}
+
+  return sq, embed_sum
+
+
+def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: Any,
+              out_grad: Any) -> Terms:
+  """Any layer: `apply_fn(layer_params, example_inputs) -> outputs`, whose
+  per-example parameter gradients are a vmapped VJP of that layer alone."""
+
+  def one(example_inputs, cotangent):
+    _, vjp = jax.vjp(lambda p: apply_fn(p, example_inputs), layer_params)
+    return vjp(cotangent)[0]
+
+  per_example = jax.tree.map(_compute, jax.vmap(one)(inputs, out_grad))
+  sq = sum(jnp.sum(_sq(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
+  return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
+                              for name, x in per_example.items()}

@@ -1,0 +1,58 @@
+"""Tests for optax_dp._keys.as_typed_key: the key forms users may pass.
+
+(The noise-key reuse warning is tested in test_bad_inputs.py.)
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_dp import _keys
+
+
+def _bits(key):
+  return np.asarray(jax.random.key_data(key)).tolist()
+
+
+def test_typed_key_is_returned_as_is():
+  key = jax.random.key(7)
+  assert _keys.as_typed_key(key) is key
+
+
+@pytest.mark.parametrize("seed", [0, 3, np.int64(3), np.uint32(5), jnp.int32(9)])
+def test_int_seed_is_jax_random_key(seed):
+  got = _keys.as_typed_key(seed)
+  assert jnp.issubdtype(got.dtype, jax.dtypes.prng_key) and got.shape == ()
+  assert _bits(got) == _bits(jax.random.key(int(seed)))
+
+
+@pytest.mark.parametrize("to_array", [jnp.asarray, np.asarray])
+def test_raw_uint32_key_keeps_its_bits_and_stream(to_array):
+  raw = to_array(jax.random.PRNGKey(11))
+  got = _keys.as_typed_key(raw)
+  assert jnp.issubdtype(got.dtype, jax.dtypes.prng_key)
+  assert _bits(got) == np.asarray(raw).tolist()
+  # Same bits, same stream: what the legacy raw key itself would draw.
+  np.testing.assert_array_equal(jax.random.normal(got, (3,)),
+                                jax.random.normal(jnp.asarray(raw), (3,)))
+
+
+@pytest.mark.parametrize("bad", [
+    True,                                     # a bool is not a seed
+    1.5,                                      # a float
+    "0",                                      # a string
+    None,
+    jax.random.split(jax.random.key(0), 2),   # a batch of typed keys
+    jnp.zeros((3,), jnp.uint32),              # raw data of the wrong size
+    jnp.zeros((2,), jnp.int32),               # raw-looking, wrong dtype
+    jnp.float32(2.0),                         # a float array scalar
+], ids=["bool", "float", "str", "none", "key_batch", "uint32x3", "int32x2", "f32"])
+def test_refusals_name_the_argument(bad):
+  with pytest.raises(ValueError, match="noise_key"):
+    _keys.as_typed_key(bad, name="noise_key")
+
+
+def test_batch_of_keys_refusal_says_what_to_pass():
+  with pytest.raises(ValueError, match="single PRNG key"):
+    _keys.as_typed_key(jax.random.split(jax.random.key(0), 3))

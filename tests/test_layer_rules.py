@@ -1,0 +1,99 @@
+"""optax_dp._layer_rules: each framework-neutral book-keeping rule against the
+per-example gradients it replaces, computed directly with jax.vjp per example
+(float64 numpy reference), on plain arrays: no Flax involved."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optax_dp import _layer_rules
+
+B = 4
+
+
+def _normal(shape, seed, dtype=jnp.float32):
+  x = jax.random.normal(jax.random.key(seed), shape)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    x = x + 1j * jax.random.normal(jax.random.key(seed + 100), shape)
+  return x.astype(dtype)
+
+
+def _per_example(apply_fn, params, inputs, out_grads):
+  """Per-example parameter gradients: the VJP of each example alone."""
+  def one(x, g):
+    _, vjp = jax.vjp(lambda p: apply_fn(p, x), params)
+    return vjp(g)[0]
+  return jax.vmap(one)(inputs, out_grads)
+
+
+def _check(terms, per_example, keep=None):
+  sq, sums = terms
+  flat = [np.asarray(x, np.complex128).reshape(B, -1) for x in jax.tree.leaves(per_example)]
+  expected_sq = sum(np.sum(np.abs(f) ** 2, axis=1) for f in flat)
+  np.testing.assert_allclose(sq, expected_sq, rtol=2e-5)
+  c = jnp.array([0.5, 1.0, 0.25, 2.0])
+  keep = jnp.ones((B,), bool) if keep is None else keep
+  got = sums(c, keep)
+  weights = np.where(np.asarray(keep), np.asarray(c), 0.0)
+  for name, g in per_example.items():
+    want = np.tensordot(weights, np.asarray(g, np.complex128), axes=1)
+    # A conv kernel's sum comes flattened (k*k*cin, cout), in HWIO order.
+    np.testing.assert_allclose(np.reshape(got[name], want.shape), want, rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+@pytest.mark.parametrize("positions, d, p", [
+    (1, 5, 3),     # |a|^2 |g|^2
+    (3, 16, 16),   # the ghost norm <A A^H, G G^H> is cheaper
+    (16, 3, 2),    # materialised A^T G is cheaper
+])
+def test_dense_terms(positions, d, p, dtype):
+  params = {"kernel": _normal((d, p), 0, dtype), "bias": _normal((p,), 1, dtype)}
+  x = _normal((B, 1, positions, d), 2, dtype)        # each example a batch of one
+  g = _normal((B, 1, positions, p), 3, dtype)
+  apply_fn = lambda q, xi: xi @ q["kernel"] + q["bias"]
+  _check(_layer_rules.dense_terms(x, g, use_bias=True), _per_example(apply_fn, params, x, g))
+
+
+@pytest.mark.parametrize("padding, strides", [("SAME", 1), ("VALID", 2), ([(1, 0), (2, 1)], 1)])
+def test_conv_terms(padding, strides):
+  kernel = _normal((3, 2, 2, 4), 0)                  # HWIO
+  params = {"kernel": kernel, "bias": _normal((4,), 1)}
+
+  def apply_fn(q, xi):
+    pads = padding if isinstance(padding, str) else padding
+    y = jax.lax.conv_general_dilated(xi, q["kernel"], (strides, strides), pads,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + q["bias"]
+
+  x = _normal((B, 1, 6, 5, 2), 2)
+  out = jax.vmap(lambda xi: apply_fn(params, xi))(x)
+  g = _normal(out.shape, 3)
+  terms = _layer_rules.conv_terms(x, g, kernel_size=(3, 2), strides=strides,
+                                  kernel_dilation=1, padding=padding, use_bias=True)
+  _check(terms, _per_example(apply_fn, params, x, g))
+
+
+def test_embed_terms_with_repeated_tokens():
+  table = _normal((7, 3), 0)
+  ids = jnp.array([[0, 3, 3, 6], [1, 1, 1, 1], [2, 4, 5, 6], [0, 0, 2, 2]])[:, None]
+  g = _normal((B, 1, 4, 3), 1)
+  apply_fn = lambda q, i: q["embedding"][i]
+  terms = _layer_rules.embed_terms(ids, g, vocab=7)
+  _check(terms, _per_example(apply_fn, {"embedding": table}, ids, g))
+
+
+def test_vjp_terms_any_layer_and_keep_zeroes_a_nan_row():
+  params = {"scale": _normal((3,), 0), "offset": _normal((3,), 1)}
+  apply_fn = lambda q, xi: jnp.tanh(xi * q["scale"]) + q["offset"]
+  x = _normal((B, 1, 3), 2)
+  g = _normal((B, 1, 3), 3)
+  _check(_layer_rules.vjp_terms(apply_fn, params, x, g), _per_example(apply_fn, params, x, g))
+  # A NaN in example 0's output gradient: its norm is NaN, the others'
+  # are untouched, and with keep False for it the sums stay finite.
+  g = g.at[0].set(jnp.nan)
+  sq, sums = _layer_rules.vjp_terms(apply_fn, params, x, g)
+  assert np.isnan(sq[0]) and np.all(np.isfinite(sq[1:]))
+  keep = jnp.array([False, True, True, True])
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in sums(jnp.ones((B,)), keep).values())
