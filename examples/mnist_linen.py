@@ -186,7 +186,7 @@ def parse_args(argv=None):
   p.add_argument("--allow-budget-overrun", action="store_true",
                  help="run --steps even past the budget; the epsilon reported "
                       "grows past --epsilon accordingly")
-  p.add_argument("--accountant", choices=optax_dp._accounting.ACCOUNTANTS, default=None,
+  p.add_argument("--accountant", choices=optax_dp.ACCOUNTANTS, default=None,
                  help="default: pld, or rdp for --sampler fixed (the only one "
                       "that can account for it)")
   p.add_argument("--eval-every", type=int, default=200)

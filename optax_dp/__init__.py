@@ -20,6 +20,7 @@ from optax_dp import audit
 from optax_dp._accumulate import DPAccumulateState
 from optax_dp._clipping import clip_and_sum
 from optax_dp._accumulate import dp_accumulate
+from optax_dp._accounting import ACCOUNTANTS
 from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
 from optax_dp._accounting import dpsgd_event
@@ -55,6 +56,7 @@ from optax_dp._batches import poisson_max_batch_size
 __version__ = "0.1.0"
 
 __all__ = (
+    "ACCOUNTANTS",
     "audit",
     "Batch",
     "ClippedGrads",
