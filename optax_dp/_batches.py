@@ -84,12 +84,7 @@ def poisson_max_batch_size(
 
   # Bisection on the monotone tail (scipy's isf saturates at N for tiny tails).
   lo, hi = expected_batch_size - 1, dataset_size  # overflows(lo) or lo < E; not overflows(hi)
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    if overflows(mid):
-      lo = mid
-    else:
-      hi = mid
+  _, hi = _checks.bisect_boundary(overflows, lo, hi)
   return max(hi, expected_batch_size)
 
 

@@ -184,13 +184,7 @@ def _max_steps(noise_multiplier, target_delta, sampler, accountant, target_epsil
       raise ValueError(
           f"noise_multiplier={noise_multiplier} allows more than {limit} steps "
           f"within epsilon {target_epsilon}; pass steps= instead.")
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    if within(mid):
-      lo = mid
-    else:
-      hi = mid
-  return lo
+  return _checks.bisect_boundary(within, lo, hi)[0]
 
 
 def find_dp_state(tree: Any):

@@ -122,3 +122,23 @@ def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
     raise error(message)
 
   jax.lax.cond(predicate, lambda: jax.debug.callback(fail), lambda: None)
+
+
+def bisect_boundary(predicate, lo: int, hi: int) -> tuple[int, int]:
+  """`(lo, hi)` with `hi == lo + 1`, `predicate(lo)` True and `predicate(hi)`
+  False, for a predicate that is True up to a point and False after it.
+
+  The caller vouches for the ends (`predicate(lo)` True, or `lo` a sentinel
+  below the range; `predicate(hi)` False); each step halves the interval, so
+  it ends after about log2(hi - lo) calls.
+
+  >>> bisect_boundary(lambda n: n * n <= 50, 0, 100)
+  (7, 8)
+  """
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if predicate(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, hi
