@@ -50,24 +50,6 @@ _MIN_SIGMA = 1e-2
 _MAX_VERIFY_STEPS = 50
 
 
-def _to_float(name: str, value: Any) -> float:
-  if isinstance(value, bool):
-    raise ValueError(f"{name} must be a number, got a bool.")
-  try:
-    return float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number, got {value!r}.") from None
-
-
-def _check_delta(target_delta: Any) -> float:
-  target_delta = _to_float("target_delta", target_delta)
-  if not 0 < target_delta < 1:
-    raise ValueError(
-        f"target_delta must be in (0, 1), got {target_delta}. A common choice "
-        "is well below 1/dataset_size, e.g. 1e-5 for 60000 examples.")
-  return target_delta
-
-
 def resolve_sampler(sampler: Optional[_sampling.Sampler], dataset_size: Any,
                     batch_size: Any) -> _sampling.Sampler:
   """`sampler`, or Poisson sampling of `batch_size` of `dataset_size`."""
@@ -211,27 +193,12 @@ def compute_epsilon(
     ...                                batch_size=256), 2)
     0.6
   """
-  noise_multiplier = _check_noise_multiplier(noise_multiplier)
-  target_delta = _check_delta(target_delta)
+  noise_multiplier = _checks.check_noise_multiplier(noise_multiplier)
+  target_delta = _checks.check_delta(target_delta)
   sampler = resolve_sampler(sampler, dataset_size, batch_size)
   steps = _checks.check_int("steps", steps, 1)
   accountant = resolve_accountant(accountant, sampler)
   return _epsilon(noise_multiplier, target_delta, sampler, steps, accountant)
-
-
-def _check_noise_multiplier(noise_multiplier: Any) -> float:
-  noise_multiplier = _to_float("noise_multiplier", noise_multiplier)
-  if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
-    raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}.")
-  return noise_multiplier
-
-
-def _check_epsilon(target_epsilon: Any) -> float:
-  target_epsilon = _to_float("target_epsilon", target_epsilon)
-  if not math.isfinite(target_epsilon) or target_epsilon <= 0:
-    raise ValueError(
-        f"target_epsilon must be a finite number > 0, got {target_epsilon}.")
-  return target_epsilon
 
 
 def _round_up(x: float, digits: int = _SIGNIFICANT_DIGITS) -> float:
@@ -345,8 +312,8 @@ def calibrate_noise_multiplier(
     ...                                 batch_size=256, accountant="rdp") <= 1.0
     (1.04, True)
   """
-  target_epsilon = _check_epsilon(target_epsilon)
-  target_delta = _check_delta(target_delta)
+  target_epsilon = _checks.check_epsilon(target_epsilon)
+  target_delta = _checks.check_delta(target_delta)
   sampler = resolve_sampler(sampler, dataset_size, batch_size)
   steps = _checks.check_int("steps", steps, 1)
   accountant = resolve_accountant(accountant, sampler)

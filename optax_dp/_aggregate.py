@@ -250,8 +250,11 @@ def dp_aggregate(
     >>> update["w"].shape, int(state.step)
     ((3,), 1)
   """
-  _checks.refuse_traced("dp_aggregate", l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-                 key=key, expected_batch_size=expected_batch_size)
+  # The key may be traced (it only seeds the noise); the parameters the noise
+  # scale and the accounting depend on may not.
+  _checks.refuse_traced("dp_aggregate", l2_norm_clip=l2_norm_clip,
+                        noise_multiplier=noise_multiplier,
+                        expected_batch_size=expected_batch_size)
   l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
   noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
       noise_multiplier, expected_batch_size, budget, allow_budget_overrun)

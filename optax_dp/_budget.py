@@ -140,7 +140,7 @@ def privacy_budget(
         "privacy_budget needs exactly two of target_epsilon, steps and "
         "noise_multiplier (the third is derived from them).")
   sampler = _accounting.resolve_sampler(sampler, None, None)
-  target_delta = _accounting._check_delta(target_delta)  # pylint: disable=protected-access
+  target_delta = _checks.check_delta(target_delta)
   accountant = _accounting.resolve_accountant(accountant, sampler)
   if noise_multiplier is None:
     steps = _checks.check_int("steps", steps, 1)
@@ -149,7 +149,7 @@ def privacy_budget(
         accountant=accountant)
     return PrivacyBudget(sampler, noise_multiplier, target_delta, steps, accountant,
                          float(target_epsilon))
-  noise_multiplier = _accounting._check_noise_multiplier(noise_multiplier)  # pylint: disable=protected-access
+  noise_multiplier = _checks.check_noise_multiplier(noise_multiplier)
   if noise_multiplier == 0:
     raise ValueError(
         "A privacy budget needs noise: noise_multiplier=0 is not differentially "
@@ -158,7 +158,7 @@ def privacy_budget(
     steps = _checks.check_int("steps", steps, 1)
     return PrivacyBudget(sampler, noise_multiplier, target_delta, steps, accountant,
                          None)
-  target_epsilon = _accounting._check_epsilon(target_epsilon)  # pylint: disable=protected-access
+  target_epsilon = _checks.check_epsilon(target_epsilon)
   max_steps = _max_steps(noise_multiplier, target_delta, sampler, accountant,
                          target_epsilon)
   return PrivacyBudget(sampler, noise_multiplier, target_delta, max_steps, accountant,

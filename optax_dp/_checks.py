@@ -8,6 +8,15 @@ import warnings
 from typing import Any, Optional
 
 
+def _to_float(name: str, value: Any) -> float:
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a number, got a bool.")
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number, got {value!r}.") from None
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
   """`value` as an int, or ValueError unless it is a finite integer >= minimum."""
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
@@ -18,18 +27,32 @@ def check_int(name: str, value: Any, minimum: int) -> int:
 
 def check_positive_finite(name: str, value: Any) -> float:
   """`value` as a float, or ValueError unless it is a finite number > 0."""
-  if isinstance(value, bool):
-    raise ValueError(f"{name} must be a number, got {value!r}.")
-  try:
-    value = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a number, got {value!r}.") from None
+  value = _to_float(name, value)
   if not math.isfinite(value) or value <= 0:
     raise ValueError(
         f"{name} must be a finite number > 0, got {value}. It bounds each "
         "example's influence: pick the scale of typical gradient norms "
         "(e.g. 0.1 to 1.0).")
   return value
+
+
+def check_delta(target_delta: Any) -> float:
+  """`target_delta` as a float in (0, 1), or ValueError."""
+  target_delta = _to_float("target_delta", target_delta)
+  if not 0 < target_delta < 1:
+    raise ValueError(
+        f"target_delta must be in (0, 1), got {target_delta}. A common choice "
+        "is well below 1/dataset_size, e.g. 1e-5 for 60000 examples.")
+  return target_delta
+
+
+def check_epsilon(target_epsilon: Any) -> float:
+  """`target_epsilon` as a finite float > 0, or ValueError."""
+  target_epsilon = _to_float("target_epsilon", target_epsilon)
+  if not math.isfinite(target_epsilon) or target_epsilon <= 0:
+    raise ValueError(
+        f"target_epsilon must be a finite number > 0, got {target_epsilon}.")
+  return target_epsilon
 
 
 def check_noise_multiplier(noise_multiplier: Any, *, warn_if_zero: bool = False) -> float:
@@ -41,13 +64,7 @@ def check_noise_multiplier(noise_multiplier: Any, *, warn_if_zero: bool = False)
   (`calibrate_noise_multiplier`, `privacy_budget`) refuses it as out of
   reach; the CLI prints "not differentially private". A bool is refused.
   """
-  if isinstance(noise_multiplier, bool):
-    raise ValueError("noise_multiplier must be a number, got a bool.")
-  try:
-    noise_multiplier = float(noise_multiplier)
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"noise_multiplier must be a number, got {noise_multiplier!r}.") from None
+  noise_multiplier = _to_float("noise_multiplier", noise_multiplier)
   if not math.isfinite(noise_multiplier) or noise_multiplier < 0:
     raise ValueError(
         f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}."

@@ -44,7 +44,7 @@ def as_typed_key(key: KeyLike, *, name: str = "key") -> jax.Array:
     if key.dtype == jnp.uint32 and key.shape == (2,):
       return jax.random.wrap_key_data(jnp.asarray(key))
     if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
-      return jax.random.key(int(key))
+      return jax.random.key(key)  # also for a traced seed (no int())
   raise ValueError(
       f"{name} must be a jax.random.key(...) (or a legacy uint32[2] "
       f"jax.random.PRNGKey) or an int seed; got {type(key).__name__} "

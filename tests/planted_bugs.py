@@ -141,15 +141,22 @@ SETTINGS = [
 ]
 
 
-def run_setting(factory, noise_multiplier, num_canaries, canaries_per_step, seed=0):
-  """Runs optax_dp.audit on one row of SETTINGS; returns the AuditReport."""
+def _audit(factory, l2_norm_clip, noise_multiplier, num_canaries, canaries_per_step,
+           seed, dtype=jnp.float32):
+  """optax_dp.audit of `factory`'s transform on params of PARAMS_SHAPES."""
   from optax_dp import audit  # pylint: disable=g-import-not-at-top
 
-  params = {k: jnp.zeros(s, jnp.float32) for k, s in PARAMS_SHAPES.items()}
+  params = {k: jnp.zeros(s, dtype) for k, s in PARAMS_SHAPES.items()}
   return audit.audit_transformation(
-      lambda: factory(L2_NORM_CLIP, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
-      params, l2_norm_clip=L2_NORM_CLIP, noise_multiplier=noise_multiplier,
+      lambda: factory(l2_norm_clip, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
+      params, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
       num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)
+
+
+def run_setting(factory, noise_multiplier, num_canaries, canaries_per_step, seed=0):
+  """Runs optax_dp.audit on one row of SETTINGS; returns the AuditReport."""
+  return _audit(factory, L2_NORM_CLIP, noise_multiplier, num_canaries,
+                canaries_per_step, seed)
 
 
 # Audits at a clip norm C != 1, where bugs that confuse the noise multiplier
@@ -166,13 +173,8 @@ CLIP_SETTINGS = [
 def run_clip_setting(factory, l2_norm_clip, noise_multiplier, num_canaries,
                      canaries_per_step, seed=0):
   """Runs optax_dp.audit on one row of CLIP_SETTINGS; returns the AuditReport."""
-  from optax_dp import audit  # pylint: disable=g-import-not-at-top
-
-  params = {k: jnp.zeros(s, jnp.float32) for k, s in PARAMS_SHAPES.items()}
-  return audit.audit_transformation(
-      lambda: factory(l2_norm_clip, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
-      params, l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier,
-      num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)
+  return _audit(factory, l2_norm_clip, noise_multiplier, num_canaries,
+                canaries_per_step, seed)
 
 
 # Audits of complex parameters (C^n as R^2n: the canaries and scores use both
@@ -185,10 +187,5 @@ COMPLEX_SETTINGS = [
 
 def run_complex_setting(factory, noise_multiplier, num_canaries, canaries_per_step, seed=0):
   """Runs optax_dp.audit on one row of COMPLEX_SETTINGS (complex64 params)."""
-  from optax_dp import audit  # pylint: disable=g-import-not-at-top
-
-  params = {k: jnp.zeros(s, jnp.complex64) for k, s in PARAMS_SHAPES.items()}
-  return audit.audit_transformation(
-      lambda: factory(L2_NORM_CLIP, noise_multiplier, 1234, EXPECTED_BATCH_SIZE),
-      params, l2_norm_clip=L2_NORM_CLIP, noise_multiplier=noise_multiplier,
-      num_canaries=num_canaries, canaries_per_step=canaries_per_step, seed=seed)
+  return _audit(factory, L2_NORM_CLIP, noise_multiplier, num_canaries,
+                canaries_per_step, seed, dtype=jnp.complex64)

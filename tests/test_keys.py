@@ -56,3 +56,21 @@ def test_refusals_name_the_argument(bad):
 def test_batch_of_keys_refusal_says_what_to_pass():
   with pytest.raises(ValueError, match="single PRNG key"):
     _keys.as_typed_key(jax.random.split(jax.random.key(0), 3))
+
+
+def test_a_traced_key_or_seed_is_accepted_inside_jit():
+  """The key only seeds the noise: a transform built inside jit from a traced
+  key (or traced int seed) releases the same update as one built outside.
+  (The parameters the accounting depends on may not be traced: see
+  tests/test_composition.py::test_inject_hyperparams.)"""
+  import optax_dp  # pylint: disable=import-outside-toplevel
+  params, grads = {"w": jnp.zeros(3)}, {"w": jnp.ones((4, 3))}
+
+  def release(key):
+    tx = optax_dp.dp_aggregate(1.0, 1.0, key=key, expected_batch_size=4)
+    return tx.update(grads, tx.init(params), params)[0]["w"]
+
+  eager = release(7)
+  np.testing.assert_allclose(jax.jit(release)(jnp.int32(7)), eager, rtol=1e-6)  # jit vs eager rounding
+  np.testing.assert_allclose(jax.jit(release)(jax.random.key(7)), eager, rtol=1e-6)
+  assert not np.allclose(jax.jit(release)(jnp.int32(8)), eager)
