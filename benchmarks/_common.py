@@ -1,11 +1,12 @@
 """Helpers shared by the benchmark scripts (step_time.py, transformer_step.py,
-peak_memory.py, opacus_step.py): argument checks, the machine description, the
-round-robin timing loop, the median / ratio summary and table, JSON output.
+peak_memory.py, opacus_step.py): the benchmark's hyper-parameters, argument
+checks, the machine description, the round-robin timing loop, the median /
+ratio summary and table, the `--check` report, JSON output.
 
 Standard library only: opacus_step.py imports it from a venv without JAX, and
-the JAX scripts from one without torch. The scripts run as
-`python benchmarks/X.py`, so this directory is sys.path[0] and
-`import _common` finds this file.
+the JAX scripts from one without torch (their JAX-side helpers are in
+_jax_common.py). The scripts run as `python benchmarks/X.py`, so this
+directory is sys.path[0] and `import _common` finds this file.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
+
+# The step every timing script measures, JAX and PyTorch alike: SGD with
+# momentum after clipping at C and Gaussian noise of std sigma * C on the sum.
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+L2_NORM_CLIP = 0.1
+NOISE_MULTIPLIER = 1.34
+# --check tolerance, relative to the update size: float32 rounding passes, a
+# wrong clip factor or normaliser does not.
+CHECK_RTOL = 1e-3
 
 
 def parse_rows(parser, args, all_rows: Sequence[str]) -> list[str]:
@@ -67,19 +78,8 @@ def git_revision(root: str, path: str) -> str:
     return "unknown"
 
 
-def jax_versions_header(info: dict, jax_privacy: bool = True) -> str:
-  """The "jax ..., optax ...; nproc N (cpu, backend); " start of a header."""
-  return (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
-          + (f"jax-privacy {info['jax_privacy']}, " if jax_privacy else "")
-          + f"optax_dp {info['optax_dp']} ({info['optax_dp_git']}); "
-          f"nproc {info['nproc']} ({info['cpu']}, {info['backend']}); ")
-
-
-def xla_flags_suffix(info: dict) -> str:
-  return f"; XLA_FLAGS={info['XLA_FLAGS']}" if info["XLA_FLAGS"] else ""
-
-
 def loadavg_suffix(load: float | None) -> str:
+  """"; 1-min load avg at start L" for a header, or "" without a load average."""
   return (f"; 1-min load avg at start {load:.1f}" if load is not None else "")
 
 
@@ -117,6 +117,7 @@ def summarize(times: dict[str, list[float]], base_row: str,
 
 
 def fmt_ratio(x: float | None) -> str:
+  """A ratio to 2 decimals, "n/a" for None."""
   return "n/a" if x is None else f"{x:.2f}"
 
 
@@ -132,6 +133,57 @@ def summary_table(title: str, summary: dict, ms_format: str = ".0f") -> str:
                  f"{fmt_ratio(s.get('ratio_of_medians'))} | "
                  f"{fmt_ratio(s.get('median_round_ratio'))} |")
   return "\n".join(lines)
+
+
+def print_check_header(batch_size: int, steps: int, clip: float,
+                       n_clipped: int) -> None:
+  """The "## --check: ..." line that opens the check at one clip norm."""
+  print(f"## --check: batch {batch_size}, noise_multiplier 0, {steps} steps, "
+        f"C={clip:.4g} ({n_clipped}/{batch_size} examples clipped at step 1)")
+
+
+def finish_check(results: dict, failed: bool, what: str) -> dict:
+  """Exits with status 1 after "CHECK FAILED", or says `what` agree."""
+  if failed:
+    print("CHECK FAILED")
+    sys.exit(1)
+  print(f"check passed: {what} compute the same update\n", flush=True)
+  return results
+
+
+def reference_check(rows: Sequence[str], clips: Sequence[tuple[float, int]], *,
+                    reference: Callable[[float], tuple[Any, float]],
+                    row_diff: Callable[[str, float, Any], float],
+                    base_row: str, batch_size: int, steps: int,
+                    name_width: int, what: str) -> dict:
+  """--check of every row against a plain reference, any framework.
+
+  For each `(clip, n_clipped)` of `clips`: `reference(clip)` returns the
+  reference's params after `steps` steps (sigma = 0) and its max |update|;
+  `row_diff(name, clip, ref)` runs the same steps with row `name` and returns
+  max |params - ref|, which must be within CHECK_RTOL of the update, except
+  for `base_row` (not DP: expected to differ). Exits with status 1 on a
+  mismatch; returns {"C=...": the per-clip results}.
+  """
+  results, failed = {}, False
+  for clip, n_clipped in clips:
+    print_check_header(batch_size, steps, clip, n_clipped)
+    ref, ref_update = reference(clip)
+    tol = CHECK_RTOL * ref_update
+    res = {"l2_norm_clip": clip, "examples_clipped": n_clipped,
+           "max_abs_update_reference": ref_update, "tolerance": tol, "rows": {}}
+    for name in rows:
+      diff = row_diff(name, clip, ref)
+      res["rows"][name] = diff
+      ok = name == base_row or diff <= tol
+      failed |= not ok
+      note = ("(not DP: expected to differ)" if name == base_row
+              else "ok" if ok else "MISMATCH")
+      print(f"  {name:{name_width}s} max|params - reference| = {diff:.2e}  {note}")
+    print(f"  (reference max|params - params0| = {ref_update:.2e}; "
+          f"tolerance {tol:.1e})")
+    results[f"C={clip:.4g}"] = res
+  return finish_check(results, failed, what)
 
 
 def write_json(path: str, **fields) -> None:

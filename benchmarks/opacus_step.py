@@ -1,6 +1,6 @@
 """Step time of one DP-SGD training step in PyTorch + Opacus (the peer baseline).
 
-A PyTorch copy of step_time.py's Flax Linen CNN (NCHW 1x28x28: Conv(1->32, 3x3,
+A PyTorch copy of the Flax Linen CNN in examples/models.py (NCHW 1x28x28: Conv(1->32, 3x3,
 pad 1)-ReLU-AvgPool2-Conv(32->64, 3x3, pad 1)-ReLU-AvgPool2-Flatten(3136)-
 Linear(256)-ReLU-Linear(10)), mean cross-entropy, SGD(lr 0.1, momentum 0.9),
 C = 0.1, sigma = 1.34, random data, eager mode, torch.set_num_threads(2). Rows:
@@ -42,10 +42,6 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=wrong-import-position
 
-LEARNING_RATE = 0.1
-MOMENTUM = 0.9
-L2_NORM_CLIP = 0.1
-NOISE_MULTIPLIER = 1.34
 ALL_ROWS = ("torch_non_private", "opacus_hooks", "opacus_ghost")
 
 
@@ -55,6 +51,12 @@ def make_model(seed: int = 0) -> nn.Module:
       nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
       nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
       nn.Flatten(), nn.Linear(3136, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+  """SGD with the benchmark's learning rate and momentum (as the JAX rows)."""
+  return torch.optim.SGD(model.parameters(), lr=_common.LEARNING_RATE,
+                         momentum=_common.MOMENTUM)
 
 
 def make_batch(batch_size: int, seed: int = 0):
@@ -70,8 +72,7 @@ class Row:
   def __init__(self, name, model, batch, noise_multiplier, l2_norm_clip):
     from opacus import PrivacyEngine  # pylint: disable=import-outside-toplevel
     self.name = name
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE,
-                                momentum=MOMENTUM)
+    optimizer = _sgd(model)
     criterion = nn.CrossEntropyLoss()
     if name == "torch_non_private":
       self.model, self.optimizer, self.criterion = model, optimizer, criterion
@@ -104,8 +105,8 @@ class Row:
     return [p.detach().clone() for p in self.model.parameters()]
 
 
-def build_row(name, batch, noise_multiplier=NOISE_MULTIPLIER,
-              l2_norm_clip=L2_NORM_CLIP) -> Row:
+def build_row(name, batch, noise_multiplier=_common.NOISE_MULTIPLIER,
+              l2_norm_clip=_common.L2_NORM_CLIP) -> Row:
   if name not in ALL_ROWS:
     raise ValueError(f"unknown row {name!r}; choose from {ALL_ROWS}")
   return Row(name, make_model(0), batch, noise_multiplier, l2_norm_clip)
@@ -124,7 +125,7 @@ def per_example_grads(model, x, y):
 def reference_params(batch, l2_norm_clip, steps):
   """Manual clip / mean / SGD-momentum (sigma = 0)."""
   model = make_model(0)
-  opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
+  opt = _sgd(model)
   x, y = batch
   for _ in range(steps):
     grads = per_example_grads(model, x, y)
@@ -145,6 +146,7 @@ def _max_abs_diff(a, b):
 
 
 def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
+  """sigma = 0, small batch: both Opacus rows must match the manual reference."""
   batch = make_batch(batch_size, seed=1)
   model0 = make_model(0)
   params0 = [p.detach().clone() for p in model0.parameters()]
@@ -152,35 +154,23 @@ def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
       float(torch.sqrt(sum(torch.sum(t * t) for t in g)))
       for g in per_example_grads(model0, *batch)])
   median = float(torch.median(norms))
-  results, failed = {}, False
-  for clip in (L2_NORM_CLIP, median):
-    n_clipped = int(torch.sum(norms > clip))
-    print(f"## --check: batch {batch_size}, noise_multiplier 0, {steps} steps, "
-          f"C={clip:.4g} ({n_clipped}/{batch_size} examples clipped at step 1)")
+  clips = [(clip, int(torch.sum(norms > clip)))
+           for clip in (_common.L2_NORM_CLIP, median)]
+
+  def reference(clip):
     ref = reference_params(batch, clip, steps)
-    ref_update = _max_abs_diff(ref, params0)
-    tol = 1e-3 * ref_update
-    res = {"l2_norm_clip": clip, "examples_clipped": n_clipped,
-           "max_abs_update_reference": ref_update, "tolerance": tol, "rows": {}}
-    for name in rows:
-      row = build_row(name, batch, 0.0, clip)
-      for _ in range(steps):
-        row.step(*batch)
-      diff = _max_abs_diff(row.params(), ref)
-      res["rows"][name] = diff
-      ok = name == "torch_non_private" or diff <= tol
-      failed |= not ok
-      note = ("(not DP: expected to differ)" if name == "torch_non_private"
-              else "ok" if ok else "MISMATCH")
-      print(f"  {name:18s} max|params - reference| = {diff:.2e}  {note}")
-    print(f"  (reference max|params - params0| = {ref_update:.2e}; "
-          f"tolerance {tol:.1e})")
-    results[f"C={clip:.4g}"] = res
-  if failed:
-    print("CHECK FAILED")
-    sys.exit(1)
-  print("check passed: the Opacus rows compute the same update\n", flush=True)
-  return results
+    return ref, _max_abs_diff(ref, params0)
+
+  def row_diff(name, clip, ref):
+    row = build_row(name, batch, 0.0, clip)
+    for _ in range(steps):
+      row.step(*batch)
+    return _max_abs_diff(row.params(), ref)
+
+  return _common.reference_check(
+      rows, clips, reference=reference, row_diff=row_diff,
+      base_row="torch_non_private", batch_size=batch_size, steps=steps,
+      name_width=18, what="the Opacus rows")
 
 
 def versions() -> dict:
@@ -218,8 +208,8 @@ def main(argv=None):
   info = versions()
   header = (f"torch {info['torch']}, opacus {info['opacus']}; nproc {info['nproc']} "
             f"({info['cpu']}), torch threads {info['torch_threads']}, eager; "
-            f"batch {args.batch_size}, {args.rounds} rounds, C={L2_NORM_CLIP}, "
-            f"sigma={NOISE_MULTIPLIER}"
+            f"batch {args.batch_size}, {args.rounds} rounds, "
+            f"C={_common.L2_NORM_CLIP}, sigma={_common.NOISE_MULTIPLIER}"
             + _common.loadavg_suffix(info["loadavg_at_start"]))
   print(header, flush=True)
 
@@ -250,8 +240,9 @@ def main(argv=None):
   if args.json_out:
     _common.write_json(
         args.json_out, versions=info, batch_size=args.batch_size,
-        rounds=args.rounds, warmup=args.warmup, l2_norm_clip=L2_NORM_CLIP,
-        noise_multiplier=NOISE_MULTIPLIER, rows=summary, check=check,
+        rounds=args.rounds, warmup=args.warmup,
+        l2_norm_clip=_common.L2_NORM_CLIP,
+        noise_multiplier=_common.NOISE_MULTIPLIER, rows=summary, check=check,
         markdown=table)
 
 

@@ -59,7 +59,7 @@ def one_row(row: str, batch_size: int, steps: int) -> None:
   out = {"row": row, "batch_size": batch_size, "steps": 0,
          "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}
   if row != "import_only":
-    r = step_time.build_row(row, batch_size, step_time.NOISE_MULTIPLIER)
+    r = step_time.build_row(row, batch_size, _common.NOISE_MULTIPLIER)
     opt_state = r.init(params)
     step = jax.jit(r.step, donate_argnums=(0, 1))
     times = []
@@ -114,17 +114,15 @@ def measure(row: str, batch_size: int, steps: int) -> dict:
 
 def driver(args) -> None:
   sys.path.insert(0, HERE)
-  import step_time  # pylint: disable=import-outside-toplevel
-  info = step_time.versions()
+  import _jax_common  # pylint: disable=import-outside-toplevel
+  info = _jax_common.versions()
   rows = [r.strip() for r in args.rows.split(",") if r.strip()]
   sizes = [int(b) for b in args.batch_sizes.split(",")]
   num_params = _num_params()
-  header = (_common.jax_versions_header(info)
-            + f"{num_params} params; /usr/bin/time -v max RSS, one process per "
-            f"row; {args.steps} steps ({args.big_steps} for per-example rows at "
-            f"B>=1024), the first compiles"
-            + _common.xla_flags_suffix(info)
-            + _common.loadavg_suffix(_common.loadavg()))
+  header = _jax_common.header(
+      info, f"{num_params} params; /usr/bin/time -v max RSS, one process per "
+      f"row; {args.steps} steps ({args.big_steps} for per-example rows at "
+      f"B>=1024), the first compiles")
   print(header, flush=True)
 
   results = {}

@@ -27,7 +27,6 @@ import shutil
 import sys
 import time
 
-import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -38,24 +37,7 @@ import optax_dp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mnist_data  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-class CNN(nn.Module):
-  """The tutorial's CNN."""
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(features=32, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = nn.Conv(features=64, kernel_size=(3, 3))(x)
-    x = nn.relu(x)
-    x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
-    x = nn.Dense(features=256)(x)
-    x = nn.relu(x)
-    x = nn.Dense(features=10)(x)
-    return x
+from models import CNN  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def make_loss_fn(model):

@@ -1,0 +1,212 @@
+"""JAX-side helpers shared by step_time.py, transformer_step.py and peak_memory.py.
+
+The rows every JAX script has (`non_private`, `optax_dp_auto`,
+`optax_dp_vmap`) and the train step they share, the `--check` pieces
+(per-example norms, the two clip norms, sigma = 0 steps, tree differences),
+the versions record and header line, and the compile / warm-up / round-robin
+timing of a set of rows. Only optax_dp's public API is used.
+
+Needs JAX (the standard-library helpers are in _common.py, which
+opacus_step.py also uses). Imported as `import _jax_common` by scripts in this
+directory, which is then sys.path[0].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import time
+import warnings
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_dp
+
+import _common
+
+OPTAX_DP_ROWS = ("non_private", "optax_dp_auto", "optax_dp_vmap")
+
+LossFn = Callable[[Any, Any], jax.Array]
+
+
+class Row(NamedTuple):
+  """One row: its optimizer's init and its (un-jitted) train step."""
+  init: Callable[[Any], Any]                        # params -> opt_state
+  step: Callable[[Any, Any, Any], tuple[Any, Any]]  # (params, opt_state, batch)
+
+
+def sgd() -> optax.GradientTransformation:
+  """The optimizer after the DP part, in every row: SGD with momentum."""
+  return optax.sgd(_common.LEARNING_RATE, momentum=_common.MOMENTUM)
+
+
+def make_row(tx: optax.GradientTransformation,
+             grad_fn: Callable[[Any, Any], Any]) -> Row:
+  """The train step `grads = grad_fn(params, batch)`, then `tx`, as a Row."""
+
+  def step(params, opt_state, batch):
+    grads = grad_fn(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  return Row(tx.init, step)
+
+
+def optax_dp_row(name: str, loss_fn: LossFn, batch_size: int,
+                 noise_multiplier: float, l2_norm_clip: float) -> Row:
+  """One of OPTAX_DP_ROWS for `loss_fn`, the ordinary batched mean loss.
+
+  `non_private`: jax.grad + SGD. `optax_dp_auto`: `optax_dp.clipped_grads(
+  loss_fn, C, method="auto")` (book-keeping; a ClippedGrads for dp_aggregate),
+  `optax_dp_vmap`: `optax_dp.per_example_grads(loss_fn)`, both followed by
+  chain(dp_aggregate(C, sigma, key, expected_batch_size=B), SGD).
+  """
+  if name == "non_private":
+    return make_row(sgd(), jax.grad(loss_fn))
+  if name not in OPTAX_DP_ROWS:
+    raise ValueError(f"unknown row {name!r}; choose from {OPTAX_DP_ROWS}")
+  tx = optax.chain(
+      optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
+                            expected_batch_size=batch_size),
+      sgd())
+  if name == "optax_dp_vmap":
+    return make_row(tx, optax_dp.per_example_grads(loss_fn))
+  return make_row(tx, optax_dp.clipped_grads(loss_fn, l2_norm_clip,
+                                             method="auto"))
+
+
+def cross_entropy_loss(model) -> LossFn:
+  """`loss_fn(params, (inputs, labels))`: mean softmax cross-entropy of `model`."""
+
+  def loss_fn(params, batch):
+    inputs, labels = batch
+    logits = model.apply({"params": params}, inputs)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return loss_fn
+
+
+@contextlib.contextmanager
+def quiet_sigma0() -> Iterator[None]:
+  """Silences the noise_multiplier=0 warning (and peers' DeprecationWarnings)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*noise_multiplier=0.*")
+    warnings.simplefilter("ignore", DeprecationWarning)
+    yield
+
+
+def max_abs_diff(a, b) -> float:
+  """max |a - b| over all leaves of two trees of the same structure."""
+  return max(float(jnp.max(jnp.abs(x - y)))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def per_example_grads_and_norms(loss_fn: LossFn, params, batch):
+  """Plain JAX (no optax_dp): vmapped grads of batches of one, and their norms.
+
+  Returns (grads with a leading batch axis, (B,) global L2 norms).
+  """
+  def one(p, example):
+    return loss_fn(p, jax.tree.map(lambda x: x[None], example))
+
+  g = jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
+  return g, jnp.sqrt(sum(jnp.sum(l.reshape(l.shape[0], -1) ** 2, axis=1)
+                         for l in jax.tree.leaves(g)))
+
+
+def check_clips(loss_fn: LossFn, params, batch,
+                l2_norm_clip: float) -> list[tuple[float, int]]:
+  """The --check clip norms with how many examples each clips at `params`.
+
+  The benchmark's C and the median per-example norm (about half clipped, so
+  both branches of min(1, C / ||g||) are exercised).
+  """
+  norms = jax.jit(lambda p, b: per_example_grads_and_norms(loss_fn, p, b)[1])(
+      params, batch)
+  median = float(jnp.median(norms))
+  return [(clip, int(jnp.sum(norms > clip))) for clip in (l2_norm_clip, median)]
+
+
+def run_sigma0_steps(build: Callable[[], Row], params, batch, steps: int):
+  """Builds a row (sigma = 0 warnings silenced) and runs `steps` jitted steps.
+
+  Returns the params after them; `params` itself is not donated.
+  """
+  with quiet_sigma0():
+    row = build()
+    p, s = params, row.init(params)
+    step = jax.jit(row.step)
+    for _ in range(steps):
+      p, s = step(p, s, batch)
+  return p
+
+
+def versions() -> dict:
+  """Versions, the optax_dp git revision, machine, backend, XLA_FLAGS, load."""
+  try:
+    import jax_privacy  # pylint: disable=import-outside-toplevel
+    jp = jax_privacy.__version__
+  except ImportError:
+    jp = "not installed"
+  machine = _common.machine_info()
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  # which optax_dp source was measured (dirty: uncommitted edits)
+  git = _common.git_revision(root, "optax_dp")
+  return {"optax_dp_git": git, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "optax": optax.__version__,
+          "flax": flax.__version__, "jax_privacy": jp,
+          "optax_dp": optax_dp.__version__, "python": platform.python_version(),
+          "nproc": machine["nproc"], "cpu": machine["cpu"],
+          "backend": jax.default_backend(), "devices": str(jax.devices()),
+          "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+          "loadavg_at_start": _common.loadavg()}
+
+
+def header(info: dict, setting: str, jax_privacy: bool = True) -> str:
+  """The output's first line: versions, machine, `setting`, XLA_FLAGS, load."""
+  return (f"jax {info['jax']}, optax {info['optax']}, flax {info['flax']}, "
+          + (f"jax-privacy {info['jax_privacy']}, " if jax_privacy else "")
+          + f"optax_dp {info['optax_dp']} ({info['optax_dp_git']}); "
+          f"nproc {info['nproc']} ({info['cpu']}, {info['backend']}); "
+          + setting
+          + (f"; XLA_FLAGS={info['XLA_FLAGS']}" if info["XLA_FLAGS"] else "")
+          + _common.loadavg_suffix(info["loadavg_at_start"]))
+
+
+def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
+              rounds: int, ms_format: str = ".0f") -> dict:
+  """Compiles and warms up every row, then times them round-robin.
+
+  Each row gets its own copy of `params0` (params and optimizer state are
+  donated). Returns `_common.summarize`'s summary (ratios to `non_private`).
+  """
+  state, compiled, compile_s = {}, {}, {}
+  for name in rows:
+    row = build(name)
+    params = jax.tree.map(jnp.copy, params0)
+    opt_state = row.init(params)
+    t0 = time.perf_counter()
+    compiled[name] = jax.jit(row.step, donate_argnums=(0, 1)).lower(
+        params, opt_state, batch).compile()
+    compile_s[name] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state[name] = jax.block_until_ready(
+        compiled[name](params, opt_state, batch))   # warm-up step
+    print(f"{name}: compiled in {compile_s[name]:.1f} s, warm-up step "
+          f"{1e3 * (time.perf_counter() - t0):.0f} ms", flush=True)
+
+  def run_step(name):
+    params, opt_state = state[name]
+    state[name] = jax.block_until_ready(compiled[name](params, opt_state, batch))
+
+  times = _common.round_robin(rows, rounds, run_step, ms_format=ms_format)
+  for name, (params, _) in state.items():
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
+      print(f"WARNING: non-finite params in {name} after timing")
+  return _common.summarize(times, "non_private", compile_s)
