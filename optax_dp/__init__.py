@@ -21,9 +21,11 @@ from optax_dp._accumulate import DPAccumulateState
 from optax_dp._clipping import clip_and_sum
 from optax_dp._accumulate import dp_accumulate
 from optax_dp._accounting import ACCOUNTANTS
+from optax_dp._accounting import SamplingArgs
 from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
 from optax_dp._accounting import dpsgd_event
+from optax_dp._aggregate import AggregateOptions
 from optax_dp._aggregate import DPAggregateState
 from optax_dp._aggregate import NoiseReplayError
 from optax_dp._budget import PrivacyBudget
@@ -32,6 +34,7 @@ from optax_dp._budget import privacy_budget
 from optax_dp._budget import privacy_statement
 from optax_dp._clipping import ClippedGrads
 from optax_dp._keys import NoiseKeyReuseWarning
+from optax_dp._clipped import ClipOptions
 from optax_dp._clipped import clipped_grads
 from optax_dp._clipped import value_and_clipped_grads
 from optax_dp._aggregate import dp_aggregate
@@ -59,7 +62,10 @@ __all__ = (
     "ACCOUNTANTS",
     "audit",
     "Batch",
+    "AggregateOptions",
+    "ClipOptions",
     "ClippedGrads",
+    "SamplingArgs",
     "DPAccumulateState",
     "DPAggregateState",
     "FixedBatchSampler",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, TypedDict, Unpack
 
 import dp_accounting
 from dp_accounting import pld
@@ -122,7 +122,7 @@ def _make_accountant(accountant: str, sampler: _sampling.Sampler, *,
 
 
 @functools.lru_cache(maxsize=1024)
-def _epsilon(noise_multiplier: float, target_delta: float, sampler: _sampling.Sampler,
+def cached_epsilon(noise_multiplier: float, target_delta: float, sampler: _sampling.Sampler,
              steps: int, accountant: str, coarse: bool = False) -> float:
   """Epsilon on validated arguments (pure, so cached: loops ask at every eval)."""
   if noise_multiplier == 0:
@@ -136,6 +136,32 @@ def _epsilon(noise_multiplier: float, target_delta: float, sampler: _sampling.Sa
         f"PLD accounting for noise_multiplier={noise_multiplier} needs more "
         "memory than this machine has (the privacy loss distribution of such "
         "small noise is huge); use accountant='rdp' for this setting.") from None
+
+
+class SamplingArgs(TypedDict, total=False):
+  """How the batches were drawn and accounted: `compute_epsilon`'s keyword
+  options, which `calibrate_noise_multiplier` takes as
+  `**sampling: Unpack[SamplingArgs]` (one definition, one validation).
+
+  Keys:
+    dataset_size, batch_size: shorthand for `sampler=PoissonSampler(
+      dataset_size, batch_size)`.
+    sampler: the sampler the run used.
+    accountant: `"pld"` or `"rdp"`; default: the sampler's first.
+  """
+  dataset_size: Optional[int]
+  batch_size: Optional[int]
+  sampler: Optional[_sampling.Sampler]
+  accountant: Optional[str]
+
+
+def _resolve_schedule(target_delta, steps, dataset_size=None, batch_size=None,
+                      sampler=None, accountant=None):
+  """(target_delta, sampler, steps, accountant), validated and resolved."""
+  target_delta = _checks.check_delta(target_delta)
+  sampler = resolve_sampler(sampler, dataset_size, batch_size)
+  steps = _checks.check_int("steps", steps, 1)
+  return target_delta, sampler, steps, resolve_accountant(accountant, sampler)
 
 
 def compute_epsilon(
@@ -194,11 +220,9 @@ def compute_epsilon(
     0.6
   """
   noise_multiplier = _checks.check_noise_multiplier(noise_multiplier)
-  target_delta = _checks.check_delta(target_delta)
-  sampler = resolve_sampler(sampler, dataset_size, batch_size)
-  steps = _checks.check_int("steps", steps, 1)
-  accountant = resolve_accountant(accountant, sampler)
-  return _epsilon(noise_multiplier, target_delta, sampler, steps, accountant)
+  target_delta, sampler, steps, accountant = _resolve_schedule(
+      target_delta, steps, dataset_size, batch_size, sampler, accountant)
+  return cached_epsilon(noise_multiplier, target_delta, sampler, steps, accountant)
 
 
 def _round_up(x: float, digits: int = _SIGNIFICANT_DIGITS) -> float:
@@ -239,10 +263,10 @@ def _calibrate_pld(target_epsilon, target_delta, sampler, steps) -> float:
      always meets the budget whatever these steps return.
   """
   def fine(sigma):
-    return _epsilon(sigma, target_delta, sampler, steps, "pld")
+    return cached_epsilon(sigma, target_delta, sampler, steps, "pld")
 
   def coarse(sigma):
-    return _epsilon(sigma, target_delta, sampler, steps, "pld", coarse=True)
+    return cached_epsilon(sigma, target_delta, sampler, steps, "pld", coarse=True)
 
   rdp_sampler = sampler
   if "rdp" not in sampler.accountants:
@@ -270,10 +294,7 @@ def calibrate_noise_multiplier(
     target_delta: float,
     *,
     steps: int,
-    dataset_size: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    sampler: Optional[_sampling.Sampler] = None,
-    accountant: Optional[str] = None,
+    **sampling: Unpack[SamplingArgs],
 ) -> float:
   """The smallest noise multiplier whose epsilon is at most `target_epsilon`.
 
@@ -292,8 +313,9 @@ def calibrate_noise_multiplier(
   Args:
     target_epsilon: the privacy budget, > 0.
     target_delta: in (0, 1).
-    steps, dataset_size, batch_size, sampler, accountant: as in
-      `compute_epsilon`.
+    steps: as in `compute_epsilon`.
+    **sampling: `dataset_size`, `batch_size`, `sampler`, `accountant`, as in
+      `compute_epsilon` (`SamplingArgs`).
 
   Returns:
     The noise multiplier sigma to pass to `dp_aggregate`.
@@ -312,11 +334,14 @@ def calibrate_noise_multiplier(
     ...                                 batch_size=256, accountant="rdp") <= 1.0
     (1.04, True)
   """
+  unknown = sorted(set(sampling) - set(SamplingArgs.__annotations__))
+  if unknown:
+    raise TypeError("calibrate_noise_multiplier() got unexpected keyword "
+                    f"arguments {unknown}; it takes steps= and "
+                    f"{sorted(SamplingArgs.__annotations__)}.")
   target_epsilon = _checks.check_epsilon(target_epsilon)
-  target_delta = _checks.check_delta(target_delta)
-  sampler = resolve_sampler(sampler, dataset_size, batch_size)
-  steps = _checks.check_int("steps", steps, 1)
-  accountant = resolve_accountant(accountant, sampler)
+  target_delta, sampler, steps, accountant = _resolve_schedule(
+      target_delta, steps, **sampling)
   return _calibrate(target_epsilon, target_delta, sampler, steps, accountant)
 
 
@@ -344,7 +369,7 @@ def _verify_budget(sigma, target_epsilon, target_delta, sampler, steps, accounta
   RuntimeError (a bug in the calibration, never a budget overrun) otherwise.
   """
   start = sigma
-  epsilon = _epsilon(sigma, target_delta, sampler, steps, accountant)
+  epsilon = cached_epsilon(sigma, target_delta, sampler, steps, accountant)
   for _ in range(_MAX_VERIFY_STEPS):
     if epsilon <= target_epsilon:
       return sigma
@@ -355,7 +380,7 @@ def _verify_budget(sigma, target_epsilon, target_delta, sampler, steps, accounta
           f"digit gave {bigger!r} (the rounding must go up). No noise "
           "multiplier is returned rather than one that overspends the budget.")
     sigma = bigger
-    epsilon = _epsilon(sigma, target_delta, sampler, steps, accountant)
+    epsilon = cached_epsilon(sigma, target_delta, sampler, steps, accountant)
   if epsilon <= target_epsilon:
     return sigma
   raise RuntimeError(

@@ -8,7 +8,7 @@ constant: the Gaussian mechanism at the heart of DP-SGD (Abadi et al. 2016,
 from __future__ import annotations
 
 import typing
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -329,6 +329,21 @@ def dp_aggregate(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class AggregateOptions(TypedDict, total=False):
+  """`dp_aggregate`'s keyword options, which `dpsgd` takes as
+  `**options: Unpack[AggregateOptions]` and passes on unchanged (documented
+  and validated once, by `dp_aggregate`).
+
+  Keys:
+    expected_batch_size, rescale_to_unit_norm, budget, allow_budget_overrun:
+      see `dp_aggregate`.
+  """
+  expected_batch_size: Optional[int]
+  rescale_to_unit_norm: bool
+  budget: Optional[_Budget]
+  allow_budget_overrun: bool
+
+
 def dpsgd(
     learning_rate: optax.ScalarOrSchedule,
     l2_norm_clip: float,
@@ -337,16 +352,16 @@ def dpsgd(
     *,
     momentum: Optional[float] = None,
     nesterov: bool = False,
-    expected_batch_size: Optional[int] = None,
-    rescale_to_unit_norm: bool = False,
-    budget: Optional[_Budget] = None,
-    allow_budget_overrun: bool = False,
+    **options: Unpack[AggregateOptions],
 ) -> optax.GradientTransformation:
   """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
 
-  See `dp_aggregate` for the privacy contract and the arguments it shares;
-  `learning_rate`, `momentum` and `nesterov` are those of `optax.sgd` (the SGD
-  step after the noise is post-processing: it costs no privacy).
+  See `dp_aggregate` for the privacy contract and the arguments it shares
+  (`l2_norm_clip`, `noise_multiplier`, `key` and the keyword `**options`:
+  `expected_batch_size`, `rescale_to_unit_norm`, `budget`,
+  `allow_budget_overrun`); `learning_rate`, `momentum` and `nesterov` are
+  those of `optax.sgd` (the SGD step after the noise is post-processing: it
+  costs no privacy).
 
   References:
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
@@ -362,8 +377,5 @@ def dpsgd(
     (3,)
   """
   return optax.chain(
-      dp_aggregate(l2_norm_clip, noise_multiplier, key,
-                   expected_batch_size=expected_batch_size,
-                   rescale_to_unit_norm=rescale_to_unit_norm, budget=budget,
-                   allow_budget_overrun=allow_budget_overrun),
+      dp_aggregate(l2_norm_clip, noise_multiplier, key, **options),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))

@@ -89,7 +89,7 @@ class PrivacyBudget:
 
 
 # Epsilon on validated arguments; cached, as loops ask for it at every eval.
-_cached_epsilon = _accounting._epsilon  # pylint: disable=protected-access
+_cached_epsilon = _accounting.cached_epsilon
 
 
 def privacy_budget(

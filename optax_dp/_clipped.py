@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
@@ -20,14 +20,33 @@ ClippedGrads = _clipping.ClippedGrads  # defined with the clipping rules
 METHODS = ("auto", "ghost", "vmap")
 
 
+class ClipOptions(TypedDict, total=False):
+  """The keyword options every clipped-gradient builder takes.
+
+  `value_and_clipped_grads` spells them out; `clipped_grads` and the
+  `sharded_*` builders take them as `**options: Unpack[ClipOptions]` (type
+  checkers and IDEs expand them) and pass them on, so they are validated and
+  documented in one place.
+
+  Keys:
+    method: `"auto"` (default), `"ghost"` or `"vmap"`.
+    has_aux: whether `loss_fn` returns `(loss, aux)` (default False).
+    microbatch_size: process the batch in sequential chunks of this size
+      (default None: one chunk).
+  """
+  method: str
+  has_aux: bool
+  microbatch_size: Optional[int]
+
+
 def value_and_clipped_grads(
-    loss_fn: Callable[..., Any],
+    loss_fn: _per_example.LossFn,
     l2_norm_clip: float,
     *,
     method: str = "auto",
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
-) -> Callable[..., Any]:
+) -> _per_example.BatchGradFn[tuple[Any, ClippedGrads]]:
   """Per-example losses and the clipped gradient sum, for `dp_aggregate`.
 
   `loss_fn(params, batch)` is the same ordinary batched loss as for
@@ -91,10 +110,10 @@ def value_and_clipped_grads(
     return _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask)
 
   def fn(params, batch, mask=None):
-    batch_size = _per_example._batch_size(batch)
+    batch_size = _per_example.batch_rows(batch)
     params = _devices.local_params(params, batch, "clipped_grads")
     mask = (jnp.ones((batch_size,), bool) if mask is None
-            else _per_example._check_mask(mask, batch_size))
+            else _per_example.check_mask(mask, batch_size))
     # Trace-time check: a Linen BatchNorm in training mode is not per-example
     # (see _per_example.no_cross_example_layers). It covers every method,
     # including the ghost path's discovery trace, which runs first.
@@ -111,17 +130,16 @@ def value_and_clipped_grads(
 
 
 def clipped_grads(
-    loss_fn: Callable[..., Any],
+    loss_fn: _per_example.LossFn,
     l2_norm_clip: float,
-    *,
-    method: str = "auto",
-    has_aux: bool = False,
-    microbatch_size: Optional[int] = None,
-) -> Callable[..., Any]:
+    **options: Unpack[ClipOptions],
+) -> _per_example.BatchGradFn[Any]:
   """The clipped gradient sum of an ordinary batched loss, for `dp_aggregate`.
 
-  Same as `value_and_clipped_grads` but returns only the `ClippedGrads` (or
-  `(ClippedGrads, aux)` with `has_aux`): `fn(params, batch, mask=None)`. It
+  Same as `value_and_clipped_grads`, with the same keyword options (`method`,
+  `has_aux`, `microbatch_size`: `optax_dp.ClipOptions`), but returns only the
+  `ClippedGrads` (or `(ClippedGrads, aux)` with `has_aux`):
+  `fn(params, batch, mask=None)`. It
   replaces `per_example_grads(loss_fn)` in a train step, nothing else changes.
   Privacy contract: each real example (mask True) contributes at most
   `l2_norm_clip` to the sum; `dp_aggregate` with the same clip adds the noise.
@@ -139,9 +157,8 @@ def clipped_grads(
     >>> [round(float(v), 3) for v in clipped.clipped_sum["w"]]  # 3 examples, norm 1 each
     [-2.121, -2.121]
   """
-  value_and_clipped = value_and_clipped_grads(
-      loss_fn, l2_norm_clip, method=method, has_aux=has_aux,
-      microbatch_size=microbatch_size)
+  value_and_clipped = value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
+  has_aux = options.get("has_aux", False)
 
   def fn(params, batch, mask=None):
     values, clipped = value_and_clipped(params, batch, mask)
@@ -168,8 +185,8 @@ def _finish(l2_norm_clip, sq_norms, mask):
 
 def _mask_values(values, mask, has_aux):
   if has_aux:
-    return (_per_example._zero_masked(values[0], mask), values[1])
-  return _per_example._zero_masked(values, mask)
+    return (_per_example.zero_masked(values[0], mask), values[1])
+  return _per_example.zero_masked(values, mask)
 
 
 def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):

@@ -31,7 +31,7 @@ class BatchGradFn(Protocol[_Out]):
     ...
 
 
-def _batch_size(batch: chex.ArrayTree) -> int:
+def batch_rows(batch: chex.ArrayTree) -> int:
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ValueError("per_example_grads: the batch is empty (no array leaves).")
@@ -51,7 +51,7 @@ def _batch_size(batch: chex.ArrayTree) -> int:
   return sizes.pop()
 
 
-def _check_mask(mask, batch_size: int) -> jax.Array:
+def check_mask(mask, batch_size: int) -> jax.Array:
   mask = jnp.asarray(mask)
   if mask.shape != (batch_size,):
     raise ValueError(
@@ -60,7 +60,7 @@ def _check_mask(mask, batch_size: int) -> jax.Array:
   return mask.astype(bool)
 
 
-def _zero_masked(tree: chex.ArrayTree, mask: jax.Array) -> chex.ArrayTree:
+def zero_masked(tree: chex.ArrayTree, mask: jax.Array) -> chex.ArrayTree:
   """Zeroes rows where mask is False (`where`, so NaN in padding cannot leak)."""
 
   def zero(x):
@@ -212,7 +212,7 @@ def value_and_per_example_grads(
   value_and_grad = jax.value_and_grad(single_example_loss, has_aux=has_aux)
 
   def fn(params, batch, mask=None):
-    batch_size = _batch_size(batch)
+    batch_size = batch_rows(batch)
     params = _devices.local_params(params, batch, "per_example_grads")
     with no_cross_example_layers("per_example_grads"):
       if microbatch_size is None or microbatch_size >= batch_size:
@@ -222,12 +222,12 @@ def value_and_per_example_grads(
             lambda example: value_and_grad(params, example), batch,
             batch_size=microbatch_size)
     if mask is not None:
-      mask = _check_mask(mask, batch_size)
-      grads = _zero_masked(grads, mask)
+      mask = check_mask(mask, batch_size)
+      grads = zero_masked(grads, mask)
       if has_aux:
-        values = (_zero_masked(values[0], mask), values[1])
+        values = (zero_masked(values[0], mask), values[1])
       else:
-        values = _zero_masked(values, mask)
+        values = zero_masked(values, mask)
     return values, grads
 
   return fn

@@ -27,7 +27,7 @@ The examples below use a one-device mesh, `Mesh(np.array(jax.devices()[:1]),
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Unpack
 
 import chex
 import jax
@@ -41,11 +41,11 @@ from optax_dp import _per_example
 
 
 def _default_mask(batch):
-  return jnp.ones((_per_example._batch_size(batch),), bool)  # pylint: disable=protected-access
+  return jnp.ones((_per_example.batch_rows(batch),), bool)
 
 
 def _check_divisible(batch, mesh, axis_name, caller):
-  size = _per_example._batch_size(batch)  # pylint: disable=protected-access
+  size = _per_example.batch_rows(batch)
   devices = mesh.shape[axis_name]
   if size % devices:
     raise ValueError(
@@ -61,9 +61,7 @@ def sharded_value_and_clipped_grads(
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
-    method: str = "auto",
-    has_aux: bool = False,
-    microbatch_size: Optional[int] = None,
+    **options: Unpack[_clipped.ClipOptions],
 ) -> _per_example.BatchGradFn[tuple[Any, _clipped.ClippedGrads]]:
   """`value_and_clipped_grads` over a batch split across `mesh[axis_name]`.
 
@@ -77,7 +75,9 @@ def sharded_value_and_clipped_grads(
   device (the same key): exactly the single-device mechanism, whose
   accounting is unchanged. Parameters are replicated (`P()`), the batch and
   mask are split along their leading axis, whose size must be a multiple of
-  the number of devices on the axis.
+  the number of devices on the axis. `**options` are
+  `value_and_clipped_grads`'s (`method`, `has_aux`, `microbatch_size`: see
+  `optax_dp.ClipOptions`), applied per device.
 
   Privacy contract: the same as on one device (`value_and_clipped_grads`): a
   per-example `loss_fn`, and the noise added once to the global sum, by a
@@ -107,9 +107,7 @@ def sharded_value_and_clipped_grads(
     >>> clipped.batch_size  # the global batch
     2
   """
-  local_fn = _clipped.value_and_clipped_grads(
-      loss_fn, l2_norm_clip, method=method, has_aux=has_aux,
-      microbatch_size=microbatch_size)
+  local_fn = _clipped.value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
   devices = mesh.shape[axis_name]
 
   def local(params, batch, mask):
@@ -137,9 +135,7 @@ def sharded_clipped_grads(
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
-    method: str = "auto",
-    has_aux: bool = False,
-    microbatch_size: Optional[int] = None,
+    **options: Unpack[_clipped.ClipOptions],
 ) -> _per_example.BatchGradFn[_clipped.ClippedGrads]:
   """`sharded_value_and_clipped_grads` without the values: `fn(params, batch,
   mask=None) -> ClippedGrads`, replicated, for `dp_aggregate`.
@@ -149,12 +145,10 @@ def sharded_clipped_grads(
   summation order), so the accounting is the single-device one.
 
   Example:
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> import optax_dp
-    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    >>> def loss_fn(w, x):
-    ...   return jnp.mean(x @ w)
+    >>> import jax, jax.numpy as jnp, numpy as np, optax_dp
+    >>> loss_fn = lambda w, x: jnp.mean(x @ w)
     >>> x = jnp.array([[3.0, 4.0], [0.0, 0.5]])  # gradient norms 5 and 0.5
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     >>> sharded = jax.jit(optax_dp.sharded_clipped_grads(loss_fn, 1.0, mesh=mesh))
     >>> single = jax.jit(optax_dp.clipped_grads(loss_fn, 1.0))
     >>> bool(jnp.allclose(sharded(jnp.ones(2), x).clipped_sum,
@@ -162,8 +156,7 @@ def sharded_clipped_grads(
     True
   """
   fn = sharded_value_and_clipped_grads(
-      loss_fn, l2_norm_clip, mesh=mesh, axis_name=axis_name, method=method,
-      has_aux=has_aux, microbatch_size=microbatch_size)
+      loss_fn, l2_norm_clip, mesh=mesh, axis_name=axis_name, **options)
   return lambda params, batch, mask=None: fn(params, batch, mask)[1]
 
 

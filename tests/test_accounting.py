@@ -266,9 +266,9 @@ def test_budget_verification_is_bounded(monkeypatch):
     calls.append(args[0])
     return math.inf
 
-  monkeypatch.setattr(_accounting, "_epsilon", never_within)
+  monkeypatch.setattr(_accounting, "cached_epsilon", never_within)
   # RDP calibration (dp_accounting's own, which this patch does not touch),
-  # then the verification, which asks the patched _epsilon.
+  # then the verification, which asks the patched cached_epsilon.
   with pytest.raises(RuntimeError, match="calibration bug"):
     optax_dp.calibrate_noise_multiplier(1.0, 1e-5, dataset_size=1000, batch_size=10,
                                         steps=7, accountant="rdp")
@@ -622,3 +622,11 @@ def test_rejects_non_sampler_object():
                                      optax_dp.PoissonSampler(1000, 10)])
 def test_dpsgd_event_with_sampler_is_samplers_event(sampler):
   assert optax_dp.dpsgd_event(1.3, steps=250, sampler=sampler) == sampler.dp_event(1.3, 250)
+
+
+def test_calibrate_refuses_an_unknown_keyword_by_its_own_name():
+  # calibrate_noise_multiplier takes its sampling keywords as **sampling
+  # (SamplingArgs, shared with compute_epsilon): a typo must still be a
+  # TypeError naming calibrate_noise_multiplier, not a private helper.
+  with pytest.raises(TypeError, match=r"calibrate_noise_multiplier\(\).*datasetsize"):
+    optax_dp.calibrate_noise_multiplier(1.0, 1e-5, steps=10, datasetsize=100)
