@@ -35,6 +35,7 @@ from optax_dp._budget import privacy_statement
 from optax_dp._clipping import ClippedGrads
 from optax_dp._keys import NoiseKeyReuseWarning
 from optax_dp._clipped import ClipOptions
+from optax_dp._clipped import PerExampleFallbackWarning
 from optax_dp._clipped import clipped_grads
 from optax_dp._clipped import value_and_clipped_grads
 from optax_dp._aggregate import dp_aggregate
@@ -70,6 +71,7 @@ __all__ = (
     "DPAggregateState",
     "FixedBatchSampler",
     "NoiseKeyReuseWarning",
+    "PerExampleFallbackWarning",
     "NoiseReplayError",
     "PoissonBatch",
     "PoissonSampler",

@@ -111,6 +111,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
                              inner_state=tx.init(params))
 
   def update_fn(updates, state, params=None):
+    updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
     if not isinstance(updates, _clipping.ClippedGrads):
       raise ValueError(
           "dp_accumulate takes the ClippedGrads of each physical batch: use "

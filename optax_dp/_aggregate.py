@@ -98,6 +98,7 @@ def _as_clipped(updates, params, l2_norm_clip: float):
   Output dtypes: the gradients' (bf16 in, bf16 out), or the params' for a
   ClippedGrads (whose sum is float32 or wider).
   """
+  updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
   if not isinstance(updates, _clipping.ClippedGrads):
     _composition.refuse_params_shaped(updates, params)
     _clipping.batch_size_of(updates)

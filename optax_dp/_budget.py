@@ -72,7 +72,8 @@ class PrivacyBudget:
 
   def steps_taken(self, opt_state: Any) -> int:
     """The number of noisy steps the `dp_aggregate` in `opt_state` released."""
-    return int(find_dp_state(opt_state).step)
+    # jax.tree.leaves: the step of an nnx.Optimizer's state is an nnx variable.
+    return int(jax.tree.leaves(find_dp_state(opt_state).step)[0])
 
   def epsilon_spent(self, opt_state: Any) -> float:
     """Epsilon of the updates released so far, read from the optimizer state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, TypedDict, Unpack
 
 import jax
@@ -11,6 +12,7 @@ from optax_dp import _checks
 from optax_dp import _clipping
 from optax_dp import _devices
 from optax_dp import _linen
+from optax_dp import _nnx
 from optax_dp import _per_example
 
 
@@ -18,6 +20,13 @@ ClippedGrads = _clipping.ClippedGrads  # defined with the clipping rules
 
 
 METHODS = ("auto", "ghost", "vmap")
+
+
+class PerExampleFallbackWarning(UserWarning):
+  """`clipped_grads(method="auto")` computes per-example gradients for some
+  parameters: no book-keeping rule covers them. The numbers and the privacy
+  are the same; only speed and memory differ. Said once per set of parameters
+  (filter it with `warnings.filterwarnings("ignore", category=...)`)."""
 
 
 class ClipOptions(TypedDict, total=False):
@@ -33,10 +42,13 @@ class ClipOptions(TypedDict, total=False):
     has_aux: whether `loss_fn` returns `(loss, aux)` (default False).
     microbatch_size: process the batch in sequential chunks of this size
       (default None: one chunk).
+    wrt: for a Flax NNX model: the variables trained (an nnx filter, default
+      `nnx.Param`).
   """
   method: str
   has_aux: bool
   microbatch_size: Optional[int]
+  wrt: Any
 
 
 def value_and_clipped_grads(
@@ -46,6 +58,7 @@ def value_and_clipped_grads(
     method: str = "auto",
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
+    wrt: Any = None,
 ) -> _per_example.BatchGradFn[tuple[Any, ClippedGrads]]:
   """Per-example losses and the clipped gradient sum, for `dp_aggregate`.
 
@@ -78,6 +91,19 @@ def value_and_clipped_grads(
     has_aux: whether `loss_fn` returns `(loss, aux)`.
     microbatch_size: process the batch in sequential chunks of this size
       (`lax.scan`), summing the chunks' clipped sums; same numbers, less memory.
+    wrt: for a Flax NNX model only: the variables trained (an nnx filter,
+      default `nnx.Param`; e.g. `nnx.LoRAParam`).
+
+  Flax NNX: `params` may be an `nnx.Module`, with `loss_fn(model, batch)`; only
+  the `wrt` variables are clipped (and later noised). The clipped sum is then
+  an `nnx.State` of those variables, each holding a `ClippedGrads` of its own
+  array, which `nnx.Optimizer(model, tx, wrt=...).update(model, grads)` passes
+  to `dp_aggregate` (which gathers them into one): the swap is
+  `optimizer.update(model, clipped_grads(loss_fn, C)(model, batch, mask))`.
+  Random streams and `nnx.BatchNorm` as in `value_and_per_example_grads`.
+  Book-keeping rules cover Linen layers only so far: for an NNX model `"auto"`
+  computes per-example gradients (and says so once, with a
+  `PerExampleFallbackWarning`), and `"ghost"` raises.
 
   Returns:
     `fn(params, batch, mask=None) -> (losses, ClippedGrads)`.
@@ -110,6 +136,16 @@ def value_and_clipped_grads(
     return _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask)
 
   def fn(params, batch, mask=None):
+    if _nnx.is_module(params):
+      values, clipped = _nnx.call(
+          lambda pure: value_and_clipped_grads(
+              pure, l2_norm_clip, method=method, has_aux=has_aux,
+              microbatch_size=microbatch_size),
+          loss_fn, params, batch, mask, wrt, "clipped_grads")
+      return values, _nnx.as_optimizer_grads(clipped)
+    if wrt is not None:
+      raise ValueError("clipped_grads(wrt=...) selects the variables of a Flax "
+                       "NNX model; these params are a plain pytree.")
     batch_size = _per_example.batch_rows(batch)
     params = _devices.local_params(params, batch, "clipped_grads")
     mask = (jnp.ones((batch_size,), bool) if mask is None
@@ -222,14 +258,23 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
                          if set(l.leaf_index.values()) & leaky}
   else:  # pragma: no cover (unreachable: see the bound above)
     raise RuntimeError("optax_dp ghost clipping: layer discovery did not settle.")
-  if method == "ghost" and uncovered:
+  if uncovered:
     names = [jax.tree_util.keystr(p) for p, _ in
              jax.tree_util.tree_flatten_with_path(params)[0]]
-    raise ValueError(
-        "clipped_grads(method='ghost'): parameters "
-        f"{[names[i] for i in uncovered][:8]} are not owned by a Flax Linen layer "
-        "called once through __call__ (shared, reused or used outside their "
-        "module). Use method='auto' (per-example gradients for those) or 'vmap'.")
+    missing = [names[i] for i in uncovered]
+    shown = f"{missing[:8]}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    if method == "ghost":
+      raise ValueError(
+          f"clipped_grads(method='ghost'): parameters {shown} are not owned by a "
+          "Flax Linen layer called once through __call__ (shared, reused or used "
+          "outside their module; Flax NNX layers have no book-keeping rule yet). "
+          "Use method='auto' (per-example gradients for those) or 'vmap'.")
+    warnings.warn(
+        f"clipped_grads(method='auto'): no book-keeping rule covers parameters "
+        f"{shown} ({len(missing)} of {len(leaves)}): they get per-example "
+        "gradients (the same clipped sum, slower and more memory). Covered: "
+        "parameters of Flax Linen layers each called once through __call__.",
+        PerExampleFallbackWarning, stacklevel=2)
 
   batch_size = mask.shape[0]
   zs = [jax.tree.map(lambda s: jnp.zeros((batch_size,) + s.shape, s.dtype), layer.out_struct)

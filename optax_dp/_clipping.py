@@ -64,6 +64,41 @@ jax.tree_util.register_dataclass(
     meta_fields=["l2_norm_clip", "batch_size"])
 
 
+def _is_clipped(x: Any) -> bool:
+  return isinstance(x, ClippedGrads)
+
+
+def gather_clipped_leaves(updates: Any) -> Any:
+  """One `ClippedGrads` from a tree whose every leaf is a `ClippedGrads`.
+
+  The NNX adapter hands `nnx.Optimizer` the clipped sum as one `ClippedGrads`
+  per parameter (each of one array: the optimizer keeps only its `wrt`
+  variables); this gathers them back. A `ClippedGrads`, or a tree with no
+  `ClippedGrads` leaf, is returned as it is.
+
+  Raises:
+    ValueError: if only some leaves are `ClippedGrads`, or they disagree on
+      the clip norm or the batch size (sums of different batches or clips).
+  """
+  if _is_clipped(updates):
+    return updates
+  leaves = jax.tree.leaves(updates, is_leaf=_is_clipped)
+  clipped = [leaf for leaf in leaves if _is_clipped(leaf)]
+  if not clipped:
+    return updates
+  if len(clipped) != len(leaves) or len(
+      {(c.l2_norm_clip, c.batch_size) for c in clipped}) != 1:
+    raise ValueError(
+        "dp_aggregate got a gradient tree mixing clipped sums (ClippedGrads) "
+        "with other leaves, or clipped sums of different clip norms or batch "
+        "sizes: pass the whole result of one optax_dp.clipped_grads call.")
+  first = clipped[0]
+  return ClippedGrads(
+      clipped_sum=jax.tree.map(lambda c: c.clipped_sum, updates, is_leaf=_is_clipped),
+      nonfinite_examples=first.nonfinite_examples,
+      l2_norm_clip=first.l2_norm_clip, batch_size=first.batch_size)
+
+
 def _empty_hint(tree) -> str:
   if type(tree).__module__.startswith("flax.nnx"):
     return (" It is an empty nnx.State: nnx.Optimizer.update(model, grads) "

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp import _devices
+from optax_dp import _nnx
 
 # loss_fn(params, batch) -> scalar loss, or (loss, aux) with has_aux.
 LossFn = Callable[[chex.ArrayTree, chex.ArrayTree], Any]
@@ -149,6 +150,7 @@ def value_and_per_example_grads(
     *,
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
+    wrt: Any = None,
 ) -> BatchGradFn[tuple[Any, chex.ArrayTree]]:
   """Per-example losses and gradients of an ordinary batched loss.
 
@@ -175,6 +177,15 @@ def value_and_per_example_grads(
       this many examples (`jax.lax.map` with `batch_size`), which bounds the
       memory of the per-example gradients being built; the numbers are the
       same as without it.
+    wrt: for a Flax NNX model only: the variables trained, an `nnx` filter
+      (default `nnx.Param`; e.g. `nnx.LoRAParam`). See "Flax NNX" below.
+
+  Flax NNX: `params` may be an `nnx.Module` and `loss_fn(model, batch)` the
+  loss you would give `nnx.value_and_grad`. The gradients are then an
+  `nnx.State` of the `wrt` variables (what `nnx.Optimizer.update(model,
+  grads)` takes); other variables are read, not trained; every example gets
+  its own random streams (independent dropout masks, new ones each call);
+  `nnx.BatchNorm` in training mode raises `ValueError`. See `optax_dp._nnx`.
 
   Returns:
     `fn(params, batch, mask=None)` returning `(losses, grads)`, or
@@ -211,7 +222,19 @@ def value_and_per_example_grads(
 
   value_and_grad = jax.value_and_grad(single_example_loss, has_aux=has_aux)
 
+  if wrt is not None and _nnx.is_module(wrt):
+    raise ValueError("per_example_grads: wrt= is an nnx filter (e.g. nnx.Param), "
+                     "not a module: pass the model as the first argument of fn.")
+
   def fn(params, batch, mask=None):
+    if _nnx.is_module(params):
+      return _nnx.call(
+          lambda pure: value_and_per_example_grads(
+              pure, has_aux=has_aux, microbatch_size=microbatch_size),
+          loss_fn, params, batch, mask, wrt, "per_example_grads")
+    if wrt is not None:
+      raise ValueError("per_example_grads(wrt=...) selects the variables of a "
+                       "Flax NNX model; these params are a plain pytree.")
     batch_size = batch_rows(batch)
     params = _devices.local_params(params, batch, "per_example_grads")
     with no_cross_example_layers("per_example_grads"):
@@ -238,6 +261,7 @@ def per_example_grads(
     *,
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
+    wrt: Any = None,
 ) -> BatchGradFn[chex.ArrayTree]:
   """Per-example gradients of an ordinary batched loss, for `dp_aggregate`.
 
@@ -262,7 +286,7 @@ def per_example_grads(
     [[3.0, 0.0], [0.0, 3.0]]
   """
   value_and_grads = value_and_per_example_grads(
-      loss_fn, has_aux=has_aux, microbatch_size=microbatch_size)
+      loss_fn, has_aux=has_aux, microbatch_size=microbatch_size, wrt=wrt)
 
   def fn(params, batch, mask=None):
     values, grads = value_and_grads(params, batch, mask)

@@ -1,0 +1,251 @@
+"""Flax NNX through optax_dp._nnx: the swap through nnx.Optimizer, wrt filters
+(LoRA), random streams per example, BatchNorm refusal, the auto fallback.
+
+The reference for every update is computed by hand from per-example gradients
+of the pure function of the trained variables (jax.vmap(jax.grad)), clipped
+and summed in float64 with numpy: the NNX adapter is checked against the
+definition, not against itself.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_dp
+
+B, C, LR = 6, 0.5, 0.1
+MASK = jnp.array([1, 1, 1, 1, 1, 0], bool)
+
+
+class Net(nnx.Module):
+  """Linear 4-8, relu, dropout, Linear 8-3."""
+
+  def __init__(self, rngs, rate=0.0):
+    self.l1 = nnx.Linear(4, 8, rngs=rngs)
+    self.drop = nnx.Dropout(rate, rngs=rngs)
+    self.l2 = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(self.drop(nnx.relu(self.l1(x))))
+
+
+def loss_fn(model, batch):
+  x, y = batch
+  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+def _batch():
+  return (jax.random.normal(jax.random.key(0), (B, 4)), jnp.arange(B) % 3)
+
+
+def _pure(model):
+  return nnx.as_pure(nnx.state(model, nnx.Param))
+
+
+def _hand_update(model, batch, mask, wrt=nnx.Param):
+  """params - LR * sum_i mask_i clip_C(g_i) / B, in float64, from jax.grad per example."""
+  graphdef, trained, rest = nnx.split(model, wrt, ...)
+
+  def one(t, x, y):
+    return loss_fn(nnx.merge(graphdef, t, rest, copy=True), (x[None], y[None]))
+
+  grads = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(trained, *batch)
+  flat = [np.asarray(g, np.float64).reshape(B, -1) for g in jax.tree.leaves(grads)]
+  norms = np.sqrt(sum((f ** 2).sum(1) for f in flat))
+  factors = np.minimum(1.0, C / norms) * np.asarray(mask)
+  return jax.tree.map(lambda p, g: np.asarray(p, np.float64)
+                      - LR * np.tensordot(factors, np.asarray(g, np.float64), 1) / B,
+                      nnx.as_pure(trained), nnx.as_pure(grads))
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _optimizer(model, wrt=nnx.Param, sigma=0.0):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # sigma 0: "NOT private", on purpose
+    tx = optax.chain(optax_dp.dp_aggregate(C, sigma, 0, expected_batch_size=B),
+                     optax.sgd(LR))
+  return nnx.Optimizer(model, tx, wrt=wrt)
+
+
+@pytest.mark.parametrize("builder", ["clipped_auto", "clipped_vmap", "per_example",
+                                     "clipped_microbatch"])
+def test_the_nnx_swap_equals_the_update_by_hand(builder):
+  model = Net(nnx.Rngs(0))
+  expected = _hand_update(model, _batch(), MASK)
+  grad_fn = {
+      "clipped_auto": lambda: optax_dp.clipped_grads(loss_fn, C),
+      "clipped_vmap": lambda: optax_dp.clipped_grads(loss_fn, C, method="vmap"),
+      "clipped_microbatch": lambda: optax_dp.clipped_grads(loss_fn, C, microbatch_size=4),
+      "per_example": lambda: optax_dp.per_example_grads(loss_fn),
+  }[builder]()
+  optimizer = _optimizer(model)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch, mask):
+    optimizer.update(model, grad_fn(model, batch, mask))
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optax_dp.PerExampleFallbackWarning)
+    train_step(model, optimizer, _batch(), MASK)
+  # float32 per-example gradients and sums against float64: 1e-6 of the
+  # O(1) parameters is far above float32 rounding of B = 6 terms.
+  assert _max_diff(_pure(model), expected) < 1e-6
+
+
+def test_has_aux_values_and_mask():
+  model = Net(nnx.Rngs(0))
+
+  def loss_with_aux(model, batch):
+    logits = model(batch[0])
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean(),
+            jnp.argmax(logits, -1))
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optax_dp.PerExampleFallbackWarning)
+    (losses, preds), grads = optax_dp.value_and_clipped_grads(
+        loss_with_aux, C, has_aux=True)(model, _batch(), MASK)
+    _, per_example = optax_dp.value_and_per_example_grads(loss_fn)(model, _batch(), MASK)
+  assert losses.shape == (B,) and preds.shape == (B, 1)
+  assert float(losses[-1]) == 0.0 and float(losses[0]) > 0.0   # padding row zeroed
+  # One ClippedGrads per variable, all with the batch's clip, size and count.
+  leaves = jax.tree.leaves(nnx.as_pure(grads),
+                           is_leaf=lambda x: isinstance(x, optax_dp.ClippedGrads))
+  assert len(leaves) == 4 and all(isinstance(c, optax_dp.ClippedGrads) for c in leaves)
+  assert {(c.l2_norm_clip, c.batch_size) for c in leaves} == {(C, B)}
+  # The per-example form: a State of the Params, each with a leading batch axis.
+  assert all(g.shape[0] == B for g in jax.tree.leaves(nnx.as_pure(per_example)))
+  assert not np.any(np.asarray(nnx.as_pure(per_example)["l1"]["kernel"][-1]))
+
+
+def test_lora_adapters_alone_are_trained():
+  """Private fine-tuning of a frozen model: wrt=nnx.LoRAParam."""
+  model = nnx.Sequential(
+      nnx.LoRALinear(4, 8, lora_rank=2, rngs=nnx.Rngs(0)), nnx.relu,
+      nnx.LoRALinear(8, 3, lora_rank=2, rngs=nnx.Rngs(1)))
+  # LoRA's B starts at zero (a zero gradient for A): give it a value first.
+  for layer in (model.layers[0], model.layers[2]):
+    layer.lora.lora_b[...] = 0.1 * jnp.ones_like(layer.lora.lora_b[...])
+  base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))      # LoRAParam subclasses Param
+  frozen = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, base)))
+  expected = _hand_update(model, _batch(), MASK, wrt=nnx.LoRAParam)
+  optimizer = _optimizer(model, wrt=nnx.LoRAParam)
+  grad_fn = optax_dp.clipped_grads(loss_fn, C, method="vmap", wrt=nnx.LoRAParam)
+
+  @nnx.jit
+  def train_step(model, optimizer, batch, mask):
+    optimizer.update(model, grad_fn(model, batch, mask))
+
+  train_step(model, optimizer, _batch(), MASK)
+  assert _max_diff(nnx.as_pure(nnx.state(model, nnx.LoRAParam)), expected) < 1e-6
+  assert _max_diff(nnx.as_pure(nnx.state(model, base)), frozen) == 0.0  # base untouched
+  assert _max_diff(nnx.as_pure(nnx.state(model, nnx.LoRAParam)),
+                   jax.tree.map(np.zeros_like, expected)) > 1e-3  # adapters moved
+
+
+def test_each_example_draws_its_own_dropout_mask_and_each_step_new_ones():
+  class Drop(nnx.Module):
+    def __init__(self, rngs):
+      self.w = nnx.Param(jnp.ones(64))
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.drop(x * self.w)
+
+  model = Drop(nnx.Rngs(0, dropout=7))
+  grad_fn = optax_dp.per_example_grads(lambda m, x: jnp.sum(m(x)))
+  x = jnp.ones((4, 64))
+  first = np.asarray(nnx.as_pure(grad_fn(model, x))["w"])
+  second = np.asarray(nnx.as_pure(grad_fn(model, x))["w"])
+  # The gradient of sum(dropout(x * w)) w.r.t. w is the mask / (1 - rate):
+  # values in {0, 2}; identical examples, so only the masks can differ.
+  assert set(np.unique(first)) <= {0.0, 2.0}
+  # Four examples, 64 coordinates, independent masks: P(two rows equal) = 2^-64.
+  assert len({row.tobytes() for row in first}) == 4
+  assert not np.array_equal(first, second)                      # new masks each call
+  assert model.drop.rngs.count[...] == 2                        # one draw per call
+
+
+def test_batchnorm_in_training_mode_is_refused():
+  class BN(nnx.Module):
+    def __init__(self, rngs, use_running_average):
+      self.l = nnx.Linear(4, 3, rngs=rngs)
+      self.bn = nnx.BatchNorm(3, use_running_average=use_running_average, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.l(x))
+
+  def loss(model, batch):
+    return jnp.mean(model(batch) ** 2)
+
+  x = jnp.ones((B, 4))
+  for build in (optax_dp.per_example_grads(loss), optax_dp.clipped_grads(loss, C)):
+    with pytest.raises(ValueError, match=r"nnx\.BatchNorm in training mode"):
+      build(BN(nnx.Rngs(0), use_running_average=False), x)
+  # Frozen statistics are per-example: accepted.
+  grads = optax_dp.per_example_grads(loss)(BN(nnx.Rngs(0), use_running_average=True), x)
+  assert jax.tree.leaves(nnx.as_pure(grads))[0].shape[0] == B
+
+
+def test_auto_says_which_parameters_fall_back_and_ghost_names_them():
+  model = Net(nnx.Rngs(0))
+  with pytest.warns(optax_dp.PerExampleFallbackWarning, match=r"l1.*kernel.*4 of 4"):
+    optax_dp.clipped_grads(loss_fn, C)(model, _batch())
+  with pytest.raises(ValueError, match=r"method='ghost'.*l1.*NNX"):
+    optax_dp.clipped_grads(loss_fn, C, method="ghost")(model, _batch())
+
+
+def test_budget_reads_the_nnx_optimizer_state():
+  sampler = optax_dp.PoissonSampler(600, B)
+  budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5, noise_multiplier=1.0,
+                                   target_epsilon=10.0)
+  model = Net(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(
+      optax_dp.dp_aggregate(C, key=3, budget=budget), optax.sgd(LR)), wrt=nnx.Param)
+  grad_fn = optax_dp.clipped_grads(loss_fn, C, method="vmap")
+  for _ in range(2):
+    optimizer.update(model, grad_fn(model, _batch(), MASK))
+  assert budget.steps_taken(optimizer.opt_state) == 2
+  assert budget.epsilon_spent(optimizer.opt_state) == optax_dp.compute_epsilon(
+      1.0, 1e-5, sampler=sampler, steps=2)
+
+
+def test_dp_accumulate_takes_nnx_clipped_sums():
+  """Two physical halves, noise once: the same update as one batch."""
+  model_a, model_b = Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  x, y = _batch()
+  grad_fn = optax_dp.clipped_grads(loss_fn, C, method="vmap")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    one = nnx.Optimizer(model_a, optax.chain(
+        optax_dp.dp_aggregate(C, 0.0, 0, expected_batch_size=B), optax.sgd(LR)), wrt=nnx.Param)
+    acc = nnx.Optimizer(model_b, optax_dp.dp_accumulate(optax.chain(
+        optax_dp.dp_aggregate(C, 0.0, 0, expected_batch_size=B), optax.sgd(LR)), 2),
+        wrt=nnx.Param)
+  one.update(model_a, grad_fn(model_a, (x, y)))
+  acc.update(model_b, grad_fn(model_b, (x[:3], y[:3])))
+  acc.update(model_b, grad_fn(model_b, (x[3:], y[3:])))
+  assert _max_diff(_pure(model_a), _pure(model_b)) < 1e-6
+
+
+def test_a_tree_mixing_clipped_sums_and_raw_gradients_is_refused():
+  model = Net(nnx.Rngs(0))
+  grads = nnx.as_pure(optax_dp.clipped_grads(loss_fn, C, method="vmap")(model, _batch()))
+  grads["l2"]["bias"] = jnp.ones((B, 3))                # a raw per-example leaf
+  tx = optax_dp.dp_aggregate(C, 1.0, 0, expected_batch_size=B)
+  with pytest.raises(ValueError, match="mixing clipped sums"):
+    tx.update(grads, tx.init(_pure(model)), _pure(model))
+
+
+def test_wrt_on_a_plain_pytree_is_an_error():
+  with pytest.raises(ValueError, match="NNX"):
+    optax_dp.clipped_grads(lambda p, b: jnp.mean(b @ p), C, wrt=nnx.Param)(
+        jnp.ones(2), jnp.ones((3, 2)))
