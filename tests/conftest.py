@@ -1,8 +1,19 @@
 """Shared pytest fixtures."""
 
+import importlib.util
+
 import pytest
 
 from optax_dp import _keys
+
+# tests/models.py (the shared test models) is imported as `models`. Imported
+# here, before any test module, the name is that file's for the whole session:
+# tests/test_example_mnist.py puts examples/ first on sys.path, and the
+# tutorial CNN's examples/models.py would otherwise answer an `import models`
+# made inside a test that runs later (seen with `-o addopts=""` on
+# test_budget.py followed by test_example_mnist.py).
+if importlib.util.find_spec("flax") is not None:   # models.py builds on flax
+  import models  # noqa: F401  pylint: disable=unused-import,wrong-import-position
 
 
 @pytest.fixture(autouse=True)

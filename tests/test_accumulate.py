@@ -187,24 +187,13 @@ def test_replayed_state_is_refused_through_dp_accumulate():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def _cnn():
-  import flax.linen as nn
-
-  class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      x = nn.relu(nn.Conv(3, (3, 3))(x))
-      x = x.reshape((x.shape[0], -1))
-      return nn.Dense(3)(x)
-
-  return CNN()
-
-
 @pytest.mark.parametrize("k", [2, 4])
 def test_fast_path_sampler_chunks_in_trainstate_equal_logical_batches(k):
   from flax.training import train_state
 
-  model = _cnn()
+  import models
+
+  model = models.SmallCNN(3, 3)
   n, expected, steps, seed = 40, 6, 3, 5
   rng = np.random.default_rng(1)
   data = (rng.normal(size=(n, 5, 5, 1)).astype(np.float32), rng.integers(0, 3, n))

@@ -260,15 +260,11 @@ def test_dpsgd_is_chain_of_aggregate_and_sgd():
 
 def test_flax_trainstate_swap_under_jit():
   pytest.importorskip("flax")
-  import flax.linen as nn
   from flax.training import train_state
 
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+  import models
 
-  model = MLP()
+  model = models.MLP((8, 3))
   x = jax.random.normal(jax.random.key(0), (16, 5))
   y = jnp.arange(16) % 3
   params = model.init(jax.random.key(1), x[:1])["params"]

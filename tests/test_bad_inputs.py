@@ -22,6 +22,8 @@ import optax_dp
 from optax_dp import _clipping
 from optax_dp import _keys
 
+import models
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DELTA = 1e-5
 
@@ -77,14 +79,11 @@ def _linear_data(rows, seed=0):
           jnp.asarray(rng.normal(size=(rows, 3)) * 2, jnp.float32))
 
 
-class _MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+_MLP = models.MLP((8, 3))
 
 
 def _mlp_setup(batch=6):
-  model = _MLP()
+  model = _MLP
   x = jax.random.normal(jax.random.key(0), (batch, 5))
   params = model.init(jax.random.key(1), x[:1])["params"]
 
@@ -210,7 +209,7 @@ def test_zero_norm_examples():
 
   def weighted(p, batch):
     xb, wb = batch
-    return jnp.mean(wb * jnp.sum(jnp.square(_MLP().apply({"params": p}, xb)), -1))
+    return jnp.mean(wb * jnp.sum(jnp.square(_MLP.apply({"params": p}, xb)), -1))
 
   for method in ("auto", "vmap"):
     fn = jax.jit(optax_dp.clipped_grads(weighted, clip, method=method))

@@ -212,15 +212,11 @@ def test_guard_refuses_the_step_after_max_steps(jit):
 
 
 def test_guard_fires_through_flax_trainstate_in_a_jitted_step():
-  import flax.linen as nn
   from flax.training import train_state
 
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(2)(nn.relu(nn.Dense(4)(x)))
+  import models
 
-  model = MLP()
+  model = models.MLP((4, 2))
   x = jax.random.normal(jax.random.key(0), (6, 3))
   y = jnp.arange(6) % 2
   params = model.init(jax.random.key(1), x[:1])["params"]

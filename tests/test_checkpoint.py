@@ -4,6 +4,7 @@ a state from another run, or spliced from two points of one, is refused."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,8 @@ pytest.importorskip("orbax.checkpoint")
 
 import optax_dp  # pylint: disable=wrong-import-position
 
+_TESTS = os.path.dirname(os.path.abspath(__file__))   # tests/, where models.py is
+
 # The training run, as a script: the test imports it to run the straight and
 # first-half runs, and runs it as __main__ in a fresh Python process to resume
 # from the checkpoint, so both sides execute the same code.
@@ -26,7 +29,6 @@ RUN_SCRIPT = textwrap.dedent('''
     import json
     import sys
 
-    import flax.linen as nn
     from flax.training import train_state
     import jax
     import jax.numpy as jnp
@@ -35,19 +37,15 @@ RUN_SCRIPT = textwrap.dedent('''
 
     import optax_dp
 
+    import models  # tests/models.py (the fresh process gets tests/ on PYTHONPATH)
+
     DATASET_SIZE, BATCH, STEPS, SEED, CLIP, KEY = 64, 8, 8, 3, 0.5, 42
     SAMPLER = optax_dp.PoissonSampler(DATASET_SIZE, BATCH)
     BUDGET = optax_dp.privacy_budget(sampler=SAMPLER, target_delta=1e-5,
                                      noise_multiplier=1.0, steps=STEPS)
 
 
-    class MLP(nn.Module):
-      @nn.compact
-      def __call__(self, x):
-        return nn.Dense(3)(nn.tanh(nn.Dense(8)(x)))
-
-
-    MODEL = MLP()
+    MODEL = models.MLP((8, 3), jnp.tanh)
     _rng = np.random.default_rng(0)
     X = _rng.normal(size=(DATASET_SIZE, 4)).astype(np.float32)
     Y = ((X[:, 0] > 0).astype(np.int32) + (X[:, 1] > 0)).astype(np.int32)
@@ -150,8 +148,11 @@ def test_orbax_resume_in_a_fresh_process_is_bitwise_the_straight_run(run, tmp_pa
   assert not np.array_equal(first_half.params["Dense_0"]["kernel"],
                             straight.params["Dense_0"]["kernel"])
   out = tmp_path / "resumed"
+  # tests/ on the fresh process's path, for the script's `import models`.
+  pythonpath = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
   proc = subprocess.run([sys.executable, str(script), str(directory), str(out), str(half)],
-                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                        env={**os.environ, "PYTHONPATH": pythonpath})
   assert proc.returncode == 0, proc.stderr[-4000:]
   with np.load(str(out) + ".npz") as resumed:
     _assert_same_state(module, dict(resumed), straight)

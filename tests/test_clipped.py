@@ -10,6 +10,8 @@ import pytest
 
 import optax_dp
 
+import models
+
 
 def _reference_clipped_sum(loss_fn, params, batch, clip, mask=None):
   """Independent reference: per-example grads by a Python loop, clipped in float64."""
@@ -64,15 +66,12 @@ def _x(shape, seed=3):
   return jax.random.normal(jax.random.key(seed), shape)
 
 
-class MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(3)(nn.tanh(nn.Dense(7)(x)))
+_MLP = models.MLP((7, 3), nn.tanh)
 
 
 @pytest.mark.parametrize("method", ["ghost", "auto"])
 def test_dense(method):
-  _check_model(MLP(), _x((6, 5)), method=method)
+  _check_model(_MLP, _x((6, 5)), method=method)
 
 
 class SeqDense(nn.Module):
@@ -219,7 +218,7 @@ def test_microbatching_gives_the_same_sum(method):
 
 
 def test_nonfinite_example_is_dropped_in_ghost_path():
-  model = MLP()
+  model = _MLP
   x = _x((6, 5))
   params = model.init(jax.random.key(0), x[:1])["params"]
   loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b)))
@@ -232,7 +231,7 @@ def test_nonfinite_example_is_dropped_in_ghost_path():
 
 
 def test_values_and_aux_match_per_example_path():
-  model = MLP()
+  model = _MLP
   x = _x((6, 5))
   params = model.init(jax.random.key(0), x[:1])["params"]
 
@@ -261,7 +260,7 @@ def test_dp_aggregate_accepts_clipped_and_matches_per_example_path():
 
 
 def test_dp_aggregate_refuses_a_different_clip():
-  model = MLP()
+  model = _MLP
   x = _x((4, 5))
   params = model.init(jax.random.key(0), x[:1])["params"]
   loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b)))
@@ -282,7 +281,7 @@ def test_bad_arguments():
 
 def test_flax_trainstate_apply_gradients_with_clipped_grads():
   from flax.training import train_state
-  model = MLP()
+  model = _MLP
   x = _x((8, 5))
   params = model.init(jax.random.key(0), x[:1])["params"]
   loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b) - 1.0))

@@ -6,7 +6,6 @@ message naming the composition that works."""
 
 import warnings
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,8 @@ from flax.training import train_state
 
 import optax_dp
 from optax_dp import _keys
+
+import models
 
 # The reference outputs are computed with a second transform from the same key,
 # alive next to the one under test: the reuse warning is right there, and
@@ -291,14 +292,8 @@ def test_inject_hyperparams(jit):
   _close(out, jax.tree.map(lambda r: -LR * r, _released(_grads())))
 
 
-class _MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(2)(nn.relu(nn.Dense(4)(x)))
-
-
 def test_flax_trainstate_and_donate_argnums():
-  model = _MLP()
+  model = models.MLP((4, 2))
   x = jax.random.normal(jax.random.key(1), (BATCH, 3))
   y = jnp.arange(BATCH) % 2
   params = model.init(jax.random.key(0), x)

@@ -58,10 +58,10 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
-import flax.linen as nn
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import optax_dp
+import models   # tests/models.py (tests/ is on PYTHONPATH)
 
 # Both sides of each comparison build dp_aggregate from the same key on
 # purpose (the same noise), which NoiseKeyReuseWarning would flag.
@@ -74,15 +74,7 @@ mesh = Mesh(np.array(jax.devices()), ("data",))
 SHARD = NamedSharding(mesh, P("data"))
 
 
-class CNN(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Conv(4, (3, 3))(x))
-    x = x.reshape((x.shape[0], -1))
-    return nn.Dense(3)(x)
-
-
-model = CNN()
+model = models.SmallCNN(4, 3)
 params0 = model.init(jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
 
 
@@ -351,8 +343,8 @@ def results(tmp_path_factory):
            if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(_REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  env["PYTHONPATH"] = os.pathsep.join(   # tests/ for the script's `import models`
+      [str(_REPO), str(_REPO / "tests")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   proc = subprocess.run([sys.executable, str(script), str(out), ",".join(_SECTIONS)],
                         capture_output=True, text=True, timeout=900, cwd=out, env=env)
   if proc.returncode != 0 or not (out / "results.json").exists():

@@ -482,14 +482,9 @@ class _MLP:
   @classmethod
   def fn(cls):
     if cls._fn is None:
-      import flax.linen as nn
+      import models
 
-      class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-          return nn.Dense(2)(jnp.tanh(nn.Dense(3)(x)))
-
-      model = Net()
+      model = models.MLP((3, 2), jnp.tanh)
       params = model.init(jax.random.key(0), jnp.zeros((1, cls.dim)))["params"]
 
       def loss_fn(p, b):
