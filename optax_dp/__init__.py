@@ -25,7 +25,6 @@ from optax_dp._accounting import SamplingArgs
 from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
 from optax_dp._accounting import dpsgd_event
-from optax_dp._aggregate import AggregateOptions
 from optax_dp._aggregate import DPAggregateState
 from optax_dp._aggregate import NoiseReplayError
 from optax_dp._budget import PrivacyBudget
@@ -63,7 +62,6 @@ __all__ = (
     "ACCOUNTANTS",
     "audit",
     "Batch",
-    "AggregateOptions",
     "ClipOptions",
     "ClippedGrads",
     "SamplingArgs",

@@ -8,7 +8,7 @@ constant: the Gaussian mechanism at the heart of DP-SGD (Abadi et al. 2016,
 from __future__ import annotations
 
 import typing
-from typing import Any, NamedTuple, Optional, TypedDict, Unpack
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -330,21 +330,6 @@ def dp_aggregate(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-class AggregateOptions(TypedDict, total=False):
-  """`dp_aggregate`'s keyword options, which `dpsgd` takes as
-  `**options: Unpack[AggregateOptions]` and passes on unchanged (documented
-  and validated once, by `dp_aggregate`).
-
-  Keys:
-    expected_batch_size, rescale_to_unit_norm, budget, allow_budget_overrun:
-      see `dp_aggregate`.
-  """
-  expected_batch_size: Optional[int]
-  rescale_to_unit_norm: bool
-  budget: Optional[_Budget]
-  allow_budget_overrun: bool
-
-
 def dpsgd(
     learning_rate: optax.ScalarOrSchedule,
     l2_norm_clip: float,
@@ -353,14 +338,18 @@ def dpsgd(
     *,
     momentum: Optional[float] = None,
     nesterov: bool = False,
-    **options: Unpack[AggregateOptions],
+    # dp_aggregate's keywords, spelled out (not **options): optax's
+    # inject_hyperparams reads this signature to inject or fix them.
+    expected_batch_size: Optional[int] = None,
+    rescale_to_unit_norm: bool = False,
+    budget: Optional[_Budget] = None,
+    allow_budget_overrun: bool = False,
 ) -> optax.GradientTransformation:
   """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
 
   See `dp_aggregate` for the privacy contract and the arguments it shares
-  (`l2_norm_clip`, `noise_multiplier`, `key` and the keyword `**options`:
-  `expected_batch_size`, `rescale_to_unit_norm`, `budget`,
-  `allow_budget_overrun`); `learning_rate`, `momentum` and `nesterov` are
+  (`l2_norm_clip`, `noise_multiplier`, `key`, `expected_batch_size`,
+  `rescale_to_unit_norm`, `budget`, `allow_budget_overrun`); `learning_rate`, `momentum` and `nesterov` are
   those of `optax.sgd` (the SGD step after the noise is post-processing: it
   costs no privacy).
 
@@ -378,5 +367,8 @@ def dpsgd(
     (3,)
   """
   return optax.chain(
-      dp_aggregate(l2_norm_clip, noise_multiplier, key, **options),
+      dp_aggregate(l2_norm_clip, noise_multiplier, key,
+                   expected_batch_size=expected_batch_size,
+                   rescale_to_unit_norm=rescale_to_unit_norm, budget=budget,
+                   allow_budget_overrun=allow_budget_overrun),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
