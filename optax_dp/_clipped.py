@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from optax_dp import _checks
 from optax_dp import _clipping
 from optax_dp import _devices
+from optax_dp import _layer_rules
 from optax_dp import _linen
 from optax_dp import _nnx
 from optax_dp import _per_example
@@ -101,9 +102,11 @@ def value_and_clipped_grads(
   to `dp_aggregate` (which gathers them into one): the swap is
   `optimizer.update(model, clipped_grads(loss_fn, C)(model, batch, mask))`.
   Random streams and `nnx.BatchNorm` as in `value_and_per_example_grads`.
-  Book-keeping rules cover Linen layers only so far: for an NNX model `"auto"`
-  computes per-example gradients (and says so once, with a
-  `PerExampleFallbackWarning`), and `"ghost"` raises.
+  Book-keeping covers `nnx.Linear`, `nnx.Conv` and `nnx.Embed` (see
+  `optax_dp._nnx`); `"auto"` computes per-example gradients for the other
+  parameters (norms, attention, a Param used directly, shared layers) and
+  says which, once (`PerExampleFallbackWarning`); `"ghost"` raises naming
+  them.
 
   Returns:
     `fn(params, batch, mask=None) -> (losses, ClippedGrads)`.
@@ -237,12 +240,14 @@ def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):
 def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   leaves, treedef = jax.tree.flatten(params)
   example0 = jax.tree.map(lambda x: x[0], batch)
+  # The framework adapter: NNX for the pure loss of an nnx.Module, else Linen.
+  adapter = _nnx if getattr(loss_fn, _nnx.NNX_ADAPTER, False) else _linen
   exclude = frozenset()
   # Each pass that finds a leaky layer excludes at least one more layer, and
   # each layer owns at least one leaf: at most len(leaves) + 1 passes.
   for _ in range(len(leaves) + 2):
-    layers = _linen.discover(loss_fn, params, example0, has_aux, exclude)
-    example_loss, covered, uncovered = _linen.make_example_loss(
+    layers = adapter.discover(loss_fn, params, example0, has_aux, exclude)
+    example_loss, covered, uncovered = adapter.make_example_loss(
         loss_fn, layers, has_aux, treedef, len(leaves))
     layer_params = [{name: leaves[i] for name, i in layer.leaf_index.items()}
                     for layer in layers]
@@ -250,7 +255,7 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
            for layer in layers]
     args1 = ([leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
              zs1, example0)
-    used = _linen.check_covered_unused(example_loss, args1)
+    used = _layer_rules.check_covered_unused(example_loss, args1)
     if not used:
       break
     leaky = {covered[j] for j in used}
@@ -266,14 +271,16 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
     if method == "ghost":
       raise ValueError(
           f"clipped_grads(method='ghost'): parameters {shown} are not owned by a "
-          "Flax Linen layer called once through __call__ (shared, reused or used "
-          "outside their module; Flax NNX layers have no book-keeping rule yet). "
-          "Use method='auto' (per-example gradients for those) or 'vmap'.")
+          "Flax Linen layer, nor by an nnx.Linear, nnx.Conv or nnx.Embed, called "
+          "once through __call__ (shared, reused, used outside their module, or "
+          "of a layer kind without a book-keeping rule). Use method='auto' "
+          "(per-example gradients for those) or 'vmap'.")
     warnings.warn(
         f"clipped_grads(method='auto'): no book-keeping rule covers parameters "
         f"{shown} ({len(missing)} of {len(leaves)}): they get per-example "
         "gradients (the same clipped sum, slower and more memory). Covered: "
-        "parameters of Flax Linen layers each called once through __call__.",
+        "parameters of Flax Linen layers, and of nnx.Linear/Conv/Embed, each "
+        "called once through __call__.",
         PerExampleFallbackWarning, stacklevel=2)
 
   batch_size = mask.shape[0]
@@ -291,7 +298,7 @@ def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
   sq = jnp.zeros((batch_size,), jnp.float32)
   sum_fns = []
   for k, layer in enumerate(layers):
-    layer_sq, sums = _linen.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
+    layer_sq, sums = adapter.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
     sq = sq + layer_sq.astype(jnp.float32)
     sum_fns.append(sums)
   if uncovered_grads:

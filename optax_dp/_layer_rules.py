@@ -204,3 +204,26 @@ def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: A
   sq = sum(jnp.sum(_sq(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
   return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
                               for name, x in per_example.items()}
+
+
+def check_covered_unused(example_loss, args) -> set:
+  """Indices (into covered_leaves) of covered leaves the jaxpr uses directly.
+
+  The exactness guard of every adapter: `example_loss(uncovered, covered,
+  layer_params, zs, example)` computes each covered layer from
+  `layer_params`; a covered leaf that the jaxpr still reads reaches the loss
+  some other way (weight tying, a direct use), so its layer must not be
+  covered (its book-keeping norm would miss that path).
+  """
+  closed = jax.make_jaxpr(example_loss)(*args)
+  jaxpr = closed.jaxpr
+  sizes = [len(jax.tree.leaves(a)) for a in args]
+  start = sizes[0]
+  covered_vars = jaxpr.invars[start:start + sizes[1]]
+  used = set()
+  for eqn in jaxpr.eqns:
+    for v in eqn.invars:
+      used.add(id(v))
+  for v in jaxpr.outvars:
+    used.add(id(v))
+  return {j for j, v in enumerate(covered_vars) if id(v) in used}

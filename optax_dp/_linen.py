@@ -221,22 +221,6 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
   return example_loss, covered, uncovered
 
 
-def check_covered_unused(example_loss, args) -> set:
-  """Indices (into covered_leaves) of covered leaves the jaxpr uses directly."""
-  closed = jax.make_jaxpr(example_loss)(*args)
-  jaxpr = closed.jaxpr
-  sizes = [len(jax.tree.leaves(a)) for a in args]
-  start = sizes[0]
-  covered_vars = jaxpr.invars[start:start + sizes[1]]
-  used = set()
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      used.add(id(v))
-  for v in jaxpr.outvars:
-    used.add(id(v))
-  return {j for j, v in enumerate(covered_vars) if id(v) in used}
-
-
 def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
   """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)
   of one covered Linen layer, by the framework-neutral rule of its kind."""

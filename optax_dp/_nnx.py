@@ -16,6 +16,10 @@ instead, they call this adapter, which
   `fold_in(that step's key, i)`, so per-example evaluation (each example a
   batch of one) still gives every example an independent dropout mask, as in
   ordinary batched training, and the next step new ones;
+* book-keeps `nnx.Linear`, `nnx.Conv` and `nnx.Embed` (below: `discover`,
+  `make_example_loss`, `layer_terms`, the NNX twins of `_linen`'s, feeding the
+  same `_layer_rules`), other parameters falling back to per-example
+  gradients;
 * refuses `nnx.BatchNorm` in training mode (its statistics would be those of a
   batch of one, and one example's output would depend on the others);
 * returns what `nnx.Optimizer.update(model, grads)` accepts: an `nnx.State` of
@@ -34,6 +38,8 @@ the model. flax is imported lazily: the core never needs it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import sys
 from typing import Any, Callable, Optional
 
@@ -41,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp import _clipping
+from optax_dp import _layer_rules
 
 
 def _nnx():
@@ -138,6 +145,7 @@ def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
       stream.count[...] = jnp.zeros_like(stream.count[...])
     return loss_fn(local, example_batch)
 
+  setattr(pure_loss, NNX_ADAPTER, True)
   with no_batchnorm_in_training(caller):
     return build(pure_loss)(trained, (batch, jnp.arange(rows, dtype=jnp.int32)), mask)
 
@@ -160,3 +168,194 @@ def as_optimizer_grads(clipped: _clipping.ClippedGrads):
 
   return jax.tree.map(per_variable, clipped.clipped_sum,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ---------------------------------------------------------------------------
+# Book-keeping for NNX layers: the NNX twin of `_linen`'s discovery, feeding
+# the same framework-neutral rules (`_layer_rules`). `_clipped` calls these
+# on the pure loss that `call` builds (marked `NNX_ADAPTER`).
+#
+# Covered: `nnx.Linear` (default dot_general), `nnx.Conv` (one feature group,
+# no mask, no input dilation, SAME/VALID or explicit padding) and `nnx.Embed`
+# through `__call__` with integer ids, each called exactly once with one array,
+# whose parameters are trained leaves owned by that layer alone. Calls are
+# intercepted by patching those classes' `__call__` while the loss is traced
+# (exact type only: a subclass such as `nnx.LoRALinear` is not intercepted).
+# The exactness guard (`_layer_rules.check_covered_unused`) then drops any
+# layer whose parameters reach the loss some other way (weight tying through
+# `Embed.attend`, a direct use). Everything else falls back per parameter to
+# per-example gradients.
+
+NNX_ADAPTER = "optax_dp_nnx_pure_loss"
+
+
+@dataclasses.dataclass
+class Layer:
+  """A covered NNX layer call, found by the shape-only trace."""
+  path: tuple            # its leaf indices: the same layer in every trace
+  leaf_index: dict       # param name ("kernel", "bias", "embedding") -> leaf index
+  out_struct: Any
+  kind: str              # "dense", "conv" or "embed"
+  conv: Optional[dict] = None
+
+
+def _param_names(module) -> tuple:
+  return ("embedding",) if isinstance(module, _nnx().Embed) else ("kernel", "bias")
+
+
+def _direct(module) -> dict:
+  """{name: array} of the layer's own parameter variables (bias may be absent)."""
+  out = {}
+  for name in _param_names(module):
+    variable = getattr(module, name, None)
+    if variable is not None:
+      out[name] = variable[...]
+  return out
+
+
+def _unit(x) -> bool:
+  return x is None or (x == 1 if isinstance(x, int) else all(v == 1 for v in x))
+
+
+def _kind(module, args, kwargs) -> Optional[str]:
+  nnx = _nnx()
+  if kwargs or len(args) != 1 or not hasattr(args[0], "shape"):
+    return None
+  if (type(module) is nnx.Linear and module.dot_general is jax.lax.dot_general
+      and module.preferred_element_type is None):
+    return "dense"
+  if (type(module) is nnx.Conv and module.feature_group_count == 1 and module.mask is None
+      and module.conv_general_dilated is jax.lax.conv_general_dilated
+      and module.preferred_element_type is None and _unit(module.input_dilation)
+      and (not isinstance(module.padding, str) or module.padding in ("SAME", "VALID"))):
+    return "conv"
+  if type(module) is nnx.Embed and jnp.issubdtype(jnp.result_type(args[0]), jnp.integer):
+    return "embed"
+  return None
+
+
+@contextlib.contextmanager
+def _intercept(handler):
+  """Routes calls of nnx.Linear/Conv/Embed (exact types) through `handler`."""
+  nnx = _nnx()
+  classes = (nnx.Linear, nnx.Conv, nnx.Embed)
+  originals = {cls: cls.__call__ for cls in classes}
+
+  def patched(cls):
+    original = originals[cls]
+
+    def call_(self, *args, **kwargs):
+      if type(self) is not cls:
+        return original(self, *args, **kwargs)
+      return handler(self, original, args, kwargs)
+    return call_
+
+  for cls in classes:
+    cls.__call__ = patched(cls)
+  try:
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
+  """Finds the covered NNX layers (shape-only trace of one example)."""
+  del has_aux
+  calls: dict = {}
+
+  def run(params, example):
+    ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
+
+    def handler(module, original, args, kwargs):
+      out = original(module, *args, **kwargs)
+      index = {name: ids.get(id(v)) for name, v in _direct(module).items()}
+      entry = calls.setdefault(id(module), [module, index, [], None, None])
+      entry[2].append(_kind(module, args, kwargs))
+      entry[3] = jax.tree.map(lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out)
+      entry[4] = jnp.shape(args[0]) if args else None
+      return out
+
+    with _intercept(handler):
+      return loss_fn(params, jax.tree.map(lambda x: x[None], example))
+
+  jax.eval_shape(run, params, example)
+  layers = []
+  for module, index, kinds, out_struct, in_shape in calls.values():
+    kind = kinds[0]
+    path = tuple(sorted(i for i in index.values() if i is not None))
+    if (len(kinds) != 1 or kind is None or None in index.values() or path in exclude
+        or not isinstance(out_struct, jax.ShapeDtypeStruct)):
+      continue
+    if kind == "embed":
+      vocab, features = module.embedding[...].shape
+      positions = math.prod(in_shape)
+      if positions * positions > vocab * features:   # the ghost form would cost more
+        continue
+    conv = None
+    if kind == "conv":
+      conv = dict(kernel_size=module.kernel_size, strides=module.strides,
+                  kernel_dilation=module.kernel_dilation, padding=module.padding)
+    layers.append(Layer(path=path, leaf_index=index, out_struct=out_struct, kind=kind,
+                        conv=conv))
+  owners: dict = {}
+  for layer in layers:
+    for i in layer.leaf_index.values():
+      owners[i] = owners.get(i, 0) + 1
+  return [l for l in layers if all(owners[i] == 1 for i in l.leaf_index.values())]
+
+
+def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
+  """`_linen.make_example_loss`'s NNX twin: covered layers computed from their
+  own parameters (`layer_params`), their inputs recorded, a zero perturbation
+  `zs` added to their outputs (whose gradient is the output gradient)."""
+  by_path = {layer.path: k for k, layer in enumerate(layers)}
+  covered = sorted(i for layer in layers for i in layer.leaf_index.values())
+  uncovered = [i for i in range(num_leaves) if i not in set(covered)]
+
+  def example_loss(uncovered_leaves, covered_leaves, layer_params, zs, example):
+    leaves = [None] * num_leaves
+    for i, x in zip(uncovered, uncovered_leaves):
+      leaves[i] = x
+    for i, x in zip(covered, covered_leaves):
+      leaves[i] = x
+    ids = {id(leaf): i for i, leaf in enumerate(leaves)}
+    inputs: list = [None] * len(layers)
+
+    def handler(module, original, args, kwargs):
+      direct = _direct(module)
+      k = by_path.get(tuple(sorted(ids.get(id(v), -1) for v in direct.values())))
+      if k is None or inputs[k] is not None:
+        return original(module, *args, **kwargs)
+      inputs[k] = [args[0]]
+      # Computed from the layer's own copy of its parameters, then put back:
+      # any other use of the variables sees the covered leaves, which the
+      # exactness guard then finds in the jaxpr.
+      for name in direct:
+        getattr(module, name)[...] = layer_params[k][name]
+      try:
+        out = original(module, *args, **kwargs)
+      finally:
+        for name, value in direct.items():
+          getattr(module, name)[...] = value
+      return out + zs[k]
+
+    params = jax.tree.unflatten(params_treedef, leaves)
+    with _intercept(handler):
+      result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
+    loss, aux = result if has_aux else (result, None)
+    if any(x is None for x in inputs):
+      raise RuntimeError("optax_dp ghost clipping: a covered NNX layer was not called.")
+    return loss, (aux, inputs)
+
+  return example_loss, covered, uncovered
+
+
+def layer_terms(layer: Layer, layer_params, inputs, out_grad):
+  """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer."""
+  use_bias = "bias" in layer.leaf_index
+  if layer.kind == "dense":
+    return _layer_rules.dense_terms(inputs[0], out_grad, use_bias)
+  if layer.kind == "conv":
+    return _layer_rules.conv_terms(inputs[0], out_grad, use_bias=use_bias, **layer.conv)
+  return _layer_rules.embed_terms(inputs[0], out_grad, layer_params["embedding"].shape[0])

@@ -195,12 +195,115 @@ def test_batchnorm_in_training_mode_is_refused():
   assert jax.tree.leaves(nnx.as_pure(grads))[0].shape[0] == B
 
 
-def test_auto_says_which_parameters_fall_back_and_ghost_names_them():
-  model = Net(nnx.Rngs(0))
-  with pytest.warns(optax_dp.PerExampleFallbackWarning, match=r"l1.*kernel.*4 of 4"):
-    optax_dp.clipped_grads(loss_fn, C)(model, _batch())
-  with pytest.raises(ValueError, match=r"method='ghost'.*l1.*NNX"):
-    optax_dp.clipped_grads(loss_fn, C, method="ghost")(model, _batch())
+class ConvNet(nnx.Module):
+  """Conv SAME, Conv stride 2 VALID dilated, Conv explicit padding, Linear: all book-kept."""
+
+  def __init__(self, rngs):
+    self.c1 = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+    self.c2 = nnx.Conv(4, 6, (2, 2), strides=2, padding="VALID", kernel_dilation=2, rngs=rngs)
+    self.c3 = nnx.Conv(6, 3, (2, 2), padding=((1, 0), (0, 1)), use_bias=False, rngs=rngs)
+    self.l = nnx.Linear(3 * 3 * 3, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.c2(nnx.relu(self.c1(x))))
+    x = self.c3(x)
+    return self.l(x.reshape(x.shape[0], -1))
+
+
+class TokenNet(nnx.Module):
+  """Embed (token ids) then Linear over the sequence, mean-pooled."""
+
+  def __init__(self, rngs):
+    self.e = nnx.Embed(11, 4, rngs=rngs)
+    self.l = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, ids):
+    return self.l(self.e(ids)).mean(1)
+
+
+class NormNet(nnx.Module):
+  """Linear, LayerNorm, a Linear called twice (shared), an nnx.Param used directly."""
+
+  def __init__(self, rngs):
+    self.l = nnx.Linear(4, 4, rngs=rngs)
+    self.norm = nnx.LayerNorm(4, rngs=rngs)
+    self.shared = nnx.Linear(4, 4, rngs=rngs)
+    self.scale = nnx.Param(jnp.full((4,), 0.5))
+    self.out = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.norm(nnx.relu(self.l(x)))
+    x = self.shared(nnx.relu(self.shared(x))) * self.scale
+    return self.out(x)
+
+
+class TiedNet(nnx.Module):
+  """Embed's table used twice: lookup and `attend` (weight tying)."""
+
+  def __init__(self, rngs):
+    self.e = nnx.Embed(11, 4, rngs=rngs)
+
+  def __call__(self, ids):
+    return self.e.attend(self.e(ids)).mean(1)
+
+
+def _families():
+  ids = jax.random.randint(jax.random.key(1), (B, 5), 0, 11)
+  return {
+      "linear": (Net(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 4))),
+      "conv": (ConvNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 8, 8, 2))),
+      "embed": (TokenNet(nnx.Rngs(0)), ids),
+      "norm_shared_direct": (NormNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 4))),
+      "tied_embed": (TiedNet(nnx.Rngs(0)), ids),
+  }
+
+
+# Which parameters book-keeping covers in each family; the rest falls back.
+COVERED = {"linear": 4, "conv": 7, "embed": 3, "norm_shared_direct": 4, "tied_embed": 0}
+
+
+def _sums(grads):
+  is_clipped = lambda x: isinstance(x, optax_dp.ClippedGrads)
+  return [np.asarray(c.clipped_sum, np.float64)
+          for c in jax.tree.leaves(nnx.as_pure(grads), is_leaf=is_clipped)]
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 4])
+@pytest.mark.parametrize("family", list(COVERED))
+def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size):
+  model, x = _families()[family]
+  batch = (x, jnp.arange(B) % 3)
+  reference = _sums(optax_dp.clipped_grads(loss_fn, C, method="vmap")(model, batch, MASK))
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def auto(state, batch, mask):
+    return optax_dp.clipped_grads(loss_fn, C, microbatch_size=microbatch_size)(
+        nnx.merge(graphdef, state), batch, mask)
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got = _sums(auto(state, batch, MASK))
+  for r, g in zip(reference, got):
+    # Relative to the largest entry: float32 sums of B = 6 rows, two orders
+    # of summation (book-keeping contracts A^T G, vmap sums the rows).
+    assert np.max(np.abs(r - g)) <= 1e-5 * np.max(np.abs(r))
+  fallback = [w for w in caught if issubclass(w.category, optax_dp.PerExampleFallbackWarning)]
+  total = len(reference)
+  assert bool(fallback) == (COVERED[family] < total)
+  if fallback:
+    assert f"({total - COVERED[family]} of {total})" in str(fallback[0].message)
+
+
+def test_ghost_runs_when_every_parameter_is_covered_and_names_the_others():
+  model, x = _families()["conv"]
+  batch = (x, jnp.arange(B) % 3)
+  ghost = _sums(optax_dp.clipped_grads(loss_fn, C, method="ghost")(model, batch, MASK))
+  vmap = _sums(optax_dp.clipped_grads(loss_fn, C, method="vmap")(model, batch, MASK))
+  assert all(np.max(np.abs(v - g)) <= 1e-5 * np.max(np.abs(v)) for v, g in zip(vmap, ghost))
+  model, x = _families()["norm_shared_direct"]
+  with pytest.raises(ValueError, match=r"method='ghost'.*norm.*scale"):
+    optax_dp.clipped_grads(loss_fn, C, method="ghost")(model, (x, jnp.arange(B) % 3))
 
 
 def test_budget_reads_the_nnx_optimizer_state():
