@@ -206,6 +206,23 @@ def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: A
                               for name, x in per_example.items()}
 
 
+def split_leaf_indices(layers, num_leaves: int) -> tuple[list, list]:
+  """(covered, uncovered) flat-parameter indices, for an adapter's `layers`
+  (each with a `leaf_index` of param name -> index)."""
+  covered = sorted(i for layer in layers for i in layer.leaf_index.values())
+  taken = set(covered)
+  return covered, [i for i in range(num_leaves) if i not in taken]
+
+
+def merge_leaves(num_leaves: int, *groups) -> list:
+  """The flat parameter list from `(indices, leaves)` groups."""
+  leaves = [None] * num_leaves
+  for indices, values in groups:
+    for i, x in zip(indices, values):
+      leaves[i] = x
+  return leaves
+
+
 def check_covered_unused(example_loss, args) -> set:
   """Indices (into covered_leaves) of covered leaves the jaxpr uses directly.
 

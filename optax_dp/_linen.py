@@ -182,15 +182,11 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
   (and must be unused: see `check_covered_unused`).
   """
   by_path = {layer.path: k for k, layer in enumerate(layers)}
-  covered = sorted(i for layer in layers for i in layer.leaf_index.values())
-  uncovered = [i for i in range(num_leaves) if i not in set(covered)]
+  covered, uncovered = _layer_rules.split_leaf_indices(layers, num_leaves)
 
   def example_loss(uncovered_leaves, covered_leaves, layer_params, zs, example):
-    leaves = [None] * num_leaves
-    for i, x in zip(uncovered, uncovered_leaves):
-      leaves[i] = x
-    for i, x in zip(covered, covered_leaves):
-      leaves[i] = x
+    leaves = _layer_rules.merge_leaves(num_leaves, (uncovered, uncovered_leaves),
+                                       (covered, covered_leaves))
     params = jax.tree.unflatten(params_treedef, leaves)
     inputs: list[Any] = [None] * len(layers)
     inside = [False]

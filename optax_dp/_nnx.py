@@ -310,15 +310,11 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
   own parameters (`layer_params`), their inputs recorded, a zero perturbation
   `zs` added to their outputs (whose gradient is the output gradient)."""
   by_path = {layer.path: k for k, layer in enumerate(layers)}
-  covered = sorted(i for layer in layers for i in layer.leaf_index.values())
-  uncovered = [i for i in range(num_leaves) if i not in set(covered)]
+  covered, uncovered = _layer_rules.split_leaf_indices(layers, num_leaves)
 
   def example_loss(uncovered_leaves, covered_leaves, layer_params, zs, example):
-    leaves = [None] * num_leaves
-    for i, x in zip(uncovered, uncovered_leaves):
-      leaves[i] = x
-    for i, x in zip(covered, covered_leaves):
-      leaves[i] = x
+    leaves = _layer_rules.merge_leaves(num_leaves, (uncovered, uncovered_leaves),
+                                       (covered, covered_leaves))
     ids = {id(leaf): i for i, leaf in enumerate(leaves)}
     inputs: list = [None] * len(layers)
 
