@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from optax_dp import _batches
 from optax_dp import _clipped
+from optax_dp import _nnx
 from optax_dp import _per_example
 
 
@@ -77,7 +78,10 @@ def sharded_value_and_clipped_grads(
   mask are split along their leading axis, whose size must be a multiple of
   the number of devices on the axis. `**options` are
   `value_and_clipped_grads`'s (`method`, `has_aux`, `microbatch_size`: see
-  `optax_dp.ClipOptions`), applied per device.
+  `optax_dp.ClipOptions`), applied per device. `params` may be a Flax NNX
+  model (with `wrt=` among the options), as for `clipped_grads`: it is split
+  on the global batch, outside `shard_map`, so each example's random streams
+  are numbered globally, and the result is what `nnx.Optimizer.update` takes.
 
   Privacy contract: the same as on one device (`value_and_clipped_grads`): a
   per-example `loss_fn`, and the noise added once to the global sum, by a
@@ -107,6 +111,8 @@ def sharded_value_and_clipped_grads(
     >>> clipped.batch_size  # the global batch
     2
   """
+  options = dict(options)
+  wrt = options.pop("wrt", None)  # NNX: chosen outside shard_map, by _nnx.call
   local_fn = _clipped.value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
   devices = mesh.shape[axis_name]
 
@@ -121,6 +127,14 @@ def sharded_value_and_clipped_grads(
         l2_norm_clip=clipped.l2_norm_clip, batch_size=clipped.batch_size * devices)
 
   def fn(params, batch, mask=None):
+    if _nnx.is_module(params):
+      # The model is split (and each example's row numbered) on the global
+      # batch, outside shard_map: row numbers, hence random streams, are global.
+      values, clipped = _nnx.call(
+          lambda pure: sharded_value_and_clipped_grads(
+              pure, l2_norm_clip, mesh=mesh, axis_name=axis_name, **options),
+          loss_fn, params, batch, mask, wrt, "sharded_clipped_grads")
+      return values, _nnx.as_optimizer_grads(clipped)
     _check_divisible(batch, mesh, axis_name, "sharded_clipped_grads")
     mask = _default_mask(batch) if mask is None else mask
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),

@@ -352,3 +352,46 @@ def test_wrt_on_a_plain_pytree_is_an_error():
   with pytest.raises(ValueError, match="NNX"):
     optax_dp.clipped_grads(lambda p, b: jnp.mean(b @ p), C, wrt=nnx.Param)(
         jnp.ones(2), jnp.ones((3, 2)))
+
+
+_SHARDED_SCRIPT = r'''
+import sys, warnings
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import optax_dp
+sys.path.insert(0, sys.argv[1])
+import test_nnx as T
+assert jax.device_count() == 8, jax.devices()
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+for family in ("conv", "norm_shared_direct"):
+  model, x = T._families()[family]
+  x = jnp.concatenate([x, x, x])[:16]
+  batch, mask = (x, jnp.arange(16) % 3), jnp.arange(16) < 14
+  reference = T._sums(optax_dp.clipped_grads(T.loss_fn, T.C, method="vmap")(model, batch, mask))
+  graphdef, state = nnx.split(model)
+  sharded = jax.jit(lambda s, b, m: optax_dp.sharded_clipped_grads(T.loss_fn, T.C, mesh=mesh)(
+      nnx.merge(graphdef, s), b, m))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optax_dp.PerExampleFallbackWarning)
+    got = T._sums(sharded(state, batch, mask))
+  print(family, max(float(np.max(np.abs(r - g)) / np.max(np.abs(r))) for r, g in zip(reference, got)))
+'''
+
+
+def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
+  """An nnx.Module through sharded_clipped_grads on 8 simulated CPU devices
+  (a subprocess: the device count is fixed at JAX start-up): book-kept
+  (conv) and fallback (norm, shared, direct Param) families equal the
+  single-device vmap clipped sum."""
+  import os
+  import subprocess
+  import sys
+  script = tmp_path / "sharded_nnx.py"
+  script.write_text(_SHARDED_SCRIPT)
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.run([sys.executable, str(script), os.path.dirname(__file__)],
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  errors = dict(line.split() for line in proc.stdout.strip().splitlines())
+  assert set(errors) == {"conv", "norm_shared_direct"}
+  assert all(float(e) <= 1e-5 for e in errors.values()), errors
