@@ -30,6 +30,9 @@ import optax_dp
 import _common
 
 OPTAX_DP_ROWS = ("non_private", "optax_dp_auto", "optax_dp_vmap")
+# The Flax NNX twins: nnx.Optimizer steps on an nnx.Module (its state split
+# out, so that the row is a pure (state, opt_state, batch) step like the others).
+NNX_ROWS = ("nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap")
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -179,17 +182,60 @@ def header(info: dict, setting: str, jax_privacy: bool = True) -> str:
           + _common.loadavg_suffix(info["loadavg_at_start"]))
 
 
+def nnx_row(name: str, make_model: Callable[[], Any], loss_fn: LossFn,
+            batch_size: int, noise_multiplier: float, l2_norm_clip: float
+            ) -> tuple[Row, Any]:
+  """One of NNX_ROWS, and its initial state (`nnx.state(model)`).
+
+  `loss_fn(model, batch)` is the loss one gives `nnx.grad`. The step merges
+  the model and an `nnx.Optimizer(model, tx, wrt=nnx.Param)` from their
+  states, calls `optimizer.update(model, grads)` with `nnx.grad(loss_fn)`
+  (non-private), `optax_dp.clipped_grads(loss_fn, C)` (auto) or
+  `optax_dp.per_example_grads(loss_fn)` (vmap), and splits them again: what
+  `nnx.jit` does for a stateful step, written out so that all rows share one
+  timing loop.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if name not in NNX_ROWS:
+    raise ValueError(f"unknown row {name!r}; choose from {NNX_ROWS}")
+  model = make_model()
+  if name == "nnx_non_private":
+    tx, grad_fn = sgd(), nnx.grad(loss_fn)
+  else:
+    tx = optax.chain(
+        optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
+                              expected_batch_size=batch_size), sgd())
+    grad_fn = (optax_dp.per_example_grads(loss_fn) if name == "nnx_optax_dp_vmap"
+               else optax_dp.clipped_grads(loss_fn, l2_norm_clip))
+  graphdef, state0 = nnx.split(model)
+  opt_graphdef = nnx.graphdef(nnx.Optimizer(model, tx, wrt=nnx.Param))
+
+  def init(state):
+    return nnx.state(nnx.Optimizer(nnx.merge(graphdef, state), tx, wrt=nnx.Param))
+
+  def step(state, opt_state, batch):
+    model = nnx.merge(graphdef, state)
+    optimizer = nnx.merge(opt_graphdef, opt_state)
+    optimizer.update(model, grad_fn(model, batch))
+    return nnx.state(model), nnx.state(optimizer)
+
+  return Row(init, step), state0
+
+
 def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
-              rounds: int, ms_format: str = ".0f") -> dict:
+              rounds: int, ms_format: str = ".0f",
+              params_of: Callable[[str], Any] | None = None) -> dict:
   """Compiles and warms up every row, then times them round-robin.
 
-  Each row gets its own copy of `params0` (params and optimizer state are
-  donated). Returns `_common.summarize`'s summary (ratios to `non_private`).
+  Each row gets its own copy of `params0`, or of `params_of(name)` where
+  given (an NNX row's model state); params and optimizer state are donated.
+  Returns `_common.summarize`'s summary (ratios to `non_private`).
   """
   state, compiled, compile_s = {}, {}, {}
   for name in rows:
     row = build(name)
-    params = jax.tree.map(jnp.copy, params0)
+    start = params0 if params_of is None else params_of(name)
+    params = jax.tree.map(jnp.copy, start)
     opt_state = row.init(params)
     t0 = time.perf_counter()
     compiled[name] = jax.jit(row.step, donate_argnums=(0, 1)).lower(

@@ -47,9 +47,10 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 import _common  # pylint: disable=wrong-import-position
 import _jax_common  # pylint: disable=wrong-import-position
-from models import CNN  # pylint: disable=wrong-import-position
+from models import CNN, NNXCNN  # pylint: disable=wrong-import-position
 
-ALL_ROWS = _jax_common.OPTAX_DP_ROWS + ("optax_contrib", "jax_privacy")
+ALL_ROWS = (_jax_common.OPTAX_DP_ROWS + ("optax_contrib", "jax_privacy")
+            + _jax_common.NNX_ROWS)
 
 MODEL = CNN()   # the example's CNN (examples/models.py)
 # An ordinary batched mean loss: batch = (images, labels). Used by ALL rows.
@@ -104,9 +105,23 @@ def _jax_privacy_row(batch_size: int, noise_multiplier: float,
   return _jax_common.make_row(tx, grad_fn)
 
 
+def nnx_loss_fn(model, batch):
+  """The same loss for the NNX rows: mean cross-entropy of `model(images)`."""
+  images, labels = batch
+  return optax.softmax_cross_entropy_with_integer_labels(model(images), labels).mean()
+
+
+def _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip=_common.L2_NORM_CLIP):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return _jax_common.nnx_row(name, lambda: NNXCNN(rngs=nnx.Rngs(0)), nnx_loss_fn,
+                             batch_size, noise_multiplier, l2_norm_clip)
+
+
 def build_row(name: str, batch_size: int, noise_multiplier: float,
               l2_norm_clip: float = _common.L2_NORM_CLIP) -> _jax_common.Row:
   """Returns (opt init, train step) for one row. Same math in every DP row."""
+  if name in _jax_common.NNX_ROWS:
+    return _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip)[0]
   if name in _jax_common.OPTAX_DP_ROWS:
     return _jax_common.optax_dp_row(name, loss_fn, batch_size, noise_multiplier,
                                     l2_norm_clip)
@@ -230,12 +245,21 @@ def main(argv=None):
 
   check = run_check(rows) if args.check else None
 
+  linen_params = init_params()
   summary = _jax_common.time_rows(
       rows, lambda name: build_row(name, args.batch_size, _common.NOISE_MULTIPLIER),
-      init_params(), make_batch(args.batch_size), args.rounds)
+      linen_params, make_batch(args.batch_size), args.rounds,
+      params_of=lambda name: (
+          _nnx_row(name, args.batch_size, _common.NOISE_MULTIPLIER)[1]
+          if name in _jax_common.NNX_ROWS else linen_params))
   table = _common.summary_table(
       f"Step time, batch {args.batch_size} ({header})", summary)
   print("\n" + table, flush=True)
+  if "nnx_non_private" in summary:
+    nnx_summary = _common.summarize(
+        {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private")
+    print("\n" + _common.summary_table(
+        f"The same rows, as ratios to nnx_non_private ({header})", nnx_summary), flush=True)
 
   opacus = combined = None
   if args.opacus_python:
