@@ -36,6 +36,7 @@ from optax_dp._keys import NoiseKeyReuseWarning
 from optax_dp._clipped import ClipOptions
 from optax_dp._clipped import PerExampleFallbackWarning
 from optax_dp._clipped import clipped_grads
+from optax_dp._clipped import clipping_plan
 from optax_dp._clipped import value_and_clipped_grads
 from optax_dp._aggregate import dp_aggregate
 from optax_dp._aggregate import dpsgd
@@ -79,6 +80,7 @@ __all__ = (
     "calibrate_noise_multiplier",
     "clip_and_sum",
     "clipped_grads",
+    "clipping_plan",
     "compute_epsilon",
     "dp_accumulate",
     "dp_aggregate",

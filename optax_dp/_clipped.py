@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
 
+from optax_dp import _bookkeeping
 from optax_dp import _checks
 from optax_dp import _clipping
 from optax_dp import _devices
-from optax_dp import _layer_rules
-from optax_dp import _linen
 from optax_dp import _nnx
 from optax_dp import _per_example
 
@@ -21,13 +19,8 @@ ClippedGrads = _clipping.ClippedGrads  # defined with the clipping rules
 
 
 METHODS = ("auto", "ghost", "vmap")
-
-
-class PerExampleFallbackWarning(UserWarning):
-  """`clipped_grads(method="auto")` computes per-example gradients for some
-  parameters: no book-keeping rule covers them. The numbers and the privacy
-  are the same; only speed and memory differ. Said once per set of parameters
-  (filter it with `warnings.filterwarnings("ignore", category=...)`)."""
+PerExampleFallbackWarning = _bookkeeping.PerExampleFallbackWarning
+clipping_plan = _bookkeeping.clipping_plan
 
 
 class ClipOptions(TypedDict, total=False):
@@ -136,7 +129,7 @@ def value_and_clipped_grads(
   def chunk_fn(params, batch, mask):
     if method == "vmap":
       return _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask)
-    return _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask)
+    return _bookkeeping.ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask)
 
   def fn(params, batch, mask=None):
     if _nnx.is_module(params):
@@ -206,116 +199,13 @@ def clipped_grads(
   return fn
 
 
-def _compute_dtype(x):
-  # The clipped sum stays in float32 (or wider) until the noise is added:
-  # rounding it to a narrower dtype first would perturb each example's
-  # contribution after clipping. dp_aggregate casts the noised result.
-  # (result_type: a leaf may be a Python scalar, e.g. params {'w': 2.5}.)
-  return _clipping.compute_dtype(_clipping.leaf_dtype(x))
-
-
-def _finish(l2_norm_clip, sq_norms, mask):
-  finite = jnp.isfinite(sq_norms)
-  keep = finite & mask
-  factors = jnp.where(keep, _clipping.clip_factors(sq_norms, l2_norm_clip), 0.0)
-  nonfinite = jnp.sum(~finite & mask, dtype=jnp.int32)
-  return factors, keep, nonfinite
-
-
-def _mask_values(values, mask, has_aux):
-  if has_aux:
-    return (_per_example.zero_masked(values[0], mask), values[1])
-  return _per_example.zero_masked(values, mask)
-
-
 def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):
   values, grads = _per_example.value_and_per_example_grads(loss_fn, has_aux=has_aux)(
       params, batch)
   sq = _clipping.per_example_sq_norms(grads)
-  factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
+  factors, keep, nonfinite = _bookkeeping.finish(l2_norm_clip, sq, mask)
   summed = _clipping.clipped_sum(grads, factors)
-  return _mask_values(values, mask, has_aux), summed, nonfinite
-
-
-def _ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
-  leaves, treedef = jax.tree.flatten(params)
-  example0 = jax.tree.map(lambda x: x[0], batch)
-  # The framework adapter: NNX for the pure loss of an nnx.Module, else Linen.
-  adapter = _nnx if getattr(loss_fn, _nnx.NNX_ADAPTER, False) else _linen
-  exclude = frozenset()
-  # Each pass that finds a leaky layer excludes at least one more layer, and
-  # each layer owns at least one leaf: at most len(leaves) + 1 passes.
-  for _ in range(len(leaves) + 2):
-    layers = adapter.discover(loss_fn, params, example0, has_aux, exclude)
-    example_loss, covered, uncovered = adapter.make_example_loss(
-        loss_fn, layers, has_aux, treedef, len(leaves))
-    layer_params = [{name: leaves[i] for name, i in layer.leaf_index.items()}
-                    for layer in layers]
-    zs1 = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layer.out_struct)
-           for layer in layers]
-    args1 = ([leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
-             zs1, example0)
-    used = _layer_rules.check_covered_unused(example_loss, args1)
-    if not used:
-      break
-    leaky = {covered[j] for j in used}
-    exclude = exclude | {l.path for l in layers
-                         if set(l.leaf_index.values()) & leaky}
-  else:  # pragma: no cover (unreachable: see the bound above)
-    raise RuntimeError("optax_dp ghost clipping: layer discovery did not settle.")
-  if uncovered:
-    names = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(params)[0]]
-    missing = [names[i] for i in uncovered]
-    shown = f"{missing[:8]}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-    if method == "ghost":
-      raise ValueError(
-          f"clipped_grads(method='ghost'): parameters {shown} are not owned by a "
-          "Flax Linen layer, nor by an nnx.Linear, nnx.Conv or nnx.Embed, called "
-          "once through __call__ (shared, reused, used outside their module, or "
-          "of a layer kind without a book-keeping rule). Use method='auto' "
-          "(per-example gradients for those) or 'vmap'.")
-    warnings.warn(
-        f"clipped_grads(method='auto'): no book-keeping rule covers parameters "
-        f"{shown} ({len(missing)} of {len(leaves)}): they get per-example "
-        "gradients (the same clipped sum, slower and more memory). Covered: "
-        "parameters of Flax Linen layers, and of nnx.Linear/Conv/Embed, each "
-        "called once through __call__.",
-        PerExampleFallbackWarning, stacklevel=2)
-
-  batch_size = mask.shape[0]
-  zs = [jax.tree.map(lambda s: jnp.zeros((batch_size,) + s.shape, s.dtype), layer.out_struct)
-        for layer in layers]
-  # Inside shard_map the output perturbations must be device-varying like the
-  # batch, or their per-example cotangents are summed across devices.
-  zs = _devices.make_varying(zs, _devices.varying_axes(batch))
-  grad_fn = jax.value_and_grad(example_loss, argnums=(0, 3), has_aux=True)
-  (losses, (aux, inputs)), (uncovered_grads, out_grads) = jax.vmap(
-      grad_fn, in_axes=(None, None, None, 0, 0))(
-          [leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
-          zs, batch)
-
-  sq = jnp.zeros((batch_size,), jnp.float32)
-  sum_fns = []
-  for k, layer in enumerate(layers):
-    layer_sq, sums = adapter.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
-    sq = sq + layer_sq.astype(jnp.float32)
-    sum_fns.append(sums)
-  if uncovered_grads:
-    sq = sq + _clipping.per_example_sq_norms(uncovered_grads)
-  factors, keep, nonfinite = _finish(l2_norm_clip, sq, mask)
-
-  out = [None] * len(leaves)
-  for k, layer in enumerate(layers):
-    sums = sum_fns[k](factors, keep)
-    for name, i in layer.leaf_index.items():
-      out[i] = sums[name].reshape(leaves[i].shape).astype(_compute_dtype(leaves[i]))
-  if uncovered_grads:
-    keep_factors = jnp.where(keep, factors, 0.0)
-    for i, s in zip(uncovered, _clipping.clipped_sum(uncovered_grads, keep_factors)):
-      out[i] = s.astype(_compute_dtype(leaves[i]))
-  values = (losses, aux) if has_aux else losses
-  return _mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out), nonfinite
+  return _bookkeeping.mask_values(values, mask, has_aux), summed, nonfinite
 
 
 def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
@@ -342,7 +232,7 @@ def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
   # The running total is in the clipped sums' dtype (float32 or wider), not
   # the params' (a bfloat16 carry would not match the chunks' float32 sums).
   init = _devices.make_varying(
-      (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _compute_dtype(p)), params),
+      (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _bookkeeping.compute_dtype_of(p)), params),
        jnp.zeros((), jnp.int32)),
       _devices.varying_axes(batch))
   (summed, nonfinite), values = jax.lax.scan(body, init, (chunks, mask_chunks))

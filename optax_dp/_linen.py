@@ -168,6 +168,24 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
   return [l for l in layers if all(owners[i] == 1 for i in l.leaf_index.values())]
 
 
+def calls_modules(loss_fn: Callable, params: Any, example: Any) -> bool:
+  """Whether the loss runs any Flax Linen module (a shape-only trace)."""
+  if nn is None:
+    return False
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    seen.append(context.method_name)
+    return next_fun(*args, **kwargs)
+
+  def run(params, example):
+    with nn.intercept_methods(interceptor):
+      return loss_fn(params, jax.tree.map(lambda x: x[None], example))
+
+  jax.eval_shape(run, params, example)
+  return bool(seen)
+
+
 def _is_array(x) -> bool:
   return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__") or (
       hasattr(x, "shape") and hasattr(x, "dtype"))

@@ -119,7 +119,7 @@ def no_batchnorm_in_training(caller: str):
 
 def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
          loss_fn: Callable[..., Any], model, batch, mask, wrt: Optional[Any],
-         caller: str):
+         caller: str, advance_streams: bool = True):
   """Runs `build(pure_loss)(trained, batch', mask)` for an NNX `model`.
 
   `build` makes a framework-neutral builder's `fn(params, batch, mask)` from a
@@ -132,7 +132,9 @@ def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
   graphdef, trained, rest = nnx.split(model, wrt, ...)
   # One draw of each stream per step, as a batched step makes (the model's
   # counters advance); example i then uses fold_in(step key, i).
-  step_keys = [stream() for stream in _streams(model)]
+  step_keys = [stream() if advance_streams
+               else jax.random.fold_in(stream.key[...], stream.count[...])
+               for stream in _streams(model)]
   leaves = jax.tree.leaves(batch)
   rows = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
 

@@ -1,0 +1,195 @@
+"""The book-keeping path of `clipped_grads`: which framework adapter, which
+layers are covered (after the exactness guard), and the clipped sum from the
+framework-neutral layer rules; `clipping_plan` shows the choice.
+
+Adapters: `_linen` (Flax Linen, `nn.intercept_methods`) and `_nnx` (Flax NNX,
+for the pure loss `_nnx.call` builds). Both expose `discover`,
+`make_example_loss` and `layer_terms`; `_layer_rules` holds the rules and the
+guard. References: Bu, Wang, Zha & Karypis 2023, "Differentially Private
+Optimization on Large Model at Small Cost", https://arxiv.org/abs/2210.00038.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_dp import _clipping
+from optax_dp import _devices
+from optax_dp import _layer_rules
+from optax_dp import _linen
+from optax_dp import _nnx
+from optax_dp import _per_example
+
+
+class PerExampleFallbackWarning(UserWarning):
+  """`clipped_grads(method="auto")` computes per-example gradients for some
+  parameters: no book-keeping rule covers them. The numbers and the privacy
+  are the same; only speed and memory differ. Said once per set of parameters
+  (filter it with `warnings.filterwarnings("ignore", category=...)`)."""
+
+
+def compute_dtype_of(x):
+  # The clipped sum stays in float32 (or wider) until the noise is added:
+  # rounding it to a narrower dtype first would perturb each example's
+  # contribution after clipping. dp_aggregate casts the noised result.
+  # (result_type: a leaf may be a Python scalar, e.g. params {'w': 2.5}.)
+  return _clipping.compute_dtype(_clipping.leaf_dtype(x))
+
+
+def finish(l2_norm_clip, sq_norms, mask):
+  finite = jnp.isfinite(sq_norms)
+  keep = finite & mask
+  factors = jnp.where(keep, _clipping.clip_factors(sq_norms, l2_norm_clip), 0.0)
+  nonfinite = jnp.sum(~finite & mask, dtype=jnp.int32)
+  return factors, keep, nonfinite
+
+
+def mask_values(values, mask, has_aux):
+  if has_aux:
+    return (_per_example.zero_masked(values[0], mask), values[1])
+  return _per_example.zero_masked(values, mask)
+
+
+def settle(loss_fn, has_aux, params, example0):
+  """The covered layers after the exactness guard: `(adapter, layers,
+  example_loss, covered, uncovered)`; `covered`/`uncovered` index the flat
+  params. Shape-only traces: runs at trace time, nothing is compiled."""
+  leaves, treedef = jax.tree.flatten(params)
+  # The framework adapter: NNX for the pure loss of an nnx.Module, else Linen.
+  adapter = _nnx if getattr(loss_fn, _nnx.NNX_ADAPTER, False) else _linen
+  exclude = frozenset()
+  # Each pass that finds a leaky layer excludes at least one more layer, and
+  # each layer owns at least one leaf: at most len(leaves) + 1 passes.
+  for _ in range(len(leaves) + 2):
+    layers = adapter.discover(loss_fn, params, example0, has_aux, exclude)
+    example_loss, covered, uncovered = adapter.make_example_loss(
+        loss_fn, layers, has_aux, treedef, len(leaves))
+    layer_params = [{name: leaves[i] for name, i in layer.leaf_index.items()}
+                    for layer in layers]
+    zs1 = [jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layer.out_struct)
+           for layer in layers]
+    args1 = ([leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
+             zs1, example0)
+    used = _layer_rules.check_covered_unused(example_loss, args1)
+    if not used:
+      break
+    leaky = {covered[j] for j in used}
+    exclude = exclude | {l.path for l in layers
+                         if set(l.leaf_index.values()) & leaky}
+  else:  # pragma: no cover (unreachable: see the bound above)
+    raise RuntimeError("optax_dp ghost clipping: layer discovery did not settle.")
+  return adapter, layers, example_loss, covered, uncovered
+
+
+def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
+                  has_aux: bool = False, wrt: Any = None) -> dict[str, str]:
+  """How `clipped_grads(loss_fn, C, method="auto")` computes each parameter's
+  share of the per-example norms, for this model and batch shape.
+
+  Returns `{parameter path: rule}`, the rule one of `"dense"`, `"conv"`,
+  `"embed"` (book-keeping: no per-example gradient of that parameter),
+  `"generic"` (a vmapped VJP of the owning layer alone; Linen) or
+  `"per-example"` (the fallback: ordinary per-example gradients, exact but
+  slower; `PerExampleFallbackWarning` names them when a step traces).
+  `method="ghost"` works iff no rule is `"per-example"`. Nothing is
+  computed on data: the plan comes from shape-only traces. For a Flax NNX
+  model pass it as `params` (with `wrt=` as for `clipped_grads`); its random
+  streams are not advanced. Privacy: none involved (a function of shapes and
+  the model's code).
+
+  Example:
+    >>> import jax.numpy as jnp, flax.linen as nn, optax_dp
+    >>> model = nn.Dense(3)
+    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> def loss_fn(params, x):
+    ...   return jnp.mean(model.apply({"params": params}, x) ** 2)
+    >>> optax_dp.clipping_plan(loss_fn, params, jnp.ones((8, 4)))
+    {"['bias']": 'dense', "['kernel']": 'dense'}
+  """
+  def plan(pure_loss):
+    def fn(params, batch, mask=None):
+      del mask
+      example0 = jax.tree.map(lambda x: x[0], batch)
+      _, layers, _, _, uncovered = settle(pure_loss, has_aux, params, example0)
+      names = [jax.tree_util.keystr(p).removesuffix(".value") for p, _ in
+               jax.tree_util.tree_flatten_with_path(params)[0]]
+      rules = {i: layer.kind for layer in layers for i in layer.leaf_index.values()}
+      rules.update({i: "per-example" for i in uncovered})
+      return {names[i]: rules[i] for i in range(len(names))}
+    return fn
+
+  if _nnx.is_module(params):
+    return _nnx.call(plan, loss_fn, params, batch, None, wrt, "clipping_plan",
+                     advance_streams=False)
+  return plan(loss_fn)(params, batch)
+
+
+def ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
+  leaves, treedef = jax.tree.flatten(params)
+  example0 = jax.tree.map(lambda x: x[0], batch)
+  adapter, layers, example_loss, covered, uncovered = settle(
+      loss_fn, has_aux, params, example0)
+  layer_params = [{name: leaves[i] for name, i in layer.leaf_index.items()}
+                  for layer in layers]
+  if uncovered:
+    names = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(params)[0]]
+    missing = [names[i] for i in uncovered]
+    shown = f"{missing[:8]}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    if method == "ghost":
+      raise ValueError(
+          f"clipped_grads(method='ghost'): parameters {shown} are not owned by a "
+          "Flax Linen layer, nor by an nnx.Linear, nnx.Conv or nnx.Embed, called "
+          "once through __call__ (shared, reused, used outside their module, or "
+          "of a layer kind without a book-keeping rule). Use method='auto' "
+          "(per-example gradients for those) or 'vmap'.")
+    # Said for a Flax model (some layer ran, or an NNX module); a loss of
+    # plain arrays, with no layers at all, is the vmap path by definition.
+    flax_model = bool(layers) or adapter is _nnx or _linen.calls_modules(
+        loss_fn, params, example0)
+  if uncovered and flax_model:
+    warnings.warn(
+        f"clipped_grads(method='auto'): no book-keeping rule covers parameters "
+        f"{shown} ({len(missing)} of {len(leaves)}): they get per-example "
+        "gradients (the same clipped sum, slower and more memory). Covered: "
+        "parameters of Flax Linen layers, and of nnx.Linear/Conv/Embed, each "
+        "called once through __call__.",
+        PerExampleFallbackWarning, stacklevel=2)
+
+  batch_size = mask.shape[0]
+  zs = [jax.tree.map(lambda s: jnp.zeros((batch_size,) + s.shape, s.dtype), layer.out_struct)
+        for layer in layers]
+  # Inside shard_map the output perturbations must be device-varying like the
+  # batch, or their per-example cotangents are summed across devices.
+  zs = _devices.make_varying(zs, _devices.varying_axes(batch))
+  grad_fn = jax.value_and_grad(example_loss, argnums=(0, 3), has_aux=True)
+  (losses, (aux, inputs)), (uncovered_grads, out_grads) = jax.vmap(
+      grad_fn, in_axes=(None, None, None, 0, 0))(
+          [leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
+          zs, batch)
+
+  sq = jnp.zeros((batch_size,), jnp.float32)
+  sum_fns = []
+  for k, layer in enumerate(layers):
+    layer_sq, sums = adapter.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
+    sq = sq + layer_sq.astype(jnp.float32)
+    sum_fns.append(sums)
+  if uncovered_grads:
+    sq = sq + _clipping.per_example_sq_norms(uncovered_grads)
+  factors, keep, nonfinite = finish(l2_norm_clip, sq, mask)
+
+  out = [None] * len(leaves)
+  for k, layer in enumerate(layers):
+    sums = sum_fns[k](factors, keep)
+    for name, i in layer.leaf_index.items():
+      out[i] = sums[name].reshape(leaves[i].shape).astype(compute_dtype_of(leaves[i]))
+  if uncovered_grads:
+    keep_factors = jnp.where(keep, factors, 0.0)
+    for i, s in zip(uncovered, _clipping.clipped_sum(uncovered_grads, keep_factors)):
+      out[i] = s.astype(compute_dtype_of(leaves[i]))
+  values = (losses, aux) if has_aux else losses
+  return mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out), nonfinite
