@@ -36,7 +36,7 @@ import optax
 import optax_dp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mnist_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+import _cli_common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from models import CNN  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -135,44 +135,12 @@ RUN_SETTINGS = ("batch_size", "learning_rate", "momentum", "l2_norm_clip",
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--steps", type=int, default=5000,
-                 help="noisy (logical) steps to run in total, resumed ones included")
-  p.add_argument("--batch-size", type=int, default=256,
-                 help="the logical batch size: expected size for --sampler "
-                      "poisson (q = batch_size / 60000), exact for fixed/shuffle")
-  p.add_argument("--learning-rate", type=float, default=0.1)
-  p.add_argument("--momentum", type=float, default=0.9)
-  p.add_argument("--l2-norm-clip", type=float, default=0.1)
-  p.add_argument("--rescale-to-unit-norm", action=argparse.BooleanOptionalAction,
-                 default=True,
-                 help="divide clipped sums by the clip norm, as the jax_privacy "
-                      "tutorial does (learning rate independent of the clip)")
-  p.add_argument("--clipping", choices=("auto", "ghost", "vmap", "per-example"),
-                 default="auto",
-                 help="how per-example gradients are clipped: auto (fastest: "
-                      "book-keeping for Flax layers), ghost, vmap, or per-example "
-                      "(materialise them and let dp_aggregate clip)")
-  p.add_argument("--sampler", choices=("poisson", "fixed", "shuffle"), default="poisson",
-                 help="poisson (default; amplified accounting), fixed (fixed-size "
-                      "batches drawn each step; RDP, replace-one) or shuffle (epoch "
-                      "shuffling; no amplification: far more epsilon)")
+  _cli_common.add_training_flags(
+      p, steps_help="noisy (logical) steps to run in total, resumed ones included")
   p.add_argument("--accumulation-steps", type=int, default=1,
                  help="split each logical batch into K physical batches; noise "
                       "is added once per logical batch (optax_dp.dp_accumulate)")
-  p.add_argument("--epsilon", type=float, default=1.0, help="the privacy budget")
-  p.add_argument("--delta", type=float, default=1e-5)
-  p.add_argument("--noise-multiplier", type=float, default=None,
-                 help="use this noise multiplier instead of calibrating one for "
-                      "--steps; the budget then allows as many steps as fit in "
-                      "--epsilon, and --steps beyond them are refused")
-  p.add_argument("--allow-budget-overrun", action="store_true",
-                 help="run --steps even past the budget; the epsilon reported "
-                      "grows past --epsilon accordingly")
-  p.add_argument("--accountant", choices=optax_dp.ACCOUNTANTS, default=None,
-                 help="default: pld, or rdp for --sampler fixed (the only one "
-                      "that can account for it)")
-  p.add_argument("--eval-every", type=int, default=200)
-  p.add_argument("--seed", type=int, default=0)
+  _cli_common.add_budget_flags(p)
   p.add_argument("--devices", type=int, default=None,
                  help="data-parallel over this many devices (default: all visible); "
                       "each device clips its share of the batch, one all-reduce "
@@ -187,14 +155,10 @@ def parse_args(argv=None):
   p.add_argument("--stop-at", type=int, default=None,
                  help="stop after this step, as if preempted (to try --resume); "
                       "the noise is still calibrated for --steps")
-  p.add_argument("--no-dp", action="store_true", help="train without privacy")
-  p.add_argument("--data", choices=("idx", "tfds"), default="idx",
-                 help="idx: the bundled IDX files (default); tfds: tensorflow-datasets")
-  p.add_argument("--data-dir", default=mnist_data.DEFAULT_DATA_DIR)
-  p.add_argument("--json-out", default=None)
+  _cli_common.add_output_flags(p)
   args = p.parse_args(argv)
-  if min(args.steps, args.batch_size, args.eval_every, args.accumulation_steps) < 1:
-    p.error("--steps, --batch-size, --eval-every and --accumulation-steps must be >= 1")
+  _cli_common.require_positive(
+      p, args, ("steps", "batch_size", "eval_every", "accumulation_steps"))
   if args.resume:
     _apply_saved_settings(p, args)
   return args
@@ -220,35 +184,6 @@ def _apply_saved_settings(parser, args):
   args.max_batch_size = saved["max_batch_size"]
   if args.checkpoint_dir is None:
     args.checkpoint_dir = args.resume
-
-
-def fail(message):
-  """Exits with status 2 and `message` on stderr (bad flags or a refused run)."""
-  print(f"error: {message}", file=sys.stderr)
-  raise SystemExit(2)
-
-
-def make_sampler(args, dataset_size, budget_steps):
-  """The run's sampler; Poisson gets a static maximum fixed by the budget."""
-  if args.sampler == "poisson":
-    max_batch_size = getattr(args, "max_batch_size", None) or (
-        optax_dp.poisson_max_batch_size(dataset_size, args.batch_size, budget_steps))
-    return optax_dp.PoissonSampler(dataset_size, args.batch_size, max_batch_size,
-                                   pad_to_multiple_of=32)
-  return optax_dp.make_sampler(args.sampler, dataset_size=dataset_size,
-                               batch_size=args.batch_size)
-
-
-def make_budget(args, sampler):
-  """The privacy budget: calibrate sigma for the steps, or the steps for sigma."""
-  if args.noise_multiplier is not None:
-    return optax_dp.privacy_budget(
-        sampler=sampler, target_epsilon=args.epsilon, target_delta=args.delta,
-        noise_multiplier=args.noise_multiplier, accountant=args.accountant)
-  return optax_dp.privacy_budget(
-      sampler=sampler, target_epsilon=args.epsilon, target_delta=args.delta,
-      steps=getattr(args, "budget_steps", None) or args.steps,
-      accountant=args.accountant)
 
 
 def latest_checkpoint(directory):
@@ -291,18 +226,16 @@ def restore_checkpoint(directory, state_like):
 
 def main(argv=None):
   args = parse_args(argv)
-  data = (mnist_data.load_mnist_tfds() if args.data == "tfds"
-          else mnist_data.load_mnist(args.data_dir))
+  data = _cli_common.load_data(args)
   train_images, train_labels = data["train_images"], data["train_labels"]
   dataset_size = len(train_images)
-  if args.batch_size > dataset_size:
-    raise SystemExit(f"--batch-size {args.batch_size} > dataset size {dataset_size}")
   k = args.accumulation_steps
   available = len(jax.devices())
   num_devices = args.devices or available
   if not 1 <= num_devices <= available:
-    fail(f"--devices {args.devices}: {available} device(s) visible (on CPU, set "
-         "XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N).")
+    _cli_common.fail(f"--devices {args.devices}: {available} device(s) visible (on CPU, "
+                     "set XLA_FLAGS=--xla_force_host_platform_device_count=N to "
+                     "simulate N).")
   mesh = (jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("data",))
           if num_devices > 1 else None)
 
@@ -313,37 +246,14 @@ def main(argv=None):
   loss_fn = make_loss_fn(model)
 
   sgd = optax.sgd(args.learning_rate, momentum=args.momentum)
-  budget = None
   budget_steps = getattr(args, "budget_steps", None) or args.steps
-  if args.no_dp:
-    sampler = make_sampler(args, dataset_size, budget_steps)
+  sampler, budget = _cli_common.plan_privacy(args, dataset_size, budget_steps)
+  if budget is None:
     tx = optax.MultiSteps(sgd, k) if k > 1 else sgd
     train_step = make_nonprivate_train_step(loss_fn)
-    print("Training WITHOUT differential privacy (--no-dp).")
   else:
-    t = time.time()
-    sampler = make_sampler(args, dataset_size, budget_steps)
-    try:
-      budget = make_budget(args, sampler)
-    except ValueError as e:
-      fail(str(e))
     budget_steps = budget.max_steps
-    print(f"Noise multiplier {budget.noise_multiplier} "
-          f"({'given' if args.noise_multiplier is not None else 'calibrated'}); "
-          f"the budget (epsilon {args.epsilon}, delta {args.delta}) allows "
-          f"{budget.max_steps} steps: {sampler.describe()}; {budget.accountant} "
-          f"accountant ({time.time() - t:.1f} s).")
-    if args.steps > budget.max_steps and not args.allow_budget_overrun:
-      fail(
-          f"--steps {args.steps} is beyond the privacy budget, which allows "
-          f"{budget.max_steps} steps (epsilon {budget.epsilon():.4f} <= "
-          f"{args.epsilon}). Run fewer steps, or pass --allow-budget-overrun to "
-          f"run them and report the larger epsilon ({budget.epsilon(args.steps):.4f}).")
-    tx = optax.chain(
-        optax_dp.dp_aggregate(args.l2_norm_clip, key=noise_key, budget=budget,
-                              allow_budget_overrun=args.allow_budget_overrun,
-                              rescale_to_unit_norm=args.rescale_to_unit_norm),
-        sgd)
+    tx = _cli_common.make_private_tx(args, budget, noise_key, sgd)
     if k > 1:
       tx = optax_dp.dp_accumulate(tx, k)
     train_step = make_private_train_step(loss_fn, args.l2_norm_clip, args.clipping, k,
@@ -359,7 +269,7 @@ def main(argv=None):
     state, start_step = restore_checkpoint(args.resume, state)
     print(f"Resumed from {args.resume} at step {start_step}.")
     if start_step > args.steps:
-      fail(f"the checkpoint is at step {start_step} > --steps {args.steps}.")
+      _cli_common.fail(f"the checkpoint is at step {start_step} > --steps {args.steps}.")
 
   def steps_released():
     return budget.steps_taken(state.opt_state) if budget else start_step + steps_done
@@ -392,58 +302,24 @@ def main(argv=None):
     if step % args.eval_every == 0 or step == last_step:
       test_loss, test_acc = evaluate(loss_fn, state.params, data["test_images"],
                                      data["test_labels"])
-      print(f"step {step:5d}  train loss {float(np.mean(train_losses)):.4f} "
-            f"acc {float(np.mean(train_accs)):.4f}  test loss {test_loss:.4f} "
-            f"acc {test_acc:.4f}  epsilon {epsilon_now():.4f}  "
-            f"{time.time() - start:.0f} s", flush=True)
+      _cli_common.print_progress(step, float(np.mean(train_losses)),
+                                 float(np.mean(train_accs)), test_loss, test_acc,
+                                 epsilon_now(), time.time() - start)
       train_losses, train_accs = [], []
       if args.checkpoint_dir:
         save_checkpoint(args.checkpoint_dir, state, step, settings)
 
   seconds = time.time() - start
   released = steps_released()
-  if budget is not None:
-    if released != last_step:  # the ledger and the loop must agree
-      raise RuntimeError(f"optimizer released {released} noisy updates, loop ran to "
-                         f"{last_step}")
-    epsilon = budget.epsilon_spent(state.opt_state)
-    over = " (PAST the budget: --allow-budget-overrun)" if released > budget.max_steps else ""
-    print(f"Done: {released} steps ({steps_done} in {seconds:.0f} s). Test accuracy "
-          f"{test_acc:.4f}. Privacy: ({epsilon:.4f}, {args.delta})-DP{over} for the "
-          f"{dataset_size} training examples ({sampler.name} sampling, "
-          f"{budget.accountant} accountant, noise multiplier "
-          f"{budget.noise_multiplier}, clip {args.l2_norm_clip}).")
-    print(budget.statement(released))
-  else:
-    epsilon = float("inf")
-    print(f"Done: {released} steps in {seconds:.0f} s. Test accuracy {test_acc:.4f}. "
-          "NOT private (--no-dp).")
-
-  if args.json_out:
-    result = {
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
-        "epsilon": epsilon if np.isfinite(epsilon) else None,
-        "delta": args.delta,
-        "noise_multiplier": budget.noise_multiplier if budget else None,
-        "steps": released,
-        "steps_this_run": steps_done,
-        "resumed_from_step": start_step if args.resume else None,
-        "budget_steps": budget.max_steps if budget else None,
-        "batch_size": args.batch_size,
-        "accumulation_steps": k,
-        "devices": num_devices,
-        "seconds": seconds,
-        "l2_norm_clip": args.l2_norm_clip,
-        "sampler": sampler.name,
-        "neighboring_relation": sampler.neighboring_relation if budget else None,
-        "accountant": budget.accountant if budget else None,
-        "clipping": None if args.no_dp else args.clipping,
-        "private": not args.no_dp,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump(result, f, indent=2)
+  epsilon = _cli_common.report(
+      args, budget, sampler, opt_state=state.opt_state, expected_steps=last_step,
+      released=released, steps_done=steps_done, seconds=seconds, test_acc=test_acc,
+      dataset_size=dataset_size)
+  _cli_common.write_json(
+      args, budget, sampler, epsilon=epsilon, test_accuracy=test_acc,
+      test_loss=test_loss, steps=released, steps_this_run=steps_done, seconds=seconds,
+      resumed_from_step=start_step if args.resume else None, accumulation_steps=k,
+      devices=num_devices)
   return 0
 
 

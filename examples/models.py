@@ -3,11 +3,13 @@
 The one home of the tutorial's CNN: `examples/mnist_linen.py` trains it and
 `benchmarks/step_time.py` (hence `peak_memory.py`) times it. Scripts next to
 this file import it as `from models import CNN`; the benchmarks add this
-directory to `sys.path` first.
+directory to `sys.path` first. `NNXCNN` is the same network as a Flax NNX
+module, for `examples/mnist_nnx.py`.
 """
 
 from __future__ import annotations
 
+from flax import nnx
 import flax.linen as nn
 
 
@@ -33,3 +35,28 @@ class CNN(nn.Module):
     x = nn.relu(x)
     x = nn.Dense(features=10)(x)
     return x
+
+
+class NNXCNN(nnx.Module):
+  """The tutorial CNN as a Flax NNX module (Flax's NNX MNIST tutorial's CNN).
+
+  The layers, shapes and parameter count of `CNN` above: NHWC input
+  (B, 28, 28, 1), Conv 1->32 3x3 - relu - avgpool 2 - Conv 32->64 3x3 - relu -
+  avgpool 2 - Linear 3136->256 - relu - Linear 256->10 ("SAME" padding, as
+  nnx.Conv's default); 824,458 parameters (tests/test_example_mnist.py checks
+  them against `CNN`'s). Its initial values differ from `CNN`'s for the same
+  seed: NNX draws them from `rngs` in its own order.
+  """
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(1, 32, kernel_size=(3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(32, 64, kernel_size=(3, 3), rngs=rngs)
+    self.linear1 = nnx.Linear(3136, 256, rngs=rngs)
+    self.linear2 = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.avg_pool(nnx.relu(self.conv1(x)), window_shape=(2, 2), strides=(2, 2))
+    x = nnx.avg_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nnx.relu(self.linear1(x))
+    return self.linear2(x)

@@ -1,6 +1,7 @@
 """The MNIST example on the real, bundled MNIST files: data loading and a short run."""
 
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -74,9 +75,9 @@ def _shared_compilation_cache(tmp_path_factory):
   _COMPILATION_CACHE.clear()
 
 
-def _run_raw(tmp_path, *args, name="result", env=None):
+def _run_raw(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
   out = tmp_path / f"{name}.json"
-  cmd = [sys.executable, os.path.join(EXAMPLES, "mnist_linen.py"), *args,
+  cmd = [sys.executable, os.path.join(EXAMPLES, script), *args,
          "--json-out", str(out)]
   cache = {}
   if "dir" in _COMPILATION_CACHE:
@@ -88,8 +89,8 @@ def _run_raw(tmp_path, *args, name="result", env=None):
   return proc, out
 
 
-def _run(tmp_path, *args, name="result", env=None):
-  proc, out = _run_raw(tmp_path, *args, name=name, env=env)
+def _run(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
+  proc, out = _run_raw(tmp_path, *args, name=name, env=env, script=script)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return json.loads(out.read_text()), proc.stdout
 
@@ -244,3 +245,52 @@ def test_eight_devices_train_the_same_model(tmp_path, straight_run):
   assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-5)
   proc, _ = _run_raw(tmp_path, "--steps", "4", "--devices", "3", *LEDGER)
   assert proc.returncode == 2 and "device" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# The Flax NNX twin, examples/mnist_nnx.py: the same CNN, the same ledger.
+
+
+def _examples_models():
+  # By file: `import models` is tests/models.py in this session (conftest.py).
+  spec = importlib.util.spec_from_file_location(
+      "examples_models", os.path.join(EXAMPLES, "models.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_nnx_cnn_is_the_linen_tutorial_cnn():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  models = _examples_models()
+  nnx_params = nnx.state(nnx.eval_shape(lambda: models.NNXCNN(rngs=nnx.Rngs(0))), nnx.Param)
+  linen_params = jax.eval_shape(models.CNN().init, jax.random.key(0),
+                                jnp.zeros((1, 28, 28, 1)))["params"]
+  nnx_shapes = sorted(x.shape for x in jax.tree.leaves(nnx_params))
+  assert nnx_shapes == sorted(x.shape for x in jax.tree.leaves(linen_params))
+  assert sum(int(np.prod(shape)) for shape in nnx_shapes) == 824_458
+
+
+@pytest.mark.slow
+def test_nnx_short_private_run_reports_the_epsilon_of_what_ran(tmp_path):
+  # RDP: calibrating with PLD would cost this run several seconds more; the
+  # PLD path is the shared one (_cli_common.py), run by the Linen tests above.
+  result, stdout = _run(tmp_path, "--steps", "4", "--batch-size", "64", "--eval-every", "4",
+                        "--accountant", "rdp", script="mnist_nnx.py")
+  for key in ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier", "steps",
+              "steps_this_run", "budget_steps", "batch_size", "seconds", "l2_norm_clip",
+              "sampler", "neighboring_relation", "accountant", "clipping", "private"):
+    assert key in result, key
+  assert result["private"] is True and result["clipping"] == "auto"
+  assert result["steps"] == 4 and result["batch_size"] == 64
+  assert result["sampler"] == "poisson" and result["accountant"] == "rdp"
+  sampler = optax_dp.PoissonSampler(60000, 64)
+  eps = optax_dp.compute_epsilon(result["noise_multiplier"], result["delta"], sampler=sampler,
+                                 steps=4, accountant="rdp")
+  assert result["epsilon"] == pytest.approx(eps, rel=1e-12)
+  assert result["epsilon"] <= 1.0
+  assert 0.0 <= result["test_accuracy"] <= 1.0
+  assert "Guarantee" in stdout and "Poisson" in stdout

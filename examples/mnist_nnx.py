@@ -1,0 +1,169 @@
+"""Private MNIST with Flax NNX: DP-SGD by swapping the optimizer's `tx`.
+
+The Flax NNX twin of `mnist_linen.py`, written the way Flax's NNX MNIST
+tutorial is: the tutorial CNN as an `nnx.Module` (`models.NNXCNN`: Conv32 3x3 -
+relu - avgpool 2 - Conv64 3x3 - relu - avgpool 2 - Linear256 - relu -
+Linear10), `nnx.Optimizer(model, tx, wrt=nnx.Param)`, `nnx.jit` train and eval
+steps and an `nnx.MultiMetric` (accuracy, average loss). The private parts are
+the same as in the Linen example: the optimizer's `tx`
+(`optax_dp.dp_aggregate` chained before SGD), the clipped gradient function
+(`optax_dp.value_and_clipped_grads` of a `loss_fn(model, batch)`) and the
+sampler, coupled with its accounting by the privacy budget
+(`optax_dp.privacy_budget`). The defaults are the tutorial's (5000 steps,
+batch 256, SGD lr 0.1 momentum 0.9, l2_norm_clip 0.1 with the clipped sum
+rescaled to unit norm, epsilon 1, delta 1e-5) and the flags, the privacy
+statement and the --json-out record are the Linen example's (`_cli_common.py`
+holds them once for both).
+
+Run:  python examples/mnist_nnx.py --steps 200
+Also: --sampler {poisson,fixed,shuffle}, --clipping {auto,ghost,vmap,per-example},
+      --noise-multiplier S (the budget then caps the steps; --allow-budget-overrun).
+Not here (see mnist_linen.py): --accumulation-steps, --devices, --checkpoint-dir,
+--resume and --stop-at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_dp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli_common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from models import NNXCNN  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def loss_fn(model, batch):
+  """The ordinary batched loss: mean cross-entropy, with the logits as aux."""
+  images, labels = batch
+  logits = model(images)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss, logits
+
+
+def make_grad_fn(args):
+  """`grad_fn(model, batch, mask) -> ((losses, logits), grads)` for the run.
+
+  Private: `optax_dp.value_and_clipped_grads` (each example's gradient
+  clipped, one clipped sum per variable for `dp_aggregate`) or, with
+  `--clipping per-example`, the per-example gradients, which `dp_aggregate`
+  clips. The values are per example either way. --no-dp: `nnx.value_and_grad`
+  of the mean loss over the real (unmasked) examples.
+  """
+  if args.no_dp:
+    def masked_loss(model, batch, mask):
+      images, labels = batch
+      logits = model(images)
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      real = jnp.maximum(jnp.sum(mask), 1)
+      return jnp.sum(losses * mask) / real, (losses, logits)
+
+    def grad_fn(model, batch, mask):
+      (_, values), grads = nnx.value_and_grad(masked_loss, has_aux=True)(
+          model, batch, mask)
+      return values, grads
+    return grad_fn
+  if args.clipping == "per-example":
+    return optax_dp.value_and_per_example_grads(loss_fn, has_aux=True)
+  return optax_dp.value_and_clipped_grads(loss_fn, args.l2_norm_clip,
+                                          method=args.clipping, has_aux=True)
+
+
+def make_train_step(grad_fn):
+  """One optimizer step; the batch's metrics go into `metrics`."""
+
+  @nnx.jit
+  def train_step(model, optimizer, metrics, images, labels, mask):
+    (losses, logits), grads = grad_fn(model, (images, labels), mask)
+    optimizer.update(model, grads)
+    # The per-example logits of a private step are (B, 1, 10): the loss of
+    # each example is computed on a batch of one.
+    logits = jnp.reshape(logits, (labels.shape[0], -1))
+    metrics.update(loss=losses, logits=logits, labels=labels, mask=mask)
+
+  return train_step
+
+
+@nnx.jit
+def eval_step(model, metrics, images, labels):
+  logits = model(images)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  metrics.update(loss=losses, logits=logits, labels=labels)
+
+
+def evaluate(model, metrics, images, labels, chunk=1000):
+  """Mean test loss and accuracy, in jitted chunks; leaves `metrics` reset."""
+  metrics.reset()
+  for start in range(0, len(images), chunk):
+    eval_step(model, metrics, images[start:start + chunk], labels[start:start + chunk])
+  result = metrics.compute()
+  metrics.reset()
+  return float(result["loss"]), float(result["accuracy"])
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  _cli_common.add_training_flags(p, steps_help="noisy steps to run")
+  _cli_common.add_budget_flags(p)
+  _cli_common.add_output_flags(p)
+  args = p.parse_args(argv)
+  _cli_common.require_positive(p, args, ("steps", "batch_size", "eval_every"))
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  data = _cli_common.load_data(args)
+  train_images, train_labels = data["train_images"], data["train_labels"]
+  dataset_size = len(train_images)
+
+  init_key, noise_key = jax.random.split(jax.random.key(args.seed))
+  model = NNXCNN(rngs=nnx.Rngs(init_key))
+  sgd = optax.sgd(args.learning_rate, momentum=args.momentum)
+  sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
+  tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(),
+                            loss=nnx.metrics.Average("loss"))
+  train_step = make_train_step(make_grad_fn(args))
+
+  def epsilon_now():
+    return budget.epsilon_spent(optimizer.opt_state) if budget else float("inf")
+
+  batches = sampler.batches(args.seed, steps=args.steps)
+  start = time.time()
+  test_loss = test_acc = float("nan")
+  for step in range(1, args.steps + 1):
+    batch = next(batches)
+    images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
+    train_step(model, optimizer, metrics, images, labels, batch.mask)
+    if step % args.eval_every == 0 or step == args.steps:
+      train = metrics.compute()
+      test_loss, test_acc = evaluate(model, metrics, data["test_images"],
+                                     data["test_labels"])
+      _cli_common.print_progress(step, float(train["loss"]), float(train["accuracy"]),
+                                 test_loss, test_acc, epsilon_now(),
+                                 time.time() - start)
+
+  seconds = time.time() - start
+  released = budget.steps_taken(optimizer.opt_state) if budget else args.steps
+  epsilon = _cli_common.report(
+      args, budget, sampler, opt_state=optimizer.opt_state, expected_steps=args.steps,
+      released=released, steps_done=args.steps, seconds=seconds, test_acc=test_acc,
+      dataset_size=dataset_size)
+  _cli_common.write_json(
+      args, budget, sampler, epsilon=epsilon, test_accuracy=test_acc,
+      test_loss=test_loss, steps=released, steps_this_run=args.steps, seconds=seconds)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
