@@ -398,3 +398,13 @@ def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
   errors = dict(line.split() for line in proc.stdout.strip().splitlines())
   assert set(errors) == {"conv", "norm_shared_direct"}
   assert all(float(e) <= 1e-5 for e in errors.values()), errors
+
+
+def test_a_clip_mismatch_is_caught_through_nnx_optimizer():
+  """The per-variable form keeps the clip norm: dp_aggregate(C) refuses sums
+  clipped at another C after nnx.Optimizer stripped them to their values."""
+  model = Net(nnx.Rngs(0))
+  optimizer = _optimizer(model)                                 # dp_aggregate(C = 0.5)
+  grads = optax_dp.clipped_grads(loss_fn, 2 * C, method="vmap")(model, _batch(), MASK)
+  with pytest.raises(ValueError, match="l2_norm_clip"):
+    optimizer.update(model, grads)
