@@ -143,10 +143,11 @@ def ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
     if method == "ghost":
       raise ValueError(
           f"clipped_grads(method='ghost'): parameters {shown} are not owned by a "
-          "Flax Linen layer, nor by an nnx.Linear, nnx.Conv or nnx.Embed, called "
-          "once through __call__ (shared, reused, used outside their module, or "
-          "of a layer kind without a book-keeping rule). Use method='auto' "
-          "(per-example gradients for those) or 'vmap'.")
+          "layer (a Flax Linen or NNX module holding only its own parameters, "
+          "called once through __call__): they are shared, reused, used outside "
+          "their module, held by a module with submodules or random streams, or "
+          "frozen beside trained ones. Use method='auto' (per-example gradients "
+          "for those) or 'vmap'.")
     # Said for a Flax model (some layer ran, or an NNX module); a loss of
     # plain arrays, with no layers at all, is the vmap path by definition.
     flax_model = bool(layers) or adapter is _nnx or _linen.calls_modules(
@@ -156,8 +157,9 @@ def ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
         f"clipped_grads(method='auto'): no book-keeping rule covers parameters "
         f"{shown} ({len(missing)} of {len(leaves)}): they get per-example "
         "gradients (the same clipped sum, slower and more memory). Covered: "
-        "parameters of Flax Linen layers, and of nnx.Linear/Conv/Embed, each "
-        "called once through __call__.",
+        "parameters of layers (Flax Linen or NNX modules holding only their own "
+        "parameters), each called once through __call__; optax_dp.clipping_plan "
+        "shows the rule of each parameter.",
         PerExampleFallbackWarning, stacklevel=2)
 
   batch_size = mask.shape[0]

@@ -206,6 +206,27 @@ def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: A
                               for name, x in per_example.items()}
 
 
+def is_array(x) -> bool:
+  """Whether a layer-call argument is an array (traced or not), not a static."""
+  return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__") or (
+      hasattr(x, "shape") and hasattr(x, "dtype"))
+
+
+def split_call(args, kwargs) -> tuple[list, Any, list]:
+  """A layer call's `(args, kwargs)` as (arrays, treedef, statics): statics
+  holds the non-array leaves by position (None where an array goes), so
+  `rebuild_call` can put other arrays (per-example rows) in their place."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  return ([x for x in leaves if is_array(x)], treedef,
+          [None if is_array(x) else x for x in leaves])
+
+
+def rebuild_call(treedef, statics, arrays) -> tuple[tuple, dict]:
+  """`(args, kwargs)` from `split_call`'s treedef and statics, and arrays."""
+  it = iter(arrays)
+  return jax.tree.unflatten(treedef, [next(it) if s is None else s for s in statics])
+
+
 def split_leaf_indices(layers, num_leaves: int) -> tuple[list, list]:
   """(covered, uncovered) flat-parameter indices, for an adapter's `layers`
   (each with a `leaf_index` of param name -> index)."""

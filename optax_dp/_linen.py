@@ -138,13 +138,12 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
       continue
     if any(not isinstance(o, jax.ShapeDtypeStruct) for o in jax.tree.leaves(out_struct)):
       continue
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    statics = [None if _is_array(x) else x for x in leaves]
+    _, treedef, statics = _layer_rules.split_call(args, kwargs)
     layer = _Layer(path=path, module=module.clone(parent=None, name=None),
                    leaf_index=index, out_struct=out_struct, arg_treedef=treedef,
                    arg_statics=statics, kind=_kind(module))
     if layer.kind in ("dense", "conv", "embed") and not (
-        len(args) == 1 and not kwargs and _is_array(args[0])):
+        len(args) == 1 and not kwargs and _layer_rules.is_array(args[0])):
       layer.kind = "generic"
     if layer.kind == "embed":
       ids_shape = jnp.shape(args[0])
@@ -186,11 +185,6 @@ def calls_modules(loss_fn: Callable, params: Any, example: Any) -> bool:
   return bool(seen)
 
 
-def _is_array(x) -> bool:
-  return isinstance(x, (jax.Array, jax.core.Tracer)) or hasattr(x, "__jax_array__") or (
-      hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
 def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
                       params_treedef, num_leaves: int):
   """The per-example loss with covered layers computed from their own params.
@@ -215,8 +209,7 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
       k = by_path.get(context.module.path)
       if k is None:
         return next_fun(*args, **kwargs)
-      leaves_in = jax.tree.leaves((args, kwargs))
-      inputs[k] = [x for x in leaves_in if _is_array(x)]
+      inputs[k] = _layer_rules.split_call(args, kwargs)[0]
       inside[0] = True
       try:
         out = layers[k].module.apply({"params": layer_params[k]}, *args, **kwargs)
@@ -251,9 +244,7 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
                                     layer_params["embedding"].shape[0])
 
   def apply_fn(params, arrays):
-    it = iter(arrays)
-    leaves = [next(it) if s is None else s for s in layer.arg_statics]
-    args, kwargs = jax.tree.unflatten(layer.arg_treedef, leaves)
+    args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)
     return layer.module.apply({"params": params}, *args, **kwargs)
 
   return _layer_rules.vjp_terms(apply_fn, layer_params, inputs, out_grad)

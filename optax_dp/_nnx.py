@@ -147,7 +147,7 @@ def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
       stream.count[...] = jnp.zeros_like(stream.count[...])
     return loss_fn(local, example_batch)
 
-  setattr(pure_loss, NNX_ADAPTER, True)
+  setattr(pure_loss, NNX_ADAPTER, module_classes(model))
   with no_batchnorm_in_training(caller):
     return build(pure_loss)(trained, (batch, jnp.arange(rows, dtype=jnp.int32)), mask)
 
@@ -175,73 +175,151 @@ def as_optimizer_grads(clipped: _clipping.ClippedGrads):
 # ---------------------------------------------------------------------------
 # Book-keeping for NNX layers: the NNX twin of `_linen`'s discovery, feeding
 # the same framework-neutral rules (`_layer_rules`). `_clipped` calls these
-# on the pure loss that `call` builds (marked `NNX_ADAPTER`).
+# on the pure loss that `call` builds (marked `NNX_ADAPTER`, which holds the
+# module classes of the model's graph).
 #
-# Covered: `nnx.Linear` (default dot_general), `nnx.Conv` (one feature group,
-# no mask, no input dilation, SAME/VALID or explicit padding) and `nnx.Embed`
-# through `__call__` with integer ids, each called exactly once with one array,
-# whose parameters are trained leaves owned by that layer alone. Calls are
-# intercepted by patching those classes' `__call__` while the loss is traced
-# (exact type only: a subclass such as `nnx.LoRALinear` is not intercepted).
-# The exactness guard (`_layer_rules.check_covered_unused`) then drops any
-# layer whose parameters reach the loss some other way (weight tying through
-# `Embed.attend`, a direct use). Everything else falls back per parameter to
-# per-example gradients.
+# A *layer* is a module whose variables are all its own (attributes holding
+# `nnx.Variable`s, no submodules, no random streams), all of them trained,
+# called exactly once through `__call__` with arrays and static Python
+# values, returning arrays, whose parameters no other layer owns. Its rule:
+#
+# * "dense": `nnx.Linear`, and `nnx.LinearGeneral` contracting the trailing
+#   axes without batch axes (so the projections of `nnx.MultiHeadAttention`),
+#   with the default dot_general;
+# * "conv": `nnx.Conv` (one feature group, no mask, no input dilation,
+#   SAME/VALID or explicit padding);
+# * "embed": `nnx.Embed` looked up with integer ids, when the ghost form is
+#   the cheaper;
+# * "generic": any other layer (`nnx.LayerNorm`, `nnx.RMSNorm`,
+#   `nnx.GroupNorm`, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
+#   module using its `nnx.Param` directly in `__call__`): a vmapped VJP of
+#   that layer alone, rebuilt from its graph definition.
+#
+# Calls are intercepted by patching `__call__` of the model's module classes
+# while the loss is traced (each class for its exact type). The exactness
+# guard (`_layer_rules.check_covered_unused`) then drops any layer whose
+# parameters reach the loss some other way (weight tying through
+# `Embed.attend`, a direct use by a parent). Everything else falls back per
+# parameter to per-example gradients.
 
-NNX_ADAPTER = "optax_dp_nnx_pure_loss"
+NNX_ADAPTER = "optax_dp_nnx_module_classes"
+
+_STATIC_TYPES = (bool, int, float, complex, str, type(None))
+
+
+def module_classes(model) -> tuple:
+  """The classes of the modules in `model`'s graph, each once."""
+  nnx = _nnx()
+  classes: dict = {}
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module):
+      classes.setdefault(type(node), None)
+  return tuple(classes)
 
 
 @dataclasses.dataclass
 class Layer:
   """A covered NNX layer call, found by the shape-only trace."""
   path: tuple            # its leaf indices: the same layer in every trace
-  leaf_index: dict       # param name ("kernel", "bias", "embedding") -> leaf index
+  leaf_index: dict       # variable attribute name -> leaf index
   out_struct: Any
-  kind: str              # "dense", "conv" or "embed"
+  kind: str              # "dense", "conv", "embed" or "generic"
   conv: Optional[dict] = None
+  contracted_axes: int = 1   # "dense": trailing input axes contracted
+  vocab: int = 0             # "embed": table rows
+  graphdef: Any = None       # "generic": the layer alone, rebuilt by nnx.merge
+  state_treedef: Any = None
+  state_names: tuple = ()
+  arg_treedef: Any = None
+  arg_statics: Any = None
 
 
-def _param_names(module) -> tuple:
-  return ("embedding",) if isinstance(module, _nnx().Embed) else ("kernel", "bias")
-
-
-def _direct(module) -> dict:
-  """{name: array} of the layer's own parameter variables (bias may be absent)."""
-  out = {}
-  for name in _param_names(module):
-    variable = getattr(module, name, None)
-    if variable is not None:
-      out[name] = variable[...]
-  return out
+def _own_variables(module) -> Optional[dict]:
+  """{attribute name: array} of the module's variables if all are its own
+  (no submodule, container or random stream holds state); else None."""
+  nnx = _nnx()
+  own = {}
+  for name, value in vars(module).items():
+    if isinstance(value, nnx.Variable):
+      if not isinstance(value, nnx.RngState):
+        own[name] = value[...]
+        continue
+      return None
+    if any(isinstance(x, (nnx.Variable, jax.Array, jax.core.Tracer))
+           or nnx.graph.is_graph_node(x)
+           for x in jax.tree.leaves(value, is_leaf=nnx.graph.is_graph_node)):
+      return None
+  return own or None
 
 
 def _unit(x) -> bool:
   return x is None or (x == 1 if isinstance(x, int) else all(v == 1 for v in x))
 
 
-def _kind(module, args, kwargs) -> Optional[str]:
-  nnx = _nnx()
-  if kwargs or len(args) != 1 or not hasattr(args[0], "shape"):
+def _plain_call(args, kwargs) -> bool:
+  """One array argument (an `out_sharding=None` keyword allowed)."""
+  return (len(args) == 1 and _layer_rules.is_array(args[0])
+          and all(k == "out_sharding" and v is None for k, v in kwargs.items()))
+
+
+def _default_dot(module) -> bool:
+  return (getattr(module, "dot_general", None) in (None, jax.lax.dot_general)
+          and getattr(module, "dot_general_cls", None) is None
+          and module.preferred_element_type is None)
+
+
+def _contracted_axes(module, ndim) -> Optional[int]:
+  """How many trailing axes an nnx.LinearGeneral contracts, or None."""
+  axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+  axes = sorted(a % ndim for a in axes)
+  if module.batch_axis or axes != list(range(ndim - len(axes), ndim)):
     return None
-  if (type(module) is nnx.Linear and module.dot_general is jax.lax.dot_general
-      and module.preferred_element_type is None):
-    return "dense"
-  if (type(module) is nnx.Conv and module.feature_group_count == 1 and module.mask is None
+  return len(axes)
+
+
+def _rule(module, own, args, kwargs, out) -> Optional[dict]:
+  """The Layer fields of a layer call's rule, or None if not a layer."""
+  nnx = _nnx()
+  if not all(_layer_rules.is_array(o) for o in jax.tree.leaves(out)):
+    return None
+  plain = _plain_call(args, kwargs)
+  cls = type(module)
+  if plain and cls is nnx.Linear and _default_dot(module):
+    return dict(kind="dense")
+  if plain and cls is nnx.LinearGeneral and _default_dot(module):
+    axes = _contracted_axes(module, jnp.ndim(args[0]))
+    if axes is not None:
+      return dict(kind="dense", contracted_axes=axes)
+  if (plain and cls is nnx.Conv and module.feature_group_count == 1 and module.mask is None
       and module.conv_general_dilated is jax.lax.conv_general_dilated
       and module.preferred_element_type is None and _unit(module.input_dilation)
       and (not isinstance(module.padding, str) or module.padding in ("SAME", "VALID"))):
-    return "conv"
-  if type(module) is nnx.Embed and jnp.issubdtype(jnp.result_type(args[0]), jnp.integer):
-    return "embed"
-  return None
+    return dict(kind="conv", conv=dict(
+        kernel_size=module.kernel_size, strides=module.strides,
+        kernel_dilation=module.kernel_dilation, padding=module.padding))
+  if plain and cls is nnx.Embed and jnp.issubdtype(jnp.result_type(args[0]), jnp.integer):
+    vocab, features = module.embedding[...].shape
+    positions = math.prod(jnp.shape(args[0]))
+    if positions * positions <= vocab * features:   # else the VJP is cheaper
+      return dict(kind="embed", vocab=vocab)
+  leaves = jax.tree.leaves((args, kwargs), is_leaf=nnx.graph.is_graph_node)
+  if not all(_layer_rules.is_array(x) or isinstance(x, _STATIC_TYPES) for x in leaves):
+    return None
+  _, arg_treedef, arg_statics = _layer_rules.split_call(args, kwargs)
+  graphdef, state = nnx.split(module)
+  names = tuple(path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(state)[0])
+  if sorted(names) != sorted(own):
+    return None
+  return dict(kind="generic", graphdef=graphdef, state_treedef=jax.tree.structure(state),
+              state_names=names, arg_treedef=arg_treedef, arg_statics=arg_statics)
 
 
 @contextlib.contextmanager
-def _intercept(handler):
-  """Routes calls of nnx.Linear/Conv/Embed (exact types) through `handler`."""
-  nnx = _nnx()
-  classes = (nnx.Linear, nnx.Conv, nnx.Embed)
+def _intercept(classes, handler):
+  """Routes `__call__` of instances of `classes` (exact type) through
+  `handler(module, original, args, kwargs)`."""
   originals = {cls: cls.__call__ for cls in classes}
+  defined = {cls for cls in classes if "__call__" in vars(cls)}
 
   def patched(cls):
     original = originals[cls]
@@ -258,12 +336,16 @@ def _intercept(handler):
     yield
   finally:
     for cls, original in originals.items():
-      cls.__call__ = original
+      if cls in defined:
+        cls.__call__ = original
+      else:
+        del cls.__call__
 
 
 def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
   """Finds the covered NNX layers (shape-only trace of one example)."""
   del has_aux
+  classes = getattr(loss_fn, NNX_ADAPTER)
   calls: dict = {}
 
   def run(params, example):
@@ -271,35 +353,30 @@ def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
 
     def handler(module, original, args, kwargs):
       out = original(module, *args, **kwargs)
-      index = {name: ids.get(id(v)) for name, v in _direct(module).items()}
-      entry = calls.setdefault(id(module), [module, index, [], None, None])
-      entry[2].append(_kind(module, args, kwargs))
-      entry[3] = jax.tree.map(lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out)
-      entry[4] = jnp.shape(args[0]) if args else None
+      entry = calls.setdefault(id(module), {"count": 0})
+      entry["count"] += 1
+      if entry["count"] == 1:
+        own = _own_variables(module)
+        if own is not None:
+          entry["index"] = {name: ids.get(id(v)) for name, v in own.items()}
+          entry["rule"] = _rule(module, own, args, kwargs, out)
+          entry["out"] = jax.tree.map(
+              lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out)
       return out
 
-    with _intercept(handler):
+    with _intercept(classes, handler):
       return loss_fn(params, jax.tree.map(lambda x: x[None], example))
 
   jax.eval_shape(run, params, example)
   layers = []
-  for module, index, kinds, out_struct, in_shape in calls.values():
-    kind = kinds[0]
-    path = tuple(sorted(i for i in index.values() if i is not None))
-    if (len(kinds) != 1 or kind is None or None in index.values() or path in exclude
-        or not isinstance(out_struct, jax.ShapeDtypeStruct)):
+  for entry in calls.values():
+    if entry["count"] != 1 or entry.get("rule") is None:
       continue
-    if kind == "embed":
-      vocab, features = module.embedding[...].shape
-      positions = math.prod(in_shape)
-      if positions * positions > vocab * features:   # the ghost form would cost more
-        continue
-    conv = None
-    if kind == "conv":
-      conv = dict(kernel_size=module.kernel_size, strides=module.strides,
-                  kernel_dilation=module.kernel_dilation, padding=module.padding)
-    layers.append(Layer(path=path, leaf_index=index, out_struct=out_struct, kind=kind,
-                        conv=conv))
+    index = entry["index"]
+    path = tuple(sorted(i for i in index.values() if i is not None))
+    if None in index.values() or path in exclude:
+      continue
+    layers.append(Layer(path=path, leaf_index=index, out_struct=entry["out"], **entry["rule"]))
   owners: dict = {}
   for layer in layers:
     for i in layer.leaf_index.values():
@@ -311,6 +388,7 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
   """`_linen.make_example_loss`'s NNX twin: covered layers computed from their
   own parameters (`layer_params`), their inputs recorded, a zero perturbation
   `zs` added to their outputs (whose gradient is the output gradient)."""
+  classes = getattr(loss_fn, NNX_ADAPTER)
   by_path = {layer.path: k for k, layer in enumerate(layers)}
   covered, uncovered = _layer_rules.split_leaf_indices(layers, num_leaves)
 
@@ -321,25 +399,28 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
     inputs: list = [None] * len(layers)
 
     def handler(module, original, args, kwargs):
-      direct = _direct(module)
-      k = by_path.get(tuple(sorted(ids.get(id(v), -1) for v in direct.values())))
+      own = _own_variables(module)
+      k = None if own is None else by_path.get(
+          tuple(sorted(ids.get(id(v), -1) for v in own.values())))
       if k is None or inputs[k] is not None:
         return original(module, *args, **kwargs)
-      inputs[k] = [args[0]]
+      layer = layers[k]
+      inputs[k] = ([args[0]] if layer.kind != "generic"
+                   else _layer_rules.split_call(args, kwargs)[0])
       # Computed from the layer's own copy of its parameters, then put back:
       # any other use of the variables sees the covered leaves, which the
       # exactness guard then finds in the jaxpr.
-      for name in direct:
+      for name in own:
         getattr(module, name)[...] = layer_params[k][name]
       try:
         out = original(module, *args, **kwargs)
       finally:
-        for name, value in direct.items():
+        for name, value in own.items():
           getattr(module, name)[...] = value
-      return out + zs[k]
+      return jax.tree.map(jnp.add, out, zs[k])
 
     params = jax.tree.unflatten(params_treedef, leaves)
-    with _intercept(handler):
+    with _intercept(classes, handler):
       result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
     loss, aux = result if has_aux else (result, None)
     if any(x is None for x in inputs):
@@ -353,7 +434,21 @@ def layer_terms(layer: Layer, layer_params, inputs, out_grad):
   """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer."""
   use_bias = "bias" in layer.leaf_index
   if layer.kind == "dense":
-    return _layer_rules.dense_terms(inputs[0], out_grad, use_bias)
+    x = inputs[0]
+    n = layer.contracted_axes
+    x = x.reshape(x.shape[:x.ndim - n] + (math.prod(x.shape[x.ndim - n:]),))
+    return _layer_rules.dense_terms(x, out_grad, use_bias)
   if layer.kind == "conv":
     return _layer_rules.conv_terms(inputs[0], out_grad, use_bias=use_bias, **layer.conv)
-  return _layer_rules.embed_terms(inputs[0], out_grad, layer_params["embedding"].shape[0])
+  if layer.kind == "embed":
+    name, = layer.leaf_index
+    return _layer_rules.embed_terms(inputs[0], out_grad, layer.vocab, name)
+  nnx = _nnx()
+
+  def apply_fn(params, arrays):
+    args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)
+    state = jax.tree.unflatten(layer.state_treedef,
+                               [params[name] for name in layer.state_names])
+    return nnx.merge(layer.graphdef, state)(*args, **kwargs)
+
+  return _layer_rules.vjp_terms(apply_fn, layer_params, inputs, out_grad)

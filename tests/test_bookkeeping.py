@@ -19,7 +19,7 @@ def test_plan_of_an_nnx_model_names_each_rule():
   plan = optax_dp.clipping_plan(test_nnx.loss_fn, model, (x, jnp.arange(6) % 3))
   assert plan == {
       "['l']['bias']": "dense", "['l']['kernel']": "dense",
-      "['norm']['bias']": "per-example", "['norm']['scale']": "per-example",
+      "['norm']['bias']": "generic", "['norm']['scale']": "generic",
       "['out']['bias']": "dense", "['out']['kernel']": "dense",
       "['scale']": "per-example",
       "['shared']['bias']": "per-example", "['shared']['kernel']": "per-example"}

@@ -247,6 +247,55 @@ class TiedNet(nnx.Module):
     return self.e.attend(self.e(ids)).mean(1)
 
 
+class AttentionNet(nnx.Module):
+  """A pre-LN transformer block over token ids: Embed, MultiHeadAttention
+  (LinearGeneral projections, query/key LayerNorms), RMSNorm, an MLP."""
+
+  def __init__(self, rngs):
+    self.e = nnx.Embed(11, 8, rngs=rngs)
+    self.ln = nnx.LayerNorm(8, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8,
+                                       normalize_qk=True, decode=False, rngs=rngs)
+    self.rms = nnx.RMSNorm(8, rngs=rngs)
+    self.up = nnx.Linear(8, 16, rngs=rngs)
+    self.down = nnx.Linear(16, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.e(ids)
+    x = x + self.attn(self.ln(x), mask=nnx.make_causal_mask(ids))
+    x = x + self.down(nnx.gelu(self.up(self.rms(x))))
+    return self.head(x.mean(1))
+
+
+class Scale(nnx.Module):
+  """A custom layer using its nnx.Param directly in __call__."""
+
+  def __init__(self, n):
+    self.w = nnx.Param(jnp.linspace(0.5, 1.5, n))
+
+  def __call__(self, x):
+    return x * self.w[...]
+
+
+class GeneralNet(nnx.Module):
+  """Grouped Conv, circular strided Conv, GroupNorm, a custom layer,
+  LinearGeneral over two axes, Einsum, Linear."""
+
+  def __init__(self, rngs):
+    self.grouped = nnx.Conv(2, 4, (3, 3), feature_group_count=2, rngs=rngs)
+    self.circular = nnx.Conv(4, 4, (3, 3), strides=2, padding="CIRCULAR", rngs=rngs)
+    self.gn = nnx.GroupNorm(4, num_groups=2, rngs=rngs)
+    self.scale = Scale(4)
+    self.lg = nnx.LinearGeneral((4, 4), (2, 3), axis=(-2, -1), rngs=rngs)
+    self.einsum = nnx.Einsum("bhij,ijk->bhk", (2, 3, 5), (5,), rngs=rngs)
+    self.out = nnx.Linear(5, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.scale(self.gn(self.circular(nnx.relu(self.grouped(x)))))
+    return self.out(self.einsum(nnx.relu(self.lg(x))).mean(1))
+
+
 def _families():
   ids = jax.random.randint(jax.random.key(1), (B, 5), 0, 11)
   return {
@@ -255,11 +304,14 @@ def _families():
       "embed": (TokenNet(nnx.Rngs(0)), ids),
       "norm_shared_direct": (NormNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 4))),
       "tied_embed": (TiedNet(nnx.Rngs(0)), ids),
+      "attention": (AttentionNet(nnx.Rngs(0)), ids),
+      "general": (GeneralNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 8, 8, 2))),
   }
 
 
 # Which parameters book-keeping covers in each family; the rest falls back.
-COVERED = {"linear": 4, "conv": 7, "embed": 3, "norm_shared_direct": 4, "tied_embed": 0}
+COVERED = {"linear": 4, "conv": 7, "embed": 3, "norm_shared_direct": 6, "tied_embed": 0,
+           "attention": 20, "general": 13}
 
 
 def _sums(grads):
@@ -269,10 +321,12 @@ def _sums(grads):
 
 
 # Every family with one chunk; microbatching (chunks of 4 of 6 rows, the last
-# one padded) on the two that mix book-kept and fallback parameters in one
-# norm (conv: all rules; norm_shared_direct: dense + fallback).
+# one padded) on those mixing rules in one norm (conv: conv + dense;
+# norm_shared_direct: dense + generic + fallback; attention: embed + dense +
+# generic; general: generic + dense over two axes).
 @pytest.mark.parametrize("family,microbatch_size", [
-    *((family, None) for family in COVERED), ("conv", 4), ("norm_shared_direct", 4)])
+    *((family, None) for family in COVERED), ("conv", 4), ("norm_shared_direct", 4),
+    ("attention", 4), ("general", 4)])
 def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size):
   model, x = _families()[family]
   batch = (x, jnp.arange(B) % 3)
@@ -298,14 +352,19 @@ def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size)
     assert f"({total - COVERED[family]} of {total})" in str(fallback[0].message)
 
 
-def test_ghost_runs_when_every_parameter_is_covered_and_names_the_others():
-  model, x = _families()["conv"]
+@pytest.mark.parametrize("family", ["conv", "attention", "general"])
+def test_ghost_equals_vmap_where_every_parameter_is_covered(family):
+  model, x = _families()[family]
   batch = (x, jnp.arange(B) % 3)
   ghost = _sums(optax_dp.clipped_grads(loss_fn, C, method="ghost")(model, batch, MASK))
   vmap = _sums(optax_dp.clipped_grads(loss_fn, C, method="vmap")(model, batch, MASK))
+  assert len(ghost) == len(vmap) == COVERED[family]
   assert all(np.max(np.abs(v - g)) <= 1e-5 * np.max(np.abs(v)) for v, g in zip(vmap, ghost))
+
+
+def test_ghost_names_the_uncovered_parameters():
   model, x = _families()["norm_shared_direct"]
-  with pytest.raises(ValueError, match=r"method='ghost'.*norm.*scale"):
+  with pytest.raises(ValueError, match=r"method='ghost'.*scale.*shared.*kernel"):
     optax_dp.clipped_grads(loss_fn, C, method="ghost")(model, (x, jnp.arange(B) % 3))
 
 
@@ -366,7 +425,7 @@ sys.path.insert(0, sys.argv[1])
 import test_nnx as T
 assert jax.device_count() == 8, jax.devices()
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-for family in ("conv", "norm_shared_direct"):
+for family in ("conv", "norm_shared_direct", "attention", "general"):
   model, x = T._families()[family]
   x = jnp.concatenate([x, x, x])[:16]
   batch, mask = (x, jnp.arange(16) % 3), jnp.arange(16) < 14
@@ -384,8 +443,8 @@ for family in ("conv", "norm_shared_direct"):
 def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
   """An nnx.Module through sharded_clipped_grads on 8 simulated CPU devices
   (a subprocess: the device count is fixed at JAX start-up): book-kept
-  (conv) and fallback (norm, shared, direct Param) families equal the
-  single-device vmap clipped sum."""
+  (conv, attention, general) and partly fallback (shared, direct Param)
+  families equal the single-device vmap clipped sum."""
   import os
   import subprocess
   import sys
@@ -396,7 +455,7 @@ def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
                         capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   errors = dict(line.split() for line in proc.stdout.strip().splitlines())
-  assert set(errors) == {"conv", "norm_shared_direct"}
+  assert set(errors) == {"conv", "norm_shared_direct", "attention", "general"}
   assert all(float(e) <= 1e-5 for e in errors.values()), errors
 
 
