@@ -13,7 +13,8 @@ Two modes:
       the driver: runs every (row, batch size) in its own subprocess under
       `/usr/bin/time -v`, parses "Maximum resident set size", and prints a
       table of peak RSS and its ratio to `non_private` at the same batch size
-      (also the ratio of the RSS above the import-only baseline). Subprocesses
+      (NNX rows: to `nnx_non_private`, the nnx.Optimizer step of the same
+      CNN), and the ratio of the RSS above the import-only baseline. Subprocesses
       run one at a time, so they do not compete for memory.
 
 XLA CPU allocates the step's buffers from the process heap, so max RSS is the
@@ -41,8 +42,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _common  # pylint: disable=wrong-import-position
 ROWS = ("import_only", "non_private", "optax_dp_auto", "optax_dp_vmap",
-        "optax_contrib", "jax_privacy")
-PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy")
+        "optax_contrib", "jax_privacy",
+        "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap")
+PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy", "nnx_optax_dp_vmap")
+
+
+def baseline_of(row: str) -> str:
+  """The non-private row a row is compared with: NNX rows with the NNX step."""
+  return "nnx_non_private" if row.startswith("nnx_") else "non_private"
 DEFAULT_BATCH_SIZES = (256, 2048)
 VMAP_SAFETY = 2.5     # measured peak / (B x params x 4 bytes) is about 2 for vmap
 
@@ -60,6 +67,8 @@ def one_row(row: str, batch_size: int, steps: int) -> None:
          "num_params": int(sum(x.size for x in jax.tree.leaves(params)))}
   if row != "import_only":
     r = step_time.build_row(row, batch_size, _common.NOISE_MULTIPLIER)
+    if row.startswith("nnx_"):   # the NNX model's state (the same CNN)
+      params = step_time.nnx_state(row, batch_size, _common.NOISE_MULTIPLIER)
     opt_state = r.init(params)
     step = jax.jit(r.step, donate_argnums=(0, 1))
     times = []
@@ -164,7 +173,7 @@ def driver(args) -> None:
     cells = []
     for b in sizes:
       r = results.get(f"{row}@{b}", {})
-      base = results.get(f"non_private@{b}", {}).get("max_rss_mib")
+      base = results.get(f"{baseline_of(row)}@{b}", {}).get("max_rss_mib")
       floor = results.get(f"import_only@{b}", {}).get("max_rss_mib")
       if "max_rss_mib" not in r:
         est = r.get("estimate_gib")

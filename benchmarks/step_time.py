@@ -117,6 +117,11 @@ def _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip=_common.L2_NORM_CL
                              batch_size, noise_multiplier, l2_norm_clip)
 
 
+def nnx_state(name: str, batch_size: int, noise_multiplier: float):
+  """The initial `nnx.state` of an NNX row's model."""
+  return _nnx_row(name, batch_size, noise_multiplier)[1]
+
+
 def build_row(name: str, batch_size: int, noise_multiplier: float,
               l2_norm_clip: float = _common.L2_NORM_CLIP) -> _jax_common.Row:
   """Returns (opt init, train step) for one row. Same math in every DP row."""
@@ -250,7 +255,7 @@ def main(argv=None):
       rows, lambda name: build_row(name, args.batch_size, _common.NOISE_MULTIPLIER),
       linen_params, make_batch(args.batch_size), args.rounds,
       params_of=lambda name: (
-          _nnx_row(name, args.batch_size, _common.NOISE_MULTIPLIER)[1]
+          nnx_state(name, args.batch_size, _common.NOISE_MULTIPLIER)
           if name in _jax_common.NNX_ROWS else linen_params))
   table = _common.summary_table(
       f"Step time, batch {args.batch_size} ({header})", summary)

@@ -12,10 +12,21 @@ tokens and labels. Rows (same jitted, donated train step as step_time.py):
                 chain(dp_aggregate(C, sigma, key, expected_batch_size=B), sgd)
   optax_dp_vmap optax_dp.per_example_grads(loss_fn) + the same chain
 
-C = 0.1, sigma = 1.34, rows round-robin. What the book-keeping path does with
+and the Flax NNX twin of the same model (nnx.Embed, nnx.MultiHeadAttention,
+nnx.LayerNorm, nnx.Linear; `nnx.Optimizer` steps as in step_time.py):
+
+  nnx_non_private    nnx.grad of the mean loss, optimizer.update
+  nnx_optax_dp_auto  optax_dp.clipped_grads(loss_fn, C) into the same
+                     nnx.Optimizer with the dp_aggregate chain
+  nnx_optax_dp_vmap  optax_dp.per_example_grads(loss_fn), likewise
+
+C = 0.1, sigma = 1.34, rows round-robin; the NNX rows are also given as
+ratios to nnx_non_private. What the book-keeping path does with
 this model: Dense layers (MLP, head) are "dense" layers (T = 64 positions);
 Embed, the positional Embed, LayerNorm and the attention's four DenseGeneral
-projections are "generic" layers (a vmapped VJP of that layer alone).
+projections are "generic" layers (a vmapped VJP of that layer alone). In
+NNX: Linear and the attention's LinearGeneral projections are "dense", both
+Embeds "embed", LayerNorm "generic" (`optax_dp.clipping_plan` shows it).
 
 `--check`: sigma = 0, batch 16, two steps, at C = 0.1 and at C = the median
 per-example norm: the params of optax_dp_auto and optax_dp_vmap must match
@@ -41,6 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optax_dp
 
@@ -52,7 +64,7 @@ VOCAB = 1000
 SEQ_LEN = 64
 D_MODEL = 64
 NUM_CLASSES = 10
-ALL_ROWS = _jax_common.OPTAX_DP_ROWS
+ALL_ROWS = _jax_common.OPTAX_DP_ROWS + _jax_common.NNX_ROWS
 
 
 class Block(nn.Module):
@@ -85,6 +97,51 @@ class Transformer(nn.Module):
     return nn.Dense(NUM_CLASSES)(x)
 
 
+def nnx_transformer(seed: int = 0):
+  """The same Transformer as a Flax NNX module (flax imported lazily)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  class NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+      self.ln1 = nnx.LayerNorm(D_MODEL, rngs=rngs)
+      self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=D_MODEL,
+                                         qkv_features=D_MODEL, decode=False, rngs=rngs)
+      self.ln2 = nnx.LayerNorm(D_MODEL, rngs=rngs)
+      self.up = nnx.Linear(D_MODEL, 128, rngs=rngs)
+      self.down = nnx.Linear(128, D_MODEL, rngs=rngs)
+
+    def __call__(self, x):
+      x = x + self.attn(self.ln1(x))
+      return x + self.down(nnx.gelu(self.up(self.ln2(x))))
+
+  class NNXTransformer(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(VOCAB, D_MODEL, rngs=rngs)
+      self.pos_embed = nnx.Embed(SEQ_LEN, D_MODEL, rngs=rngs)
+      self.blocks = nnx.List([NNXBlock(rngs) for _ in range(2)])
+      self.ln = nnx.LayerNorm(D_MODEL, rngs=rngs)
+      self.head = nnx.Linear(D_MODEL, NUM_CLASSES, rngs=rngs)
+
+    def __call__(self, tokens):
+      x = self.embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[1]))[None]
+      for block in self.blocks:
+        x = block(x)
+      return self.head(self.ln(x).mean(axis=1))
+
+  return NNXTransformer(nnx.Rngs(seed))
+
+
+def nnx_loss_fn(model, batch):
+  """The same loss for the NNX rows: mean cross-entropy of `model(tokens)`."""
+  tokens, labels = batch
+  return optax.softmax_cross_entropy_with_integer_labels(model(tokens), labels).mean()
+
+
+def _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip=_common.L2_NORM_CLIP):
+  return _jax_common.nnx_row(name, nnx_transformer, nnx_loss_fn, batch_size,
+                             noise_multiplier, l2_norm_clip)
+
+
 MODEL = Transformer()
 loss_fn = _jax_common.cross_entropy_loss(MODEL)   # batch = (tokens, labels)
 
@@ -105,6 +162,8 @@ def init_params(seed: int = 0):
 def build_row(name: str, batch_size: int, noise_multiplier: float,
               l2_norm_clip: float = _common.L2_NORM_CLIP) -> _jax_common.Row:
   """One of ALL_ROWS on the transformer (as in step_time.py)."""
+  if name in _jax_common.NNX_ROWS:
+    return _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip)[0]
   return _jax_common.optax_dp_row(name, loss_fn, batch_size, noise_multiplier,
                                   l2_norm_clip)
 
@@ -219,11 +278,22 @@ def main(argv=None):
 
   summary = _jax_common.time_rows(
       rows, lambda name: build_row(name, args.batch_size, _common.NOISE_MULTIPLIER),
-      params0, make_batch(args.batch_size), args.rounds, ms_format=".1f")
+      params0, make_batch(args.batch_size), args.rounds, ms_format=".1f",
+      params_of=lambda name: (
+          _nnx_row(name, args.batch_size, _common.NOISE_MULTIPLIER)[1]
+          if name in _jax_common.NNX_ROWS else params0))
   table = _common.summary_table(
       f"Transformer step time, batch {args.batch_size} ({header})", summary,
       ms_format=".1f")
   print("\n" + table)
+  if "nnx_non_private" in summary:
+    nnx_summary = _common.summarize(
+        {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private")
+    nnx_table = _common.summary_table(
+        f"The same rows, as ratios to nnx_non_private ({header})", nnx_summary,
+        ms_format=".1f")
+    print("\n" + nnx_table, flush=True)
+    table += "\n\n" + nnx_table
 
   if args.json_out:
     _common.write_json(

@@ -16,10 +16,13 @@ instead, they call this adapter, which
   `fold_in(that step's key, i)`, so per-example evaluation (each example a
   batch of one) still gives every example an independent dropout mask, as in
   ordinary batched training, and the next step new ones;
-* book-keeps `nnx.Linear`, `nnx.Conv` and `nnx.Embed` (below: `discover`,
-  `make_example_loss`, `layer_terms`, the NNX twins of `_linen`'s, feeding the
-  same `_layer_rules`), other parameters falling back to per-example
-  gradients;
+* book-keeps every layer (a module holding only its own trained variables,
+  called once): `nnx.Linear`, `nnx.LinearGeneral` (so `nnx.MultiHeadAttention`'s
+  projections), `nnx.Conv` and `nnx.Embed` by their rules, any other (norms,
+  `nnx.Einsum`, custom modules) by a VJP of that layer alone (below:
+  `discover`, `make_example_loss`, `layer_terms`, the NNX twins of `_linen`'s,
+  feeding the same `_layer_rules`), other parameters falling back to
+  per-example gradients;
 * refuses `nnx.BatchNorm` in training mode (its statistics would be those of a
   batch of one, and one example's output would depend on the others);
 * returns what `nnx.Optimizer.update(model, grads)` accepts: an `nnx.State` of
