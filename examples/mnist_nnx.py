@@ -4,7 +4,11 @@ The Flax NNX twin of `mnist_linen.py`, written the way Flax's NNX MNIST
 tutorial is: the tutorial CNN as an `nnx.Module` (`models.NNXCNN`: Conv32 3x3 -
 relu - avgpool 2 - Conv64 3x3 - relu - avgpool 2 - Linear256 - relu -
 Linear10), `nnx.Optimizer(model, tx, wrt=nnx.Param)`, `nnx.jit` train and eval
-steps and an `nnx.MultiMetric` (accuracy, average loss). The private parts are
+steps and an `nnx.MultiMetric` (accuracy, average loss). It starts from the
+Linen example's initial values for the same `--seed`, so with the same flags
+the two examples train the same model and print the same numbers (up to
+float rounding; tests/test_example_mnist.py checks it): a check that the NNX
+swap is the Linen one. The private parts are
 the same as in the Linen example: the optimizer's `tx`
 (`optax_dp.dp_aggregate` chained before SGD), the clipped gradient function
 (`optax_dp.value_and_clipped_grads` of a `loss_fn(model, batch)`) and the
@@ -38,7 +42,7 @@ import optax_dp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli_common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from models import NNXCNN  # pylint: disable=g-import-not-at-top,wrong-import-position
+from models import CNN, nnx_cnn_from_linen  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def loss_fn(model, batch):
@@ -126,7 +130,10 @@ def main(argv=None):
   dataset_size = len(train_images)
 
   init_key, noise_key = jax.random.split(jax.random.key(args.seed))
-  model = NNXCNN(rngs=nnx.Rngs(init_key))
+  # The Linen example's initial values for the same seed (nnx.Rngs would draw
+  # others): the two examples then train the same model, step for step.
+  model = nnx_cnn_from_linen(
+      CNN().init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"])
   sgd = optax.sgd(args.learning_rate, momentum=args.momentum)
   sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
   tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd)

@@ -44,8 +44,9 @@ class NNXCNN(nnx.Module):
   (B, 28, 28, 1), Conv 1->32 3x3 - relu - avgpool 2 - Conv 32->64 3x3 - relu -
   avgpool 2 - Linear 3136->256 - relu - Linear 256->10 ("SAME" padding, as
   nnx.Conv's default); 824,458 parameters (tests/test_example_mnist.py checks
-  them against `CNN`'s). Its initial values differ from `CNN`'s for the same
-  seed: NNX draws them from `rngs` in its own order.
+  them against `CNN`'s). Drawn from `rngs`, its initial values differ from
+  `CNN`'s for the same seed (NNX draws them in its own order);
+  `nnx_cnn_from_linen` gives it `CNN`'s.
   """
 
   def __init__(self, *, rngs: nnx.Rngs):
@@ -60,3 +61,25 @@ class NNXCNN(nnx.Module):
     x = x.reshape((x.shape[0], -1))
     x = nnx.relu(self.linear1(x))
     return self.linear2(x)
+
+
+# NNXCNN's layers and the Linen CNN's auto-named ones, in call order.
+_LINEN_NAMES = (("conv1", "Conv_0"), ("conv2", "Conv_1"), ("linear1", "Dense_0"),
+                ("linear2", "Dense_1"))
+
+
+def nnx_cnn_from_linen(params) -> NNXCNN:
+  """An `NNXCNN` holding the values of a Linen `CNN`'s `params`.
+
+  The two are the same network (kernels in the same layouts: HWIO for the
+  convolutions, (in, out) for the dense layers), so from the same initial
+  values, batches and noise they train the same model; `mnist_nnx.py` starts
+  from `CNN().init(key, ...)` for that reason (tests/test_example_mnist.py
+  checks that the two examples agree).
+  """
+  model = NNXCNN(rngs=nnx.Rngs(0))
+  for nnx_name, linen_name in _LINEN_NAMES:
+    layer = getattr(model, nnx_name)
+    for name in ("kernel", "bias"):
+      getattr(layer, name)[...] = params[linen_name][name]
+  return model
