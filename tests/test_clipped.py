@@ -168,7 +168,7 @@ def test_auto_falls_back_for_shared_and_raw_params():
 
 
 def test_ghost_refuses_what_it_cannot_cover():
-  with pytest.raises(ValueError, match="not owned by a Flax Linen layer"):
+  with pytest.raises(ValueError, match="not owned by a layer"):
     _check_model(Shared(), _x((6, 5)), method="ghost")
 
 

@@ -271,6 +271,6 @@ def test_python_float_leaves_work_with_every_method(method, microbatch_size):
   assert jax.tree.map(jnp.shape, out) == {"w": (), "b": ()}
   # 'ghost': no Linen layer owns them, so it refuses exactly as for array
   # leaves (its ValueError, not an AttributeError about .dtype).
-  with pytest.raises(ValueError, match="not owned by a Flax Linen layer"):
+  with pytest.raises(ValueError, match="not owned by a layer"):
     optax_dp.clipped_grads(loss_fn, clip, method="ghost",
                            microbatch_size=microbatch_size)(params, x)

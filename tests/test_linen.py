@@ -251,6 +251,6 @@ def test_shared_parameters_are_not_covered_and_auto_is_exact(problem):
     # of sums of 6 terms (~1e-7 relative); a lost layer's part or a wrong
     # clip factor moves them by O(1) of their scale.
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(w))))
-  with pytest.raises(ValueError, match="not owned by a Flax Linen layer"):
+  with pytest.raises(ValueError, match="not owned by a layer"):
     jax.jit(optax_dp.clipped_grads(loss_fn, clip, method="ghost"))(params, x)
   assert optax_dp._linen.discover(loss_fn, params, x[0], False) == []  # pylint: disable=protected-access
