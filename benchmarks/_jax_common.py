@@ -222,6 +222,18 @@ def nnx_row(name: str, make_model: Callable[[], Any], loss_fn: LossFn,
   return Row(init, step), state0
 
 
+def nnx_ratio_table(summary: dict, header: str, ms_format: str = ".0f") -> str | None:
+  """The timed rows again as ratios to `nnx_non_private` (None without it):
+  an NNX row's ratio is to the NNX step, Linen's to Linen's."""
+  if "nnx_non_private" not in summary:
+    return None
+  nnx_summary = _common.summarize(
+      {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private")
+  return _common.summary_table(
+      f"The same rows, as ratios to nnx_non_private ({header})", nnx_summary,
+      ms_format=ms_format)
+
+
 def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
               rounds: int, ms_format: str = ".0f",
               params_of: Callable[[str], Any] | None = None) -> dict:

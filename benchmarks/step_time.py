@@ -260,11 +260,10 @@ def main(argv=None):
   table = _common.summary_table(
       f"Step time, batch {args.batch_size} ({header})", summary)
   print("\n" + table, flush=True)
-  if "nnx_non_private" in summary:
-    nnx_summary = _common.summarize(
-        {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private")
-    print("\n" + _common.summary_table(
-        f"The same rows, as ratios to nnx_non_private ({header})", nnx_summary), flush=True)
+  nnx_table = _jax_common.nnx_ratio_table(summary, header)
+  if nnx_table:
+    print("\n" + nnx_table, flush=True)
+    table += "\n\n" + nnx_table
 
   opacus = combined = None
   if args.opacus_python:

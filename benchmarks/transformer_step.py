@@ -286,12 +286,8 @@ def main(argv=None):
       f"Transformer step time, batch {args.batch_size} ({header})", summary,
       ms_format=".1f")
   print("\n" + table)
-  if "nnx_non_private" in summary:
-    nnx_summary = _common.summarize(
-        {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private")
-    nnx_table = _common.summary_table(
-        f"The same rows, as ratios to nnx_non_private ({header})", nnx_summary,
-        ms_format=".1f")
+  nnx_table = _jax_common.nnx_ratio_table(summary, header, ms_format=".1f")
+  if nnx_table:
     print("\n" + nnx_table, flush=True)
     table += "\n\n" + nnx_table
 

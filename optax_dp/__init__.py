@@ -20,6 +20,10 @@ from optax_dp import audit
 from optax_dp._accumulate import DPAccumulateState
 from optax_dp._clipping import clip_and_sum
 from optax_dp._accumulate import dp_accumulate
+from optax_dp._averaging import AveragedParamsState
+from optax_dp._averaging import averaged_params
+from optax_dp._averaging import ema_params
+from optax_dp._averaging import polyak_params
 from optax_dp._accounting import ACCOUNTANTS
 from optax_dp._accounting import SamplingArgs
 from optax_dp._accounting import calibrate_noise_multiplier
@@ -56,11 +60,16 @@ from optax_dp._sampling import make_sampler
 from optax_dp._batches import gather_batch
 from optax_dp._sampling import poisson_batches
 from optax_dp._batches import poisson_max_batch_size
+from optax_dp._batches import poisson_padding_buckets
 
 __version__ = "0.1.0"
 
 __all__ = (
     "ACCOUNTANTS",
+    "AveragedParamsState",
+    "averaged_params",
+    "ema_params",
+    "polyak_params",
     "audit",
     "Batch",
     "ClipOptions",
@@ -93,6 +102,7 @@ __all__ = (
     "per_example_grads",
     "poisson_batches",
     "poisson_max_batch_size",
+    "poisson_padding_buckets",
     "privacy_budget",
     "privacy_statement",
     "sharded_clipped_grads",

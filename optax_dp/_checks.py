@@ -36,6 +36,14 @@ def check_positive_finite(name: str, value: Any) -> float:
   return value
 
 
+def check_fraction(name: str, value: Any) -> float:
+  """`value` as a float, or ValueError unless it is in [0, 1)."""
+  value = _to_float(name, value)
+  if not 0.0 <= value < 1.0:
+    raise ValueError(f"{name} must be in [0, 1), got {value!r}.")
+  return value
+
+
 def check_delta(target_delta: Any) -> float:
   """`target_delta` as a float in (0, 1), or ValueError."""
   target_delta = _to_float("target_delta", target_delta)

@@ -25,6 +25,11 @@ from optax_dp import _checks
 from optax_dp._batches import Batch
 from optax_dp._batches import poisson_max_batch_size
 
+# Poisson batches are padded to at most this many static sizes, multiples of
+# DEFAULT_BUCKET_MULTIPLE (see PoissonSampler.padding_buckets).
+DEFAULT_PADDING_BUCKETS = 4
+DEFAULT_BUCKET_MULTIPLE = 8
+
 # dp-accounting's neighbouring relations, by the names our statements use.
 ADD_OR_REMOVE_ONE = "add or remove one example"
 REPLACE_ONE = "replace one example by another"
@@ -66,9 +71,16 @@ class PoissonSampler:
     expected_batch_size: q * N, the public normaliser of `dp_aggregate`.
     max_batch_size: the static (logical) batch size; see above.
     truncate: see above.
-    pad_to_multiple_of: pad each batch to its realised size rounded up to a
-      multiple of this (capped at `max_batch_size`) instead of to
-      `max_batch_size`: less padding work, one compilation per shape.
+    padding_buckets: pad each batch to the smallest of at most this many
+      static sizes that holds it (`optax_dp.poisson_padding_buckets`: chosen
+      to minimise the expected padded size, the largest `max_batch_size`), so
+      the step compiles at most this many times and computes on about
+      `expected_batch_size` rows, not on the maximum. None: one shape,
+      `max_batch_size` (or multiples of `pad_to_multiple_of`, unbounded).
+    pad_to_multiple_of: the buckets' multiple (default 8); with
+      `padding_buckets=None`, pad each batch to its realised size rounded up
+      to a multiple of this (capped at `max_batch_size`), one compilation per
+      shape.
 
   References:
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
@@ -85,8 +97,10 @@ class PoissonSampler:
     >>> import optax_dp
     >>> sampler = optax_dp.PoissonSampler(dataset_size=1000, expected_batch_size=10)
     >>> batches = list(sampler.batches(seed=0, steps=3))
-    >>> [b.indices.shape for b in batches]  # static: logical_batch_size(3)
-    [(40,), (40,), (40,)]
+    >>> sampler.padding_sizes(steps=3)  # the static shapes; the last: the maximum
+    (8, 16, 24, 40)
+    >>> [b.indices.shape for b in batches]
+    [(16,), (16,), (8,)]
     >>> resumed = next(sampler.batches(seed=0, steps=3, start_step=2))
     >>> bool((resumed.indices == batches[2].indices).all())
     True
@@ -98,6 +112,7 @@ class PoissonSampler:
   max_batch_size: Optional[int] = None
   truncate: bool = False
   pad_to_multiple_of: Optional[int] = None
+  padding_buckets: Optional[int] = DEFAULT_PADDING_BUCKETS
 
   name: ClassVar[str] = "poisson"
 
@@ -112,6 +127,9 @@ class PoissonSampler:
     if self.pad_to_multiple_of is not None:
       object.__setattr__(self, "pad_to_multiple_of",
                          _checks.check_int("pad_to_multiple_of", self.pad_to_multiple_of, 1))
+    if self.padding_buckets is not None:
+      object.__setattr__(self, "padding_buckets",
+                         _checks.check_int("padding_buckets", self.padding_buckets, 1))
     if not isinstance(self.truncate, bool):
       raise ValueError(f"truncate must be a bool, got {self.truncate!r}.")
     if self.truncate and self.max_batch_size is None:
@@ -184,11 +202,20 @@ class PoissonSampler:
         `truncate` is False.
     """
     seed, run, k = _batches.check_run(seed, steps, start_step, accumulation_steps)
+    max_size = self.logical_batch_size(run.stop)
     return _batches.poisson_draws(
         seed, run, k, dataset_size=self.dataset_size,
-        sampling_probability=self.sampling_probability,
-        max_size=self.logical_batch_size(run.stop), truncate=self.truncate,
-        pad_to_multiple_of=self.pad_to_multiple_of)
+        sampling_probability=self.sampling_probability, max_size=max_size,
+        truncate=self.truncate, pad_to_multiple_of=self.pad_to_multiple_of,
+        buckets=self.padding_sizes(run.stop))
+
+  def padding_sizes(self, steps: int) -> Optional[tuple[int, ...]]:
+    """The static batch sizes of a run of `steps` steps (None: not bucketed)."""
+    if self.padding_buckets is None:
+      return None
+    return _batches.poisson_padding_buckets(
+        self.dataset_size, self.expected_batch_size, self.logical_batch_size(steps),
+        self.padding_buckets, self.pad_to_multiple_of or DEFAULT_BUCKET_MULTIPLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -364,16 +391,19 @@ def poisson_batches(
     steps: int,
     max_batch_size: Optional[int] = None,
     pad_to_multiple_of: Optional[int] = None,
+    padding_buckets: Optional[int] = DEFAULT_PADDING_BUCKETS,
 ) -> Iterator[Batch]:
   """Yields `steps` Poisson-sampled batches of example indices, with masks.
 
   Shorthand for `PoissonSampler(dataset_size, expected_batch_size,
-  max_batch_size, pad_to_multiple_of=...).batches(seed, steps=steps)`: each
-  step includes every example independently with probability `q =
-  expected_batch_size / dataset_size`. Batches are padded (index -1, mask
-  False) to `max_batch_size` (default `poisson_max_batch_size(...)`), or with
-  `pad_to_multiple_of=k` to the realised size rounded up to a multiple of k;
-  an overflowing batch raises `RuntimeError` instead of dropping examples.
+  max_batch_size, ...).batches(seed, steps=steps)`: each step includes every
+  example independently with probability `q = expected_batch_size /
+  dataset_size`. Batches are padded (index -1, mask False) to the smallest of
+  `padding_buckets` static sizes that holds them (the largest
+  `max_batch_size`, default `poisson_max_batch_size(...)`); with
+  `padding_buckets=None`, to `max_batch_size` or, with `pad_to_multiple_of=k`,
+  to the realised size rounded up to a multiple of k. An overflowing batch
+  raises `RuntimeError` instead of dropping examples.
 
   Privacy contract: as `PoissonSampler`'s. Pair it with `dp_aggregate(...,
   expected_batch_size=expected_batch_size)` (the public normaliser, never the
@@ -388,8 +418,9 @@ def poisson_batches(
     >>> batches = optax_dp.poisson_batches(
     ...     0, dataset_size=1000, expected_batch_size=10, steps=3)
     >>> [(b.indices.shape, bool((b.indices[~b.mask] == -1).all())) for b in batches]
-    [((40,), True), ((40,), True), ((40,), True)]
+    [((16,), True), ((16,), True), ((8,), True)]
   """
   sampler = PoissonSampler(dataset_size, expected_batch_size, max_batch_size,
-                           pad_to_multiple_of=pad_to_multiple_of)
+                           pad_to_multiple_of=pad_to_multiple_of,
+                           padding_buckets=padding_buckets)
   return sampler.batches(seed, steps=steps)

@@ -225,11 +225,14 @@ def _truncated_size_pmf():
 
 def test_truncated_batch_structure(truncated_batches):
   assert len(truncated_batches) == TT
+  buckets = optax_dp.PoissonSampler(TN, TB, max_batch_size=TM, truncate=True).padding_sizes(TT)
+  assert buckets[-1] == TM and len(buckets) <= 4
   for batch in truncated_batches:
-    assert batch.indices.shape == batch.mask.shape == (TM,)
     size = batch.size
     assert size <= TM
-    np.testing.assert_array_equal(batch.mask, np.arange(TM) < size)
+    padded = min(x for x in buckets if x >= max(size, 1))   # the bucket that holds it
+    assert batch.indices.shape == batch.mask.shape == (padded,)
+    np.testing.assert_array_equal(batch.mask, np.arange(padded) < size)
     assert np.all(batch.indices[size:] == -1)
     real = batch.indices[:size]
     assert np.all((real >= 0) & (real < TN)) and len(np.unique(real)) == size
@@ -307,6 +310,7 @@ SAMPLERS = {
     "poisson": optax_dp.PoissonSampler(100, 10),
     "poisson_truncated": optax_dp.PoissonSampler(100, 10, max_batch_size=12, truncate=True),
     "poisson_padded": optax_dp.PoissonSampler(100, 10, pad_to_multiple_of=4),
+    "poisson_flat": optax_dp.PoissonSampler(100, 10, padding_buckets=None),
     "fixed": optax_dp.FixedBatchSampler(100, 10),
     "shuffle": optax_dp.ShuffleSampler(103, 10),
 }
@@ -362,17 +366,23 @@ def test_accumulation_chunks_reassemble_the_logical_batch(name, k):
     # same (sorted) order, all before any padding.
     np.testing.assert_array_equal(indices[mask], whole.indices[whole.mask])
     np.testing.assert_array_equal(mask, np.arange(len(mask)) < whole.size)
-    if name != "poisson_padded":
-      # ... and with a static logical size L: chunks of ceil(L / k).
-      assert group[0].indices.shape == (math.ceil(whole.indices.shape[0] / k),)
-  if name != "poisson_padded":
+    # ... in chunks of ceil(L / k) for the logical batch's static size L
+    # (rounded up to the multiple of 4 for poisson_padded).
+    physical = math.ceil(whole.indices.shape[0] / k)
+    if name == "poisson_padded" and k > 1:
+      physical = 4 * math.ceil(physical / 4)
+    assert group[0].indices.shape == (physical,)
+  if name.startswith("poisson") and name != "poisson_flat":
+    assert len(shapes) <= 4  # at most padding_buckets static shapes
+  else:
     assert len(shapes) == 1  # one static shape for the whole run
 
 
 @pytest.mark.parametrize("k", [2, 3])
 def test_poisson_pad_to_multiple_with_accumulation(k):
   m = 4
-  sampler = optax_dp.PoissonSampler(400, 20, max_batch_size=64, pad_to_multiple_of=m)
+  sampler = optax_dp.PoissonSampler(400, 20, max_batch_size=64, pad_to_multiple_of=m,
+                                    padding_buckets=None)
   logical = list(sampler.batches(8, steps=100))
   chunks = list(sampler.batches(8, steps=100, accumulation_steps=k))
   shapes = set()

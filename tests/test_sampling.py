@@ -114,6 +114,8 @@ def test_batch_sizes_uncorrelated_across_steps(inclusions):
 def test_batch_structure(n, b, steps, max_batch_size):
   expected_max = (max_batch_size if max_batch_size is not None
                   else optax_dp.poisson_max_batch_size(n, b, steps))
+  buckets = optax_dp.PoissonSampler(n, b, max_batch_size).padding_sizes(steps)
+  assert buckets[-1] == expected_max and len(buckets) <= 4
   batches = list(optax_dp.poisson_batches(
       0, dataset_size=n, expected_batch_size=b, steps=steps,
       max_batch_size=max_batch_size))
@@ -121,12 +123,13 @@ def test_batch_structure(n, b, steps, max_batch_size):
   for batch in batches:
     idx, mask = batch.indices, batch.mask
     assert isinstance(batch, optax_dp.PoissonBatch)
-    assert idx.shape == mask.shape == (expected_max,)  # static shape
-    assert idx.dtype == np.int64 and mask.dtype == np.bool_
     size = batch.size
+    padded = min(x for x in buckets if x >= max(size, 1))  # one of the static shapes
+    assert idx.shape == mask.shape == (padded,)
+    assert idx.dtype == np.int64 and mask.dtype == np.bool_
     assert size == mask.sum() == np.count_nonzero(idx >= 0)
     # Real examples first, then padding with index -1.
-    np.testing.assert_array_equal(mask, np.arange(expected_max) < size)
+    np.testing.assert_array_equal(mask, np.arange(padded) < size)
     assert np.all(idx[size:] == -1)
     real = idx[:size]
     assert np.all((real >= 0) & (real < n))
@@ -143,7 +146,7 @@ def test_pad_to_multiple_of(k):
   shapes = set()
   for batch in optax_dp.poisson_batches(
       3, dataset_size=400, expected_batch_size=20, steps=300,
-      max_batch_size=max_batch_size, pad_to_multiple_of=k):
+      max_batch_size=max_batch_size, pad_to_multiple_of=k, padding_buckets=None):
     padded = batch.indices.shape[0]
     assert batch.mask.shape == (padded,)
     shapes.add(padded)
@@ -210,9 +213,11 @@ def test_poisson_max_batch_size(n, b, steps, p):
 
 
 def test_default_max_batch_size_used_by_sampler():
+  top = optax_dp.poisson_max_batch_size(60000, 256, 14063)
   batch = next(optax_dp.poisson_batches(
-      0, dataset_size=60000, expected_batch_size=256, steps=14063))
-  assert batch.indices.shape == (optax_dp.poisson_max_batch_size(60000, 256, 14063),)
+      0, dataset_size=60000, expected_batch_size=256, steps=14063, padding_buckets=None))
+  assert batch.indices.shape == (top,)
+  assert optax_dp.PoissonSampler(60000, 256).padding_sizes(14063)[-1] == top
 
 
 # ---------------------------------------------------------------------------
@@ -315,3 +320,73 @@ def test_poisson_batches_rejects_bad_seed(seed):
 def test_poisson_max_batch_size_rejects_bad_inputs(args, kwargs):
   with pytest.raises(ValueError):
     optax_dp.poisson_max_batch_size(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Padding buckets: a bounded number of static shapes, the same batches.
+
+def _expected_padded(buckets, dataset_size, expected_batch_size):
+  """E[the padded size] of one Poisson batch: sum_s P(s) * (bucket of s)."""
+  q = expected_batch_size / dataset_size
+  sizes = np.arange(0, buckets[-1] + 1)
+  pmf = stats.binom.pmf(sizes, dataset_size, q)
+  padded = np.array([next(b for b in buckets if b >= max(s, 1)) for s in sizes])
+  return float(np.sum(pmf * padded) / np.sum(pmf))
+
+
+def test_padding_buckets_minimise_the_expected_padded_size():
+  """The dynamic programme against brute force over every choice of at most
+  3 buckets among the multiples of 4 up to the maximum (which is always one)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  n, b, top, m = 200, 30, 60, 4
+  candidates = [c for c in range(m, top, m)]
+  best = min((_expected_padded(tuple(sorted(chosen)) + (top,), n, b), chosen)
+             for r in range(0, 3) for chosen in itertools.combinations(candidates, r))
+  buckets = optax_dp.poisson_padding_buckets(n, b, top, num_buckets=3, multiple_of=m)
+  assert len(buckets) <= 3 and buckets[-1] == top
+  assert all(x % m == 0 for x in buckets[:-1])
+  assert _expected_padded(buckets, n, b) == pytest.approx(best[0], rel=1e-9)
+
+
+def test_default_poisson_batches_have_at_most_four_shapes_and_little_padding():
+  sampler = optax_dp.PoissonSampler(60000, 256)
+  steps = 400
+  top = sampler.logical_batch_size(steps)
+  buckets = sampler.padding_sizes(steps)
+  assert len(buckets) <= 4 and buckets[-1] == top
+  shapes = set()
+  for batch in sampler.batches(0, steps=steps):
+    padded = batch.indices.shape[0]
+    shapes.add(padded)
+    assert padded == min(x for x in buckets if x >= max(batch.size, 1))
+    np.testing.assert_array_equal(batch.mask, np.arange(padded) < batch.size)
+    assert np.all(batch.indices[batch.size:] == -1)
+  assert shapes <= set(buckets)
+  # Padding to the maximum alone computes on top = 256 + 8.75 standard
+  # deviations (16) rows per step; the buckets on at most ~1.07x the mean.
+  assert _expected_padded(buckets, 60000, 256) <= 1.07 * 256 < top
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_padding_buckets_keep_the_batches_and_the_accounting(k):
+  """Bucketed or padded to the maximum: the same examples at every step (so
+  the same mechanism, and the same epsilon), only fewer padding rows."""
+  bucketed = optax_dp.PoissonSampler(2000, 40)
+  flat = optax_dp.PoissonSampler(2000, 40, padding_buckets=None)
+  a = list(bucketed.batches(5, steps=60, accumulation_steps=k))
+  b = list(flat.batches(5, steps=60, accumulation_steps=k))
+  assert len(a) == len(b) == 60 * k
+  for t in range(60):
+    real_a = np.concatenate([c.indices[c.mask] for c in a[t * k:(t + 1) * k]])
+    real_b = np.concatenate([c.indices[c.mask] for c in b[t * k:(t + 1) * k]])
+    np.testing.assert_array_equal(real_a, real_b)
+    assert len({c.indices.shape for c in a[t * k:(t + 1) * k]}) == 1  # static in a step
+  assert len({c.indices.shape for c in a}) <= 4
+  assert {c.indices.shape for c in b} == {(math.ceil(flat.logical_batch_size(60) / k),)}
+  assert bucketed.dp_event(1.0, 60) == flat.dp_event(1.0, 60)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "4"])
+def test_padding_buckets_must_be_a_positive_int(bad):
+  with pytest.raises(ValueError, match="padding_buckets"):
+    optax_dp.PoissonSampler(100, 10, padding_buckets=bad)
