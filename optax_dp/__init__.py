@@ -20,6 +20,7 @@ from optax_dp import audit
 from optax_dp._accumulate import DPAccumulateState
 from optax_dp._clipping import clip_and_sum
 from optax_dp._accumulate import dp_accumulate
+from optax_dp._augmentation import augmentation_multiplicity
 from optax_dp._averaging import AveragedParamsState
 from optax_dp._averaging import averaged_params
 from optax_dp._averaging import ema_params
@@ -67,6 +68,7 @@ __version__ = "0.1.0"
 __all__ = (
     "ACCOUNTANTS",
     "AveragedParamsState",
+    "augmentation_multiplicity",
     "averaged_params",
     "ema_params",
     "polyak_params",

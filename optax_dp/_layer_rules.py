@@ -155,12 +155,17 @@ def conv_terms(x: jax.Array, out_grad: jax.Array, *, kernel_size, strides,
                kernel_dilation, padding, use_bias: bool) -> Terms:
   """A convolution (one feature group, no input dilation), channels last.
 
-  x: (B, 1, *spatial, cin) (each example a batch of one), out_grad likewise.
+  x: (B, R, *spatial, cin): each example R images (R = 1: a batch of one;
+  more with augmentation multiplicity, whose per-example gradient sums over
+  its views), out_grad likewise.
   """
   x, g = _compute(x), _compute(out_grad)
   batch = x.shape[0]
-  shifts = _conv_shifts(x.reshape((batch,) + x.shape[2:]), kernel_size, strides,
-                        kernel_dilation, padding)
+  n = x.ndim - 3 if isinstance(kernel_size, int) else len(kernel_size)
+  image_shape = x.shape[x.ndim - n - 1:]           # (*spatial, cin)
+  images = x.reshape((-1,) + image_shape)           # (B * R, *spatial, cin)
+  shifts = [s.reshape((batch, -1, s.shape[-1]))    # (B, R * T, cin)
+            for s in _conv_shifts(images, kernel_size, strides, kernel_dilation, padding)]
   g = g.reshape((batch, -1, g.shape[-1]))
   positions, d, p = g.shape[1], len(shifts) * x.shape[-1], g.shape[-1]
   if positions == 1 or positions * positions * (d + p) < positions * d * p:
