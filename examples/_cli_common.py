@@ -200,7 +200,10 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
 JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier",
              "steps", "steps_this_run", "resumed_from_step", "budget_steps",
              "batch_size", "accumulation_steps", "devices", "seconds", "l2_norm_clip",
-             "sampler", "neighboring_relation", "accountant", "clipping", "private")
+             "sampler", "neighboring_relation", "accountant", "clipping", "private",
+             # train.py's recipe runs:
+             "recipe", "dataset", "model", "evaluated_on", "ema_decay",
+             "augmentation_multiplicity", "dataset_size")
 
 
 def write_json(args, budget, sampler, *, epsilon, test_accuracy, test_loss, steps,

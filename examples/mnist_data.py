@@ -40,13 +40,16 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_mnist(data_dir: str = DEFAULT_DATA_DIR) -> dict[str, np.ndarray]:
-  """Returns train/test images (float32 NHWC in [0, 1]) and labels (int32)."""
+  """Returns train/test images (float32 NHWC in [0, 1]) and labels (int32),
+  from MNIST's four IDX files or any dataset in the same format and file
+  names (Fashion-MNIST)."""
   missing = [name for name in FILES.values()
              if not os.path.exists(os.path.join(data_dir, name))]
   if missing:
     raise FileNotFoundError(
-        f"MNIST files {missing} not found in {data_dir}. Point --data-dir at a "
-        "folder with the four standard IDX .gz files.")
+        f"IDX files {missing} not found in {data_dir}. Point --data-dir at a "
+        "folder with the four standard IDX .gz files (MNIST, or Fashion-MNIST: "
+        "Debian's dataset-fashion-mnist package installs them; or use --data tfds).")
   raw = {k: read_idx(os.path.join(data_dir, v)) for k, v in FILES.items()}
   out = {}
   for split in ("train", "test"):
@@ -58,8 +61,9 @@ def load_mnist(data_dir: str = DEFAULT_DATA_DIR) -> dict[str, np.ndarray]:
   return out
 
 
-def load_mnist_tfds() -> dict[str, np.ndarray]:
-  """The same arrays through tensorflow-datasets (the optional `tfds` extra)."""
+def load_mnist_tfds(name: str = "mnist") -> dict[str, np.ndarray]:
+  """The same arrays through tensorflow-datasets (the optional `tfds` extra);
+  `name="fashion_mnist"` for Fashion-MNIST."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -68,7 +72,7 @@ def load_mnist_tfds() -> dict[str, np.ndarray]:
         "pip install 'optax_dp[tfds]'. The default (--data idx) needs neither.") from e
   out = {}
   for split in ("train", "test"):
-    ds = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1))
+    ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1))
     out[f"{split}_images"] = ds["image"].astype(np.float32) / 255.0
     out[f"{split}_labels"] = ds["label"].astype(np.int32)
   return out

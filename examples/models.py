@@ -4,13 +4,16 @@ The one home of the tutorial's CNN: `examples/mnist_linen.py` trains it and
 `benchmarks/step_time.py` (hence `peak_memory.py`) times it. Scripts next to
 this file import it as `from models import CNN`; the benchmarks add this
 directory to `sys.path` first. `NNXCNN` is the same network as a Flax NNX
-module, for `examples/mnist_nnx.py`.
+module, for `examples/mnist_nnx.py`. `TanhCNN` and `GroupNormCNN` are the
+models of the recipes (`examples/train.py`).
 """
 
 from __future__ import annotations
 
 from flax import nnx
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 
 class CNN(nn.Module):
@@ -83,3 +86,55 @@ def nnx_cnn_from_linen(params) -> NNXCNN:
     for name in ("kernel", "bias"):
       getattr(layer, name)[...] = params[linen_name][name]
   return model
+
+
+class TanhCNN(nn.Module):
+  """Papernot et al. 2021's tanh "SampleConvNet" for MNIST (also Opacus's MNIST
+  example): Conv16 8x8 stride 2 pad 3 - tanh - maxpool 2 stride 1 - Conv32
+  4x4 stride 2 - tanh - maxpool 2 stride 1 - Dense32 - tanh - Dense10;
+  26,010 parameters on 28x28x1 inputs. Reference: "Tempered Sigmoid
+  Activations for Deep Learning with Differential Privacy", AAAI 2021,
+  https://arxiv.org/abs/2007.14191.
+  """
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Conv(16, (8, 8), strides=2, padding=3)(x))
+    x = nn.max_pool(x, (2, 2), strides=(1, 1))
+    x = nn.tanh(nn.Conv(32, (4, 4), strides=2, padding="VALID")(x))
+    x = nn.max_pool(x, (2, 2), strides=(1, 1))
+    x = nn.tanh(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(x)
+
+
+class WSConv(nn.Module):
+  """A 3x3 "SAME" convolution with weight standardisation: each output
+  channel's kernel is standardised (zero mean, unit variance over its fan-in)
+  before use (Qiao et al. 2019, arXiv 1903.10520), as in the normaliser-free
+  and GroupNorm DP-SGD CNNs of De et al. 2022. A custom layer: its kernel is
+  used directly in `__call__`, book-kept by optax_dp's generic rule."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (3, 3, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+    std = jnp.sqrt(kernel.var(axis=(0, 1, 2), keepdims=True) + 1e-5)
+    return jax.lax.conv_general_dilated(
+        x, (kernel - mean) / std, (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+class GroupNormCNN(nn.Module):
+  """WSConv32 - GroupNorm(8) - relu - avgpool 2 - WSConv64 - GroupNorm(8) -
+  relu - avgpool 2 - Dense10: batch-independent normalisation, which
+  per-example clipping allows (BatchNorm it does not)."""
+
+  @nn.compact
+  def __call__(self, x):
+    for features in (32, 64):
+      x = nn.relu(nn.GroupNorm(num_groups=8)(WSConv(features)(x)))
+      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))

@@ -2,9 +2,7 @@
 
 import hashlib
 import importlib.util
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
 import mnist_data  # noqa: E402
+import example_runs  # noqa: E402  (tests/, on sys.path as the test root)
 
 
 def test_bundled_files_match_their_checksums():
@@ -59,40 +58,8 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
     mnist_data.load_mnist(str(tmp_path))
 
 
-# The example runs below are fresh processes that compile the same train and
-# eval steps again and again. They share one JAX persistent compilation cache
-# (a directory of this test module's, empty at its start), so a later run loads
-# the executable an earlier one compiled: the same program, the same numbers,
-# seconds less each. Entries are keyed by the program, the flags and the device
-# count, so the 8-device run compiles its own.
-_COMPILATION_CACHE = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-  _COMPILATION_CACHE["dir"] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
-  yield
-  _COMPILATION_CACHE.clear()
-
-
-def _run_raw(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
-  out = tmp_path / f"{name}.json"
-  cmd = [sys.executable, os.path.join(EXAMPLES, script), *args,
-         "--json-out", str(out)]
-  cache = {}
-  if "dir" in _COMPILATION_CACHE:
-    cache = {"JAX_COMPILATION_CACHE_DIR": _COMPILATION_CACHE["dir"],
-             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                        env={**os.environ, **cache, **(env or {})})
-  return proc, out
-
-
-def _run(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
-  proc, out = _run_raw(tmp_path, *args, name=name, env=env, script=script)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return json.loads(out.read_text()), proc.stdout
+_shared_compilation_cache = example_runs.compilation_cache_fixture()
+_run_raw, _run = example_runs.run_raw, example_runs.run
 
 
 @pytest.mark.slow

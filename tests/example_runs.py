@@ -1,0 +1,53 @@
+"""Running the example scripts as fresh processes, for the example tests.
+
+The runs compile the same train and eval steps again and again. The runs of
+a test module share one JAX persistent compilation cache (a directory of
+that module's, empty at its start), so a later run loads the executable an
+earlier one compiled: the same program, the same numbers, seconds less each.
+Entries are keyed by the program, the flags and the device count, so an
+8-device run compiles its own.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+_COMPILATION_CACHE = {}
+
+
+def compilation_cache_fixture():
+  """An autouse, module-scoped fixture: the module's runs share one cache."""
+
+  @pytest.fixture(scope="module", autouse=True)
+  def _shared_compilation_cache(tmp_path_factory):
+    _COMPILATION_CACHE["dir"] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+    yield
+    _COMPILATION_CACHE.clear()
+
+  return _shared_compilation_cache
+
+
+def run_raw(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
+  """(the finished process, the path of its --json-out record)."""
+  out = tmp_path / f"{name}.json"
+  cmd = [sys.executable, os.path.join(EXAMPLES, script), *args, "--json-out", str(out)]
+  cache = {}
+  if "dir" in _COMPILATION_CACHE:
+    cache = {"JAX_COMPILATION_CACHE_DIR": _COMPILATION_CACHE["dir"],
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                        env={**os.environ, **cache, **(env or {})})
+  return proc, out
+
+
+def run(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
+  """(the run's JSON record, its stdout); the run must succeed."""
+  proc, out = run_raw(tmp_path, *args, name=name, env=env, script=script)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  return json.loads(out.read_text()), proc.stdout
