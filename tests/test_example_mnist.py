@@ -223,6 +223,7 @@ def _examples_models():
   spec = importlib.util.spec_from_file_location(
       "examples_models", os.path.join(EXAMPLES, "models.py"))
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # dataclasses (Linen fields) look their module up
   spec.loader.exec_module(module)
   return module
 
