@@ -79,6 +79,8 @@ def parse_args(argv=None):
   args.data_dir = args.data_dir or DATA_DIRS[args.dataset]
   _cli_common.require_positive(p, args, ("steps", "batch_size", "eval_every",
                                          "augmentation_multiplicity"))
+  if not 0 <= args.validation_size < 60000:
+    p.error(f"--validation-size must be in [0, 60000), got {args.validation_size}")
   return args
 
 
@@ -138,6 +140,8 @@ def main(argv=None):
       return jax.grad(lambda p: jnp.sum(jax.vmap(
           lambda row: train_loss(p, jax.tree.map(lambda x: x[None], row)))(batch) * mask)
           / jnp.maximum(jnp.sum(mask), 1))(params)
+  elif args.clipping == "per-example":   # materialised; dp_aggregate clips them
+    grad_fn = optax_dp.per_example_grads(train_loss)
   else:
     grad_fn = optax_dp.clipped_grads(train_loss, args.l2_norm_clip, method=args.clipping)
 

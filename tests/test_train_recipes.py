@@ -51,14 +51,19 @@ def test_each_recipe_runs_and_reports_the_epsilon_of_what_ran(tmp_path, name):
 
 @pytest.mark.slow
 def test_validation_split_is_held_out_of_training_and_accounting(tmp_path):
+  # Also the materialised path: per-example gradients that dp_aggregate clips.
   record, stdout = example_runs.run(
       tmp_path, "--recipe", "mnist-eps1", "--steps", "2", "--batch-size", "64",
-      "--validation-size", "5000", "--accountant", "rdp", script="train.py")
+      "--validation-size", "5000", "--accountant", "rdp", "--clipping", "per-example",
+      script="train.py")
+  assert record["clipping"] == "per-example"
   assert record["evaluated_on"] == "validation" and record["dataset_size"] == 55000
   assert "55000 examples" in stdout and "validation set (5000 examples)" in stdout
   assert record["epsilon"] == pytest.approx(_rdp_epsilon(record), rel=1e-12)
 
 
-def test_unknown_recipe_is_a_clear_error(tmp_path):
+def test_unknown_recipe_and_bad_validation_size_are_clear_errors(tmp_path):
   proc, _ = example_runs.run_raw(tmp_path, "--recipe", "nope", script="train.py")
   assert proc.returncode == 2 and "choose from" in proc.stderr
+  proc, _ = example_runs.run_raw(tmp_path, "--validation-size", "-1", script="train.py")
+  assert proc.returncode == 2 and "--validation-size" in proc.stderr
