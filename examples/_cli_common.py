@@ -80,7 +80,8 @@ def require_positive(p, args, names):
   """Refuses (through `p.error`) a value below 1 for any of the flags `names`."""
   if min(getattr(args, name) for name in names) < 1:
     flags = [f"--{name.replace('_', '-')}" for name in names]
-    p.error(f"{', '.join(flags[:-1])} and {flags[-1]} must be >= 1")
+    listed = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+    p.error(f"{listed} must be >= 1")
 
 
 def fail(message):
@@ -203,7 +204,7 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "sampler", "neighboring_relation", "accountant", "clipping", "private",
              # train.py's recipe runs:
              "recipe", "dataset", "model", "evaluated_on", "ema_decay",
-             "augmentation_multiplicity", "dataset_size")
+             "augmentation_multiplicity", "dataset_size", "features")
 
 
 def write_json(args, budget, sampler, *, epsilon, test_accuracy, test_loss, steps,

@@ -4,8 +4,8 @@ The one home of the tutorial's CNN: `examples/mnist_linen.py` trains it and
 `benchmarks/step_time.py` (hence `peak_memory.py`) times it. Scripts next to
 this file import it as `from models import CNN`; the benchmarks add this
 directory to `sys.path` first. `NNXCNN` is the same network as a Flax NNX
-module, for `examples/mnist_nnx.py`. `TanhCNN` and `GroupNormCNN` are the
-models of the recipes (`examples/train.py`).
+module, for `examples/mnist_nnx.py`. `TanhCNN`, `GroupNormCNN`, `ScatterLinear` and
+`ScatterCNN` are the models of the recipes (`examples/train.py`).
 """
 
 from __future__ import annotations
@@ -138,3 +138,33 @@ class GroupNormCNN(nn.Module):
       x = nn.relu(nn.GroupNorm(num_groups=8)(WSConv(features)(x)))
       x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class ScatterLinear(nn.Module):
+  """Tramer & Boneh 2021's "ScatterNet + linear": GroupNorm without
+  parameters over the scattering channels (per example, so no privacy cost
+  and no cross-example dependence), then Dense10. Input: the
+  (B, 7, 7, 81) features of `scattering.scattering_features`. Reference:
+  https://arxiv.org/abs/2011.11660."""
+  num_groups: int = 27
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.GroupNorm(num_groups=self.num_groups, use_bias=False, use_scale=False)(x)
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+class ScatterCNN(nn.Module):
+  """Tramer & Boneh 2021's "ScatterNet + CNN" for MNIST-sized inputs: the
+  parameter-free GroupNorm of `ScatterLinear`, Conv16 3x3 stride 2 pad 1 -
+  tanh - Conv32 3x3 pad 1 - tanh - Dense32 - tanh - Dense10 on the (B, 7, 7,
+  81) scattering features."""
+  num_groups: int = 27
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.GroupNorm(num_groups=self.num_groups, use_bias=False, use_scale=False)(x)
+    x = nn.tanh(nn.Conv(16, (3, 3), strides=2, padding=1)(x))
+    x = nn.tanh(nn.Conv(32, (3, 3), padding=1)(x))
+    x = nn.tanh(nn.Dense(32)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(10)(x)

@@ -23,13 +23,13 @@ from __future__ import annotations
 # run trains on, which would itself be a release about the private data).
 NORMALISATION = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 
-_PAPERNOT = dict(model="tanh_cnn", normalise=True, batch_size=512, learning_rate=0.5,
+_PAPERNOT = dict(model="tanh_cnn", features="pixels", normalise=True, batch_size=512, learning_rate=0.5,
                  momentum=0.9, l2_norm_clip=0.1, rescale_to_unit_norm=False,
                  schedule="constant", ema_decay=None, augmentation_multiplicity=1)
 
 RECIPES = {
     "tutorial-eps1": dict(
-        dataset="mnist", model="tutorial_cnn", normalise=False, batch_size=256,
+        dataset="mnist", model="tutorial_cnn", features="pixels", normalise=False, batch_size=256,
         epochs=256 * 5000 / 60000, learning_rate=0.1, momentum=0.9, l2_norm_clip=0.1,
         rescale_to_unit_norm=True, schedule="constant", ema_decay=None,
         augmentation_multiplicity=1, epsilon=1.0),
@@ -37,6 +37,21 @@ RECIPES = {
     "mnist-eps3": dict(_PAPERNOT, dataset="mnist", epochs=20, epsilon=3.0, ema_decay=0.999),
     "fashion-mnist-eps3": dict(_PAPERNOT, dataset="fashion-mnist", epochs=20, epsilon=3.0,
                                ema_decay=0.999),
+    # Tramer & Boneh 2021's ScatterNet models (scattering.py): parameter-free
+    # GroupNorm (27 groups) of fixed wavelet features, then a linear layer or
+    # a small tanh CNN; large batches (their linear models: 4096-8192).
+    "mnist-scatter-eps3": dict(
+        _PAPERNOT, dataset="mnist", model="scatter_cnn", features="scattering",
+        normalise=False, batch_size=1024, epochs=30, learning_rate=1.0, epsilon=3.0,
+        ema_decay=0.99),
+    "mnist-scatter-eps1": dict(
+        _PAPERNOT, dataset="mnist", model="scatter_cnn", features="scattering",
+        normalise=False, batch_size=1024, epochs=15, learning_rate=1.0, epsilon=1.0,
+        ema_decay=0.99),
+    "fashion-mnist-scatter-eps3": dict(
+        _PAPERNOT, dataset="fashion-mnist", model="scatter_linear", features="scattering",
+        normalise=False, batch_size=8192, epochs=40, learning_rate=16.0, epsilon=3.0,
+        ema_decay=0.9),
     "mnist-groupnorm-eps3": dict(
         _PAPERNOT, dataset="mnist", model="groupnorm_cnn", epochs=10, epsilon=3.0,
         ema_decay=0.999, augmentation_multiplicity=2),

@@ -34,10 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli_common  # pylint: disable=wrong-import-position
 import mnist_data  # pylint: disable=wrong-import-position
 import models  # pylint: disable=wrong-import-position
+import scattering  # pylint: disable=wrong-import-position
 from recipes import NORMALISATION, RECIPES  # pylint: disable=wrong-import-position
 
 MODELS = {"tutorial_cnn": models.CNN, "tanh_cnn": models.TanhCNN,
-          "groupnorm_cnn": models.GroupNormCNN}
+          "groupnorm_cnn": models.GroupNormCNN, "scatter_linear": models.ScatterLinear,
+          "scatter_cnn": models.ScatterCNN}
 DATA_DIRS = {"mnist": mnist_data.DEFAULT_DATA_DIR,
              "fashion-mnist": os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                            "..", "..", "shared", "data", "fashion-mnist")}
@@ -63,15 +65,23 @@ def parse_args(argv=None):
   p.add_argument("--dataset", choices=sorted(DATA_DIRS))
   p.add_argument("--model", choices=sorted(MODELS))
   p.add_argument("--normalise", action=argparse.BooleanOptionalAction)
+  p.add_argument("--features", choices=("pixels", "scattering"),
+                 help="train on the pixels or on ScatterNet features (scattering.py)")
   p.add_argument("--epochs", type=float)
   p.add_argument("--schedule", choices=("constant", "cosine"))
   p.add_argument("--ema-decay", type=float, help="evaluate an EMA of the parameters")
   p.add_argument("--augmentation-multiplicity", type=int,
                  help="K random shifts of each example, averaged before the clip")
   p.add_argument("--validation-size", type=int, default=0)
+  p.add_argument("--subset", type=int, default=None,
+                 help="train on the first N training examples and evaluate on the first N "
+                      "evaluation ones (quick tries and tests; the accounting uses N)")
   p.set_defaults(**recipe, steps=None, data_dir=None, eval_every=None)
   args = p.parse_args(argv)
   dataset_size = 60000 - args.validation_size
+  if args.subset is not None:
+    _cli_common.require_positive(p, args, ("subset",))
+    dataset_size = min(dataset_size, args.subset)
   if args.steps is None:
     args.steps = max(1, round(args.epochs * dataset_size / args.batch_size))
   if args.eval_every is None:
@@ -81,6 +91,11 @@ def parse_args(argv=None):
                                          "augmentation_multiplicity"))
   if not 0 <= args.validation_size < 60000:
     p.error(f"--validation-size must be in [0, 60000), got {args.validation_size}")
+  if args.features == "scattering" and args.augmentation_multiplicity > 1:
+    p.error("--augmentation-multiplicity > 1 shifts images: it needs --features pixels")
+  if (args.features == "scattering") != args.model.startswith("scatter_"):
+    p.error(f"--model {args.model} and --features {args.features} do not match: the "
+            "scatter_* models take --features scattering, the others pixels")
   return args
 
 
@@ -98,6 +113,13 @@ def load(args):
     order = np.random.default_rng(0).permutation(len(train[0]))
     keep, held = order[:-args.validation_size], order[-args.validation_size:]
     train, evaluation = (tuple(a[keep] for a in train), tuple(a[held] for a in train))
+  if args.subset is not None:
+    train, evaluation = (tuple(a[:args.subset] for a in split) for split in (train, evaluation))
+  if args.features == "scattering":   # per image, data-independent: no privacy cost
+    start = time.time()
+    train, evaluation = ((scattering.scattering_features(x), y) for x, y in (train, evaluation))
+    print(f"ScatterNet features {train[0].shape[1:]} of {len(train[0]) + len(evaluation[0])} "
+          f"images in {time.time() - start:.0f} s", flush=True)
   return train, evaluation
 
 
@@ -121,7 +143,7 @@ def main(argv=None):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   init_key, noise_key, augment_key = jax.random.split(jax.random.key(args.seed), 3)
-  params = model.init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
+  params = model.init(init_key, jnp.zeros((1,) + train_images.shape[1:], jnp.float32))["params"]
   learning_rate = (optax.cosine_decay_schedule(args.learning_rate, args.steps)
                    if args.schedule == "cosine" else args.learning_rate)
   links = [optax.sgd(learning_rate, momentum=args.momentum)]
@@ -169,7 +191,7 @@ def main(argv=None):
 
   where = "validation" if args.validation_size else "test"
   print(f"Recipe {args.recipe}: {args.model} on {args.dataset}, {args.steps} steps "
-        f"(batch {args.batch_size}), lr {args.learning_rate} ({args.schedule}), clip "
+        f"(batch {args.batch_size}, {args.features}), lr {args.learning_rate} ({args.schedule}), clip "
         f"{args.l2_norm_clip}, EMA {args.ema_decay}, augmentation multiplicity {k}; "
         f"evaluated on the {where} set ({len(eval_images)} examples).", flush=True)
   start = time.time()
@@ -195,7 +217,7 @@ def main(argv=None):
       args, budget, sampler, epsilon=epsilon, test_accuracy=eval_acc, test_loss=eval_loss,
       steps=args.steps, steps_this_run=args.steps, seconds=seconds, recipe=args.recipe,
       dataset=args.dataset, model=args.model, evaluated_on=where, ema_decay=args.ema_decay,
-      augmentation_multiplicity=k, dataset_size=dataset_size)
+      augmentation_multiplicity=k, dataset_size=dataset_size, features=args.features)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 what ran (recomputed from its JSON with dp_accounting); Fashion-MNIST reads
 the same IDX format; a validation split replaces the test set."""
 
+import json
 import os
 import sys
 
 import dp_accounting
 from dp_accounting import rdp
+import numpy as np
 import pytest
 
 import example_runs
 
 sys.path.insert(0, example_runs.EXAMPLES)
 import recipes  # noqa: E402
+import scattering  # noqa: E402
 
 _shared_compilation_cache = example_runs.compilation_cache_fixture()
 FASHION = os.path.join(example_runs.ROOT, "..", "shared", "data", "fashion-mnist")
@@ -34,15 +37,20 @@ def test_each_recipe_runs_and_reports_the_epsilon_of_what_ran(tmp_path, name):
     pytest.skip("Fashion-MNIST is not beside the project (../shared/data/fashion-mnist)")
   # RDP: PLD calibration would cost each run seconds; the accounting code is
   # the tutorial's (_cli_common.py), whose PLD path test_example_mnist runs.
+  # ScatterNet recipes on a subset: the features of all 70000 images take a
+  # minute to compute.
+  subset = 512 if recipe["features"] == "scattering" else None
   record, stdout = example_runs.run(
       tmp_path, "--recipe", name, "--steps", "3", "--batch-size", "64",
-      "--accountant", "rdp", script="train.py")
+      "--accountant", "rdp", *(("--subset", str(subset)) if subset else ()),
+      script="train.py")
   assert record["recipe"] == name and record["dataset"] == recipe["dataset"]
   assert record["model"] == recipe["model"] and record["steps"] == 3
   assert record["ema_decay"] == recipe["ema_decay"]
   assert record["augmentation_multiplicity"] == recipe["augmentation_multiplicity"]
   assert record["private"] is True and record["sampler"] == "poisson"
-  assert record["dataset_size"] == 60000 and record["evaluated_on"] == "test"
+  assert record["dataset_size"] == (subset or 60000) and record["evaluated_on"] == "test"
+  assert record["features"] == recipe["features"]
   assert record["epsilon"] == pytest.approx(_rdp_epsilon(record), rel=1e-12)
   assert record["epsilon"] <= recipe["epsilon"]
   assert 0.0 <= record["test_accuracy"] <= 1.0
@@ -67,3 +75,58 @@ def test_unknown_recipe_and_bad_validation_size_are_clear_errors(tmp_path):
   assert proc.returncode == 2 and "choose from" in proc.stderr
   proc, _ = example_runs.run_raw(tmp_path, "--validation-size", "-1", script="train.py")
   assert proc.returncode == 2 and "--validation-size" in proc.stderr
+
+
+def test_scattering_features_shape_and_one_image_alone_decides_its_row():
+  # The privacy argument for precomputing them: a fixed function of each
+  # image alone (changing the other images of its chunk changes nothing).
+  rng = np.random.default_rng(0)
+  images = rng.random((6, 28, 28, 1), dtype=np.float32)
+  features = scattering.scattering_features(images, chunk=3)
+  assert features.shape == (6, 7, 7, 81) and features.dtype == np.float32
+  others = images.copy()
+  others[1:] = rng.random((5, 28, 28, 1), dtype=np.float32)
+  again = scattering.scattering_features(others, chunk=3)
+  np.testing.assert_array_equal(again[0], features[0])
+  assert not np.allclose(again[1:], features[1:])
+  # Not a constant: two images give different features, and the zeroth-order
+  # channel is the low-passed image (its mean tracks the image's mean).
+  assert not np.allclose(features[0], features[1])
+  brighter = scattering.scattering_features(images[:1] * 2.0, chunk=1)
+  assert brighter[0, ..., 0].mean() == pytest.approx(2.0 * features[0, ..., 0].mean(), rel=1e-4)
+  with pytest.raises(ValueError, match="expected"):
+    scattering.scattering_features(images[..., 0])
+
+
+def test_scatter_models_need_scattering_features(tmp_path):
+  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "mnist-scatter-eps3", "--features",
+                                 "pixels", script="train.py")
+  assert proc.returncode == 2 and "do not match" in proc.stderr
+  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "mnist-scatter-eps3",
+                                 "--augmentation-multiplicity", "2", script="train.py")
+  assert proc.returncode == 2 and "--features pixels" in proc.stderr
+  proc, _ = example_runs.run_raw(tmp_path, "--subset", "0", script="train.py")
+  assert proc.returncode == 2 and "--subset must be >= 1" in proc.stderr
+
+
+def test_plot_results_summarises_the_test_records_and_draws_the_png(tmp_path, capsys):
+  import plot_results  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("matplotlib")
+  base = {"private": True, "evaluated_on": "test", "dataset": "mnist", "model": "m",
+          "seconds": 10.0}
+  records = [dict(base, recipe="a", test_accuracy=0.97, epsilon=0.99),
+             dict(base, recipe="a", test_accuracy=0.98, epsilon=0.98),
+             dict(base, recipe="b", test_accuracy=0.99, epsilon=2.99, seconds=20.0),
+             # Left out: a tuning run (validation set) and a non-private one.
+             dict(base, recipe="b", test_accuracy=0.5, epsilon=2.99, evaluated_on="validation"),
+             dict(base, recipe="b", test_accuracy=0.5, epsilon=None, private=False)]
+  for i, record in enumerate(records):
+    (tmp_path / f"r{i}.json").write_text(json.dumps(record))
+  png = tmp_path / "plot.png"
+  plot_results.main(["--results", str(tmp_path), "--png", str(png)])
+  table = capsys.readouterr().out
+  assert "| `a` | mnist | m | 0.9900 | 97.50% ± 0.71% (97.00, 98.00) | 2 | 10-10 s |" in table
+  assert "| `b` | mnist | m | 2.9900 | 99.00% ± 0.00% (99.00) | 1 | 20-20 s |" in table
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(SystemExit, match="no private test-set records"):
+    plot_results.main(["--results", str(tmp_path / "empty"), "--png", str(png)])
