@@ -171,7 +171,7 @@ def print_progress(step, train_loss, train_acc, test_loss, test_acc, epsilon, se
 
 
 def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_done,
-           seconds, test_acc, dataset_size):
+           seconds, test_acc, dataset_size, evaluated_on="test"):
   """Prints the run's privacy statement; returns its epsilon (inf with --no-dp).
 
   `released` is the optimizer's count of noisy updates (the ledger); a run
@@ -179,7 +179,8 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
   statement.
   """
   if budget is None:
-    print(f"Done: {released} steps in {seconds:.0f} s. Test accuracy {test_acc:.4f}. "
+    print(f"Done: {released} steps in {seconds:.0f} s. {evaluated_on.capitalize()} accuracy "
+          f"{test_acc:.4f}. "
           "NOT private (--no-dp).")
     return float("inf")
   if released != expected_steps:  # the ledger and the loop must agree
@@ -187,8 +188,8 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
                        f"{expected_steps}")
   epsilon = budget.epsilon_spent(opt_state)
   over = " (PAST the budget: --allow-budget-overrun)" if released > budget.max_steps else ""
-  print(f"Done: {released} steps ({steps_done} in {seconds:.0f} s). Test accuracy "
-        f"{test_acc:.4f}. Privacy: ({epsilon:.4f}, {args.delta})-DP{over} for the "
+  print(f"Done: {released} steps ({steps_done} in {seconds:.0f} s). "
+        f"{evaluated_on.capitalize()} accuracy {test_acc:.4f}. Privacy: ({epsilon:.4f}, {args.delta})-DP{over} for the "
         f"{dataset_size} training examples ({sampler.name} sampling, "
         f"{budget.accountant} accountant, noise multiplier "
         f"{budget.noise_multiplier}, clip {args.l2_norm_clip}).")
@@ -204,7 +205,8 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "sampler", "neighboring_relation", "accountant", "clipping", "private",
              # train.py's recipe runs:
              "recipe", "dataset", "model", "evaluated_on", "ema_decay",
-             "augmentation_multiplicity", "dataset_size", "features")
+             "augmentation_multiplicity", "dataset_size", "features", "epochs",
+             "learning_rate", "schedule", "momentum")
 
 
 def write_json(args, budget, sampler, *, epsilon, test_accuracy, test_loss, steps,

@@ -212,12 +212,14 @@ def main(argv=None):
   epsilon = _cli_common.report(args, budget, sampler, opt_state=state.opt_state,
                                expected_steps=args.steps, released=released,
                                steps_done=args.steps, seconds=seconds, test_acc=eval_acc,
-                               dataset_size=dataset_size)
+                               dataset_size=dataset_size, evaluated_on=where)
   _cli_common.write_json(
       args, budget, sampler, epsilon=epsilon, test_accuracy=eval_acc, test_loss=eval_loss,
       steps=args.steps, steps_this_run=args.steps, seconds=seconds, recipe=args.recipe,
       dataset=args.dataset, model=args.model, evaluated_on=where, ema_decay=args.ema_decay,
-      augmentation_multiplicity=k, dataset_size=dataset_size, features=args.features)
+      augmentation_multiplicity=k, dataset_size=dataset_size, features=args.features,
+      epochs=args.steps * args.batch_size / dataset_size, learning_rate=args.learning_rate,
+      schedule=args.schedule, momentum=args.momentum)
 
 
 if __name__ == "__main__":

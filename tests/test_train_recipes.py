@@ -67,6 +67,7 @@ def test_validation_split_is_held_out_of_training_and_accounting(tmp_path):
   assert record["clipping"] == "per-example"
   assert record["evaluated_on"] == "validation" and record["dataset_size"] == 55000
   assert "55000 examples" in stdout and "validation set (5000 examples)" in stdout
+  assert "Validation accuracy" in stdout and "Test accuracy" not in stdout
   assert record["epsilon"] == pytest.approx(_rdp_epsilon(record), rel=1e-12)
 
 
