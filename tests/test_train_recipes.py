@@ -131,3 +131,29 @@ def test_plot_results_summarises_the_test_records_and_draws_the_png(tmp_path, ca
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(SystemExit, match="no private test-set records"):
     plot_results.main(["--results", str(tmp_path / "empty"), "--png", str(png)])
+
+
+RESULTS = os.path.join(example_runs.EXAMPLES, "results")
+
+
+def test_the_published_records_claim_the_epsilon_of_what_ran():
+  # The README's recipe table comes from these records (plot_results.py):
+  # each one's epsilon, recomputed here with dp_accounting's PLD accountant
+  # from the record's sampler, batch size, dataset size, steps and noise,
+  # is the one it states, within its recipe's target.
+  from dp_accounting.pld import pld_privacy_accountant  # pylint: disable=import-outside-toplevel
+  import plot_results  # pylint: disable=import-outside-toplevel
+  groups = plot_results.load_records(RESULTS)
+  assert {"mnist-scatter-eps1", "mnist-scatter-eps3", "fashion-mnist-scatter-eps3"} <= set(groups)
+  for name, records in groups.items():
+    assert len(records) == 3, name
+    for record in records:
+      assert record["sampler"] == "poisson" and record["accountant"] == "pld"
+      assert record["delta"] == 1e-5 and record["dataset_size"] == 60000
+      accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+      accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+          record["batch_size"] / record["dataset_size"],
+          dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
+      assert record["epsilon"] == pytest.approx(accountant.get_epsilon(record["delta"]),
+                                                rel=1e-9), name
+      assert record["epsilon"] <= recipes.RECIPES[name]["epsilon"], name
