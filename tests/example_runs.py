@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import dp_accounting
+from dp_accounting import rdp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,3 +53,13 @@ def run(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
   proc, out = run_raw(tmp_path, *args, name=name, env=env, script=script)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return json.loads(out.read_text()), proc.stdout
+
+
+def rdp_epsilon(record):
+  """Epsilon of a run's JSON record, recomputed with dp_accounting's RDP
+  accountant from its Poisson rate, noise multiplier and steps."""
+  accountant = rdp.RdpAccountant()
+  accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      record["batch_size"] / record["dataset_size"],
+      dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
+  return accountant.get_epsilon(record["delta"])

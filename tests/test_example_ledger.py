@@ -1,0 +1,156 @@
+"""The MNIST examples' runs compared with one straight run: checkpoint resume,
+accumulation, 8 devices, and the NNX example (split from test_example_mnist.py
+so the two files run on separate pytest-xdist workers)."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, EXAMPLES)
+import example_runs  # noqa: E402  (tests/, on sys.path as the test root)
+
+_shared_compilation_cache = example_runs.compilation_cache_fixture()
+_run_raw, _run = example_runs.run_raw, example_runs.run
+
+
+# ---------------------------------------------------------------------------
+# The privacy ledger in the example: resume, budget refusal and overrun,
+# samplers, accumulation. Small settings (batch 64, 4 steps) keep each run to
+# seconds of training; the comparisons are exact (same numbers, not close).
+# LEDGER runs account with RDP: what these tests check (the same epsilon after
+# a resume, the refusal past the budget, the ledger of K physical batches or 8
+# devices) is the accountant-independent bookkeeping, and RDP calibrates in a
+# fraction of PLD's time. The PLD path of the example is the default run's
+# (test_short_private_run_...) and the shuffle sampler's.
+
+SMALL = ("--batch-size", "64", "--eval-every", "2", "--clipping", "auto")
+LEDGER = (*SMALL, "--accountant", "rdp")
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """4 uninterrupted steps: the reference for resume and accumulation."""
+  return _run(tmp_path_factory.mktemp("straight"), "--steps", "4", *LEDGER)[0]
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, straight_run):
+  ckpt = tmp_path / "ckpt"
+  first, _ = _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt),
+                  *LEDGER, name="first")
+  assert first["steps"] == 2
+  assert (ckpt / "run.json").exists() and (ckpt / "step_2").is_dir()
+  # A fresh process resumes at step 2 and runs steps 3 and 4.
+  second, stdout = _run(tmp_path, "--steps", "4", "--resume", str(ckpt), name="second")
+  assert "Resumed" in stdout
+  assert second["resumed_from_step"] == 2 and second["steps_this_run"] == 2
+  assert second["steps"] == 4
+  # Same noise stream, same batches, same ledger: the same model and epsilon.
+  assert second["test_loss"] == straight_run["test_loss"]
+  assert second["test_accuracy"] == straight_run["test_accuracy"]
+  assert second["epsilon"] == straight_run["epsilon"]
+  assert second["noise_multiplier"] == straight_run["noise_multiplier"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_to_change_the_mechanism(tmp_path):
+  ckpt = tmp_path / "ckpt"
+  _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt), *LEDGER)
+  proc, _ = _run_raw(tmp_path, "--steps", "4", "--resume", str(ckpt), "--sampler", "shuffle")
+  assert proc.returncode == 2
+  assert "conflicts with the resumed run" in proc.stderr
+  # Resuming past the budget the checkpoint's noise was calibrated for is refused too.
+  proc, _ = _run_raw(tmp_path, "--steps", "6", "--resume", str(ckpt))
+  assert proc.returncode == 2
+  assert "beyond the privacy budget" in proc.stderr
+
+
+@pytest.mark.slow
+def test_accumulation_equals_the_logical_batch(tmp_path, straight_run):
+  # Two physical batches per logical Poisson batch, noise once: the same
+  # model as one physical batch per step (same seed, same logical batches).
+  result, _ = _run(tmp_path, "--steps", "4", "--accumulation-steps", "2", *LEDGER)
+  assert result["accumulation_steps"] == 2 and result["steps"] == 4
+  assert result["epsilon"] == straight_run["epsilon"]
+  assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_eight_devices_train_the_same_model(tmp_path, straight_run):
+  # 8 simulated CPU devices, data-parallel: each device clips its share, one
+  # all-reduce of the clipped sum, noise drawn once. Same model as 1 device,
+  # up to float reduction order (the sum is split 8 ways before adding).
+  result, _ = _run(tmp_path, "--steps", "4", "--devices", "8", *LEDGER,
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result["devices"] == 8
+  assert result["epsilon"] == straight_run["epsilon"]
+  assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-5)
+  proc, _ = _run_raw(tmp_path, "--steps", "4", "--devices", "3", *LEDGER)
+  assert proc.returncode == 2 and "device" in proc.stderr
+
+
+# ---------------------------------------------------------------------------
+# The Flax NNX twin, examples/mnist_nnx.py: the same CNN, the same ledger.
+
+
+def _examples_models():
+  # By file: `import models` is tests/models.py in this session (conftest.py).
+  spec = importlib.util.spec_from_file_location(
+      "examples_models", os.path.join(EXAMPLES, "models.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module   # dataclasses (Linen fields) look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_nnx_cnn_is_the_linen_tutorial_cnn():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  models = _examples_models()
+  nnx_params = nnx.state(nnx.eval_shape(lambda: models.NNXCNN(rngs=nnx.Rngs(0))), nnx.Param)
+  linen_params = jax.eval_shape(models.CNN().init, jax.random.key(0),
+                                jnp.zeros((1, 28, 28, 1)))["params"]
+  nnx_shapes = sorted(x.shape for x in jax.tree.leaves(nnx_params))
+  assert nnx_shapes == sorted(x.shape for x in jax.tree.leaves(linen_params))
+  assert sum(int(np.prod(shape)) for shape in nnx_shapes) == 824_458
+
+
+@pytest.mark.slow
+def test_nnx_run_reports_the_epsilon_of_what_ran_and_trains_the_linen_model(
+    tmp_path, straight_run):
+  # The Linen reference run's flags (RDP: calibrating with PLD would cost this
+  # run several seconds more; the PLD path is the shared one, _cli_common.py,
+  # run by the Linen tests above).
+  result, stdout = _run(tmp_path, "--steps", "4", *LEDGER, script="mnist_nnx.py")
+  for key in ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier", "steps",
+              "steps_this_run", "budget_steps", "batch_size", "seconds", "l2_norm_clip",
+              "sampler", "neighboring_relation", "accountant", "clipping", "private"):
+    assert key in result, key
+  assert result["private"] is True and result["clipping"] == "auto"
+  assert result["steps"] == 4 and result["batch_size"] == 64
+  assert result["sampler"] == "poisson" and result["accountant"] == "rdp"
+  # Recomputed from the JSON with dp_accounting itself, not through optax_dp.
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  from dp_accounting import rdp  # pylint: disable=g-import-not-at-top
+  accountant = rdp.RdpAccountant()
+  accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      result["batch_size"] / 60000, dp_accounting.GaussianDpEvent(result["noise_multiplier"])),
+      result["steps"]))
+  assert result["epsilon"] == pytest.approx(accountant.get_epsilon(result["delta"]), rel=1e-12)
+  assert result["epsilon"] <= 1.0
+  assert "Guarantee" in stdout and "Poisson" in stdout
+  # From the Linen example's initial values, batches and noise key, the NNX
+  # swap trains the same model: the same test loss and accuracy (float
+  # rounding aside; a wrong clip, noise or update would move the loss by
+  # far more than 1e-5 after 4 steps).
+  assert result["epsilon"] == straight_run["epsilon"]
+  assert result["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-5)
+  assert result["test_accuracy"] == pytest.approx(straight_run["test_accuracy"], abs=2e-4)

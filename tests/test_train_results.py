@@ -1,0 +1,122 @@
+"""examples/train.py beyond the recipe runs: a validation split replaces the
+test set, bad flags are clear errors, the ScatterNet features are per image,
+and the published records (examples/results/) state the epsilon of what ran
+and are what plot_results.py summarises."""
+
+import json
+import os
+import sys
+
+import dp_accounting
+import numpy as np
+import pytest
+
+import example_runs
+
+sys.path.insert(0, example_runs.EXAMPLES)
+import recipes  # noqa: E402
+import scattering  # noqa: E402
+
+_shared_compilation_cache = example_runs.compilation_cache_fixture()
+
+
+@pytest.mark.slow
+def test_validation_split_is_held_out_of_training_and_accounting(tmp_path):
+  # Also the materialised path: per-example gradients that dp_aggregate clips.
+  record, stdout = example_runs.run(
+      tmp_path, "--recipe", "mnist-eps1", "--steps", "2", "--batch-size", "64",
+      "--validation-size", "5000", "--accountant", "rdp", "--clipping", "per-example",
+      script="train.py")
+  assert record["clipping"] == "per-example"
+  assert record["evaluated_on"] == "validation" and record["dataset_size"] == 55000
+  assert "55000 examples" in stdout and "validation set (5000 examples)" in stdout
+  assert "Validation accuracy" in stdout and "Test accuracy" not in stdout
+  assert record["epsilon"] == pytest.approx(example_runs.rdp_epsilon(record), rel=1e-12)
+
+
+def test_unknown_recipe_and_bad_validation_size_are_clear_errors(tmp_path):
+  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "nope", script="train.py")
+  assert proc.returncode == 2 and "choose from" in proc.stderr
+  proc, _ = example_runs.run_raw(tmp_path, "--validation-size", "-1", script="train.py")
+  assert proc.returncode == 2 and "--validation-size" in proc.stderr
+
+
+def test_scattering_features_shape_and_one_image_alone_decides_its_row():
+  # The privacy argument for precomputing them: a fixed function of each
+  # image alone (changing the other images of its chunk changes nothing).
+  rng = np.random.default_rng(0)
+  images = rng.random((6, 28, 28, 1), dtype=np.float32)
+  features = scattering.scattering_features(images, chunk=3)
+  assert features.shape == (6, 7, 7, 81) and features.dtype == np.float32
+  others = images.copy()
+  others[1:] = rng.random((5, 28, 28, 1), dtype=np.float32)
+  again = scattering.scattering_features(others, chunk=3)
+  np.testing.assert_array_equal(again[0], features[0])
+  assert not np.allclose(again[1:], features[1:])
+  # Not a constant: two images give different features, and the zeroth-order
+  # channel is the low-passed image (its mean tracks the image's mean).
+  assert not np.allclose(features[0], features[1])
+  brighter = scattering.scattering_features(images[:1] * 2.0, chunk=1)
+  assert brighter[0, ..., 0].mean() == pytest.approx(2.0 * features[0, ..., 0].mean(), rel=1e-4)
+  with pytest.raises(ValueError, match="expected"):
+    scattering.scattering_features(images[..., 0])
+
+
+def test_scatter_models_need_scattering_features(tmp_path):
+  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "mnist-scatter-eps3", "--features",
+                                 "pixels", script="train.py")
+  assert proc.returncode == 2 and "do not match" in proc.stderr
+  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "mnist-scatter-eps3",
+                                 "--augmentation-multiplicity", "2", script="train.py")
+  assert proc.returncode == 2 and "--features pixels" in proc.stderr
+  proc, _ = example_runs.run_raw(tmp_path, "--subset", "0", script="train.py")
+  assert proc.returncode == 2 and "--subset must be >= 1" in proc.stderr
+
+
+def test_plot_results_summarises_the_test_records_and_draws_the_png(tmp_path, capsys):
+  import plot_results  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("matplotlib")
+  base = {"private": True, "evaluated_on": "test", "dataset": "mnist", "model": "m",
+          "seconds": 10.0}
+  records = [dict(base, recipe="a", test_accuracy=0.97, epsilon=0.99),
+             dict(base, recipe="a", test_accuracy=0.98, epsilon=0.98),
+             dict(base, recipe="b", test_accuracy=0.99, epsilon=2.99, seconds=20.0),
+             # Left out: a tuning run (validation set) and a non-private one.
+             dict(base, recipe="b", test_accuracy=0.5, epsilon=2.99, evaluated_on="validation"),
+             dict(base, recipe="b", test_accuracy=0.5, epsilon=None, private=False)]
+  for i, record in enumerate(records):
+    (tmp_path / f"r{i}.json").write_text(json.dumps(record))
+  png = tmp_path / "plot.png"
+  plot_results.main(["--results", str(tmp_path), "--png", str(png)])
+  table = capsys.readouterr().out
+  assert "| `a` | mnist | m | 0.9900 | 97.50% ± 0.71% (97.00, 98.00) | 2 | 10-10 s |" in table
+  assert "| `b` | mnist | m | 2.9900 | 99.00% ± 0.00% (99.00) | 1 | 20-20 s |" in table
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(SystemExit, match="no private test-set records"):
+    plot_results.main(["--results", str(tmp_path / "empty"), "--png", str(png)])
+
+
+RESULTS = os.path.join(example_runs.EXAMPLES, "results")
+
+
+def test_the_published_records_claim_the_epsilon_of_what_ran():
+  # The README's recipe table comes from these records (plot_results.py):
+  # each one's epsilon, recomputed here with dp_accounting's PLD accountant
+  # from the record's sampler, batch size, dataset size, steps and noise,
+  # is the one it states, within its recipe's target.
+  from dp_accounting.pld import pld_privacy_accountant  # pylint: disable=import-outside-toplevel
+  import plot_results  # pylint: disable=import-outside-toplevel
+  groups = plot_results.load_records(RESULTS)
+  assert {"mnist-scatter-eps1", "mnist-scatter-eps3", "fashion-mnist-scatter-eps3"} <= set(groups)
+  for name, records in groups.items():
+    assert len(records) == 3, name
+    for record in records:
+      assert record["sampler"] == "poisson" and record["accountant"] == "pld"
+      assert record["delta"] == 1e-5 and record["dataset_size"] == 60000
+      accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+      accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+          record["batch_size"] / record["dataset_size"],
+          dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
+      assert record["epsilon"] == pytest.approx(accountant.get_epsilon(record["delta"]),
+                                                rel=1e-9), name
+      assert record["epsilon"] <= recipes.RECIPES[name]["epsilon"], name
