@@ -27,6 +27,9 @@ _PAPERNOT = dict(model="tanh_cnn", features="pixels", normalise=True, batch_size
                  momentum=0.9, l2_norm_clip=0.1, rescale_to_unit_norm=False,
                  schedule="constant", ema_decay=None, augmentation_multiplicity=1)
 
+_SCATTER = dict(_PAPERNOT, model="scatter_linear", features="scattering", normalise=False,
+                ema_decay=0.9)
+
 RECIPES = {
     "tutorial-eps1": dict(
         dataset="mnist", model="tutorial_cnn", features="pixels", normalise=False, batch_size=256,
@@ -40,23 +43,16 @@ RECIPES = {
     # Tramer & Boneh 2021's ScatterNet + linear (scattering.py): parameter-free
     # GroupNorm (27 groups) of fixed wavelet features, then one Dense layer;
     # large batches. Chosen on a 10000-example validation split (README).
-    "mnist-scatter-eps1": dict(
-        _PAPERNOT, dataset="mnist", model="scatter_linear", features="scattering",
-        normalise=False, batch_size=4096, epochs=20, learning_rate=4.0, epsilon=1.0,
-        ema_decay=0.9),
-    "mnist-scatter-eps3": dict(
-        _PAPERNOT, dataset="mnist", model="scatter_linear", features="scattering",
-        normalise=False, batch_size=4096, epochs=60, learning_rate=4.0, epsilon=3.0,
-        ema_decay=0.9),
-    "fashion-mnist-scatter-eps3": dict(
-        _PAPERNOT, dataset="fashion-mnist", model="scatter_linear", features="scattering",
-        normalise=False, batch_size=8192, epochs=40, learning_rate=16.0, epsilon=3.0,
-        ema_decay=0.9),
+    "mnist-scatter-eps1": dict(_SCATTER, dataset="mnist", batch_size=4096, epochs=20,
+                               learning_rate=4.0, epsilon=1.0),
+    "mnist-scatter-eps3": dict(_SCATTER, dataset="mnist", batch_size=4096, epochs=60,
+                               learning_rate=4.0, epsilon=3.0),
+    "fashion-mnist-scatter-eps3": dict(_SCATTER, dataset="fashion-mnist", batch_size=8192,
+                                       epochs=40, learning_rate=16.0, epsilon=3.0),
     # ScatterNet + CNN (the small tanh CNN of Tramer & Boneh on the features).
-    "mnist-scatter-cnn-eps3": dict(
-        _PAPERNOT, dataset="mnist", model="scatter_cnn", features="scattering",
-        normalise=False, batch_size=2048, epochs=40, learning_rate=2.0, epsilon=3.0,
-        ema_decay=0.99),
+    "mnist-scatter-cnn-eps3": dict(_SCATTER, dataset="mnist", model="scatter_cnn",
+                                   batch_size=2048, epochs=40, learning_rate=2.0,
+                                   epsilon=3.0, ema_decay=0.99),
     "mnist-groupnorm-eps3": dict(
         _PAPERNOT, dataset="mnist", model="groupnorm_cnn", epochs=10, epsilon=3.0,
         ema_decay=0.999, augmentation_multiplicity=2),
