@@ -7,7 +7,7 @@ the same epsilon. The transform has no trained parameters and is computed
 from each image alone, so precomputing it for the whole dataset before
 training is data-independent preprocessing: it costs no privacy (the private
 training then sees, per example, a fixed function of that example only;
-tests/test_train_recipes.py checks that one image's features do not depend
+tests/test_train_results.py checks that one image's features do not depend
 on the others in its batch).
 
 The transform is kymatio's (BSD-3-Clause, https://www.kymatio.io), its JAX

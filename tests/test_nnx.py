@@ -320,13 +320,10 @@ def _sums(grads):
           for c in jax.tree.leaves(nnx.as_pure(grads), is_leaf=is_clipped)]
 
 
-# Every family with one chunk; microbatching (chunks of 4 of 6 rows, the last
-# one padded) on those mixing rules in one norm (conv: conv + dense;
-# norm_shared_direct: dense + generic + fallback; attention: embed + dense +
-# generic; general: generic + dense over two axes).
+# Every family with one chunk and microbatched (chunks of 4 of 6 rows, the
+# last one padded).
 @pytest.mark.parametrize("family,microbatch_size", [
-    *((family, None) for family in COVERED), ("conv", 4), ("norm_shared_direct", 4),
-    ("attention", 4), ("general", 4)])
+    (family, size) for family in COVERED for size in (None, 4)])
 def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size):
   model, x = _families()[family]
   batch = (x, jnp.arange(B) % 3)
@@ -352,7 +349,7 @@ def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size)
     assert f"({total - COVERED[family]} of {total})" in str(fallback[0].message)
 
 
-@pytest.mark.parametrize("family", ["conv", "attention", "general"])
+@pytest.mark.parametrize("family", ["linear", "conv", "embed", "attention", "general"])
 def test_ghost_equals_vmap_where_every_parameter_is_covered(family):
   model, x = _families()[family]
   batch = (x, jnp.arange(B) % 3)
@@ -425,7 +422,7 @@ sys.path.insert(0, sys.argv[1])
 import test_nnx as T
 assert jax.device_count() == 8, jax.devices()
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-for family in ("conv", "norm_shared_direct", "attention", "general"):
+for family in T.COVERED:
   model, x = T._families()[family]
   x = jnp.concatenate([x, x, x])[:16]
   batch, mask = (x, jnp.arange(16) % 3), jnp.arange(16) < 14
@@ -442,9 +439,9 @@ for family in ("conv", "norm_shared_direct", "attention", "general"):
 
 def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
   """An nnx.Module through sharded_clipped_grads on 8 simulated CPU devices
-  (a subprocess: the device count is fixed at JAX start-up): book-kept
-  (conv, attention, general) and partly fallback (shared, direct Param)
-  families equal the single-device vmap clipped sum."""
+  (a subprocess: the device count is fixed at JAX start-up): every family,
+  book-kept, partly fallback (shared, direct Param) or all fallback (tied
+  embedding), equals the single-device vmap clipped sum."""
   import os
   import subprocess
   import sys
@@ -455,7 +452,7 @@ def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
                         capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   errors = dict(line.split() for line in proc.stdout.strip().splitlines())
-  assert set(errors) == {"conv", "norm_shared_direct", "attention", "general"}
+  assert set(errors) == set(COVERED)
   assert all(float(e) <= 1e-5 for e in errors.values()), errors
 
 
