@@ -117,6 +117,11 @@ def test_the_published_records_claim_the_epsilon_of_what_ran():
       accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
           record["batch_size"] / record["dataset_size"],
           dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
+      # rel 1e-6: a record written under another SciPy's FFT differs from
+      # today's PLD by ~2e-9 (tutorial-eps1: 0.99975467242 written, ...7076
+      # with SciPy 1.17.1), while the smallest accounting error that matters,
+      # one step more of the longest run (5000) or sigma off in its fourth
+      # decimal, moves epsilon by ~1e-4 relative: 100x above the tolerance.
       assert record["epsilon"] == pytest.approx(accountant.get_epsilon(record["delta"]),
-                                                rel=1e-9), name
+                                                rel=1e-6), name
       assert record["epsilon"] <= recipes.RECIPES[name]["epsilon"], name
