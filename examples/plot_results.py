@@ -68,6 +68,9 @@ def plot(summaries: dict[str, dict], png: str) -> None:
   for s in summaries.values():
     series[(s["dataset"], s["model"])].append(s)
   datasets = sorted({dataset for dataset, _ in series})
+  # One epsilon axis from 0 for every panel: a panel whose points all sit
+  # near one epsilon would otherwise zoom into its digits (an offset axis).
+  max_epsilon = max(s["epsilon"] for s in summaries.values())
   fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     for (d, model), points in sorted(series.items()):
@@ -77,6 +80,8 @@ def plot(summaries: dict[str, dict], png: str) -> None:
       ax.errorbar([s["epsilon"] for s in points], [100 * s["accuracy_mean"] for s in points],
                   yerr=[100 * s["accuracy_std"] for s in points], marker="o", capsize=3,
                   label=model)
+    ax.set_xlim(0, 1.1 * max_epsilon)
+    ax.ticklabel_format(useOffset=False)
     ax.set_xlabel("epsilon (delta 1e-5, Poisson sampling, PLD)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(dataset)
