@@ -1,9 +1,11 @@
-"""JAX-side helpers shared by step_time.py, transformer_step.py and peak_memory.py.
+"""JAX-side helpers shared by step_time.py, transformer_step.py,
+recurrent_step.py and peak_memory.py.
 
 The rows every JAX script has (`non_private`, `optax_dp_auto`,
-`optax_dp_vmap`) and the train step they share, the `--check` pieces
-(per-example norms, the two clip norms, sigma = 0 steps, tree differences),
-the versions record and header line, and the compile / warm-up / round-robin
+`optax_dp_vmap`, and their Flax NNX twins) and the train step they share, the
+`--check` pieces (per-example norms, the two clip norms, sigma = 0 steps, tree
+differences, the auto-against-vmap check), the versions record and header
+line, the clipping-plan summary, and the compile / warm-up / round-robin
 timing of a set of rows. Only optax_dp's public API is used.
 
 Needs JAX (the standard-library helpers are in _common.py, which
@@ -13,6 +15,7 @@ directory, which is then sys.path[0].
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import platform
@@ -103,10 +106,29 @@ def quiet_sigma0() -> Iterator[None]:
     yield
 
 
+def _float_leaves_with_path(tree) -> list[tuple[str, jax.Array]]:
+  """(path, leaf) for the floating-point leaves (params; not an NNX model's
+  RNG keys and counts)."""
+  return [(jax.tree_util.keystr(k), x)
+          for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+
+def leaf_diffs(a, b) -> dict[str, float]:
+  """{path: max |a - b|} over the float leaves of two trees of one structure."""
+  return {k: float(jnp.max(jnp.abs(x - y))) for (k, x), (_, y) in
+          zip(_float_leaves_with_path(a), _float_leaves_with_path(b))}
+
+
 def max_abs_diff(a, b) -> float:
-  """max |a - b| over all leaves of two trees of the same structure."""
-  return max(float(jnp.max(jnp.abs(x - y)))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  """max |a - b| over the float leaves of two trees of the same structure."""
+  return max(leaf_diffs(a, b).values())
+
+
+def worst_leaf(a, b) -> str:
+  """The path of the float leaf where two trees differ most."""
+  diffs = leaf_diffs(a, b)
+  return max(diffs, key=diffs.get)
 
 
 def per_example_grads_and_norms(loss_fn: LossFn, params, batch):
@@ -147,6 +169,60 @@ def run_sigma0_steps(build: Callable[[], Row], params, batch, steps: int):
     for _ in range(steps):
       p, s = step(p, s, batch)
   return p
+
+
+def nnx_param_loss(model, loss_fn: LossFn) -> tuple[LossFn, Any]:
+  """An NNX model's loss as a function of its `nnx.Param` state, and that state.
+
+  `loss_fn(model, batch)` is the NNX loss; the result is a Linen-style
+  `loss(params, batch)` (the model's other state, RNG streams included, held
+  fixed), for the plain-JAX per-example norms of `check_clips`.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return (lambda p, batch: loss_fn(nnx.merge(graphdef, p, rest, copy=True),
+                                   batch)), params
+
+
+def auto_vmap_check(build: Callable[[str, float], Row], params0, batch,
+                    clips: Sequence[tuple[float, int]], *, batch_size: int,
+                    steps: int, rows: tuple[str, str] = ("optax_dp_auto",
+                                                         "optax_dp_vmap"),
+                    label: str = "") -> tuple[dict, bool]:
+  """--check of a book-keeping row against its vmap row, at each clip norm.
+
+  `build(name, clip)` builds a row with noise_multiplier 0; both rows of
+  `rows` = (auto, vmap) run `steps` steps from `params0` (the Linen params,
+  or an NNX row's `nnx.state`) on `batch`, and their params must agree within
+  CHECK_RTOL of the vmap row's update. Prints a header and one line per clip
+  norm; returns ({"C=...": the per-clip record}, whether all agreed).
+  """
+  auto, vmap = rows
+  results, ok_all = {}, True
+  for clip, n_clipped in clips:
+    _common.print_check_header(batch_size, steps, clip, n_clipped, label)
+    final = {name: run_sigma0_steps(lambda name=name: build(name, clip),
+                                    params0, batch, steps) for name in rows}
+    update = max_abs_diff(final[vmap], params0)
+    diff = max_abs_diff(final[auto], final[vmap])
+    worst = worst_leaf(final[auto], final[vmap])
+    tol = _common.CHECK_RTOL * update
+    ok = diff <= tol
+    ok_all &= ok
+    print(f"  max|{auto} - {vmap}| = {diff:.2e} (worst leaf {worst}), "
+          f"{vmap} max|params - params0| = {update:.2e}, tolerance "
+          f"{tol:.1e}: {'ok' if ok else 'MISMATCH'}")
+    results[f"C={clip:.4g}"] = {
+        "l2_norm_clip": clip, "examples_clipped": n_clipped,
+        "rows": list(rows), "max_abs_diff_auto_vmap": diff,
+        "worst_leaf": worst, "max_abs_update_vmap": update, "tolerance": tol}
+  return results, ok_all
+
+
+def plan_summary(plan: dict[str, str]) -> str:
+  """`optax_dp.clipping_plan`'s rules, counted: "2 dense, 10 per-example"."""
+  counts = collections.Counter(plan.values())
+  return ", ".join(f"{n} {rule}" for rule, n in sorted(counts.items()))
 
 
 def versions() -> dict:
@@ -228,10 +304,11 @@ def nnx_ratio_table(summary: dict, header: str, ms_format: str = ".0f") -> str |
   if "nnx_non_private" not in summary:
     return None
   nnx_summary = _common.summarize(
-      {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private")
+      {name: row["times_ms"] for name, row in summary.items()}, "nnx_non_private",
+      {name: row.get("compile_s") for name, row in summary.items()})
   return _common.summary_table(
       f"The same rows, as ratios to nnx_non_private ({header})", nnx_summary,
-      ms_format=ms_format)
+      ms_format=ms_format, base="nnx_non_private")
 
 
 def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,

@@ -35,12 +35,13 @@ import sys
 import time
 import warnings
 
-import numpy as np
-import torch
-from torch import nn
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# First: _common reads the load average before torch is imported.
 import _common  # pylint: disable=wrong-import-position
+
+import numpy as np  # pylint: disable=wrong-import-position
+import torch  # pylint: disable=wrong-import-position
+from torch import nn  # pylint: disable=wrong-import-position
 
 ALL_ROWS = ("torch_non_private", "opacus_hooks", "opacus_ghost")
 
@@ -169,7 +170,7 @@ def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
 
   return _common.reference_check(
       rows, clips, reference=reference, row_diff=row_diff,
-      base_row="torch_non_private", batch_size=batch_size, steps=steps,
+      base_rows=("torch_non_private",), batch_size=batch_size, steps=steps,
       name_width=18, what="the Opacus rows")
 
 
@@ -212,6 +213,7 @@ def main(argv=None):
             f"C={_common.L2_NORM_CLIP}, sigma={_common.NOISE_MULTIPLIER}"
             + _common.loadavg_suffix(info["loadavg_at_start"]))
   print(header, flush=True)
+  _common.print_start_load_warning()
 
   check = run_check(rows) if args.check else None
 
@@ -232,9 +234,10 @@ def main(argv=None):
     if not all(bool(torch.all(torch.isfinite(p))) for p in built[name].params()):
       print(f"WARNING: non-finite params in {name} after timing")
 
+  load = _common.load_record()
   summary = _common.summarize(times, "torch_non_private")
-  table = _common.summary_table(
-      f"Step time, batch {args.batch_size} ({header})", summary)
+  table = _common.with_load(_common.summary_table(
+      f"Step time, batch {args.batch_size} ({header})", summary), load)
   print("\n" + table, flush=True)
 
   if args.json_out:
@@ -242,8 +245,8 @@ def main(argv=None):
         args.json_out, versions=info, batch_size=args.batch_size,
         rounds=args.rounds, warmup=args.warmup,
         l2_norm_clip=_common.L2_NORM_CLIP,
-        noise_multiplier=_common.NOISE_MULTIPLIER, rows=summary, check=check,
-        markdown=table)
+        noise_multiplier=_common.NOISE_MULTIPLIER, rows=summary, load=load,
+        check=check, markdown=table)
 
 
 if __name__ == "__main__":

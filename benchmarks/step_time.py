@@ -37,15 +37,17 @@ import subprocess
 import sys
 import warnings
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+# First: _common reads the load average before JAX is imported.
 import _common  # pylint: disable=wrong-import-position
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+
 import _jax_common  # pylint: disable=wrong-import-position
 from models import CNN, NNXCNN  # pylint: disable=wrong-import-position
 
@@ -172,8 +174,8 @@ def run_check(rows, batch_size: int = 16, steps: int = 2) -> dict:
 
   return _common.reference_check(
       rows, clips, reference=reference, row_diff=row_diff,
-      base_row="non_private", batch_size=batch_size, steps=steps,
-      name_width=14, what="the DP rows")
+      base_rows=("non_private", "nnx_non_private"), batch_size=batch_size,
+      steps=steps, name_width=max(map(len, rows)), what="the DP rows")
 
 
 def run_opacus(python: str, batch_size: int, rounds: int, check: bool) -> dict:
@@ -195,32 +197,32 @@ def combined_table(summary: dict, opacus: dict, batch_size: int,
   """Absolute medians of the JAX and PyTorch rows, and auto / Opacus ghost."""
   ov = opacus["versions"]
   load = ov.get("loadavg_at_start")
-  lines = [f"Step time, batch {batch_size}, JAX and PyTorch ({header}; "
+  title = (f"Step time, batch {batch_size}, JAX and PyTorch ({header}; "
            f"torch {ov['torch']}, opacus {ov['opacus']}, eager, "
            f"{ov['torch_threads']} threads"
-           + (f", 1-min load avg at Opacus start {load:.1f}" if load is not None
-              else "") + ")", "",
-           "| framework | row | median ms | min ms | median / same-framework "
-           "non-private median | median of per-round ratios |",
-           "|---|---|---|---|---|---|"]
-  fmt = _common.fmt_ratio
-  for framework, rows in (("JAX", summary), ("PyTorch", opacus["rows"])):
-    for name, s in rows.items():
-      lines.append(f"| {framework} | {name} | {s['median_ms']:.0f} | "
-                   f"{s['min_ms']:.0f} | {fmt(s.get('ratio_of_medians'))} | "
-                   f"{fmt(s.get('median_round_ratio'))} |")
+           + (f", 1-min load avg at Opacus start {load:.2f}" if load is not None
+              else "") + ")")
+  headers = ["framework", "row", "median ms", "min ms",
+             "median / same-framework non-private median",
+             "median of per-round ratios", "min / same-framework non-private min"]
+  rows = [[framework, name, f"{s['median_ms']:.0f}", f"{s['min_ms']:.0f}",
+           *_common.ratio_cells(s)]
+          for framework, group in (("JAX", summary), ("PyTorch", opacus["rows"]))
+          for name, s in group.items()]
+  lines = [title, "", _common.markdown_table(headers, rows)]
   auto = summary.get("optax_dp_auto")
   ghost = opacus["rows"].get("opacus_ghost")
   if auto and ghost:
     lines += ["", f"optax_dp_auto / Opacus ghost (absolute medians; the two "
               f"processes ran one after the other): "
-              f"{auto['median_ms'] / ghost['median_ms']:.2f}"]
-    if auto.get("ratio_of_medians") and ghost.get("ratio_of_medians"):
-      lines.append(
-          f"(optax_dp_auto / JAX non-private) / (Opacus ghost / torch "
-          f"non-private): {auto['ratio_of_medians']:.2f} / "
-          f"{ghost['ratio_of_medians']:.2f} = "
-          f"{auto['ratio_of_medians'] / ghost['ratio_of_medians']:.2f}")
+              f"{auto['median_ms'] / ghost['median_ms']:.2f}; absolute mins: "
+              f"{auto['min_ms'] / ghost['min_ms']:.2f}"]
+    for key, what in (("ratio_of_medians", "medians"), ("ratio_of_mins", "mins")):
+      if auto.get(key) and ghost.get(key):
+        lines.append(
+            f"(optax_dp_auto / JAX non-private) / (Opacus ghost / torch "
+            f"non-private), {what}: {auto[key]:.2f} / {ghost[key]:.2f} = "
+            f"{auto[key] / ghost[key]:.2f}")
   return "\n".join(lines)
 
 
@@ -247,6 +249,7 @@ def main(argv=None):
       info, f"batch {args.batch_size}, {args.rounds} rounds, "
       f"C={_common.L2_NORM_CLIP}, sigma={_common.NOISE_MULTIPLIER}")
   print(header, flush=True)
+  _common.print_start_load_warning()
 
   check = run_check(rows) if args.check else None
 
@@ -257,27 +260,32 @@ def main(argv=None):
       params_of=lambda name: (
           nnx_state(name, args.batch_size, _common.NOISE_MULTIPLIER)
           if name in _jax_common.NNX_ROWS else linen_params))
+  load = _common.load_record()   # before the Opacus process adds its own
   table = _common.summary_table(
       f"Step time, batch {args.batch_size} ({header})", summary)
-  print("\n" + table, flush=True)
   nnx_table = _jax_common.nnx_ratio_table(summary, header)
   if nnx_table:
-    print("\n" + nnx_table, flush=True)
     table += "\n\n" + nnx_table
+  table = _common.with_load(table, load)
+  print("\n" + table, flush=True)
 
   opacus = combined = None
   if args.opacus_python:
     opacus = run_opacus(args.opacus_python, args.batch_size, args.rounds,
                         args.check)
-    combined = combined_table(summary, opacus, args.batch_size, header)
+    # judged on this process's "before" reading: the Opacus process's own
+    # is inflated by the JAX rows that ran just before it
+    combined = _common.with_load(
+        combined_table(summary, opacus, args.batch_size, header),
+        _common.load_record())
     print("\n" + combined)
 
   if args.json_out:
     _common.write_json(
         args.json_out, versions=info, batch_size=args.batch_size,
         rounds=args.rounds, l2_norm_clip=_common.L2_NORM_CLIP,
-        noise_multiplier=_common.NOISE_MULTIPLIER, rows=summary, check=check,
-        markdown=table, opacus=opacus, combined_markdown=combined)
+        noise_multiplier=_common.NOISE_MULTIPLIER, rows=summary, load=load,
+        check=check, markdown=table, opacus=opacus, combined_markdown=combined)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,18 @@ import statistics
 import sys
 import time
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
-import optax_dp
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# First: _common reads the load average before JAX is imported.
 import _common  # pylint: disable=wrong-import-position
+
+import flax.linen as nn  # pylint: disable=wrong-import-position
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+
+import optax_dp  # pylint: disable=wrong-import-position
+
 import _jax_common  # pylint: disable=wrong-import-position
 
 VOCAB = 1000
@@ -168,39 +170,15 @@ def build_row(name: str, batch_size: int, noise_multiplier: float,
                                   l2_norm_clip)
 
 
-def _worst_leaf(a, b) -> str:
-  """The path of the leaf where two params trees differ most."""
-  diffs = [(jax.tree_util.keystr(k), float(jnp.max(jnp.abs(x - y))))
-           for (k, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
-                                jax.tree.leaves(b))]
-  return max(diffs, key=lambda kv: kv[1])[0]
-
-
 def run_check(batch_size: int = 16, steps: int = 2) -> dict:
   """sigma = 0: optax_dp_auto and optax_dp_vmap must give the same params."""
   params0 = init_params()
   batch = make_batch(batch_size, seed=1)
-  results, failed = {}, False
-  for clip, n_clipped in _jax_common.check_clips(loss_fn, params0, batch,
-                                                 _common.L2_NORM_CLIP):
-    _common.print_check_header(batch_size, steps, clip, n_clipped)
-    final = {name: _jax_common.run_sigma0_steps(
-        lambda name=name: build_row(name, batch_size, 0.0, clip), params0,
-        batch, steps) for name in ("optax_dp_vmap", "optax_dp_auto")}
-    update = _jax_common.max_abs_diff(final["optax_dp_vmap"], params0)
-    diff = _jax_common.max_abs_diff(final["optax_dp_auto"], final["optax_dp_vmap"])
-    worst = _worst_leaf(final["optax_dp_auto"], final["optax_dp_vmap"])
-    tol = _common.CHECK_RTOL * update
-    ok = diff <= tol
-    failed |= not ok
-    print(f"  max|auto - vmap| = {diff:.2e} (worst leaf {worst}), vmap "
-          f"max|params - params0| = {update:.2e}, tolerance {tol:.1e}: "
-          f"{'ok' if ok else 'MISMATCH'}")
-    results[f"C={clip:.4g}"] = {
-        "l2_norm_clip": clip, "examples_clipped": n_clipped,
-        "max_abs_diff_auto_vmap": diff, "worst_leaf": worst,
-        "max_abs_update_vmap": update, "tolerance": tol}
-  return _common.finish_check(results, failed, "auto and vmap")
+  results, ok = _jax_common.auto_vmap_check(
+      lambda name, clip: build_row(name, batch_size, 0.0, clip), params0, batch,
+      _jax_common.check_clips(loss_fn, params0, batch, _common.L2_NORM_CLIP),
+      batch_size=batch_size, steps=steps)
+  return _common.finish_check(results, not ok, "auto and vmap")
 
 
 def _time(fn, *args, reps=5):
@@ -272,6 +250,7 @@ def main(argv=None):
       f"rounds, C={_common.L2_NORM_CLIP}, sigma={_common.NOISE_MULTIPLIER}",
       jax_privacy=False)
   print(header, flush=True)
+  _common.print_start_load_warning()
 
   check = run_check() if args.check else None
   profile = run_profile(args.batch_size) if args.profile else None
@@ -282,14 +261,15 @@ def main(argv=None):
       params_of=lambda name: (
           _nnx_row(name, args.batch_size, _common.NOISE_MULTIPLIER)[1]
           if name in _jax_common.NNX_ROWS else params0))
+  load = _common.load_record()
   table = _common.summary_table(
       f"Transformer step time, batch {args.batch_size} ({header})", summary,
       ms_format=".1f")
-  print("\n" + table)
   nnx_table = _jax_common.nnx_ratio_table(summary, header, ms_format=".1f")
   if nnx_table:
-    print("\n" + nnx_table, flush=True)
     table += "\n\n" + nnx_table
+  table = _common.with_load(table, load)
+  print("\n" + table, flush=True)
 
   if args.json_out:
     _common.write_json(
@@ -297,7 +277,7 @@ def main(argv=None):
         batch_size=args.batch_size, rounds=args.rounds,
         l2_norm_clip=_common.L2_NORM_CLIP,
         noise_multiplier=_common.NOISE_MULTIPLIER,
-        rows=summary, check=check, profile=profile, markdown=table)
+        rows=summary, load=load, check=check, profile=profile, markdown=table)
 
 
 if __name__ == "__main__":

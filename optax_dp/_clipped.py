@@ -72,7 +72,9 @@ def value_and_clipped_grads(
     * `"ghost"`: book-keeping for Flax Linen models (Bu et al. 2023, arXiv
       2210.00038; see `optax_dp._layer_rules` and its Linen adapter `optax_dp._linen`): no per-example gradients of Dense or
       Conv kernels are materialised (Conv via im2col, per-example kernel
-      gradients when that is cheaper); other layers that own their parameters
+      gradients when that is cheaper), nor of `nn.RNN` cells (GRU, LSTM, simple,
+      MGU: per-step inputs and output gradients of their Dense sub-layers, one
+      pass through the scan); other layers that own their parameters
       (Embed, LayerNorm, ...) get a vmapped VJP of that layer alone. Raises if
       some parameter is not owned by such a layer.
     * `"auto"` (default): `"ghost"` for the covered layers, per-example
@@ -95,8 +97,8 @@ def value_and_clipped_grads(
   to `dp_aggregate` (which gathers them into one): the swap is
   `optimizer.update(model, clipped_grads(loss_fn, C)(model, batch, mask))`.
   Random streams and `nnx.BatchNorm` as in `value_and_per_example_grads`.
-  Book-keeping covers `nnx.Linear`, `nnx.Conv` and `nnx.Embed` (see
-  `optax_dp._nnx`); `"auto"` computes per-example gradients for the other
+  Book-keeping covers `nnx.Linear`, `nnx.Conv`, `nnx.Embed` and `nnx.RNN`
+  over `nnx.GRUCell`/`LSTMCell`/`SimpleCell` (see `optax_dp._nnx`); `"auto"` computes per-example gradients for the other
   parameters (norms, attention, a Param used directly, shared layers) and
   says which, once (`PerExampleFallbackWarning`); `"ghost"` raises naming
   them.

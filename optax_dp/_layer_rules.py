@@ -12,6 +12,9 @@ without materialising per-example gradients where a cheaper form exists:
 * `conv_terms`: a convolution as im2col + `dense_terms`, or per-example kernel
   gradients block by block (one kernel offset at a time) when cheaper.
 * `embed_terms`: a table lookup, by token equality.
+* `recurrent_terms`: an RNN whose cell is made of Dense sub-layers, from
+  their per-step inputs and output gradients (`run_recurrence` records them
+  in the scan over time): each sub-layer a Dense over T positions.
 * `vjp_terms`: any other layer: a vmapped VJP of that layer alone.
 
 Every per-example quantity depends on its own row only (a NaN stays in that
@@ -209,6 +212,112 @@ def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: A
   sq = sum(jnp.sum(_sq(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
   return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
                               for name, x in per_example.items()}
+
+
+def recurrence_time_axis(ndim: int, time_major: bool, num_feature_axes: int) -> int:
+  """The time axis of a Flax `RNN`'s inputs (Linen and NNX alike)."""
+  return 0 if time_major else ndim - (num_feature_axes + 1)
+
+
+def run_recurrence(cell_step: Callable, inputs: jax.Array, initial_carry: Any,
+                   zs: dict, groups: dict, *, time_axis: int, reverse: bool,
+                   keep_order: bool, unroll: int = 1) -> tuple[Any, Any, dict]:
+  """A recurrent layer's scan over time, with its sub-layers' taps.
+
+  The semantics of Flax's `RNN` (Linen and NNX) without sequence lengths:
+  `inputs` scanned along `time_axis` (reversed first if `reverse`; outputs
+  flipped back if also `keep_order`), outputs stacked on the same axis.
+  `cell_step(carry, x_t, tap) -> (carry, y_t)` is one step of the cell, which
+  must call `tap(name, a, out)` exactly once for each of its sub-layers (a
+  Dense applied at every step, its parameters shared over time) and use what
+  it returns, `out + zs[name][t]`: a zero perturbation whose gradient is that
+  sub-layer's output gradient at step t. `zs[name]` is (T, *out shape).
+  `groups` maps a head sub-layer to the sub-layers that take the very same
+  input (a GRU's three input gates read x_t; `recurrent_groups` finds them):
+  one copy of that input is kept per group (checked by identity, each step).
+
+  Returns (final carry, outputs, {head: the group's inputs, (T, ...)}):
+  with the output gradients, the per-example gradient of a sub-layer's kernel
+  is `sum_t a_t g_t^T`, a Dense over T positions (`recurrent_terms`).
+  """
+  head_of = {name: head for head, names in groups.items() for name in names}
+  if reverse:
+    inputs = jnp.flip(inputs, time_axis)
+  xs = jnp.moveaxis(inputs, time_axis, 0)
+
+  def body(carry, step):
+    x, z = step
+    taken = {}
+
+    def tap(name, a, out):
+      if name in taken:
+        raise RuntimeError(f"optax_dp: recurrent sub-layer {name!r} ran twice in one step.")
+      taken[name] = a
+      return out + z[name]
+
+    carry, y = cell_step(carry, x, tap)
+    if set(taken) != set(z) or any(taken[n] is not taken[h] for n, h in head_of.items()):
+      raise RuntimeError("optax_dp: a recurrent cell's sub-layers ran differently "
+                         "from its shape trace.")
+    return carry, (y, {head: taken[head] for head in groups})
+
+  carry, (ys, taken) = lax.scan(body, initial_carry, (xs, zs), unroll=unroll)
+  outputs = jax.tree.map(lambda y: jnp.moveaxis(y, 0, time_axis), ys)
+  if reverse and keep_order:
+    outputs = jax.tree.map(lambda y: jnp.flip(y, time_axis), outputs)
+  return carry, outputs, taken
+
+
+def recurrent_groups(taps: list) -> dict:
+  """`{head: (names...)}` from one step's `(name, input)` taps, in order:
+  sub-layers whose input is the very same array form one group."""
+  groups: dict = {}
+  for name, a in taps:
+    head = next((h for h, (x, _) in groups.items() if x is a), None)
+    if head is None:
+      groups[name] = (a, (name,))
+    else:
+      groups[head] = (a, groups[head][1] + (name,))
+  return {head: names for head, (_, names) in groups.items()}
+
+
+def recurrent_terms(inputs: dict, out_grads: dict, use_bias: dict, groups: dict) -> Terms:
+  """A recurrent layer: each sub-layer a Dense shared over T steps.
+
+  inputs[head]: (B, T, ..., d) the per-step inputs of a group of sub-layers
+  (`run_recurrence`), out_grads[name]: (B, T, ..., p) each sub-layer's
+  per-step output gradients. The per-example kernel gradient is
+  `sum_t a_t g_t^T`: `dense_terms` over the T positions (ghost or
+  materialised, whichever is cheaper) with a group's kernels side by side
+  (one Gram matrix of the shared input), each bias `sum_t g_t`. The sums
+  come back as `{"name/kernel": ..., "name/bias": ...}`.
+  """
+  sq, sum_fns = 0.0, []
+  for head, names in groups.items():
+    sizes = [out_grads[n].shape[-1] for n in names]
+    g = jnp.concatenate([out_grads[n] for n in names], axis=-1) if len(names) > 1 \
+        else out_grads[head]
+    group_sq, kernel_sums = dense_terms(inputs[head], g, False)
+    sq = sq + group_sq
+    sum_fns.append((names, sizes, kernel_sums))
+    for n in names:
+      if use_bias[n]:
+        gb = jnp.sum(_compute(out_grads[n]).reshape(g.shape[0], -1, sizes[names.index(n)]), 1)
+        sq = sq + jnp.sum(_sq(gb), -1)
+        sum_fns.append(((n,), None, gb))
+
+  def sums(c, keep):
+    out = {}
+    for names, sizes, fn in sum_fns:
+      if sizes is None:   # a bias: fn is its per-example sums (B, p)
+        out[f"{names[0]}/bias"] = jnp.dot(c, _zero_rows(fn, keep))
+        continue
+      kernel = fn(c, keep)["kernel"]
+      split = jnp.split(kernel, list(itertools.accumulate(sizes))[:-1], axis=-1)
+      out.update({f"{n}/kernel": k for n, k in zip(names, split)})
+    return out
+
+  return sq, sums
 
 
 def is_array(x) -> bool:

@@ -26,6 +26,15 @@ How, without touching the user's model code:
 4. Clip factors from the global norms; the clipped sum per layer as
    `A^T diag(c) G` (or `sum_i c_i g_i`).
 
+Recurrent layers: an `nn.RNN` call over a `GRUCell`, `LSTMCell`,
+`SimpleCell` or `MGUCell` (exact types: each parameter belongs to a Dense
+sub-layer applied once a step) with the default lifting and no
+`seq_lengths` is one covered layer: the interceptor runs the recurrence
+itself (`_layer_rules.run_recurrence`, nn.RNN's semantics), recording each
+sub-layer's per-step inputs and perturbing its per-step outputs, so each
+sub-layer is a Dense over T positions (`_layer_rules.recurrent_terms`).
+Anything else inside `nn.scan` (or a cell subclass) keeps the fallback.
+
 Exactness guard: the layer's parameters as they appear in the params tree must
 be unused in the traced per-example loss (checked on the jaxpr), so they can
 only influence the loss through the intercepted call; otherwise the layer is
@@ -58,7 +67,8 @@ class _Layer:
   out_struct: Any        # per-example (batch of one) output shapes
   arg_treedef: Any = None
   arg_statics: Any = None  # non-array leaves of (args, kwargs), by position
-  kind: str = "generic"
+  kind: str = "generic"    # "dense", "conv", "embed", "recurrent" or "generic"
+  groups: Any = None       # "recurrent": sub-layers sharing an input (recurrent_groups)
 
 
 def _direct_params(module) -> Optional[dict]:
@@ -110,11 +120,15 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
   if nn is None:
     return []
   calls: dict[tuple, list] = {}
+  recurrent: dict[tuple, list] = {}
 
   def run(params, example):
     ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
 
     def interceptor(next_fun, args, kwargs, context):
+      if type(context.module) is nn.RNN and context.method_name == "__call__":
+        recurrent.setdefault(context.module.path, []).append(
+            _recurrent_layer(context.module, args, kwargs, ids))
       out = next_fun(*args, **kwargs)
       module = context.module
       direct = None if context.method_name == "setup" else _direct_params(module)
@@ -155,6 +169,8 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
           or positions * positions > table[0] * table[1]):
         layer.kind = "generic"
     layers.append(layer)
+  layers += [entries[0] for path, entries in recurrent.items()
+             if len(entries) == 1 and entries[0] is not None and path not in exclude]
   # A leaf owned by two layers (shared parameters) is not covered. The call
   # count above cannot see this case: two modules at different paths, each
   # called once, that the loss hands the same array (weight tying outside the
@@ -165,6 +181,121 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
     for i in layer.leaf_index.values():
       owners[i] = owners.get(i, 0) + 1
   return [l for l in layers if all(owners[i] == 1 for i in l.leaf_index.values())]
+
+
+# Cells whose every parameter belongs to an nn.Dense sub-layer applied once a
+# step (checked again on each call's shape trace): the "recurrent" rule.
+_RECURRENT_CELLS = () if nn is None else (nn.GRUCell, nn.LSTMCell, nn.SimpleCell, nn.MGUCell)
+_RNN_KEYWORDS = frozenset({"initial_carry", "init_key", "seq_lengths", "return_carry",
+                           "time_major", "reverse", "keep_order"})
+
+
+def _rnn_option(rnn, kwargs, name):
+  value = kwargs.get(name)
+  return getattr(rnn, name) if value is None else value
+
+
+def _rnn_setup(rnn, cell, args, kwargs):
+  """(inputs, initial carry, time axis) of an nn.RNN call, as nn.RNN makes them."""
+  inputs = args[0]
+  time_axis = _layer_rules.recurrence_time_axis(
+      inputs.ndim, _rnn_option(rnn, kwargs, "time_major"), cell.num_feature_axes)
+  carry = kwargs.get("initial_carry")
+  if carry is None:
+    key = kwargs.get("init_key")
+    key = jax.random.key(0) if key is None else key
+    carry = cell.initialize_carry(
+        key, inputs.shape[:time_axis] + inputs.shape[time_axis + 1:])
+  return inputs, carry, time_axis
+
+
+def _cell_step(cell, cell_params):
+  """One step of an unbound cell from its params, its Dense sub-layers tapped."""
+  def step(carry, x, tap):
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if (context.method_name == "__call__" and type(module) is nn.Dense
+          and len(module.path) == 1):
+        return tap(module.path[0], args[0], next_fun(*args, **kwargs))
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      return cell.apply({"params": cell_params}, carry, x)
+  return step
+
+
+def _nest(flat: dict) -> dict:
+  """{"sub/param": x} -> {sub: {param: x}}."""
+  out: dict = {}
+  for name, x in flat.items():
+    sub, param = name.split("/")
+    out.setdefault(sub, {})[param] = x
+  return out
+
+
+def _recurrent_layer(rnn, args, kwargs, ids) -> Optional[_Layer]:
+  """The covered layer of an `nn.RNN` call (the "recurrent" rule), or None.
+
+  Covered: a cell of `_RECURRENT_CELLS` (exact type) whose parameters all
+  belong to plain `nn.Dense` sub-layers, each applied once a step; the
+  default lifting (parameters broadcast over time, no other collections);
+  one input array and no `seq_lengths`.
+  """
+  cell = rnn.cell
+  if (type(cell) not in _RECURRENT_CELLS or dict(rnn.variable_axes)
+      or rnn.variable_broadcast != "params" or rnn.variable_carry is not False
+      or dict(rnn.split_rngs) != {"params": False}
+      or len(args) != 1 or not _layer_rules.is_array(args[0])
+      or set(kwargs) - _RNN_KEYWORDS or kwargs.get("seq_lengths") is not None):
+    return None
+  try:
+    variables = cell.variables
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if set(variables.keys()) != {"params"}:
+    return None
+  subs = variables["params"]
+  if not all(hasattr(p, "items") and "kernel" in p and set(p) <= {"kernel", "bias"}
+             for p in subs.values()):
+    return None
+  flat = {f"{sub}/{name}": leaf for sub, p in subs.items() for name, leaf in p.items()}
+  index = {name: ids.get(id(leaf)) for name, leaf in flat.items()}
+  unbound = cell.clone(parent=None, name=None)
+  inputs, carry, time_axis = _rnn_setup(rnn, unbound, args, kwargs)
+  x0 = jnp.take(inputs, 0, axis=time_axis)
+  outs: dict = {}
+  taps: list = []
+
+  def tap(name, a, out):
+    outs[name] = outs.get(name, ()) + (out,)
+    taps.append((name, a))
+    return out
+
+  try:
+    jax.eval_shape(lambda c, x, p: _cell_step(unbound, p)(c, x, tap), carry, x0, _nest(flat))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if set(outs) != set(subs) or any(len(v) != 1 for v in outs.values()):
+    return None  # a sub-layer that is not a plain Dense, or one applied twice a step
+  steps = inputs.shape[time_axis]
+  out_struct = {name: jax.ShapeDtypeStruct((steps,) + o.shape, o.dtype)
+                for name, (o,) in outs.items()}
+  return _Layer(path=rnn.path, module=rnn.clone(parent=None, name=None, cell=unbound),
+                leaf_index=index, out_struct=out_struct, kind="recurrent",
+                groups=_layer_rules.recurrent_groups(taps))
+
+
+def _run_rnn(layer, layer_params, args, kwargs, zs):
+  """An nn.RNN call computed from the layer's own params (`run_recurrence`):
+  (what nn.RNN returns, {sub-layer: its per-step inputs})."""
+  rnn = layer.module
+  inputs, carry, time_axis = _rnn_setup(rnn, rnn.cell, args, kwargs)
+  carry, outputs, taken = _layer_rules.run_recurrence(
+      _cell_step(rnn.cell, _nest(layer_params)), inputs, carry, zs, layer.groups,
+      time_axis=time_axis,
+      reverse=_rnn_option(rnn, kwargs, "reverse"),
+      keep_order=_rnn_option(rnn, kwargs, "keep_order"), unroll=rnn.unroll)
+  return ((carry, outputs) if _rnn_option(rnn, kwargs, "return_carry") else outputs), taken
 
 
 def calls_modules(loss_fn: Callable, params: Any, example: Any) -> bool:
@@ -209,9 +340,12 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
       k = by_path.get(context.module.path)
       if k is None:
         return next_fun(*args, **kwargs)
-      inputs[k] = _layer_rules.split_call(args, kwargs)[0]
       inside[0] = True
       try:
+        if layers[k].kind == "recurrent":
+          out, inputs[k] = _run_rnn(layers[k], layer_params[k], args, kwargs, zs[k])
+          return out
+        inputs[k] = _layer_rules.split_call(args, kwargs)[0]
         out = layers[k].module.apply({"params": layer_params[k]}, *args, **kwargs)
       finally:
         inside[0] = False
@@ -242,6 +376,10 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
   if layer.kind == "embed":
     return _layer_rules.embed_terms(inputs[0], out_grad,
                                     layer_params["embedding"].shape[0])
+  if layer.kind == "recurrent":
+    return _layer_rules.recurrent_terms(
+        inputs, out_grad, {sub: f"{sub}/bias" in layer.leaf_index for sub in out_grad},
+        layer.groups)
 
   def apply_fn(params, arrays):
     args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)

@@ -193,6 +193,12 @@ def as_optimizer_grads(clipped: _clipping.ClippedGrads):
 #   SAME/VALID or explicit padding);
 # * "embed": `nnx.Embed` looked up with integer ids, when the ghost form is
 #   the cheaper;
+# * "recurrent": `nnx.RNN` over an `nnx.GRUCell`, `LSTMCell` or `SimpleCell`
+#   (exact types, every variable in a plain `nnx.Linear` applied once a
+#   step), default state axes, no `seq_lengths`: the recurrence is run by
+#   `_layer_rules.run_recurrence` with the Linears tapped, each then a Dense
+#   over T positions (the RNN module itself holds no parameters: it is
+#   matched by its cell's);
 # * "generic": any other layer (`nnx.LayerNorm`, `nnx.RMSNorm`,
 #   `nnx.GroupNorm`, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
 #   module using its `nnx.Param` directly in `__call__`): a vmapped VJP of
@@ -226,7 +232,7 @@ class Layer:
   path: tuple            # its leaf indices: the same layer in every trace
   leaf_index: dict       # variable attribute name -> leaf index
   out_struct: Any
-  kind: str              # "dense", "conv", "embed" or "generic"
+  kind: str              # "dense", "conv", "embed", "recurrent" or "generic"
   conv: Optional[dict] = None
   contracted_axes: int = 1   # "dense": trailing input axes contracted
   vocab: int = 0             # "embed": table rows
@@ -235,6 +241,7 @@ class Layer:
   state_names: tuple = ()
   arg_treedef: Any = None
   arg_statics: Any = None
+  groups: Any = None         # "recurrent": sub-layers sharing an input
 
 
 def _own_variables(module) -> Optional[dict]:
@@ -317,6 +324,130 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
               state_names=names, arg_treedef=arg_treedef, arg_statics=arg_statics)
 
 
+# The "recurrent" rule: `nnx.RNN` over a cell of these types (exact), whose
+# every variable belongs to a plain `nnx.Linear` applied once a step (checked
+# again on a shape trace of one step of each call).
+_RNN_KEYWORDS = frozenset({"initial_carry", "seq_lengths", "return_carry", "time_major",
+                           "reverse", "keep_order", "rngs"})
+
+
+def _recurrent_cells() -> tuple:
+  nnx = _nnx()
+  return (nnx.GRUCell, nnx.LSTMCell, nnx.SimpleCell)
+
+
+def _cell_variables(cell) -> Optional[dict]:
+  """{"sub/variable": nnx.Variable} of a covered cell's Linear sub-layers, or None."""
+  nnx = _nnx()
+  if type(cell) not in _recurrent_cells():
+    return None
+  flat = {}
+  for name, value in vars(cell).items():
+    if isinstance(value, nnx.Variable):
+      return None
+    if not nnx.graph.is_graph_node(value):
+      if any(isinstance(x, (nnx.Variable, jax.Array, jax.core.Tracer))
+             or nnx.graph.is_graph_node(x)
+             for x in jax.tree.leaves(value, is_leaf=nnx.graph.is_graph_node)):
+        return None
+      continue
+    if type(value) is not nnx.Linear or not _default_dot(value):
+      return None
+    own = _own_variables(value)
+    if own is None or "kernel" not in own or set(own) - {"kernel", "bias"}:
+      return None
+    flat.update({f"{name}/{var}": getattr(value, var) for var in own})
+  return flat or None
+
+
+def _rnn_option(rnn, kwargs, name):
+  value = kwargs.get(name)
+  return getattr(rnn, name) if value is None else value
+
+
+def _rnn_setup(rnn, args, kwargs):
+  """(inputs, initial carry, time axis) of an nnx.RNN call, as nnx.RNN makes them."""
+  nnx = _nnx()
+  inputs = args[0]
+  time_axis = _layer_rules.recurrence_time_axis(
+      inputs.ndim, _rnn_option(rnn, kwargs, "time_major"), rnn.cell.num_feature_axes)
+  carry = kwargs.get("initial_carry")
+  if carry is None:
+    rngs = _rnn_option(rnn, kwargs, "rngs")
+    if isinstance(rngs, nnx.Rngs):
+      rngs = rngs.carry.fork()
+    carry = rnn.cell.initialize_carry(
+        inputs.shape[:time_axis] + inputs.shape[time_axis + 1:], rngs)
+  return inputs, carry, time_axis
+
+
+def _recurrent_rule(rnn, args, kwargs, ids) -> Optional[dict]:
+  """The entry fields of an `nnx.RNN` call the "recurrent" rule covers, or None."""
+  flat = _cell_variables(rnn.cell)
+  state_axes = rnn.state_axes
+  if (flat is None or rnn.broadcast_rngs is not None
+      or tuple(state_axes.filters) != (...,) or len(state_axes.axes) != 1
+      or len(args) != 1 or not _layer_rules.is_array(args[0])
+      or set(kwargs) - _RNN_KEYWORDS or kwargs.get("seq_lengths") is not None):
+    return None
+  subs = {name.split("/")[0] for name in flat}
+  linears = {id(getattr(rnn.cell, sub)): sub for sub in subs}
+  inputs, carry, time_axis = _rnn_setup(rnn, args, kwargs)
+  x0 = jnp.take(inputs, 0, axis=time_axis)
+  outs: dict = {}
+  taps: list = []
+
+  def step(carry, x):
+    def handler(module, original, args, kwargs):
+      out = original(module, *args, **kwargs)
+      if id(module) in linears:
+        outs.setdefault(linears[id(module)], []).append(out)
+        taps.append((linears[id(module)], args[0]))
+      return out
+    with _intercept((_nnx().Linear,), handler):
+      return rnn.cell(carry, x)
+
+  try:
+    jax.eval_shape(step, carry, x0)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if set(outs) != subs or any(len(v) != 1 for v in outs.values()):
+    return None
+  steps = inputs.shape[time_axis]
+  return {"index": {name: ids.get(id(v[...])) for name, v in flat.items()},
+          "rule": dict(kind="recurrent", groups=_layer_rules.recurrent_groups(taps)),
+          "out": {sub: jax.ShapeDtypeStruct((steps,) + o.shape, o.dtype)
+                  for sub, (o,) in outs.items()}}
+
+
+def _run_rnn(rnn, flat, layer, layer_params, args, kwargs, zs, tapping):
+  """An nnx.RNN call computed from the layer's own params (`run_recurrence`),
+  its Linear sub-layers tapped: (what nnx.RNN returns, {sub: per-step inputs})."""
+  inputs, carry, time_axis = _rnn_setup(rnn, args, kwargs)
+  saved = {name: v[...] for name, v in flat.items()}
+  subs = {name.split("/")[0] for name in flat}
+
+  def cell_step(carry, x, tap):
+    for sub in subs:
+      tapping[id(getattr(rnn.cell, sub))] = (sub, tap)
+    try:
+      return rnn.cell(carry, x)
+    finally:
+      tapping.clear()
+
+  for name, v in flat.items():
+    v[...] = layer_params[name]
+  try:
+    carry, outputs, taken = _layer_rules.run_recurrence(
+        cell_step, inputs, carry, zs, layer.groups, time_axis=time_axis,
+        reverse=_rnn_option(rnn, kwargs, "reverse"),
+        keep_order=_rnn_option(rnn, kwargs, "keep_order"), unroll=rnn.unroll)
+  finally:
+    for name, v in flat.items():
+      v[...] = saved[name]
+  return ((carry, outputs) if _rnn_option(rnn, kwargs, "return_carry") else outputs), taken
+
+
 @contextlib.contextmanager
 def _intercept(classes, handler):
   """Routes `__call__` of instances of `classes` (exact type) through
@@ -348,17 +479,28 @@ def _intercept(classes, handler):
 def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
   """Finds the covered NNX layers (shape-only trace of one example)."""
   del has_aux
+  nnx = _nnx()
   classes = getattr(loss_fn, NNX_ADAPTER)
   calls: dict = {}
+  probing: list = []   # non-empty while a recurrent layer's step is probed
 
   def run(params, example):
     ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
 
     def handler(module, original, args, kwargs):
+      if probing:
+        return original(module, *args, **kwargs)
+      if type(module) is nnx.RNN and id(module) not in calls:
+        probing.append(True)
+        try:
+          found = _recurrent_rule(module, args, kwargs, ids)
+        finally:
+          probing.pop()
+        calls[id(module)] = {"count": 0, **(found or {})}
       out = original(module, *args, **kwargs)
       entry = calls.setdefault(id(module), {"count": 0})
       entry["count"] += 1
-      if entry["count"] == 1:
+      if entry["count"] == 1 and type(module) is not nnx.RNN:
         own = _own_variables(module)
         if own is not None:
           entry["index"] = {name: ids.get(id(v)) for name, v in own.items()}
@@ -391,9 +533,11 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
   """`_linen.make_example_loss`'s NNX twin: covered layers computed from their
   own parameters (`layer_params`), their inputs recorded, a zero perturbation
   `zs` added to their outputs (whose gradient is the output gradient)."""
+  nnx = _nnx()
   classes = getattr(loss_fn, NNX_ADAPTER)
   by_path = {layer.path: k for k, layer in enumerate(layers)}
   covered, uncovered = _layer_rules.split_leaf_indices(layers, num_leaves)
+  tapping: dict = {}   # id(sub-layer) -> (name, tap) while a recurrence runs
 
   def example_loss(uncovered_leaves, covered_leaves, layer_params, zs, example):
     leaves = _layer_rules.merge_leaves(num_leaves, (uncovered, uncovered_leaves),
@@ -402,6 +546,17 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
     inputs: list = [None] * len(layers)
 
     def handler(module, original, args, kwargs):
+      if id(module) in tapping:
+        name, tap = tapping[id(module)]
+        return tap(name, args[0], original(module, *args, **kwargs))
+      if type(module) is nnx.RNN:
+        flat = _cell_variables(module.cell) or {}
+        k = by_path.get(tuple(sorted(ids.get(id(v[...]), -1) for v in flat.values())))
+        if k is None or inputs[k] is not None:
+          return original(module, *args, **kwargs)
+        out, inputs[k] = _run_rnn(module, flat, layers[k], layer_params[k], args, kwargs,
+                                  zs[k], tapping)
+        return out
       own = _own_variables(module)
       k = None if own is None else by_path.get(
           tuple(sorted(ids.get(id(v), -1) for v in own.values())))
@@ -446,6 +601,10 @@ def layer_terms(layer: Layer, layer_params, inputs, out_grad):
   if layer.kind == "embed":
     name, = layer.leaf_index
     return _layer_rules.embed_terms(inputs[0], out_grad, layer.vocab, name)
+  if layer.kind == "recurrent":
+    return _layer_rules.recurrent_terms(
+        inputs, out_grad, {sub: f"{sub}/bias" in layer.leaf_index for sub in out_grad},
+        layer.groups)
   nnx = _nnx()
 
   def apply_fn(params, arrays):

@@ -390,3 +390,102 @@ def test_bf16_params_keep_a_float32_clipped_sum_until_the_noise():
   tx = optax_dp.dp_aggregate(0.1, 1.0, 0)
   update, _ = tx.update(clipped, tx.init(params), params)
   assert update["w"].dtype == jnp.bfloat16
+
+
+# Recurrent layers: nn.RNN over a cell of Dense sub-layers is book-kept
+# through the scan (per-step inputs and output gradients of each sub-layer).
+_CELLS = {"gru": lambda: nn.GRUCell(6), "lstm": lambda: nn.LSTMCell(5),
+          "simple": lambda: nn.SimpleCell(4), "mgu": lambda: nn.MGUCell(6)}
+
+
+class RecurrentNet(nn.Module):
+  """A Dense encoder, an RNN (options as given), a Dense head on its outputs
+  and (with return_carry) its final carry; `carry_from_input` starts the
+  recurrence from a Dense of the first step (gradients through the carry)."""
+  cell: str = "gru"
+  options: tuple = ()
+  carry_from_input: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    options = dict(self.options)
+    cell = _CELLS[self.cell]()
+    h = nn.tanh(nn.Dense(4)(x))
+    if self.carry_from_input:
+      start = nn.Dense(cell.features)(x[:, 0])
+      options["initial_carry"] = (start, start) if self.cell == "lstm" else start
+    out = nn.RNN(cell)(h, **options)
+    if isinstance(out, tuple):
+      carry, out = out
+      out = out + jax.tree.leaves(carry)[-1][:, None]
+    return nn.Dense(3)(out.mean(1))
+
+
+def _plan_rules(model, x):
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.sum(model.apply({"params": p}, b))
+  return optax_dp.clipping_plan(loss_fn, params, x)
+
+
+@pytest.mark.parametrize("cell,options,carry_from_input", [
+    ("gru", (), False),
+    ("lstm", (("reverse", True),), True),
+    ("simple", (("reverse", True), ("keep_order", True), ("return_carry", True)), False),
+    ("mgu", (("time_major", True),), False),
+    ("gru", (("return_carry", True),), True),
+])
+def test_recurrent_layers_are_book_kept_through_the_scan(cell, options, carry_from_input):
+  model = RecurrentNet(cell, options, carry_from_input)
+  x = _x((6, 7, 3))
+  rules = _plan_rules(model, x)
+  assert {rule for name, rule in rules.items() if "Cell" in name} == {"recurrent"}
+  assert set(rules.values()) == {"dense", "recurrent"}
+  _check_model(model, x, method="ghost")   # every parameter book-kept
+
+
+@pytest.mark.parametrize("microbatch_size", [4, 6])
+def test_recurrent_rule_with_microbatches(microbatch_size):
+  model = RecurrentNet("lstm", (("return_carry", True),))
+  x = _x((6, 5, 3))
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  loss_fn = lambda p, b: jnp.mean(jnp.square(model.apply({"params": p}, b[0])))
+  mask = np.arange(6) != 2
+  want = optax_dp.clipped_grads(loss_fn, 0.01, method="vmap")((params), (x,), mask)
+  got = jax.jit(optax_dp.clipped_grads(loss_fn, 0.01, method="ghost",
+                                       microbatch_size=microbatch_size))(params, (x,), mask)
+  for w, g in zip(jax.tree.leaves(want.clipped_sum), jax.tree.leaves(got.clipped_sum)):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(w))))
+
+
+class _CustomGRU(nn.GRUCell):
+  """A subclass: its call may differ from GRUCell's, so it is not covered."""
+
+
+class SeqLengthRNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    lengths = jnp.full(x.shape[:1], x.shape[1] - 1)
+    return nn.Dense(2)(nn.RNN(nn.GRUCell(4))(x, seq_lengths=lengths).mean(1))
+
+
+class CustomCellRNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2)(nn.RNN(_CustomGRU(4))(x).mean(1))
+
+
+class SharedCellRNN(nn.Module):
+  """One cell in two RNNs (both directions share it): not a single layer."""
+  @nn.compact
+  def __call__(self, x):
+    cell = nn.GRUCell(4)
+    return nn.Dense(2)((nn.RNN(cell)(x) + nn.RNN(cell, reverse=True)(x)).mean(1))
+
+
+@pytest.mark.parametrize("model", [SeqLengthRNN(), CustomCellRNN(), SharedCellRNN()])
+def test_recurrent_calls_the_rule_does_not_cover_fall_back_exactly(model):
+  x = _x((6, 5, 3))
+  rules = _plan_rules(model, x)
+  assert {rule for name, rule in rules.items() if "Cell" in name or "GRU" in name} \
+      == {"per-example"}
+  _check_model(model, x, method="auto")

@@ -297,6 +297,22 @@ class GeneralNet(nnx.Module):
     return self.out(self.einsum(nnx.relu(self.lg(x))).mean(1))
 
 
+class RecurrentNet(nnx.Module):
+  """Linear, a GRU (reversed, outputs kept in order, carry returned) and an
+  LSTM over its outputs, a Linear head: the "recurrent" rule through nnx.RNN."""
+
+  def __init__(self, rngs):
+    self.l = nnx.Linear(4, 4, rngs=rngs)
+    self.gru = nnx.RNN(nnx.GRUCell(4, 5, rngs=rngs), reverse=True, keep_order=True,
+                       return_carry=True)
+    self.lstm = nnx.RNN(nnx.LSTMCell(5, 3, rngs=rngs))
+    self.head = nnx.Linear(3, 3, rngs=rngs)
+
+  def __call__(self, x):
+    carry, h = self.gru(nnx.tanh(self.l(x)))
+    return self.head(self.lstm(h + carry[:, None]).mean(1))
+
+
 def _families():
   ids = jax.random.randint(jax.random.key(1), (B, 5), 0, 11)
   return {
@@ -307,12 +323,13 @@ def _families():
       "tied_embed": (TiedNet(nnx.Rngs(0)), ids),
       "attention": (AttentionNet(nnx.Rngs(0)), ids),
       "general": (GeneralNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 8, 8, 2))),
+      "recurrent": (RecurrentNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 7, 4))),
   }
 
 
 # Which parameters book-keeping covers in each family; the rest falls back.
 COVERED = {"linear": 4, "conv": 7, "embed": 3, "norm_shared_direct": 6, "tied_embed": 0,
-           "attention": 20, "general": 13}
+           "attention": 20, "general": 13, "recurrent": 19}
 
 
 def _sums(grads):
@@ -366,7 +383,8 @@ def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size)
     assert f"({total - COVERED[family]} of {total})" in str(fallback[0].message)
 
 
-@pytest.mark.parametrize("family", ["linear", "conv", "embed", "attention", "general"])
+@pytest.mark.parametrize("family", ["linear", "conv", "embed", "attention", "general",
+                                    "recurrent"])
 def test_ghost_equals_vmap_where_every_parameter_is_covered(family):
   model, x = _families()[family]
   batch = (x, jnp.arange(B) % 3)
@@ -441,7 +459,10 @@ sys.path.insert(0, sys.argv[1])
 import test_nnx as T
 assert jax.device_count() == 8, jax.devices()
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-for family in T.COVERED:
+# Not "recurrent": flax's own nnx.RNN scan fails under shard_map's varying-axes
+# check (its initial carry is not device-varying), with every method (known
+# limitation, docs/multi_device.md).
+for family in [f for f in T.COVERED if f != "recurrent"]:
   model, x = T._families()[family]
   x = jnp.concatenate([x, x, x])[:16]
   batch, mask = (x, jnp.arange(16) % 3), jnp.arange(16) < 14
@@ -471,7 +492,7 @@ def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
                         capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   errors = dict(line.split() for line in proc.stdout.strip().splitlines())
-  assert set(errors) == set(COVERED)
+  assert set(errors) == set(COVERED) - {"recurrent"}   # see _SHARDED_SCRIPT
   assert all(float(e) <= 1e-5 for e in errors.values()), errors
 
 
@@ -483,3 +504,29 @@ def test_a_clip_mismatch_is_caught_through_nnx_optimizer():
   grads = optax_dp.clipped_grads(loss_fn, 2 * C, method="vmap")(model, _batch(), MASK)
   with pytest.raises(ValueError, match="l2_norm_clip"):
     optimizer.update(model, grads)
+
+
+class _CustomGRU(nnx.GRUCell):
+  """A subclass: its call may differ from GRUCell's, so it is not covered."""
+
+
+class UncoveredRNNs(nnx.Module):
+  """An RNN with sequence lengths and one over a custom cell: per-example."""
+
+  def __init__(self, rngs):
+    self.masked = nnx.RNN(nnx.GRUCell(4, 3, rngs=rngs))
+    self.custom = nnx.RNN(_CustomGRU(4, 3, rngs=rngs))
+
+  def __call__(self, x):
+    lengths = jnp.full(x.shape[:1], x.shape[1] - 1)
+    return (self.masked(x, seq_lengths=lengths) + self.custom(x)).mean(1)
+
+
+def test_recurrent_calls_the_rule_does_not_cover_fall_back_exactly():
+  model = UncoveredRNNs(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (B, 5, 4))
+  batch = (x, jnp.arange(B) % 3)
+  assert set(optax_dp.clipping_plan(loss_fn, model, batch).values()) == {"per-example"}
+  auto = jit_clipped_sums(model, batch, MASK)
+  vmap = jit_clipped_sums(model, batch, MASK, method="vmap")
+  assert all(np.max(np.abs(v - a)) <= 1e-5 * np.max(np.abs(v)) for v, a in zip(vmap, auto))
