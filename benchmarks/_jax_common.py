@@ -320,7 +320,7 @@ def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
   given (an NNX row's model state); params and optimizer state are donated.
   Returns `_common.summarize`'s summary (ratios to `non_private`).
   """
-  state, compiled, compile_s = {}, {}, {}
+  state, compiled, compile_s, costs = {}, {}, {}, {}
   for name in rows:
     row = build(name)
     start = params0 if params_of is None else params_of(name)
@@ -330,6 +330,7 @@ def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
     compiled[name] = jax.jit(row.step, donate_argnums=(0, 1)).lower(
         params, opt_state, batch).compile()
     compile_s[name] = time.perf_counter() - t0
+    costs[name] = hlo_cost(compiled[name])
     t0 = time.perf_counter()
     state[name] = jax.block_until_ready(
         compiled[name](params, opt_state, batch))   # warm-up step
@@ -344,4 +345,35 @@ def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
   for name, (params, _) in state.items():
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
       print(f"WARNING: non-finite params in {name} after timing")
-  return _common.summarize(times, "non_private", compile_s)
+  summary = _common.summarize(times, "non_private", compile_s)
+  for name, cost in costs.items():
+    summary[name].update(cost)
+  print("\n" + cost_table(summary), flush=True)
+  return summary
+
+
+def hlo_cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled step: {"hlo_gflops", "hlo_gbytes_accessed"}
+  (XLA's static estimate: what the step computes and moves, not its time)."""
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return {"hlo_gflops": cost.get("flops", float("nan")) / 1e9,
+          "hlo_gbytes_accessed": cost.get("bytes accessed", float("nan")) / 1e9}
+
+
+def cost_table(summary: dict, base: str = "non_private") -> str:
+  """The rows' HLO cost analysis (`hlo_cost`) and its ratios to `base`: where
+  a row's time goes beyond the baseline's, flops or memory traffic."""
+  b = summary.get(base, {})
+  rows = []
+  for name, s in summary.items():
+    if "hlo_gflops" not in s:
+      continue
+    ratio = lambda k: (_common.fmt_ratio(s[k] / b[k]) if b.get(k) else "n/a")
+    rows.append([name, f"{s['hlo_gflops']:.3f}", ratio("hlo_gflops"),
+                 f"{s['hlo_gbytes_accessed']:.3f}", ratio("hlo_gbytes_accessed")])
+  return ("XLA cost analysis of each compiled step (a static estimate: a loop "
+          "body, e.g. a scan over time, is counted once, not once per step; the "
+          "noise's random-number generation counts as flops)\n\n"
+          + _common.markdown_table(["row", "GFLOP", f"/ {base}", "GB accessed",
+                                    f"/ {base}"], rows))

@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import chex
@@ -232,39 +233,42 @@ def clip_and_sum_rows(per_example_grads: chex.ArrayTree, l2_norm_clip: float
   return summed, sq_norms, jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32)
 
 
-def gaussian_like(key: jax.Array, x: jax.Array, stddev: float) -> jax.Array:
-  """`N(0, stddev^2)` noise shaped like `x`, in `x`'s dtype.
-
-  For complex `x` the real and imaginary parts are drawn independently, each
-  with standard deviation `stddev` (`C^n` as `R^2n`; note that
-  `jax.random.normal` of a complex dtype would give each part variance 1/2).
-  """
-  if jnp.iscomplexobj(x):
-    real = jnp.real(x).dtype
-    k_re, k_im = jax.random.split(key)
-    return (stddev * jax.random.normal(k_re, x.shape, real)
-            + 1j * stddev * jax.random.normal(k_im, x.shape, real)).astype(x.dtype)
-  return stddev * jax.random.normal(key, x.shape, x.dtype)
-
-
 def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
                        ) -> tuple[chex.ArrayTree, jax.Array]:
   """Adds independent N(0, stddev^2) to every (real) coordinate of `tree`.
 
-  Splits `key` into one subkey per leaf plus the key to carry forward, so no
-  two leaves and no two steps share noise (the mistake of jax#3646). Noise is
-  drawn in the leaf's dtype (callers pass the compute dtype, float32 or
-  wider); complex leaves get it on their real and imaginary parts.
+  One draw of `N(0, 1)` per real dtype, as long as all coordinates of that
+  dtype together, cut into disjoint pieces, one per leaf (a complex leaf takes
+  two: its real and imaginary parts): no two coordinates, leaves or steps
+  share noise (the mistake of jax#3646), and XLA compiles one random-number
+  kernel instead of one per leaf (which cost seconds of compile time). `key`
+  is split into the draw's key and the key to carry forward. Noise is drawn
+  in the leaf's dtype (callers pass the compute dtype, float32 or wider).
 
   Returns:
     (noised tree, next key).
   """
   leaves, treedef = jax.tree.flatten(tree)
-  keys = jax.random.split(key, len(leaves) + 1)
+  next_key, draw_key = jax.random.split(key)
   if stddev == 0:
-    return tree, keys[0]
-  noised = [leaf + gaussian_like(k, leaf, stddev) for leaf, k in zip(leaves, keys[1:])]
-  return jax.tree.unflatten(treedef, noised), keys[0]
+    return tree, next_key
+  reals = [jnp.real(leaf).dtype if jnp.iscomplexobj(leaf) else jnp.result_type(leaf)
+           for leaf in leaves]
+  parts = [2 if jnp.iscomplexobj(leaf) else 1 for leaf in leaves]
+  noised = list(leaves)
+  for j, dtype in enumerate(dict.fromkeys(reals)):
+    members = [i for i, d in enumerate(reals) if d == dtype]
+    total = sum(parts[i] * math.prod(jnp.shape(leaves[i])) for i in members)
+    draw = stddev * jax.random.normal(jax.random.fold_in(draw_key, j), (total,), dtype)
+    start = 0
+    for i in members:
+      shape, size = jnp.shape(leaves[i]), math.prod(jnp.shape(leaves[i]))
+      noise = draw[start:start + size].reshape(shape)
+      if parts[i] == 2:
+        noise = noise + 1j * draw[start + size:start + 2 * size].reshape(shape)
+      start += parts[i] * size
+      noised[i] = leaves[i] + noise.astype(leaves[i].dtype)
+  return jax.tree.unflatten(treedef, noised), next_key
 
 
 def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> ClippedGrads:
