@@ -311,6 +311,21 @@ def nnx_ratio_table(summary: dict, header: str, ms_format: str = ".0f") -> str |
       ms_format=ms_format, base="nnx_non_private")
 
 
+def timing_tables(title: str, summary: dict, header: str,
+                  ms_format: str = ".0f") -> tuple[str, dict]:
+  """The run's tables, printed: `summary_table` under `title`, the NNX ratio
+  table where NNX rows ran, framed by the load record (`_common.with_load`).
+  Returns (the markdown, the load record)."""
+  load = _common.load_record()
+  table = _common.summary_table(title, summary, ms_format=ms_format)
+  nnx_table = nnx_ratio_table(summary, header, ms_format=ms_format)
+  if nnx_table:
+    table += "\n\n" + nnx_table
+  table = _common.with_load(table, load)
+  print("\n" + table, flush=True)
+  return table, load
+
+
 def time_rows(rows: Sequence[str], build: Callable[[str], Row], params0, batch,
               rounds: int, ms_format: str = ".0f",
               params_of: Callable[[str], Any] | None = None) -> dict:

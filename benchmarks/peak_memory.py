@@ -5,7 +5,8 @@ Two modes:
   python benchmarks/peak_memory.py --row optax_dp_auto --batch-size 2048
       one process: imports, params and batch, then compiles the row's train
       step (step_time.py's `build_row`, the same CNN and the same rows; with
-      `--model gru|lstm` recurrent_step.py's, its recurrent classifier) and
+      `--model gru|lstm` recurrent_step.py's, its recurrent classifier,
+      `--model transformer` transformer_step.py's) and
       runs `--steps` steps (the first one compiles and warms up).
       `--row import_only` stops after the imports, params and batch: the
       baseline. Prints one JSON line with the step times.
@@ -54,7 +55,7 @@ ROWS = ("import_only", "non_private", "optax_dp_auto", "optax_dp_vmap",
         "optax_contrib", "jax_privacy",
         "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap")
 PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy", "nnx_optax_dp_vmap")
-MODELS = ("cnn", "gru", "lstm")
+MODELS = ("cnn", "gru", "lstm", "transformer")
 # The peers' rows exist for the CNN only (step_time.py).
 PEER_ROWS = ("optax_contrib", "jax_privacy")
 DEFAULT_BATCH_SIZES = (256, 2048)
@@ -76,7 +77,7 @@ class Workload(NamedTuple):
 
 
 def rows_of(model: str) -> tuple[str, ...]:
-  """The rows that `model` has (all but the peers' rows for a recurrent one)."""
+  """The rows that `model` has (the peers' rows for the CNN only)."""
   return ROWS if model == "cnn" else tuple(r for r in ROWS if r not in PEER_ROWS)
 
 
@@ -89,6 +90,12 @@ def workload(model: str) -> Workload:
     return Workload("the example's CNN (step_time.py)", step_time.init_params,
                     step_time.make_batch, step_time.build_row,
                     step_time.nnx_state)
+  if model == "transformer":
+    import transformer_step as ts  # pylint: disable=import-outside-toplevel
+    return Workload(
+        f"transformer_step.py's transformer, T={ts.SEQ_LEN}, vocab {ts.VOCAB}",
+        ts.init_params, ts.make_batch, ts.build_row,
+        lambda name, b, sigma: ts.nnx_state(name, b, sigma))
   import recurrent_step as rs  # pylint: disable=import-outside-toplevel
   return Workload(
       f"recurrent_step.py's RNN({model}, {rs.HIDDEN}) classifier, "
@@ -283,7 +290,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--row", choices=ROWS, help="run one row in this process")
   parser.add_argument("--model", choices=MODELS, default="cnn",
-                      help="cnn: step_time.py's; gru / lstm: recurrent_step.py's "
+                      help="cnn: step_time.py's; transformer: transformer_step.py's; "
+                      "gru / lstm: recurrent_step.py's "
                       "(no optax_contrib / jax_privacy rows)")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--steps", type=int, default=3,

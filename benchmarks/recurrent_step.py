@@ -219,15 +219,9 @@ def main(argv=None):
       params0, batch, args.rounds, ms_format=".1f",
       params_of=lambda name: (
           nnx_state(args.cell) if name in _jax_common.NNX_ROWS else params0))
-  load = _common.load_record()
-  table = _common.summary_table(
+  table, load = _jax_common.timing_tables(
       f"Recurrent ({args.cell}) step time, batch {args.batch_size} ({header})",
-      summary, ms_format=".1f")
-  nnx_table = _jax_common.nnx_ratio_table(summary, header, ms_format=".1f")
-  if nnx_table:
-    table += "\n\n" + nnx_table
-  table = _common.with_load(table, load)
-  print("\n" + table, flush=True)
+      summary, header, ms_format=".1f")
 
   if args.json_out:
     _common.write_json(

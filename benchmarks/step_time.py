@@ -260,14 +260,9 @@ def main(argv=None):
       params_of=lambda name: (
           nnx_state(name, args.batch_size, _common.NOISE_MULTIPLIER)
           if name in _jax_common.NNX_ROWS else linen_params))
-  load = _common.load_record()   # before the Opacus process adds its own
-  table = _common.summary_table(
-      f"Step time, batch {args.batch_size} ({header})", summary)
-  nnx_table = _jax_common.nnx_ratio_table(summary, header)
-  if nnx_table:
-    table += "\n\n" + nnx_table
-  table = _common.with_load(table, load)
-  print("\n" + table, flush=True)
+  # (the load record is taken before the Opacus process adds its own)
+  table, load = _jax_common.timing_tables(
+      f"Step time, batch {args.batch_size} ({header})", summary, header)
 
   opacus = combined = None
   if args.opacus_python:

@@ -144,6 +144,11 @@ def _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip=_common.L2_NORM_CL
                              noise_multiplier, l2_norm_clip)
 
 
+def nnx_state(name: str, batch_size: int, noise_multiplier: float):
+  """The initial `nnx.state` of an NNX row's model (peak_memory.py's rows)."""
+  return _nnx_row(name, batch_size, noise_multiplier)[1]
+
+
 MODEL = Transformer()
 loss_fn = _jax_common.cross_entropy_loss(MODEL)   # batch = (tokens, labels)
 
@@ -261,15 +266,9 @@ def main(argv=None):
       params_of=lambda name: (
           _nnx_row(name, args.batch_size, _common.NOISE_MULTIPLIER)[1]
           if name in _jax_common.NNX_ROWS else params0))
-  load = _common.load_record()
-  table = _common.summary_table(
-      f"Transformer step time, batch {args.batch_size} ({header})", summary,
+  table, load = _jax_common.timing_tables(
+      f"Transformer step time, batch {args.batch_size} ({header})", summary, header,
       ms_format=".1f")
-  nnx_table = _jax_common.nnx_ratio_table(summary, header, ms_format=".1f")
-  if nnx_table:
-    table += "\n\n" + nnx_table
-  table = _common.with_load(table, load)
-  print("\n" + table, flush=True)
 
   if args.json_out:
     _common.write_json(
