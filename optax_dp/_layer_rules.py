@@ -219,14 +219,23 @@ def recurrence_time_axis(ndim: int, time_major: bool, num_feature_axes: int) -> 
   return 0 if time_major else ndim - (num_feature_axes + 1)
 
 
-def run_recurrence(cell_step: Callable, inputs: jax.Array, initial_carry: Any,
-                   zs: dict, groups: dict, *, time_axis: int, reverse: bool,
-                   keep_order: bool, unroll: int = 1) -> tuple[Any, Any, dict]:
-  """A recurrent layer's scan over time, with its sub-layers' taps.
+def rnn_option(rnn: Any, kwargs: dict, name: str) -> Any:
+  """A Flax `RNN` call's option: the call's keyword, else the module's field
+  (Linen and NNX name them alike: time_major, reverse, keep_order, ...)."""
+  value = kwargs.get(name)
+  return getattr(rnn, name) if value is None else value
+
+
+def run_recurrence(rnn: Any, kwargs: dict, cell_step: Callable, inputs: jax.Array,
+                   initial_carry: Any, zs: dict, groups: dict, time_axis: int
+                   ) -> tuple[Any, dict]:
+  """A Flax `RNN` call (`rnn`, its keyword arguments `kwargs`) run as a scan
+  over time, with its sub-layers' taps.
 
   The semantics of Flax's `RNN` (Linen and NNX) without sequence lengths:
   `inputs` scanned along `time_axis` (reversed first if `reverse`; outputs
-  flipped back if also `keep_order`), outputs stacked on the same axis.
+  flipped back if also `keep_order`), outputs stacked on the same axis,
+  `(final carry, outputs)` returned if `return_carry`, else the outputs.
   `cell_step(carry, x_t, tap) -> (carry, y_t)` is one step of the cell, which
   must call `tap(name, a, out)` exactly once for each of its sub-layers (a
   Dense applied at every step, its parameters shared over time) and use what
@@ -236,11 +245,12 @@ def run_recurrence(cell_step: Callable, inputs: jax.Array, initial_carry: Any,
   input (a GRU's three input gates read x_t; `recurrent_groups` finds them):
   one copy of that input is kept per group (checked by identity, each step).
 
-  Returns (final carry, outputs, {head: the group's inputs, (T, ...)}):
+  Returns (what the RNN returns, {head: the group's inputs, (T, ...)}):
   with the output gradients, the per-example gradient of a sub-layer's kernel
   is `sum_t a_t g_t^T`, a Dense over T positions (`recurrent_terms`).
   """
   head_of = {name: head for head, names in groups.items() for name in names}
+  reverse = rnn_option(rnn, kwargs, "reverse")
   if reverse:
     inputs = jnp.flip(inputs, time_axis)
   xs = jnp.moveaxis(inputs, time_axis, 0)
@@ -261,11 +271,11 @@ def run_recurrence(cell_step: Callable, inputs: jax.Array, initial_carry: Any,
                          "from its shape trace.")
     return carry, (y, {head: taken[head] for head in groups})
 
-  carry, (ys, taken) = lax.scan(body, initial_carry, (xs, zs), unroll=unroll)
+  carry, (ys, taken) = lax.scan(body, initial_carry, (xs, zs), unroll=rnn.unroll)
   outputs = jax.tree.map(lambda y: jnp.moveaxis(y, 0, time_axis), ys)
-  if reverse and keep_order:
+  if reverse and rnn_option(rnn, kwargs, "keep_order"):
     outputs = jax.tree.map(lambda y: jnp.flip(y, time_axis), outputs)
-  return carry, outputs, taken
+  return ((carry, outputs) if rnn_option(rnn, kwargs, "return_carry") else outputs), taken
 
 
 def recurrent_groups(taps: list) -> dict:

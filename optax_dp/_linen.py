@@ -190,16 +190,12 @@ _RNN_KEYWORDS = frozenset({"initial_carry", "init_key", "seq_lengths", "return_c
                            "time_major", "reverse", "keep_order"})
 
 
-def _rnn_option(rnn, kwargs, name):
-  value = kwargs.get(name)
-  return getattr(rnn, name) if value is None else value
-
-
 def _rnn_setup(rnn, cell, args, kwargs):
   """(inputs, initial carry, time axis) of an nn.RNN call, as nn.RNN makes them."""
   inputs = args[0]
   time_axis = _layer_rules.recurrence_time_axis(
-      inputs.ndim, _rnn_option(rnn, kwargs, "time_major"), cell.num_feature_axes)
+      inputs.ndim, _layer_rules.rnn_option(rnn, kwargs, "time_major"),
+      cell.num_feature_axes)
   carry = kwargs.get("initial_carry")
   if carry is None:
     key = kwargs.get("init_key")
@@ -290,12 +286,9 @@ def _run_rnn(layer, layer_params, args, kwargs, zs):
   (what nn.RNN returns, {sub-layer: its per-step inputs})."""
   rnn = layer.module
   inputs, carry, time_axis = _rnn_setup(rnn, rnn.cell, args, kwargs)
-  carry, outputs, taken = _layer_rules.run_recurrence(
-      _cell_step(rnn.cell, _nest(layer_params)), inputs, carry, zs, layer.groups,
-      time_axis=time_axis,
-      reverse=_rnn_option(rnn, kwargs, "reverse"),
-      keep_order=_rnn_option(rnn, kwargs, "keep_order"), unroll=rnn.unroll)
-  return ((carry, outputs) if _rnn_option(rnn, kwargs, "return_carry") else outputs), taken
+  return _layer_rules.run_recurrence(
+      rnn, kwargs, _cell_step(rnn.cell, _nest(layer_params)), inputs, carry, zs,
+      layer.groups, time_axis)
 
 
 def calls_modules(loss_fn: Callable, params: Any, example: Any) -> bool:

@@ -360,20 +360,16 @@ def _cell_variables(cell) -> Optional[dict]:
   return flat or None
 
 
-def _rnn_option(rnn, kwargs, name):
-  value = kwargs.get(name)
-  return getattr(rnn, name) if value is None else value
-
-
 def _rnn_setup(rnn, args, kwargs):
   """(inputs, initial carry, time axis) of an nnx.RNN call, as nnx.RNN makes them."""
   nnx = _nnx()
   inputs = args[0]
   time_axis = _layer_rules.recurrence_time_axis(
-      inputs.ndim, _rnn_option(rnn, kwargs, "time_major"), rnn.cell.num_feature_axes)
+      inputs.ndim, _layer_rules.rnn_option(rnn, kwargs, "time_major"),
+      rnn.cell.num_feature_axes)
   carry = kwargs.get("initial_carry")
   if carry is None:
-    rngs = _rnn_option(rnn, kwargs, "rngs")
+    rngs = _layer_rules.rnn_option(rnn, kwargs, "rngs")
     if isinstance(rngs, nnx.Rngs):
       rngs = rngs.carry.fork()
     carry = rnn.cell.initialize_carry(
@@ -438,14 +434,11 @@ def _run_rnn(rnn, flat, layer, layer_params, args, kwargs, zs, tapping):
   for name, v in flat.items():
     v[...] = layer_params[name]
   try:
-    carry, outputs, taken = _layer_rules.run_recurrence(
-        cell_step, inputs, carry, zs, layer.groups, time_axis=time_axis,
-        reverse=_rnn_option(rnn, kwargs, "reverse"),
-        keep_order=_rnn_option(rnn, kwargs, "keep_order"), unroll=rnn.unroll)
+    return _layer_rules.run_recurrence(rnn, kwargs, cell_step, inputs, carry, zs,
+                                       layer.groups, time_axis)
   finally:
     for name, v in flat.items():
       v[...] = saved[name]
-  return ((carry, outputs) if _rnn_option(rnn, kwargs, "return_carry") else outputs), taken
 
 
 @contextlib.contextmanager
