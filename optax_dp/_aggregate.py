@@ -188,8 +188,8 @@ def dp_aggregate(
   conditional wrappers) are refused around it with the composition that works
   (almost always: put them after it in `optax.chain`).
 
-  Noise is fresh on every update: update t draws from `fold_in(key, t)`, split
-  into one subkey per leaf. The state holds that key's data next to the step
+  Noise is fresh on every update: update t draws from `fold_in(key, t)`
+  (one flat draw per dtype, cut into the leaves). The state holds that key's data next to the step
   counter; an update whose state key does not match `fold_in(key, step)` (a
   state restored from another run, or with its key and counter out of step)
   raises `NoiseReplayError` instead of replaying or mixing noise streams.
@@ -267,7 +267,6 @@ def dp_aggregate(
         "an int seed that nothing else uses).")
   with jax.ensure_compile_time_eval():  # concrete even when built inside jit
     key = _keys.as_typed_key(key)
-  key_impl = jax.random.key_impl(key)
   noise_std = noise_multiplier * l2_norm_clip
   rescale = l2_norm_clip if rescale_to_unit_norm else 1.0
   # NoiseKeyReuseWarning if another live transform built from this key has
@@ -279,15 +278,22 @@ def dp_aggregate(
   def key_data_at(step):
     return jax.random.key_data(jax.random.fold_in(key, step))
 
+  def keys_at(step):
+    """`fold_in(key, step)` and `fold_in(key, step + 1)` in one call (one
+    random-number kernel to compile, not two)."""
+    both = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.stack([step, step + 1]))
+    return both[0], jax.random.key_data(both[1])
+
   def init_fn(params):
     del params
     step = jnp.zeros([], jnp.int32)
     return DPAggregateState(noise_key=key_data_at(step), step=step,
                             nonfinite_examples=jnp.zeros([], jnp.int32))
 
-  def guard(state):
-    """Checks the ledger before releasing update number `state.step`."""
-    key_ok = jnp.all(jnp.asarray(state.noise_key) == key_data_at(state.step))
+  def guard(state, expected_key_data):
+    """Checks the ledger before releasing update number `state.step`, whose
+    key data must be `expected_key_data` (that of `fold_in(key, step)`)."""
+    key_ok = jnp.all(jnp.asarray(state.noise_key) == expected_key_data)
     _checks.raise_if(
         ~key_ok, NoiseReplayError,
         "dp_aggregate: the optimizer state's noise key does not match this "
@@ -317,14 +323,14 @@ def dp_aggregate(
     summed = jax.tree.map(lambda s: s.astype(_clipping.compute_dtype(s.dtype)),
                           clipped.clipped_sum)
     normaliser = _normaliser(expected_batch_size, clipped.batch_size) * rescale
-    ok = guard(state)
-    noise_key = jax.random.wrap_key_data(jnp.asarray(state.noise_key), impl=key_impl)
-    noised, _ = _clipping.add_gaussian_noise(summed, noise_key, noise_std)
+    step_key, next_key_data = keys_at(state.step)
+    ok = guard(state, jax.random.key_data(step_key))
+    noised = _clipping.add_gaussian_noise(summed, step_key, noise_std)
     out = jax.tree.map(
         lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)
     step = state.step + 1
     return out, DPAggregateState(
-        noise_key=key_data_at(step), step=step,
+        noise_key=next_key_data, step=step,
         nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -234,32 +234,32 @@ def clip_and_sum_rows(per_example_grads: chex.ArrayTree, l2_norm_clip: float
 
 
 def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
-                       ) -> tuple[chex.ArrayTree, jax.Array]:
+                       ) -> chex.ArrayTree:
   """Adds independent N(0, stddev^2) to every (real) coordinate of `tree`.
 
-  One draw of `N(0, 1)` per real dtype, as long as all coordinates of that
-  dtype together, cut into disjoint pieces, one per leaf (a complex leaf takes
-  two: its real and imaginary parts): no two coordinates, leaves or steps
-  share noise (the mistake of jax#3646), and XLA compiles one random-number
-  kernel instead of one per leaf (which cost seconds of compile time). `key`
-  is split into the draw's key and the key to carry forward. Noise is drawn
-  in the leaf's dtype (callers pass the compute dtype, float32 or wider).
-
-  Returns:
-    (noised tree, next key).
+  One draw of `N(0, 1)` per real dtype (from `fold_in(key, j)` for the j-th
+  dtype, all those keys derived in one call), as long as all coordinates of
+  that dtype together, cut into disjoint pieces, one per leaf (a complex leaf
+  takes two: its real and imaginary parts): no two coordinates, leaves or
+  steps share noise (the mistake of jax#3646), and XLA compiles one
+  random-number kernel instead of one per leaf (which cost seconds of compile
+  time). Noise is drawn in the leaf's dtype (callers pass the compute dtype,
+  float32 or wider). `key` is only read, never returned: the caller derives a
+  fresh one for every release.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  next_key, draw_key = jax.random.split(key)
   if stddev == 0:
-    return tree, next_key
+    return tree
   reals = [jnp.real(leaf).dtype if jnp.iscomplexobj(leaf) else jnp.result_type(leaf)
            for leaf in leaves]
   parts = [2 if jnp.iscomplexobj(leaf) else 1 for leaf in leaves]
+  dtypes = list(dict.fromkeys(reals))
+  draw_keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(len(dtypes)))
   noised = list(leaves)
-  for j, dtype in enumerate(dict.fromkeys(reals)):
+  for j, dtype in enumerate(dtypes):
     members = [i for i, d in enumerate(reals) if d == dtype]
     total = sum(parts[i] * math.prod(jnp.shape(leaves[i])) for i in members)
-    draw = stddev * jax.random.normal(jax.random.fold_in(draw_key, j), (total,), dtype)
+    draw = stddev * jax.random.normal(draw_keys[j], (total,), dtype)
     start = 0
     for i in members:
       shape, size = jnp.shape(leaves[i]), math.prod(jnp.shape(leaves[i]))
@@ -268,7 +268,7 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
         noise = noise + 1j * draw[start + size:start + 2 * size].reshape(shape)
       start += parts[i] * size
       noised[i] = leaves[i] + noise.astype(leaves[i].dtype)
-  return jax.tree.unflatten(treedef, noised), next_key
+  return jax.tree.unflatten(treedef, noised)
 
 
 def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> ClippedGrads:
