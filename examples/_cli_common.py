@@ -7,6 +7,9 @@ flags that set the mechanism, the sampler and its budget (the noise multiplier
 calibrated for the steps run, or the steps allowed by a given one), the
 refusal of steps past the budget, the closing privacy statement and the JSON
 record, so that both examples account for and report a run in the same words.
+`train.py` (the recipes) uses them too, and all three show their progress the
+same way (`Progress`: a tqdm bar on a terminal, plain lines elsewhere, the
+run's history for the JSON record and `--plot`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 import time
 
 import optax
+import tqdm
 
 import optax_dp
 
@@ -31,9 +35,13 @@ def add_training_flags(p, *, steps_help):
   p.add_argument("--batch-size", type=int, default=256,
                  help="the logical batch size: expected size for --sampler "
                       "poisson (q = batch_size / 60000), exact for fixed/shuffle")
-  p.add_argument("--learning-rate", type=float, default=0.1)
-  p.add_argument("--momentum", type=float, default=0.9)
-  p.add_argument("--l2-norm-clip", type=float, default=0.1)
+  p.add_argument("--learning-rate", type=float, default=0.1,
+                 help="SGD learning rate (default: %(default)s)")
+  p.add_argument("--momentum", type=float, default=0.9,
+                 help="SGD momentum (default: %(default)s)")
+  p.add_argument("--l2-norm-clip", type=float, default=0.1,
+                 help="clip each example's gradient to this L2 norm C (default: "
+                      "%(default)s)")
   p.add_argument("--rescale-to-unit-norm", action=argparse.BooleanOptionalAction,
                  default=True,
                  help="divide clipped sums by the clip norm, as the jax_privacy "
@@ -51,8 +59,11 @@ def add_training_flags(p, *, steps_help):
 
 def add_budget_flags(p):
   """--epsilon ... --seed: the privacy budget, the evaluation period, the seed."""
-  p.add_argument("--epsilon", type=float, default=1.0, help="the privacy budget")
-  p.add_argument("--delta", type=float, default=1e-5)
+  p.add_argument("--epsilon", type=float, default=1.0,
+                 help="the privacy budget's epsilon (default: %(default)s)")
+  p.add_argument("--delta", type=float, default=1e-5,
+                 help="the privacy budget's delta (default: %(default)s; keep it "
+                      "well below 1 / dataset size)")
   p.add_argument("--noise-multiplier", type=float, default=None,
                  help="use this noise multiplier instead of calibrating one for "
                       "--steps; the budget then allows as many steps as fit in "
@@ -63,17 +74,49 @@ def add_budget_flags(p):
   p.add_argument("--accountant", choices=optax_dp.ACCOUNTANTS, default=None,
                  help="default: pld, or rdp for --sampler fixed (the only one "
                       "that can account for it)")
-  p.add_argument("--eval-every", type=int, default=200)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--eval-every", type=int, default=200,
+                 help="evaluate (log a line, add an entry to the run's history) "
+                      "every this many steps and after the last (default: 200; "
+                      "train.py: a tenth of --steps)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seeds the initial parameters, the batches and the noise "
+                      "(default: %(default)s)")
 
 
 def add_output_flags(p):
-  """--no-dp, the data and the JSON record."""
+  """--no-dp, the data, the JSON record, the plot and --quiet."""
   p.add_argument("--no-dp", action="store_true", help="train without privacy")
   p.add_argument("--data", choices=("idx", "tfds"), default="idx",
                  help="idx: the bundled IDX files (default); tfds: tensorflow-datasets")
-  p.add_argument("--data-dir", default=mnist_data.DEFAULT_DATA_DIR)
-  p.add_argument("--json-out", default=None)
+  p.add_argument("--data-dir", default=mnist_data.DEFAULT_DATA_DIR,
+                 help="the folder of the IDX files (--data idx; default: the "
+                      "dataset's bundled files)")
+  p.add_argument("--json-out", metavar="PATH", default=None,
+                 help="write the run's record here (JSON: accuracy, epsilon, "
+                      "settings, and its history: one entry per evaluation)")
+  p.add_argument("--plot", metavar="PATH", default=None,
+                 help="after the run, draw its accuracy and epsilon spent against "
+                      "the step to PATH (a PNG; plot_results.plot_run)")
+  p.add_argument("--quiet", action="store_true",
+                 help="no progress bar, progress lines or phase messages; the "
+                      "privacy statement still prints")
+
+
+def say(args, message):
+  """Prints `message` (what the run does next, or did), unless --quiet."""
+  if not getattr(args, "quiet", False):
+    print(message, flush=True)
+
+
+def format_epsilon(epsilon):
+  """Epsilon with 4 significant digits (1e-05, not 0.0000); inf: not private."""
+  return "inf (not private)" if math.isinf(epsilon) else f"{epsilon:.4g}"
+
+
+def short_path(path):
+  """`path` relative to the working directory, unless that climbs out of it."""
+  relative = os.path.relpath(path)
+  return path if relative.startswith("..") else relative
 
 
 def require_positive(p, args, names):
@@ -92,6 +135,8 @@ def fail(message):
 
 def load_data(args):
   """MNIST as numpy arrays (the bundled IDX files, or tfds); checks --batch-size."""
+  say(args, "Loading MNIST (tensorflow-datasets) ..." if args.data == "tfds"
+      else f"Loading MNIST from {short_path(args.data_dir)} ...")
   data = (mnist_data.load_mnist_tfds() if args.data == "tfds"
           else mnist_data.load_mnist(args.data_dir))
   dataset_size = len(data["train_images"])
@@ -135,21 +180,28 @@ def plan_privacy(args, dataset_size, budget_steps):
     return sampler, None
   t = time.time()
   sampler = make_sampler(args, dataset_size, budget_steps)
+  if args.noise_multiplier is None:
+    say(args, f"Calibrating the noise multiplier for {budget_steps} steps at epsilon "
+              f"{args.epsilon:g}, delta {args.delta:g} ...")
+  else:
+    say(args, f"Counting the steps that noise multiplier {args.noise_multiplier:g} "
+              f"allows at epsilon {args.epsilon:g}, delta {args.delta:g} ...")
   try:
     budget = make_budget(args, sampler)
-  except ValueError as e:
-    fail(str(e))
+  except (ValueError, ArithmeticError) as e:
+    fail(f"no privacy budget for epsilon {args.epsilon:g}, delta {args.delta:g}: {e}")
   print(f"Noise multiplier {budget.noise_multiplier} "
         f"({'given' if args.noise_multiplier is not None else 'calibrated'}); "
-        f"the budget (epsilon {args.epsilon}, delta {args.delta}) allows "
+        f"the budget (epsilon {args.epsilon:g}, delta {args.delta:g}) allows "
         f"{budget.max_steps} steps: {sampler.describe()}; {budget.accountant} "
         f"accountant ({time.time() - t:.1f} s).")
   if args.steps > budget.max_steps and not args.allow_budget_overrun:
     fail(
         f"--steps {args.steps} is beyond the privacy budget, which allows "
-        f"{budget.max_steps} steps (epsilon {budget.epsilon():.4f} <= "
-        f"{args.epsilon}). Run fewer steps, or pass --allow-budget-overrun to "
-        f"run them and report the larger epsilon ({budget.epsilon(args.steps):.4f}).")
+        f"{budget.max_steps} steps (epsilon {format_epsilon(budget.epsilon())} <= "
+        f"{args.epsilon:g}). Run fewer steps, or pass --allow-budget-overrun to "
+        f"run them and report the larger epsilon "
+        f"({format_epsilon(budget.epsilon(args.steps))}).")
   return sampler, budget
 
 
@@ -162,12 +214,130 @@ def make_private_tx(args, budget, noise_key, optimizer):
       optimizer)
 
 
-def print_progress(step, train_loss, train_acc, test_loss, test_acc, epsilon, seconds):
-  """One evaluation line of the training log."""
-  print(f"step {step:5d}  train loss {train_loss:.4f} "
-        f"acc {train_acc:.4f}  test loss {test_loss:.4f} "
-        f"acc {test_acc:.4f}  epsilon {epsilon:.4f}  "
-        f"{seconds:.0f} s", flush=True)
+def _terminal_columns(stream):
+  """The terminal's width, or 0 if it reports none (a pty of no size, a fake)."""
+  try:
+    return os.get_terminal_size(stream.fileno()).columns
+  except (AttributeError, OSError, ValueError):
+    return 0
+
+
+class Progress:
+  """The training loop's progress, shown the same way by the three examples.
+
+  On a terminal: a tqdm bar (steps, elapsed, ETA, the train loss and the
+  epsilon spent at the last evaluation), with the evaluation lines printed
+  above it. Elsewhere (CI, pipes, tests): no bar, plain lines: the
+  evaluation lines (with the time left) and, between evaluations more than
+  `plain_every` seconds apart, a short progress line at most that often.
+  With --quiet: neither. Either way it records the run's history, one dict
+  per evaluation (`evaluated`), for the JSON record and --plot.
+
+  Make it just before the loop: the first step compiles the train step,
+  which it announces then; `step` says how long that took, and the bar
+  starts after it (its rate, and so its ETA, is the compiled step's).
+  """
+
+  def __init__(self, args, *, total, evaluated_on="test", eval_size=None, stream=None,
+               plain_every=60.0):
+    self.quiet = getattr(args, "quiet", False)
+    self.total, self.eval_every = total, args.eval_every
+    self.evaluated_on, self.eval_size = evaluated_on, eval_size
+    self.stream = stream or sys.stdout
+    self.plain_every = plain_every
+    self.history = []
+    self.bar = None
+    self._tty = not self.quiet and self.stream.isatty()
+    self._epsilon = None        # the text of the last evaluation's epsilon
+    self._compiled = None       # (step, time) after the first step
+    self._shown = self._last_line = time.time()
+    self.say("Compiling the train step (the first step) ...")
+    self.start = time.time()
+
+  def say(self, message):
+    """Prints `message` (above the bar, if there is one), unless --quiet."""
+    if self.quiet:
+      return
+    if self.bar is not None:
+      self.bar.write(message, file=self.stream)
+    else:
+      print(message, file=self.stream, flush=True)
+
+  def seconds(self):
+    """Wall time since the loop started."""
+    return time.time() - self.start
+
+  def _time_left(self, step):
+    """", 12:34 left": the time to the last step at the rate since the compile
+    (evaluations included); "" at the last step or before any rate."""
+    done, since = step - self._compiled[0], time.time() - self._compiled[1]
+    if done <= 0 or step >= self.total:
+      return ""
+    return f", {tqdm.tqdm.format_interval((self.total - step) * since / done)} left"
+
+  def step(self, step, loss=None):
+    """After each (logical) step; `loss`: its train loss (an array, or a callable
+    returning one), read only when shown, so as not to wait for every step."""
+    now = time.time()
+    if self._compiled is None:
+      self._compiled = (step, now)
+      self.say(f"Train step compiled in {now - self.start:.1f} s.")
+      if self._tty and step < self.total:
+        columns = _terminal_columns(self.stream)
+        self.bar = tqdm.tqdm(total=self.total, initial=step, desc="train", unit="step",
+                             file=self.stream, dynamic_ncols=bool(columns),
+                             **({} if columns else {"ncols": 100, "nrows": 24}))
+      return
+    if self.bar is not None:
+      if now - self._shown >= 1.0:
+        self._shown = now
+        self.bar.set_postfix_str(self._postfix(loss), refresh=False)
+      self.bar.update(1)
+    elif not self.quiet and now - self._last_line >= self.plain_every:
+      self._last_line = now
+      self.say(f"step {step:5d}/{self.total}  {self._postfix(loss)}  "
+               f"{now - self.start:.0f} s{self._time_left(step)}")
+
+  def _postfix(self, loss):
+    loss = loss() if callable(loss) else loss
+    parts = [] if loss is None else [f"loss {float(loss):.4f}"]
+    if self._epsilon is not None:
+      parts.append(f"epsilon {self._epsilon}")
+    return ", ".join(parts)
+
+  def evaluating(self):
+    """Before each evaluation: said the first time, shown on the bar each time."""
+    if not self.history:
+      size = f" ({self.eval_size} examples)" if self.eval_size else ""
+      every = "step" if self.eval_every == 1 else f"{self.eval_every} steps"
+      self.say(f"Evaluating on the {self.evaluated_on} set{size} every {every} ...")
+    if self.bar is not None:
+      self.bar.set_postfix_str("evaluating ...")
+
+  def evaluated(self, step, *, train_loss, train_accuracy, eval_loss, eval_accuracy,
+                epsilon):
+    """Records one evaluation in the history and prints its line."""
+    entry = {"step": int(step), "train_loss": float(train_loss),
+             "train_accuracy": float(train_accuracy), "eval_loss": float(eval_loss),
+             "eval_accuracy": float(eval_accuracy),
+             "epsilon": float(epsilon) if math.isfinite(epsilon) else None,
+             "seconds": self.seconds()}
+    self.history.append(entry)
+    self._epsilon = None if entry["epsilon"] is None else format_epsilon(epsilon)
+    self._last_line = time.time()
+    self.say(f"step {step:5d}/{self.total}  train loss {entry['train_loss']:.4f} "
+             f"acc {entry['train_accuracy']:.4f}  {self.evaluated_on} loss "
+             f"{entry['eval_loss']:.4f} acc {entry['eval_accuracy']:.4f}  "
+             f"epsilon {format_epsilon(epsilon)}  {entry['seconds']:.0f} s"
+             f"{self._time_left(step)}")
+    if self.bar is not None:
+      self.bar.set_postfix_str(self._postfix(entry["train_loss"]))
+
+  def close(self):
+    """Closes the bar (if any): the lines after the loop print below it."""
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
 
 
 def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_done,
@@ -189,7 +359,8 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
   epsilon = budget.epsilon_spent(opt_state)
   over = " (PAST the budget: --allow-budget-overrun)" if released > budget.max_steps else ""
   print(f"Done: {released} steps ({steps_done} in {seconds:.0f} s). "
-        f"{evaluated_on.capitalize()} accuracy {test_acc:.4f}. Privacy: ({epsilon:.4f}, {args.delta})-DP{over} for the "
+        f"{evaluated_on.capitalize()} accuracy {test_acc:.4f}. Privacy: "
+        f"({format_epsilon(epsilon)}, {args.delta:g})-DP{over} for the "
         f"{dataset_size} training examples ({sampler.name} sampling, "
         f"{budget.accountant} accountant, noise multiplier "
         f"{budget.noise_multiplier}, clip {args.l2_norm_clip}).")
@@ -206,14 +377,21 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              # train.py's recipe runs:
              "recipe", "dataset", "model", "evaluated_on", "ema_decay",
              "augmentation_multiplicity", "dataset_size", "features", "epochs",
-             "learning_rate", "schedule", "momentum")
+             "learning_rate", "schedule", "momentum",
+             # Every run: one entry per evaluation (Progress.evaluated), this
+             # run's only (a resumed run starts a new one): {"step",
+             # "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
+             # "epsilon" (null without privacy), "seconds" (since the loop
+             # started)}.
+             "history")
 
 
-def write_json(args, budget, sampler, *, epsilon, test_accuracy, test_loss, steps,
-               steps_this_run, seconds, **extra):
-  """Writes the run's record to --json-out (if given); `extra`: further JSON_KEYS."""
-  if not args.json_out:
-    return
+def make_record(args, budget, sampler, *, epsilon, test_accuracy, test_loss, steps,
+                steps_this_run, seconds, history, **extra):
+  """The run's record (what --json-out writes, what --plot draws).
+
+  `history`: `Progress.history`; `extra`: further JSON_KEYS.
+  """
   values = {
       "test_accuracy": test_accuracy,
       "test_loss": test_loss,
@@ -231,11 +409,27 @@ def write_json(args, budget, sampler, *, epsilon, test_accuracy, test_loss, step
       "accountant": budget.accountant if budget else None,
       "clipping": None if args.no_dp else args.clipping,
       "private": not args.no_dp,
+      "history": list(history),
       **extra,
   }
   unknown = set(values) - set(JSON_KEYS)
   if unknown:
     raise ValueError(f"not JSON record keys: {sorted(unknown)}")
-  os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-  with open(args.json_out, "w") as f:
-    json.dump({key: values[key] for key in JSON_KEYS if key in values}, f, indent=2)
+  return {key: values[key] for key in JSON_KEYS if key in values}
+
+
+def _parent_dir(path):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def write_outputs(args, record):
+  """Writes `record` to --json-out and draws it to --plot (each if given)."""
+  if args.json_out:
+    _parent_dir(args.json_out)
+    with open(args.json_out, "w") as f:
+      json.dump(record, f, indent=2)
+  if args.plot:
+    import plot_results  # pylint: disable=import-outside-toplevel  (matplotlib: only here)
+    say(args, f"Plotting the run to {args.plot} ...")
+    _parent_dir(args.plot)
+    plot_results.plot_run(record, args.plot)

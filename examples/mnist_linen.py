@@ -15,7 +15,8 @@ the optimizer refuse steps past the budget.
 Run:  python examples/mnist_linen.py --steps 200
 Also: --sampler {poisson,fixed,shuffle}, --accumulation-steps K,
       --noise-multiplier S (the budget then caps the steps; --allow-budget-overrun),
-      --checkpoint-dir DIR and --resume DIR, --devices N (data-parallel).
+      --checkpoint-dir DIR and --resume DIR, --devices N (data-parallel),
+      --json-out PATH (the run's record and history), --plot PATH, --quiet.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
-import time
 
 from flax.training import train_state
 import jax
@@ -133,7 +134,8 @@ RUN_SETTINGS = ("batch_size", "learning_rate", "momentum", "l2_norm_clip",
                 "no_dp", "sampler", "accumulation_steps", "noise_multiplier")
 
 
-def parse_args(argv=None):
+def build_parser():
+  """The example's flags (argparse)."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   _cli_common.add_training_flags(
       p, steps_help="noisy (logical) steps to run in total, resumed ones included")
@@ -152,10 +154,15 @@ def parse_args(argv=None):
                  help="resume from the latest checkpoint in DIR (made with "
                       "--checkpoint-dir); the run's settings come from DIR, and "
                       "new checkpoints go to DIR unless --checkpoint-dir says otherwise")
-  p.add_argument("--stop-at", type=int, default=None,
-                 help="stop after this step, as if preempted (to try --resume); "
-                      "the noise is still calibrated for --steps")
+  p.add_argument("--stop-at", metavar="N", type=int, default=None,
+                 help="stop after step N, as if preempted (to try --resume with "
+                      "--checkpoint-dir); the noise is still calibrated for --steps")
   _cli_common.add_output_flags(p)
+  return p
+
+
+def parse_args(argv=None):
+  p = build_parser()
   args = p.parse_args(argv)
   _cli_common.require_positive(
       p, args, ("steps", "batch_size", "eval_every", "accumulation_steps"))
@@ -224,6 +231,28 @@ def restore_checkpoint(directory, state_like):
   return restored, step
 
 
+# Flags a resumed run does not take from its checkpoint directory, passed on
+# by the resume command printed after --stop-at when they are not the defaults.
+RESUME_FLAGS = ("eval_every", "clipping", "devices", "data", "data_dir")
+
+
+def stopped_early(args, last_step):
+  """What a run stopped by --stop-at says last: where, and how to go on."""
+  said = f"Stopped early at step {last_step} of --steps {args.steps} (--stop-at {args.stop_at})."
+  if not args.checkpoint_dir:
+    return (f"{said} Not resumable: no checkpoint was saved; a resumable run needs "
+            "--checkpoint-dir DIR.")
+  parser = build_parser()
+  words = ["python", _cli_common.short_path(os.path.abspath(__file__)),
+           "--resume", args.checkpoint_dir, "--steps", str(args.steps)]
+  for name in RESUME_FLAGS:
+    if getattr(args, name) != parser.get_default(name):
+      words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+  if args.allow_budget_overrun:
+    words.append("--allow-budget-overrun")
+  return f"{said} To resume from {args.checkpoint_dir}:\n  {shlex.join(words)}"
+
+
 def main(argv=None):
   args = parse_args(argv)
   data = _cli_common.load_data(args)
@@ -242,6 +271,7 @@ def main(argv=None):
   root = jax.random.key(args.seed)
   init_key, noise_key = jax.random.split(root)
   model = CNN()
+  _cli_common.say(args, "Building the CNN ...")
   params = model.init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"]
   loss_fn = make_loss_fn(model)
 
@@ -279,11 +309,11 @@ def main(argv=None):
 
   batches = sampler.batches(args.seed, steps=args.steps, start_step=start_step,
                             accumulation_steps=k)
-  start = time.time()
   train_losses, train_accs = [], []
   test_loss = test_acc = float("nan")
   steps_done = 0
   last_step = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
+  progress = _cli_common.Progress(args, total=last_step, eval_size=len(data["test_images"]))
   for step in range(start_step + 1, last_step + 1):
     for _ in range(k):
       batch = next(batches)
@@ -299,27 +329,32 @@ def main(argv=None):
       train_losses.append(loss)
       train_accs.append(acc)
     steps_done += 1
+    progress.step(step, loss)
     if step % args.eval_every == 0 or step == last_step:
+      progress.evaluating()
       test_loss, test_acc = evaluate(loss_fn, state.params, data["test_images"],
                                      data["test_labels"])
-      _cli_common.print_progress(step, float(np.mean(train_losses)),
-                                 float(np.mean(train_accs)), test_loss, test_acc,
-                                 epsilon_now(), time.time() - start)
+      progress.evaluated(step, train_loss=np.mean(train_losses),
+                         train_accuracy=np.mean(train_accs), eval_loss=test_loss,
+                         eval_accuracy=test_acc, epsilon=epsilon_now())
       train_losses, train_accs = [], []
       if args.checkpoint_dir:
         save_checkpoint(args.checkpoint_dir, state, step, settings)
+  progress.close()
 
-  seconds = time.time() - start
+  seconds = progress.seconds()
   released = steps_released()
   epsilon = _cli_common.report(
       args, budget, sampler, opt_state=state.opt_state, expected_steps=last_step,
       released=released, steps_done=steps_done, seconds=seconds, test_acc=test_acc,
       dataset_size=dataset_size)
-  _cli_common.write_json(
+  _cli_common.write_outputs(args, _cli_common.make_record(
       args, budget, sampler, epsilon=epsilon, test_accuracy=test_acc,
       test_loss=test_loss, steps=released, steps_this_run=steps_done, seconds=seconds,
-      resumed_from_step=start_step if args.resume else None, accumulation_steps=k,
-      devices=num_devices)
+      history=progress.history, resumed_from_step=start_step if args.resume else None,
+      accumulation_steps=k, devices=num_devices))
+  if last_step < args.steps:
+    print(stopped_early(args, last_step), flush=True)
   return 0
 
 

@@ -21,7 +21,8 @@ holds them once for both).
 
 Run:  python examples/mnist_nnx.py --steps 200
 Also: --sampler {poisson,fixed,shuffle}, --clipping {auto,ghost,vmap,per-example},
-      --noise-multiplier S (the budget then caps the steps; --allow-budget-overrun).
+      --noise-multiplier S (the budget then caps the steps; --allow-budget-overrun),
+      --json-out PATH (the run's record and history), --plot PATH, --quiet.
 Not here (see mnist_linen.py): --accumulation-steps, --devices, --checkpoint-dir,
 --resume and --stop-at.
 """
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from flax import nnx
 import jax
@@ -113,11 +113,17 @@ def evaluate(model, metrics, images, labels, chunk=1000):
   return float(result["loss"]), float(result["accuracy"])
 
 
-def parse_args(argv=None):
+def build_parser():
+  """The example's flags (argparse): the Linen example's, less its extras."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   _cli_common.add_training_flags(p, steps_help="noisy steps to run")
   _cli_common.add_budget_flags(p)
   _cli_common.add_output_flags(p)
+  return p
+
+
+def parse_args(argv=None):
+  p = build_parser()
   args = p.parse_args(argv)
   _cli_common.require_positive(p, args, ("steps", "batch_size", "eval_every"))
   return args
@@ -130,6 +136,7 @@ def main(argv=None):
   dataset_size = len(train_images)
 
   init_key, noise_key = jax.random.split(jax.random.key(args.seed))
+  _cli_common.say(args, "Building the CNN ...")
   # The Linen example's initial values for the same seed (nnx.Rngs would draw
   # others): the two examples then train the same model, step for step.
   model = nnx_cnn_from_linen(
@@ -146,29 +153,34 @@ def main(argv=None):
     return budget.epsilon_spent(optimizer.opt_state) if budget else float("inf")
 
   batches = sampler.batches(args.seed, steps=args.steps)
-  start = time.time()
   test_loss = test_acc = float("nan")
+  progress = _cli_common.Progress(args, total=args.steps,
+                                  eval_size=len(data["test_images"]))
   for step in range(1, args.steps + 1):
     batch = next(batches)
     images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
     train_step(model, optimizer, metrics, images, labels, batch.mask)
+    progress.step(step, lambda: metrics.compute()["loss"])
     if step % args.eval_every == 0 or step == args.steps:
       train = metrics.compute()
+      progress.evaluating()
       test_loss, test_acc = evaluate(model, metrics, data["test_images"],
                                      data["test_labels"])
-      _cli_common.print_progress(step, float(train["loss"]), float(train["accuracy"]),
-                                 test_loss, test_acc, epsilon_now(),
-                                 time.time() - start)
+      progress.evaluated(step, train_loss=train["loss"], train_accuracy=train["accuracy"],
+                         eval_loss=test_loss, eval_accuracy=test_acc,
+                         epsilon=epsilon_now())
+  progress.close()
 
-  seconds = time.time() - start
+  seconds = progress.seconds()
   released = budget.steps_taken(optimizer.opt_state) if budget else args.steps
   epsilon = _cli_common.report(
       args, budget, sampler, opt_state=optimizer.opt_state, expected_steps=args.steps,
       released=released, steps_done=args.steps, seconds=seconds, test_acc=test_acc,
       dataset_size=dataset_size)
-  _cli_common.write_json(
+  _cli_common.write_outputs(args, _cli_common.make_record(
       args, budget, sampler, epsilon=epsilon, test_accuracy=test_acc,
-      test_loss=test_loss, steps=released, steps_this_run=args.steps, seconds=seconds)
+      test_loss=test_loss, steps=released, steps_this_run=args.steps, seconds=seconds,
+      history=progress.history))
   return 0
 
 

@@ -1,6 +1,7 @@
 """Private training from a named recipe, in one command.
 
 Run:  python examples/train.py --recipe mnist-eps1 [--seed 1] [--json-out r.json]
+      [--plot run.png] [--quiet]
 List: python examples/train.py --list
 
 A recipe (`recipes.py`) fixes the dataset, model, normalisation, batch size,
@@ -45,38 +46,57 @@ DATA_DIRS = {"mnist": mnist_data.DEFAULT_DATA_DIR,
                                            "..", "..", "shared", "data", "fashion-mnist")}
 
 
-def parse_args(argv=None):
+def _recipe_parser():
+  """--recipe and --list, read first: the recipe sets the other flags' defaults."""
   pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--recipe", default="mnist-eps1")
-  pre.add_argument("--list", action="store_true")
-  known, _ = pre.parse_known_args(argv)
+  pre.add_argument("--recipe", default="mnist-eps1",
+                   help="the recipe (recipes.py; default: %(default)s); the flags "
+                        "below override its settings")
+  pre.add_argument("--list", action="store_true", help="list the recipes and exit")
+  return pre
+
+
+def build_parser(recipe=None):
+  """The script's flags (argparse), with `recipe`'s settings (a RECIPES entry;
+  default: --recipe's default) as their defaults."""
+  pre = _recipe_parser()
+  recipe = recipe or RECIPES[pre.get_default("recipe")]
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre])
+  _cli_common.add_training_flags(p, steps_help="noisy steps (default: the recipe's epochs)")
+  _cli_common.add_budget_flags(p)
+  _cli_common.add_output_flags(p)
+  p.add_argument("--dataset", choices=sorted(DATA_DIRS), help="the dataset to train on")
+  p.add_argument("--model", choices=sorted(MODELS), help="the model (models.py)")
+  p.add_argument("--normalise", action=argparse.BooleanOptionalAction,
+                 help="standardise the pixels with the dataset's mean and std")
+  p.add_argument("--features", choices=("pixels", "scattering"),
+                 help="train on the pixels or on ScatterNet features (scattering.py)")
+  p.add_argument("--epochs", type=float,
+                 help="epochs of expected batches; sets --steps unless it is given")
+  p.add_argument("--schedule", choices=("constant", "cosine"),
+                 help="the learning rate: constant, or cosine decay to 0 over --steps")
+  p.add_argument("--ema-decay", type=float, help="evaluate an EMA of the parameters")
+  p.add_argument("--augmentation-multiplicity", type=int,
+                 help="K random shifts of each example, averaged before the clip")
+  p.add_argument("--validation-size", type=int, default=0,
+                 help="hold out the last N training examples (a fixed permutation) "
+                      "and evaluate on them instead of the test set")
+  p.add_argument("--subset", type=int, default=None,
+                 help="train on the first N training examples and evaluate on the first N "
+                      "evaluation ones (quick tries and tests; the accounting uses N)")
+  p.set_defaults(**recipe, steps=None, data_dir=None, eval_every=None)
+  return p
+
+
+def parse_args(argv=None):
+  known, _ = _recipe_parser().parse_known_args(argv)
   if known.list:
     for name, recipe in RECIPES.items():
       print(name, recipe)
     raise SystemExit(0)
   if known.recipe not in RECIPES:
     _cli_common.fail(f"--recipe {known.recipe!r}: choose from {sorted(RECIPES)}")
-  recipe = RECIPES[known.recipe]
-
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[pre])
-  _cli_common.add_training_flags(p, steps_help="noisy steps (default: the recipe's epochs)")
-  _cli_common.add_budget_flags(p)
-  _cli_common.add_output_flags(p)
-  p.add_argument("--dataset", choices=sorted(DATA_DIRS))
-  p.add_argument("--model", choices=sorted(MODELS))
-  p.add_argument("--normalise", action=argparse.BooleanOptionalAction)
-  p.add_argument("--features", choices=("pixels", "scattering"),
-                 help="train on the pixels or on ScatterNet features (scattering.py)")
-  p.add_argument("--epochs", type=float)
-  p.add_argument("--schedule", choices=("constant", "cosine"))
-  p.add_argument("--ema-decay", type=float, help="evaluate an EMA of the parameters")
-  p.add_argument("--augmentation-multiplicity", type=int,
-                 help="K random shifts of each example, averaged before the clip")
-  p.add_argument("--validation-size", type=int, default=0)
-  p.add_argument("--subset", type=int, default=None,
-                 help="train on the first N training examples and evaluate on the first N "
-                      "evaluation ones (quick tries and tests; the accounting uses N)")
-  p.set_defaults(**recipe, steps=None, data_dir=None, eval_every=None)
+  p = build_parser(RECIPES[known.recipe])
   args = p.parse_args(argv)
   dataset_size = 60000 - args.validation_size
   if args.subset is not None:
@@ -101,6 +121,7 @@ def parse_args(argv=None):
 
 def load(args):
   """Train and evaluation arrays: the test set, or the held-out validation split."""
+  _cli_common.say(args, f"Loading {args.dataset} ...")
   data = (mnist_data.load_mnist_tfds(args.dataset.replace("-", "_")) if args.data == "tfds"
           else mnist_data.load_mnist(args.data_dir))
   if args.normalise:
@@ -116,6 +137,8 @@ def load(args):
   if args.subset is not None:
     train, evaluation = (tuple(a[:args.subset] for a in split) for split in (train, evaluation))
   if args.features == "scattering":   # per image, data-independent: no privacy cost
+    _cli_common.say(args, f"Computing the ScatterNet features of "
+                          f"{len(train[0]) + len(evaluation[0])} images ...")
     start = time.time()
     train, evaluation = ((scattering.scattering_features(x), y) for x, y in (train, evaluation))
     print(f"ScatterNet features {train[0].shape[1:]} of {len(train[0]) + len(evaluation[0])} "
@@ -138,11 +161,14 @@ def main(argv=None):
   model = MODELS[args.model]()
 
   def loss_fn(params, batch):
+    """Mean cross-entropy, with the accuracy as aux."""
     images, labels = batch
     logits = model.apply({"params": params}, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
 
   init_key, noise_key, augment_key = jax.random.split(jax.random.key(args.seed), 3)
+  _cli_common.say(args, f"Building the model ({args.model}) ...")
   params = model.init(init_key, jnp.zeros((1,) + train_images.shape[1:], jnp.float32))["params"]
   learning_rate = (optax.cosine_decay_schedule(args.learning_rate, args.steps)
                    if args.schedule == "cosine" else args.learning_rate)
@@ -157,20 +183,27 @@ def main(argv=None):
   k = args.augmentation_multiplicity
   train_loss = (optax_dp.augmentation_multiplicity(loss_fn, random_shift, k) if k > 1
                 else lambda p, b: loss_fn(p, b[0]))
+  # Each grad_fn returns ((per-example losses, accuracies), gradients).
   if args.no_dp:
     def grad_fn(params, batch, mask):
-      return jax.grad(lambda p: jnp.sum(jax.vmap(
-          lambda row: train_loss(p, jax.tree.map(lambda x: x[None], row)))(batch) * mask)
-          / jnp.maximum(jnp.sum(mask), 1))(params)
+      def masked_loss(p):
+        values = jax.vmap(lambda row: train_loss(p, jax.tree.map(lambda x: x[None], row)))(batch)
+        return jnp.sum(values[0] * mask) / jnp.maximum(jnp.sum(mask), 1), values
+      (_, values), grads = jax.value_and_grad(masked_loss, has_aux=True)(params)
+      return values, grads
   elif args.clipping == "per-example":   # materialised; dp_aggregate clips them
-    grad_fn = optax_dp.per_example_grads(train_loss)
+    grad_fn = optax_dp.value_and_per_example_grads(train_loss, has_aux=True)
   else:
-    grad_fn = optax_dp.clipped_grads(train_loss, args.l2_norm_clip, method=args.clipping)
+    grad_fn = optax_dp.value_and_clipped_grads(train_loss, args.l2_norm_clip,
+                                               method=args.clipping, has_aux=True)
 
   @jax.jit
   def train_step(state, images, labels, mask, step):
     keys = jax.random.split(jax.random.fold_in(augment_key, step), labels.shape[0])
-    return state.apply_gradients(grads=grad_fn(state.params, ((images, labels), keys), mask))
+    (losses, accuracies), grads = grad_fn(state.params, ((images, labels), keys), mask)
+    real = jnp.maximum(jnp.sum(mask), 1)
+    return (state.apply_gradients(grads=grads), jnp.sum(losses * mask) / real,
+            jnp.sum(accuracies * mask) / real)
 
   @jax.jit
   def eval_chunk(params, images, labels):
@@ -194,32 +227,41 @@ def main(argv=None):
         f"(batch {args.batch_size}, {args.features}), lr {args.learning_rate} ({args.schedule}), clip "
         f"{args.l2_norm_clip}, EMA {args.ema_decay}, augmentation multiplicity {k}; "
         f"evaluated on the {where} set ({len(eval_images)} examples).", flush=True)
-  start = time.time()
   eval_loss = eval_acc = float("nan")
+  train_losses, train_accs = [], []
   batches = sampler.batches(args.seed, steps=args.steps)
+  progress = _cli_common.Progress(args, total=args.steps, evaluated_on=where,
+                                  eval_size=len(eval_images))
   for step in range(1, args.steps + 1):
     batch = next(batches)
     images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
-    state = train_step(state, images, labels, batch.mask, step)
+    state, loss, acc = train_step(state, images, labels, batch.mask, step)
+    train_losses.append(loss)
+    train_accs.append(acc)
+    progress.step(step, loss)
     if step % args.eval_every == 0 or step == args.steps:
+      progress.evaluating()
       eval_loss, eval_acc = evaluate(evaluated_params())
-      epsilon = budget.epsilon_spent(state.opt_state) if budget else float("inf")
-      print(f"step {step:5d}/{args.steps}  {where} loss {eval_loss:.4f} acc "
-            f"{eval_acc:.4f}  epsilon {epsilon:.4f}  {time.time() - start:.0f} s",
-            flush=True)
-  seconds = time.time() - start
+      progress.evaluated(
+          step, train_loss=np.mean(train_losses), train_accuracy=np.mean(train_accs),
+          eval_loss=eval_loss, eval_accuracy=eval_acc,
+          epsilon=budget.epsilon_spent(state.opt_state) if budget else float("inf"))
+      train_losses, train_accs = [], []
+  progress.close()
+  seconds = progress.seconds()
   released = budget.steps_taken(state.opt_state) if budget else args.steps
   epsilon = _cli_common.report(args, budget, sampler, opt_state=state.opt_state,
                                expected_steps=args.steps, released=released,
                                steps_done=args.steps, seconds=seconds, test_acc=eval_acc,
                                dataset_size=dataset_size, evaluated_on=where)
-  _cli_common.write_json(
+  _cli_common.write_outputs(args, _cli_common.make_record(
       args, budget, sampler, epsilon=epsilon, test_accuracy=eval_acc, test_loss=eval_loss,
-      steps=args.steps, steps_this_run=args.steps, seconds=seconds, recipe=args.recipe,
+      steps=args.steps, steps_this_run=args.steps, seconds=seconds,
+      history=progress.history, recipe=args.recipe,
       dataset=args.dataset, model=args.model, evaluated_on=where, ema_decay=args.ema_decay,
       augmentation_multiplicity=k, dataset_size=dataset_size, features=args.features,
       epochs=args.steps * args.batch_size / dataset_size, learning_rate=args.learning_rate,
-      schedule=args.schedule, momentum=args.momentum)
+      schedule=args.schedule, momentum=args.momentum))
 
 
 if __name__ == "__main__":

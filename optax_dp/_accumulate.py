@@ -86,7 +86,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
     Classification through Scale", https://arxiv.org/abs/2204.13650 (large
     logical batches).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, optax_dp
     >>> inner = optax.chain(optax_dp.dp_aggregate(1.0, 1.1, key=0,
     ...                                           expected_batch_size=8),

@@ -241,7 +241,7 @@ def dp_aggregate(
     Differentially Private Image Classification through Scale",
     https://arxiv.org/abs/2204.13650 (`rescale_to_unit_norm`).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_dp
     >>> tx = optax_dp.dp_aggregate(l2_norm_clip=1.0, noise_multiplier=1.1,
     ...                            key=0, expected_batch_size=4)
@@ -363,7 +363,7 @@ def dpsgd(
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
     https://arxiv.org/abs/1607.00133 (Algorithm 1).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, optax_dp
     >>> tx = optax_dp.dpsgd(0.1, l2_norm_clip=1.0, noise_multiplier=1.1, key=0,
     ...                     expected_batch_size=4)

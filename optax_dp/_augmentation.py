@@ -58,7 +58,7 @@ def augmentation_multiplicity(
       without the batch axis), returning a pytree of the same structure.
     num_views: K >= 1.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, optax_dp
     >>> def loss_fn(w, x):
     ...   return jnp.mean(x @ w)

@@ -88,7 +88,7 @@ def ema_params(decay: float = 0.999, *, warmup: bool = True
     decay: in [0, 1).
     warmup: the warm-up schedule above.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, optax_dp
     >>> tx = optax.chain(optax.sgd(1.0), optax_dp.ema_params(0.5, warmup=False))
     >>> params = {"w": jnp.zeros(())}
@@ -120,7 +120,7 @@ def polyak_params(start_step: int = 0) -> optax.GradientTransformation:
   Privacy contract: as `ema_params`'s (post-processing, updates unchanged,
   last in the chain).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax, optax_dp
     >>> tx = optax.chain(optax.sgd(1.0), optax_dp.polyak_params())
     >>> params = {"w": jnp.zeros(())}

@@ -58,7 +58,7 @@ def poisson_max_batch_size(
   Raises:
     ValueError: for out-of-range arguments.
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> optax_dp.poisson_max_batch_size(60000, 256, steps=5000)
     396
@@ -103,7 +103,7 @@ class Batch(NamedTuple):
       `-1` for padding.
     mask: bool `(batch_shape,)`, True for real examples, False for padding.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> import optax_dp
     >>> batch = optax_dp.Batch(indices=np.array([4, 7, -1]),
@@ -120,7 +120,8 @@ class Batch(NamedTuple):
     return int(self.mask.sum())
 
 
-PoissonBatch = Batch  # The name used before the other samplers existed.
+PoissonBatch = Batch
+"""Another name for `Batch`: the name used before the other samplers existed."""
 
 
 def step_rng(seed: int, *counters: int) -> np.random.Generator:
@@ -149,7 +150,7 @@ def poisson_padding_buckets(dataset_size: int, expected_batch_size: int,
   drawn by the sampler independently of the data (the padding rows are
   masked out; the accounting is that of the sampler, unchanged).
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> optax_dp.poisson_padding_buckets(60000, 256, max_batch_size=396)
     (256, 272, 296, 396)
@@ -311,7 +312,7 @@ def gather_batch(data: Any, batch: Batch) -> Any:
   Returns:
     A pytree like `data` of numpy arrays with `len(batch.indices)` rows.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> import optax_dp
     >>> data = {"x": np.arange(10.0).reshape(5, 2), "y": np.arange(5)}

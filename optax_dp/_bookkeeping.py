@@ -103,7 +103,7 @@ def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
   streams are not advanced. Privacy: none involved (a function of shapes and
   the model's code).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, flax.linen as nn, optax_dp
     >>> model = nn.Dense(3)
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]

@@ -47,7 +47,7 @@ class PrivacyBudget:
   counter of the `dp_aggregate` in the optimizer state (the updates actually
   released).
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> sampler = optax_dp.PoissonSampler(dataset_size=60000, expected_batch_size=256)
     >>> budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5,
@@ -127,7 +127,7 @@ def privacy_budget(
     https://arxiv.org/abs/2207.04380 (the PLD accountant of dp-accounting).
     Mironov 2017, "Renyi Differential Privacy", https://arxiv.org/abs/1702.07476.
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> sampler = optax_dp.PoissonSampler(dataset_size=60000, expected_batch_size=256)
     >>> budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5,
@@ -218,7 +218,7 @@ def privacy_statement(
   and what the guarantee does and does not cover. A noise multiplier of 0
   gives an infinite epsilon, said as "NOT private".
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> text = optax_dp.privacy_statement(1.0, 1e-5, steps=1000,
     ...                                   dataset_size=60000, batch_size=256)

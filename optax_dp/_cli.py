@@ -6,7 +6,9 @@
         --epsilon 1 --delta 1e-5 --sampler fixed
 
 Prints the guarantee in plain words (`optax_dp.privacy_statement`). Bad input
-exits with status 2 and a message on stderr, as argparse does.
+exits with status 2 and a message on stderr, as argparse does; so does a
+target epsilon too small to calibrate for (below `MIN_TARGET_EPSILON`, or one
+the accountant cannot resolve for the run).
 """
 
 from __future__ import annotations
@@ -20,10 +22,22 @@ from typing import Optional, Sequence
 
 from optax_dp import _accounting
 from optax_dp import _budget
+from optax_dp import _checks
 from optax_dp import _sampling
 
+# `calibrate` refuses smaller target epsilons: the PLD accountant discretises
+# the privacy loss in steps of 1e-4 (`_accounting._PLD_VALUE_DISCRETIZATION`),
+# so below ten such steps its grid, not the run, decides the noise multiplier,
+# and RDP's conversion to (epsilon, delta) flattens to 0 around there too.
+MIN_TARGET_EPSILON = 1e-3
+# A calibrated run whose epsilon is below this fraction of the target was
+# not calibrated for it (the accountant reports ~0 for every large sigma):
+# refused rather than printed as "the smallest noise multiplier that meets it".
+_MIN_REACHED_FRACTION = 0.5
 
-def _parser() -> argparse.ArgumentParser:
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `optax-dp` parser: the `epsilon` and `calibrate` subcommands."""
   parser = argparse.ArgumentParser(
       prog="optax-dp",
       description="Privacy statements for DP-SGD runs (optax_dp).")
@@ -43,11 +57,18 @@ def _parser() -> argparse.ArgumentParser:
                         help="epochs; steps = ceil(epochs * N / batch size) "
                              "(ceil(epochs * (N // batch)) for shuffle)")
     if name == "epsilon":
-      p.add_argument("--noise-multiplier", type=float, required=True)
+      p.add_argument("--noise-multiplier", type=float, required=True,
+                     help="the noise standard deviation over the clip norm "
+                          "(sigma, as passed to dp_aggregate)")
     else:
-      p.add_argument("--epsilon", type=float, required=True, help="target epsilon")
-    p.add_argument("--delta", type=float, required=True)
-    p.add_argument("--sampler", choices=tuple(_sampling.SAMPLERS), default="poisson")
+      p.add_argument("--epsilon", type=float, required=True,
+                     help=f"target epsilon (>= {MIN_TARGET_EPSILON:g})")
+    p.add_argument("--delta", type=float, required=True,
+                   help="target delta, in (0, 1); keep it well below 1 / N")
+    p.add_argument("--sampler", choices=tuple(_sampling.SAMPLERS), default="poisson",
+                   help="how batches are drawn: poisson (default; amplified), "
+                        "fixed (fixed-size batches; RDP, replace-one) or shuffle "
+                        "(epoch shuffling; no amplification)")
     p.add_argument("--accountant", choices=_accounting.ACCOUNTANTS, default=None,
                    help="default: pld, or rdp for the fixed sampler")
     p.add_argument("--max-batch-size", type=int, default=None,
@@ -72,6 +93,35 @@ def _steps(args, sampler) -> int:
   return math.ceil(epochs * sampler.dataset_size / sampler.expected_batch_size)
 
 
+def _calibrate(args, sampler, steps: int, accountant: str) -> float:
+  """The noise multiplier for --epsilon; ValueError if it cannot mean anything."""
+  target = _checks.check_epsilon(args.epsilon)
+  _checks.check_delta(args.delta)
+  where = f"(delta {args.delta:g}, {steps} steps, {accountant} accountant)"
+  if target < MIN_TARGET_EPSILON:
+    raise ValueError(
+        f"--epsilon {target:g} is too small to calibrate for: below "
+        f"{MIN_TARGET_EPSILON:g} the accountant's resolution, not the run, "
+        "decides the noise multiplier. Ask for --epsilon >= "
+        f"{MIN_TARGET_EPSILON:g}, or compute the epsilon of a given noise "
+        "multiplier with `optax-dp epsilon`.")
+  try:
+    sigma = _accounting.calibrate_noise_multiplier(
+        target, args.delta, sampler=sampler, steps=steps, accountant=accountant)
+  except (ArithmeticError, RuntimeError, ValueError) as e:
+    raise ValueError(f"no noise multiplier found for --epsilon {target:g} {where}: "
+                     f"{e}") from e
+  reached = _accounting.compute_epsilon(sigma, args.delta, sampler=sampler,
+                                        steps=steps, accountant=accountant)
+  if reached < _MIN_REACHED_FRACTION * target:
+    raise ValueError(
+        f"--epsilon {target:g} is too small for the accountant to resolve {where}: "
+        f"the noise multiplier found ({sigma:g}) spends epsilon {reached:.4g}, far "
+        "below the target, so it is not the smallest one that meets it. Ask for "
+        "a larger --epsilon.")
+  return sigma
+
+
 def _run(args) -> str:
   kwargs = {}
   if args.sampler == "poisson":
@@ -83,8 +133,7 @@ def _run(args) -> str:
   steps = _steps(args, sampler)
   accountant = _accounting.resolve_accountant(args.accountant, sampler)
   if args.command == "calibrate":
-    noise_multiplier = _accounting.calibrate_noise_multiplier(
-        args.epsilon, args.delta, sampler=sampler, steps=steps, accountant=accountant)
+    noise_multiplier = _calibrate(args, sampler, steps, accountant)
   else:
     noise_multiplier = args.noise_multiplier
   epsilon = _accounting.compute_epsilon(noise_multiplier, args.delta, sampler=sampler,
@@ -138,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ...       "--steps", "0", "--noise-multiplier", "1.1", "--delta", "1e-5"])
     2
   """
-  parser = _parser()
+  parser = build_parser()
   args = parser.parse_args(argv)  # exits 2 on malformed arguments
   try:
     text = _run(args)

@@ -110,7 +110,7 @@ def value_and_clipped_grads(
     Bu, Wang, Zha & Karypis 2023, "Differentially Private Optimization on Large
     Model at Small Cost", https://arxiv.org/abs/2210.00038 (book-keeping).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_dp
     >>> def loss_fn(params, batch):
     ...   return jnp.mean((batch[:, :2] @ params["w"] - batch[:, 2]) ** 2)
@@ -181,7 +181,7 @@ def clipped_grads(
   References:
     Bu, Wang, Zha & Karypis 2023, https://arxiv.org/abs/2210.00038.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_dp
     >>> def loss_fn(params, batch):
     ...   return jnp.mean((batch[:, :2] @ params["w"] - batch[:, 2]) ** 2)

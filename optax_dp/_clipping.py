@@ -287,7 +287,7 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> Clip
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
     https://arxiv.org/abs/1607.00133 (per-example clipping, Algorithm 1).
 
-  Example:
+  Examples:
     >>> grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}  # norms 5 and 0.5
     >>> clipped = clip_and_sum(grads, l2_norm_clip=1.0)
     >>> [round(float(v), 2) for v in clipped.clipped_sum["w"]], clipped.batch_size

@@ -21,7 +21,8 @@ KeyLike = Any  # a typed key, a raw uint32[2] key, or a Python int seed
 def as_typed_key(key: KeyLike, *, name: str = "key") -> jax.Array:
   """Returns `key` as a typed JAX PRNG key (`jax.random.key`).
 
-  Accepts a typed key (returned as is), an integer seed (`jax.random.key(seed)`)
+  Accepts a typed key (returned as is), an integer seed in `[0, 2**32)`
+  (`jax.random.key(seed)`; outside it JAX would silently keep the low 32 bits)
   or a legacy raw key, a `uint32[2]` array as `jax.random.PRNGKey` returns
   (wrapped with `jax.random.wrap_key_data`, so the same bits give the same
   stream).
@@ -33,6 +34,14 @@ def as_typed_key(key: KeyLike, *, name: str = "key") -> jax.Array:
   if isinstance(key, bool):
     raise ValueError(f"{name} must be a jax.random.key or an int seed, got a bool.")
   if isinstance(key, numbers.Integral):
+    if not 0 <= int(key) < 2**32:
+      # jax.random.key keeps the seed modulo 2**32 (without jax_enable_x64):
+      # 2**32 + 5 and 5, or -1 and 2**32 - 1, would silently be the same key.
+      raise ValueError(
+          f"{name}: int seed {int(key)} is outside [0, 2**32); JAX keeps only "
+          "its low 32 bits, so it would silently equal another seed. Pass a "
+          "seed in that range, or for more secret bits a key built from them: "
+          "jax.random.wrap_key_data(np.array([hi, lo], np.uint32)).")
     return jax.random.key(int(key))
   if isinstance(key, (jax.Array, np.ndarray)):
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

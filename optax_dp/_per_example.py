@@ -116,9 +116,9 @@ def no_cross_example_layers(caller: str):
   Implemented with `flax.linen.intercept_methods` around the traced loss, so it
   runs only while the loss is traced (once per compilation under `jax.jit`),
   never inside the compiled step. Without flax nothing is checked (a model
-  without flax has no Linen BatchNorm). Other cross-example operations
-  (in-batch negatives, flax.nnx BatchNorm, hand-written batch statistics) are
-  not detected.
+  without flax has no Linen BatchNorm). `nnx.BatchNorm` in training mode is
+  refused by the NNX adapter (`_nnx`). Other cross-example operations
+  (in-batch negatives, hand-written batch statistics) are not detected.
   """
   nn = _flax_linen()
   if nn is None:  # pragma: no cover
@@ -199,7 +199,7 @@ def value_and_per_example_grads(
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
     https://arxiv.org/abs/1607.00133 (per-example gradients, Algorithm 1).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax_dp
     >>> def loss_fn(params, batch):
@@ -276,7 +276,7 @@ def per_example_grads(
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
     https://arxiv.org/abs/1607.00133.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> import optax_dp
     >>> def loss_fn(params, batch):

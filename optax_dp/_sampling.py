@@ -93,7 +93,7 @@ class PoissonSampler:
     Characteristic Function", https://arxiv.org/abs/2106.08567.
     Truncated Poisson (dp-accounting's event): arXiv 2508.15089.
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> sampler = optax_dp.PoissonSampler(dataset_size=1000, expected_batch_size=10)
     >>> batches = list(sampler.batches(seed=0, steps=3))
@@ -267,7 +267,7 @@ class FixedBatchSampler(_FixedSizeSampler):
     and Analytical Moments Accountant", https://arxiv.org/abs/1808.00087
     (Theorem 27).
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> sampler = optax_dp.FixedBatchSampler(dataset_size=1000, batch_size=10)
     >>> [int(b.mask.sum()) for b in sampler.batches(seed=0, steps=3)]
@@ -321,7 +321,7 @@ class ShuffleSampler(_FixedSizeSampler):
     Kairouz et al. 2021, "Practical and Private (Deep) Learning without
     Sampling or Shuffling", https://arxiv.org/abs/2103.00039 (zero-out).
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> sampler = optax_dp.ShuffleSampler(dataset_size=1000, batch_size=10)
     >>> sampler.steps_per_epoch, sampler.epochs(250)
@@ -373,7 +373,7 @@ def make_sampler(name: str, *, dataset_size: int, batch_size: int,
   `pad_to_multiple_of`: Poisson only). The name decides the mechanism the
   accounting analyses: the privacy contract is the chosen sampler's.
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> optax_dp.make_sampler("shuffle", dataset_size=100, batch_size=10)
     ShuffleSampler(dataset_size=100, batch_size=10)
@@ -413,7 +413,7 @@ def poisson_batches(
   Raises:
     ValueError: for bad arguments, when called (not at the first batch).
 
-  Example:
+  Examples:
     >>> import optax_dp
     >>> batches = optax_dp.poisson_batches(
     ...     0, dataset_size=1000, expected_batch_size=10, steps=3)

@@ -98,7 +98,7 @@ def sharded_value_and_clipped_grads(
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
     https://arxiv.org/abs/1607.00133 (the mechanism, unchanged by sharding).
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> import optax_dp
     >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -158,7 +158,7 @@ def sharded_clipped_grads(
   `clipped_grads(loss_fn, l2_norm_clip)` on the whole batch (up to float
   summation order), so the accounting is the single-device one.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, numpy as np, optax_dp
     >>> loss_fn = lambda w, x: jnp.mean(x @ w)
     >>> x = jnp.array([[3.0, 4.0], [0.0, 0.5]])  # gradient norms 5 and 0.5
@@ -196,7 +196,7 @@ def sharded_per_example_grads(
   Returns:
     `fn(params, batch, mask=None) -> (values, per_example_grads)`.
 
-  Example:
+  Examples:
     >>> import jax, jax.numpy as jnp, numpy as np
     >>> import optax_dp
     >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -229,7 +229,7 @@ def pad_batch_for_devices(batch: _batches.Batch, num_devices: int) -> _batches.B
   Privacy contract: the real examples are exactly the sampler's (none added,
   dropped or repeated); keep passing the returned `mask`.
 
-  Example:
+  Examples:
     >>> import numpy as np
     >>> import optax_dp
     >>> batch = optax_dp.Batch(indices=np.array([5, 2, 9, -1, -1]),
@@ -266,7 +266,7 @@ def gather_sharded_batch(data: Any, batch: _batches.Batch,
   Returns:
     `(data rows, mask)`, both split along the batch axis by `sharding`.
 
-  Example:
+  Examples:
     >>> import jax, numpy as np
     >>> import optax_dp
     >>> from jax.sharding import NamedSharding, PartitionSpec

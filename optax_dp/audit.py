@@ -109,7 +109,7 @@ def claimed_canary_epsilon(noise_multiplier: float, delta: float) -> float:
     Approximations of Privacy Loss Distributions",
     https://arxiv.org/abs/2207.04380 (dp-accounting's PLD).
 
-  Example:
+  Examples:
     >>> from optax_dp import audit
     >>> round(audit.claimed_canary_epsilon(1.0, 1e-5), 2)
     4.38
@@ -189,7 +189,7 @@ def audit_transformation(
     Steinke, Nasr & Jagielski 2023, https://arxiv.org/abs/2305.08846;
     Mahloujifar, Melis & Chaudhuri 2024, https://arxiv.org/abs/2410.22235.
 
-  Example:
+  Examples:
     A tiny audit of the real `dp_aggregate` (20 canaries prove nothing; a
     meaningful audit uses thousands):
 

@@ -8,6 +8,7 @@ Entries are keyed by the program, the flags and the device count, so an
 8-device run compiles its own.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -63,3 +64,34 @@ def rdp_epsilon(record):
       record["batch_size"] / record["dataset_size"],
       dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
   return accountant.get_epsilon(record["delta"])
+
+
+def _load(module_name, stem):
+  """examples/<stem>.py as the module `module_name` (loaded once)."""
+  if module_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(module_name,
+                                                  os.path.join(EXAMPLES, f"{stem}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module   # dataclasses (Linen fields) look their module up
+    spec.loader.exec_module(module)
+  return sys.modules[module_name]
+
+
+def import_example(name):
+  """The example script examples/<name>.py as a module, in this process
+  (for its parser, or a function of it), under the name `example_<name>`.
+
+  Its `import models` must find examples/models.py, while tests/conftest.py
+  makes `models` tests/models.py for the whole session: the name is lent to
+  examples/models.py (as `example_models`, tests/models.py's name for it)
+  while the script loads, then given back.
+  """
+  saved = sys.modules.get("models")
+  sys.modules["models"] = _load("example_models", "models")
+  try:
+    return _load(f"example_{name}", name)
+  finally:
+    if saved is None:
+      del sys.modules["models"]
+    else:
+      sys.modules["models"] = saved

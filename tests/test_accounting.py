@@ -161,6 +161,11 @@ CALIBRATION_SETTINGS = [
     (3.0, 1e-5, 60000, 256, 14063, "rdp"),
     (8.0, 1e-5, 60000, 2400, 2000, "rdp"),
     (0.5, 1e-3, 500, 50, 20, "rdp"),
+    # Small targets, which the fast PLD path's coarse grid cannot resolve
+    # (before the fallback to Brent's method on the fine accountant: 0.1 raised
+    # a "calibration bug" RuntimeError, 0.02 a math domain error).
+    (0.1, 1e-5, 60000, 256, 1000, "pld"),
+    (0.02, 1e-5, 60000, 256, 1000, "pld"),
 ]
 
 
@@ -177,6 +182,11 @@ def test_calibrated_sigma_meets_budget_and_is_near_optimal(eps, delta, n, b, t,
   # guarantee), overspends the budget.
   assert _eps(sigma * (1 - 0.02), delta, n, b, t, accountant) > eps
   assert _eps(sigma * (1 - 0.001), delta, n, b, t, accountant) > eps
+
+
+def test_calibration_below_the_pld_resolution_is_refused_clearly():
+  with pytest.raises(ValueError, match="below what its discretisation"):
+    _calibrate(0.001, 1e-5, 60000, 256, 1000, "pld")
 
 
 @pytest.mark.parametrize("accountant,eps_list,n,b,t,delta", [

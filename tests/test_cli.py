@@ -6,6 +6,7 @@ CLI prints is checked against the library function computing it from the same
 inputs, and every step count derived from --epochs against exact arithmetic.
 """
 
+import argparse
 from fractions import Fraction
 import json
 import math
@@ -16,6 +17,7 @@ import sys
 
 import pytest
 
+import example_runs  # tests/, on sys.path as the test root
 import optax_dp
 from optax_dp import _cli
 
@@ -267,6 +269,11 @@ BAD_INPUTS = [
     (["epsilon", *BASE, "--noise-multiplier", "1", "--delta", "1e-5",
       "--max-batch-size", "25", "--truncate", "--accountant", "rdp"], "pld"),
     (["calibrate", *BASE, "--epsilon", "0", "--delta", "1e-5"], "epsilon"),
+    # Too small to calibrate for: below the accountants' resolution (refused
+    # at once), or where the accountant finds epsilon 0 for every large sigma.
+    (["calibrate", *BASE, "--epsilon", "1e-5", "--delta", "1e-5"], "too small to calibrate"),
+    (["calibrate", *BASE, "--epsilon", "0.002", "--delta", "1e-5", "--accountant", "rdp"],
+     "too small for the accountant to resolve"),
     (["calibrate", *BASE, "--epsilon", "-2", "--delta", "1e-5"], "epsilon"),
     (["epsilon", "--dataset-size", "1000", "--batch-size", "10", "--steps", "0",
       "--noise-multiplier", "1", "--delta", "1e-5"], "steps"),
@@ -297,3 +304,47 @@ def test_bad_input_exits_2_with_message(capsys, argv, message):
   assert status == 2
   assert out == ""
   assert "error" in err and message in err, err
+
+
+# ---------------------------------------------------------------------------
+# Tiny epsilons and help texts.
+
+def test_tiny_epsilon_is_printed_with_significant_digits(capsys):
+  # A huge noise multiplier spends ~1e-5: said as such, not as (0, ...) or 0.0000.
+  argv = ["epsilon", *POISSON, "--steps", "1000", "--noise-multiplier", "134900",
+          "--delta", "1e-5"]
+  expected = optax_dp.compute_epsilon(134900, 1e-5, dataset_size=60000, batch_size=256,
+                                      steps=1000)
+  assert 0 < expected < 1e-4
+  status, out, _ = _run_main(capsys, argv)
+  assert status == 0
+  assert f"({expected:.4g}, 1e-05)-differential privacy" in out and "e-05, 1e-05)" in out
+
+
+def _missing_help(parser, prog):
+  """The options and subcommands of `parser` (and its subparsers) without help."""
+  for action in parser._actions:  # pylint: disable=protected-access
+    if isinstance(action, argparse._SubParsersAction):  # pylint: disable=protected-access
+      for choice in action._choices_actions:  # pylint: disable=protected-access
+        if not choice.help:
+          yield f"{prog} {choice.dest}"
+      for name, subparser in action.choices.items():
+        yield from _missing_help(subparser, f"{prog} {name}")
+    elif not action.help:
+      yield f"{prog} {'/'.join(action.option_strings) or action.dest}"
+
+
+def test_every_flag_of_the_cli_and_the_examples_has_help():
+  pytest.importorskip("flax")   # the examples' models
+  parsers = {"optax-dp": _cli.build_parser()}
+  for name in ("mnist_linen", "mnist_nnx", "train"):
+    parsers[f"examples/{name}.py"] = example_runs.import_example(name).build_parser()
+  missing = [flag for prog, parser in parsers.items()
+             for flag in _missing_help(parser, prog)]
+  assert not missing, f"flags without help text: {missing}"
+  # The walk reaches the subcommands' flags and the scripts' shared ones.
+  epsilon = parsers["optax-dp"]._actions[-1].choices["epsilon"]  # pylint: disable=protected-access
+  assert "--noise-multiplier" in epsilon._option_string_actions  # pylint: disable=protected-access
+  for name in ("mnist_linen", "mnist_nnx", "train"):
+    flags = parsers[f"examples/{name}.py"]._option_string_actions  # pylint: disable=protected-access
+    assert {"--quiet", "--plot", "--json-out", "--delta"} <= set(flags), name

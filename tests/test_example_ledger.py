@@ -4,6 +4,7 @@ so the two files run on separate pytest-xdist workers)."""
 
 import importlib.util
 import os
+import shlex
 import sys
 
 import numpy as np
@@ -34,20 +35,73 @@ LEDGER = (*SMALL, "--accountant", "rdp")
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
-  """4 uninterrupted steps: the reference for resume and accumulation."""
-  return _run(tmp_path_factory.mktemp("straight"), "--steps", "4", *LEDGER)[0]
+def straight(tmp_path_factory):
+  """4 uninterrupted steps, (record, stdout, folder): the reference for resume
+  and accumulation; with --plot folder/run.png where matplotlib is installed."""
+  folder = tmp_path_factory.mktemp("straight")
+  plot = (("--plot", str(folder / "run.png")) if importlib.util.find_spec("matplotlib")
+          else ())
+  return (*_run(folder, "--steps", "4", *LEDGER, *plot), folder)
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight):
+  return straight[0]
+
+
+@pytest.mark.slow
+def test_piped_run_prints_plain_lines_and_records_its_history(straight):
+  record, stdout, _ = straight
+  # Not a terminal: no tqdm bar (no carriage returns, no bar or rate), plain
+  # lines: the phases, announced before they start, and one line per evaluation.
+  assert "\r" not in stdout and "%|" not in stdout and "step/s" not in stdout
+  said = [line for line in stdout.splitlines() if line.endswith(" ...")]
+  assert said[0].startswith("Loading MNIST from ")
+  assert said[1:5] == ["Building the CNN ...",
+                       "Calibrating the noise multiplier for 4 steps at epsilon 1, delta 1e-05 ...",
+                       "Compiling the train step (the first step) ...",
+                       "Evaluating on the test set (10000 examples) every 2 steps ..."]
+  assert "Train step compiled in " in stdout
+  lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+  assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+  # The history: one entry per evaluation, epsilon growing to the record's.
+  history = record["history"]
+  assert [h["step"] for h in history] == [2, 4]
+  assert set(history[0]) == {"step", "train_loss", "train_accuracy", "eval_loss",
+                             "eval_accuracy", "epsilon", "seconds"}
+  assert 0 < history[0]["epsilon"] < history[1]["epsilon"] == record["epsilon"]
+  assert history[1]["eval_loss"] == record["test_loss"]
+  assert history[1]["eval_accuracy"] == record["test_accuracy"]
+  assert 0 < history[0]["seconds"] <= history[1]["seconds"] <= record["seconds"]
+
+
+@pytest.mark.slow
+def test_plot_draws_the_run(straight):
+  pytest.importorskip("matplotlib")
+  import plot_results  # pylint: disable=import-outside-toplevel
+  if not hasattr(plot_results, "plot_run"):
+    pytest.skip("examples/plot_results.py has no plot_run yet")
+  _, stdout, folder = straight
+  assert f"Plotting the run to {folder / 'run.png'} ..." in stdout
+  assert (folder / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, straight_run):
   ckpt = tmp_path / "ckpt"
-  first, _ = _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt),
-                  *LEDGER, name="first")
+  first, stdout = _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir",
+                       str(ckpt), *LEDGER, name="first")
   assert first["steps"] == 2
   assert (ckpt / "run.json").exists() and (ckpt / "step_2").is_dir()
-  # A fresh process resumes at step 2 and runs steps 3 and 4.
-  second, stdout = _run(tmp_path, "--steps", "4", "--resume", str(ckpt), name="second")
+  # The run ends saying so, and with the command that resumes it...
+  said, command = stdout.rstrip().splitlines()[-2:]
+  assert said == (f"Stopped early at step 2 of --steps 4 (--stop-at 2). To resume from "
+                  f"{ckpt}:")
+  words = shlex.split(command)
+  assert words[0] == "python" and words[1].endswith("mnist_linen.py")
+  assert words[2:] == ["--resume", str(ckpt), "--steps", "4", "--eval-every", "2"]
+  # ...which, in a fresh process, resumes at step 2 and runs steps 3 and 4.
+  second, stdout = _run(tmp_path, *words[2:], name="second")
   assert "Resumed" in stdout
   assert second["resumed_from_step"] == 2 and second["steps_this_run"] == 2
   assert second["steps"] == 4
@@ -129,7 +183,13 @@ def test_nnx_run_reports_the_epsilon_of_what_ran_and_trains_the_linen_model(
   # The Linen reference run's flags (RDP: calibrating with PLD would cost this
   # run several seconds more; the PLD path is the shared one, _cli_common.py,
   # run by the Linen tests above).
-  result, stdout = _run(tmp_path, "--steps", "4", *LEDGER, script="mnist_nnx.py")
+  # --quiet: no phase messages, progress lines or bar; the statement and
+  # the history stay.
+  result, stdout = _run(tmp_path, "--steps", "4", *LEDGER, "--quiet", script="mnist_nnx.py")
+  assert "Compiling" not in stdout and "Evaluating" not in stdout
+  assert not [line for line in stdout.splitlines() if line.startswith("step ")]
+  assert [h["step"] for h in result["history"]] == [2, 4]
+  assert result["history"][-1]["epsilon"] == result["epsilon"]
   for key in ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier", "steps",
               "steps_this_run", "budget_steps", "batch_size", "seconds", "l2_norm_clip",
               "sampler", "neighboring_relation", "accountant", "clipping", "private"):

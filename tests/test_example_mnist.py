@@ -1,6 +1,8 @@
 """The MNIST example on the real, bundled MNIST files: data loading and a short run."""
 
+import argparse
 import hashlib
+import io
 import os
 import sys
 
@@ -12,6 +14,7 @@ import optax_dp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, EXAMPLES)
+import _cli_common  # noqa: E402
 import mnist_data  # noqa: E402
 import example_runs  # noqa: E402  (tests/, on sys.path as the test root)
 
@@ -149,3 +152,68 @@ def test_other_samplers_report_their_own_accounting(tmp_path, sampler, accountan
       optax_dp.compute_epsilon(sigma, 1e-5, sampler=smp, steps=4), rel=1e-12)
   assert result["epsilon"] <= 1.0
   assert relation in stdout
+
+
+# ---------------------------------------------------------------------------
+# What the examples say while they run (_cli_common.Progress, shared by the
+# three scripts), in-process: a terminal gets a tqdm bar, anything else plain
+# lines, --quiet neither; the history is recorded either way. (The runs of
+# test_example_ledger.py check a real run's piped output and history.)
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def _drive(stream, quiet=False, plain_every=60.0):
+  """Six steps evaluated every 3, with a falling loss and a rising epsilon."""
+  args = argparse.Namespace(quiet=quiet, eval_every=3)
+  progress = _cli_common.Progress(args, total=6, eval_size=100, stream=stream,
+                                  plain_every=plain_every)
+  for step in range(1, 7):
+    progress.step(step, 1.0 / step)
+    if step % 3 == 0:
+      progress.evaluating()
+      progress.evaluated(step, train_loss=1.0 / step, train_accuracy=0.5,
+                         eval_loss=1.0 / step, eval_accuracy=0.6, epsilon=step / 10)
+  progress.close()
+  return progress
+
+
+def test_progress_bar_on_a_terminal_plain_lines_elsewhere_nothing_when_quiet():
+  terminal, pipe, quiet = _Terminal(), io.StringIO(), io.StringIO()
+  for stream, kwargs in ((terminal, {}), (pipe, {"plain_every": 0.0}), (quiet, {"quiet": True})):
+    progress = _drive(stream, **kwargs)
+    assert [h["step"] for h in progress.history] == [3, 6]
+    assert [h["epsilon"] for h in progress.history] == [0.3, 0.6]
+    assert set(progress.history[0]) == {"step", "train_loss", "train_accuracy", "eval_loss",
+                                        "eval_accuracy", "epsilon", "seconds"}
+  for text in (terminal.getvalue(), pipe.getvalue()):
+    assert "Compiling the train step" in text and "Train step compiled in" in text
+    assert "Evaluating on the test set (100 examples) every 3 steps" in text
+    assert "step     6/6  train loss 0.1667 acc 0.5000  test loss 0.1667 acc 0.6000  " \
+           "epsilon 0.6" in text
+  assert "%|" in terminal.getvalue() and "step/s" in terminal.getvalue()   # the bar
+  assert "\r" not in pipe.getvalue() and "%|" not in pipe.getvalue()
+  assert "step     2/6  loss 0.5000" in pipe.getvalue()   # a progress line between evaluations
+  assert quiet.getvalue() == ""
+
+
+def test_format_epsilon_keeps_significant_digits():
+  assert _cli_common.format_epsilon(1e-5) == "1e-05"
+  assert _cli_common.format_epsilon(0.99957) == "0.9996"
+  assert _cli_common.format_epsilon(float("inf")) == "inf (not private)"
+
+
+def test_stop_at_says_where_it_stopped_and_how_to_resume():
+  linen = example_runs.import_example("mnist_linen")
+  args = linen.build_parser().parse_args(["--steps", "40", "--stop-at", "20"])
+  text = linen.stopped_early(args, 20)
+  assert text.startswith("Stopped early at step 20 of --steps 40 (--stop-at 20).")
+  assert "needs --checkpoint-dir" in text
+  args = linen.build_parser().parse_args(["--steps", "40", "--stop-at", "20", "--eval-every",
+                                          "5", "--checkpoint-dir", "my ckpt"])
+  command = linen.stopped_early(args, 20).splitlines()[-1].strip()
+  assert command.startswith("python ") and command.endswith(
+      "mnist_linen.py --resume 'my ckpt' --steps 40 --eval-every 5")

@@ -53,6 +53,15 @@ def test_refusals_name_the_argument(bad):
     _keys.as_typed_key(bad, name="noise_key")
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**32 + 5, 2**63 + 5, np.int64(-3)])
+def test_int_seed_outside_32_bits_is_refused_not_truncated(seed):
+  # jax.random.key(2**32 + 5) is jax.random.key(5), and key(-1) is key(2**32 - 1):
+  # a seed outside [0, 2**32) would silently alias another one.
+  with pytest.raises(ValueError, match=r"outside \[0, 2\*\*32\)"):
+    _keys.as_typed_key(seed)
+  assert _bits(_keys.as_typed_key(2**32 - 1)) == [0, 2**32 - 1]
+
+
 def test_batch_of_keys_refusal_says_what_to_pass():
   with pytest.raises(ValueError, match="single PRNG key"):
     _keys.as_typed_key(jax.random.split(jax.random.key(0), 3))

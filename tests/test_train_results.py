@@ -32,6 +32,14 @@ def test_validation_split_is_held_out_of_training_and_accounting(tmp_path):
   assert "55000 examples" in stdout and "validation set (5000 examples)" in stdout
   assert "Validation accuracy" in stdout and "Test accuracy" not in stdout
   assert record["epsilon"] == pytest.approx(example_runs.rdp_epsilon(record), rel=1e-12)
+  # Its history: one entry per evaluation (every step of 2 here: a tenth of
+  # --steps, at least 1), on the validation split, epsilon growing to the record's.
+  assert "Evaluating on the validation set (5000 examples) every step ..." in stdout
+  assert [h["step"] for h in record["history"]] == [1, 2]
+  assert 0 < record["history"][0]["epsilon"] < record["history"][1]["epsilon"]
+  assert record["history"][1]["epsilon"] == record["epsilon"]
+  assert record["history"][1]["eval_accuracy"] == record["test_accuracy"]
+  assert all(0 <= h["train_accuracy"] <= 1 and h["train_loss"] > 0 for h in record["history"])
 
 
 def test_unknown_recipe_and_bad_validation_size_are_clear_errors(tmp_path):
@@ -73,7 +81,17 @@ def test_scatter_models_need_scattering_features(tmp_path):
   assert proc.returncode == 2 and "--subset must be >= 1" in proc.stderr
 
 
-def test_plot_results_summarises_the_test_records_and_draws_the_png(tmp_path, capsys):
+def _history(steps):
+  """A run record's history (what the examples' --json-out writes)."""
+  return [{"step": s, "train_loss": 1.0 / s, "train_accuracy": 0.5, "eval_loss": 1.0 / s,
+           "eval_accuracy": 0.9, "epsilon": s / 1000.0, "seconds": float(s)} for s in steps]
+
+
+def _is_png(path) -> bool:
+  return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_path, capsys):
   import plot_results  # pylint: disable=import-outside-toplevel
   pytest.importorskip("matplotlib")
   base = {"private": True, "evaluated_on": "test", "dataset": "mnist", "model": "m",
@@ -86,14 +104,33 @@ def test_plot_results_summarises_the_test_records_and_draws_the_png(tmp_path, ca
              dict(base, recipe="b", test_accuracy=0.5, epsilon=None, private=False)]
   for i, record in enumerate(records):
     (tmp_path / f"r{i}.json").write_text(json.dumps(record))
-  png = tmp_path / "plot.png"
-  plot_results.main(["--results", str(tmp_path), "--png", str(png)])
+  run = tmp_path / "runs" / "run.json"
+  run.parent.mkdir()
+  run.write_text(json.dumps(dict(base, epsilon=0.5, delta=1e-5, sampler="poisson",
+                                 accountant="pld", noise_multiplier=1.3,
+                                 history=_history([100, 200, 300]))))
+  out = tmp_path / "figures"
+  plot_results.main(["--results", str(tmp_path), "--run", str(run), "--out", str(out)])
   table = capsys.readouterr().out
   assert "| `a` | mnist | m | 0.9900 | 97.50% ± 0.71% (97.00, 98.00) | 2 | 10-10 s |" in table
   assert "| `b` | mnist | m | 2.9900 | 99.00% ± 0.00% (99.00) | 1 | 20-20 s |" in table
-  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  for name in ("privacy_utility", "tutorial_run", "step_time", "peak_memory"):
+    assert _is_png(out / f"{name}.png"), name
   with pytest.raises(SystemExit, match="no private test-set records"):
-    plot_results.main(["--results", str(tmp_path / "empty"), "--png", str(png)])
+    plot_results.main(["--results", str(tmp_path / "empty"), "--out", str(out)])
+  with pytest.raises(ValueError, match="no history"):
+    plot_results.plot_run(dict(base), str(tmp_path / "x.png"))
+
+
+def test_every_committed_figure_regenerates_from_the_committed_json(tmp_path):
+  # The README's and the docs site's figures: one command, committed JSON only.
+  import plot_results  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("matplotlib")
+  plot_results.main(["--out", str(tmp_path)])
+  committed = sorted(os.listdir(plot_results.FIGURES))
+  assert committed == sorted(os.listdir(tmp_path)), (committed, os.listdir(tmp_path))
+  for name in committed:
+    assert _is_png(tmp_path / name), name
 
 
 RESULTS = os.path.join(example_runs.EXAMPLES, "results")
