@@ -16,6 +16,8 @@ Run:  python examples/mnist_linen.py --steps 200
 Also: --sampler {poisson,fixed,shuffle}, --accumulation-steps K,
       --noise-multiplier S (the budget then caps the steps; --allow-budget-overrun),
       --checkpoint-dir DIR and --resume DIR, --devices N (data-parallel),
+      --coordinator HOST:PORT --num-processes N --process-id I (several processes,
+      each feeding its own devices; docs/multi_device.md),
       --json-out PATH (the run's record and history), --plot PATH, --quiet.
 """
 
@@ -147,6 +149,16 @@ def build_parser():
                  help="data-parallel over this many devices (default: all visible); "
                       "each device clips its share of the batch, one all-reduce "
                       "of the clipped sum per step, noise drawn once")
+  p.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                 help="with --num-processes N > 1: the address of process 0, "
+                      "where jax.distributed.initialize meets the others; every "
+                      "process runs the same command with its own --process-id")
+  p.add_argument("--num-processes", type=int, default=1,
+                 help="processes of a multi-process run (default: %(default)s); the "
+                      "mesh spans all their devices, each loads its devices' rows")
+  p.add_argument("--process-id", type=int, default=0,
+                 help="this process's number, 0 to --num-processes - 1; only "
+                      "process 0 prints progress and writes --json-out / --plot")
   p.add_argument("--checkpoint-dir", default=None,
                  help="save the training state (orbax) and the run's settings "
                       "here at every evaluation")
@@ -165,10 +177,34 @@ def parse_args(argv=None):
   p = build_parser()
   args = p.parse_args(argv)
   _cli_common.require_positive(
-      p, args, ("steps", "batch_size", "eval_every", "accumulation_steps"))
+      p, args, ("steps", "batch_size", "eval_every", "accumulation_steps", "num_processes"))
+  if args.num_processes > 1:
+    _check_multi_process_flags(p, args)
   if args.resume:
     _apply_saved_settings(p, args)
   return args
+
+
+def _check_multi_process_flags(parser, args):
+  """Refuses a multi-process run without a coordinator or a valid process id,
+  or with checkpoints (not supported there by this example)."""
+  if not args.coordinator:
+    parser.error("--num-processes > 1 needs --coordinator HOST:PORT (process 0's address)")
+  if not 0 <= args.process_id < args.num_processes:
+    parser.error(f"--process-id {args.process_id} is not in 0..{args.num_processes - 1}")
+  if args.checkpoint_dir or args.resume:
+    parser.error("--checkpoint-dir / --resume are single-process only in this example "
+                 "(a multi-process orbax checkpoint needs a directory all processes share)")
+
+
+def join_processes(args):
+  """Joins the multi-process run (`jax.distributed.initialize`): afterwards
+  `jax.devices()` lists every process's devices. Processes other than 0 run
+  quietly and write no record, so one process speaks for the run."""
+  jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                             process_id=args.process_id)
+  if args.process_id:
+    args.quiet, args.json_out, args.plot = True, None, None
 
 
 def _apply_saved_settings(parser, args):
@@ -255,6 +291,8 @@ def stopped_early(args, last_step):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.num_processes > 1:
+    join_processes(args)
   data = _cli_common.load_data(args)
   train_images, train_labels = data["train_images"], data["train_labels"]
   dataset_size = len(train_images)
@@ -265,6 +303,9 @@ def main(argv=None):
     _cli_common.fail(f"--devices {args.devices}: {available} device(s) visible (on CPU, "
                      "set XLA_FLAGS=--xla_force_host_platform_device_count=N to "
                      "simulate N).")
+  if args.num_processes > 1 and num_devices != available:
+    _cli_common.fail(f"--devices {num_devices}: a multi-process run uses all {available} "
+                     f"devices of its {args.num_processes} processes.")
   mesh = (jax.sharding.Mesh(np.array(jax.devices()[:num_devices]), ("data",))
           if num_devices > 1 else None)
 
@@ -332,8 +373,9 @@ def main(argv=None):
     progress.step(step, loss)
     if step % args.eval_every == 0 or step == last_step:
       progress.evaluating()
-      test_loss, test_acc = evaluate(loss_fn, state.params, data["test_images"],
-                                     data["test_labels"])
+      # On this process's first device: the parameters are replicated.
+      test_loss, test_acc = evaluate(loss_fn, jax.device_get(state.params),
+                                     data["test_images"], data["test_labels"])
       progress.evaluated(step, train_loss=np.mean(train_losses),
                          train_accuracy=np.mean(train_accs), eval_loss=test_loss,
                          eval_accuracy=test_acc, epsilon=epsilon_now())

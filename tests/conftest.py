@@ -64,6 +64,7 @@ _DELIBERATE_KEY_REUSE = {
 # worker while the other idled (an ~8-minute tail of a 20-minute run).
 _LONGEST_FIRST = ("test_train_recipes.py", "test_example_ledger.py", "test_example_mnist.py",
                   "test_nnx.py", "test_audit.py", "test_properties.py", "test_clipped.py",
+                  "test_multi_process.py",   # ~115 s: two groups of subprocess runs
                   "test_multi_device.py", "test_train_results.py")
 
 

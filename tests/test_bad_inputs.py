@@ -604,9 +604,10 @@ def test_key_forms():
 @pytest.mark.parametrize("key", [
     1.5, jnp.zeros((2,), jnp.float32), jnp.zeros((3,), jnp.uint32),
     jax.random.split(jax.random.key(0), 2),
-    jnp.stack([jax.random.PRNGKey(0), jax.random.PRNGKey(1)]), True, None],
+    jnp.stack([jax.random.PRNGKey(0), jax.random.PRNGKey(1)]), True, None,
+    2**32 + 5, -1],   # int seeds JAX would keep modulo 2**32 (5 and 2**32 - 1)
     ids=["float", "float array", "uint32[3]", "batch of typed keys", "batch of raw keys",
-         "bool", "missing"])
+         "bool", "missing", "seed above 32 bits", "negative seed"])
 def test_bad_keys(key):
   with pytest.raises(ValueError, match="key"):
     optax_dp.dp_aggregate(1.0, 1.0, key)
