@@ -12,14 +12,16 @@ noising each piece are not (optax issues #515 and #527; TF Privacy's
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from optax_dp import _checks
 from optax_dp import _clipping
+from optax_dp import _sharding
 
 
 class DPAccumulateState(NamedTuple):
@@ -32,7 +34,10 @@ class DPAccumulateState(NamedTuple):
       sum of the current logical batch, WITHOUT noise: not private. It is
       zero at logical-batch boundaries (`micro_step == 0`); checkpoint there
       (the MNIST example does), or treat a mid-batch checkpoint as raw data.
-    nonfinite_examples: int32, examples dropped so far in this logical batch.
+      With `mesh=`: each leaf has a leading axis of one entry per device,
+      split over the mesh axis (each device's own running sum).
+    nonfinite_examples: int32, examples dropped so far in this logical batch
+      (with `mesh=`: per device, shape `(devices,)`).
     inner_state: the wrapped optimizer's state (its `dp_aggregate` counts
       logical steps).
   """
@@ -45,8 +50,9 @@ class DPAccumulateState(NamedTuple):
 clip_and_sum = _clipping.clip_and_sum  # the clipping rules' home
 
 
-def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
-                  ) -> optax.GradientTransformation:
+def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
+                  *, mesh: Optional[jax.sharding.Mesh] = None,
+                  axis_name: str = "data") -> optax.GradientTransformation:
   """Runs `tx` once per logical batch of `accumulation_steps` physical batches.
 
   `tx` must start with `optax_dp.dp_aggregate` (e.g. `optax.chain(
@@ -65,6 +71,18 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
   the logical batch's sampler: draw logical batches from the sampler and split
   them with `sampler.batches(..., accumulation_steps=k)`.
 
+  Data parallel, one all-reduce per logical batch: with `mesh=`, each update
+  takes the per-device clipped sums of `sharded_clipped_grads(loss_fn, C,
+  mesh=mesh, axis_name=axis_name, reduce=False)` and adds them up on each
+  device (no communication); the k-th update sums the accumulators of all
+  devices (and their non-finite counts) in ONE all-reduce of the parameters'
+  size, and only that global sum reaches `tx`'s `dp_aggregate`, which adds
+  the noise once, as without `mesh`. The default `sharded_clipped_grads`
+  all-reduces every physical batch: k all-reduces per logical batch. The
+  accumulator then holds `devices` copies of the parameters' size, split over
+  the devices (one per device). Per-device sums without `mesh=`, or global
+  sums with it, are refused (`ValueError`).
+
   Checkpoints: save at logical-batch boundaries (`state.micro_step == 0`),
   where the accumulator is zero; mid-batch it holds an unnoised sum.
 
@@ -77,6 +95,9 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
   Args:
     tx: the optimizer to run on logical batches, starting with dp_aggregate.
     accumulation_steps: k >= 1, physical batches per logical batch.
+    mesh: the `jax.sharding.Mesh` of `sharded_clipped_grads(..., reduce=False)`,
+      whose per-device sums this then accumulates (default None: global sums).
+    axis_name: the mesh axis the batch is split over (with `mesh`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DPAccumulateState`.
@@ -101,14 +122,17 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
     (True, 0)
   """
   k = _checks.check_int("accumulation_steps", accumulation_steps, 1)
+  per_device = _per_device_layout(mesh, axis_name)
 
   def init_fn(params):
     acc = jax.tree.map(
         lambda p: jnp.zeros(jnp.shape(p), _clipping.compute_dtype(_clipping.leaf_dtype(p))),
         params)
+    nonfinite = jnp.zeros([], jnp.int32)
+    if per_device is not None:
+      acc, nonfinite = per_device.zeros((acc, nonfinite))
     return DPAccumulateState(micro_step=jnp.zeros([], jnp.int32), clipped_sum=acc,
-                             nonfinite_examples=jnp.zeros([], jnp.int32),
-                             inner_state=tx.init(params))
+                             nonfinite_examples=nonfinite, inner_state=tx.init(params))
 
   def update_fn(updates, state, params=None):
     updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
@@ -118,11 +142,12 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
           "optax_dp.clipped_grads(loss_fn, l2_norm_clip), or "
           "optax_dp.clip_and_sum(per_example_grads, l2_norm_clip). Accumulating "
           "raw per-example gradients would mix examples across batches.")
-    if jax.tree.structure(updates.clipped_sum) != jax.tree.structure(state.clipped_sum):
-      raise ValueError("dp_accumulate: the clipped sum's tree does not match params.")
+    _check_layout(updates, state, mesh, axis_name)
     acc = jax.tree.map(lambda a, s: a + s.astype(a.dtype), state.clipped_sum,
                        updates.clipped_sum)
     nonfinite = state.nonfinite_examples + updates.nonfinite_examples
+    if per_device is not None:   # stays on each device: no communication
+      acc, nonfinite = per_device.constrain((acc, nonfinite))
 
     def release(_):
       # batch_size=None: the logical batch's size is not a static public
@@ -130,10 +155,14 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
       # normalise by its expected_batch_size (or budget), and refuses otherwise.
       logical = _clipping.ClippedGrads(
           clipped_sum=acc, nonfinite_examples=nonfinite,
-          l2_norm_clip=updates.l2_norm_clip, batch_size=None)
+          l2_norm_clip=updates.l2_norm_clip, batch_size=None,
+          unreduced_axis=updates.unreduced_axis)
+      # Per-device sums: the one all-reduce of the logical batch, before the
+      # noise (dp_aggregate refuses an unreduced sum).
+      logical = _sharding.reduce_clipped_grads(logical, mesh)
       out, inner = tx.update(logical, state.inner_state, params)
       return (out, inner, jax.tree.map(jnp.zeros_like, acc),
-              jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32))
+              jnp.zeros_like(nonfinite), jnp.zeros([], jnp.int32))
 
     out_shape = jax.eval_shape(release, None)[0]
 
@@ -155,3 +184,58 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int
                                   nonfinite_examples=nonfinite, inner_state=inner)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+class _PerDevice(NamedTuple):
+  """The per-device accumulator's layout: a leading axis of `devices` entries
+  split over `mesh[axis_name]`."""
+  devices: int
+  sharding: NamedSharding
+
+  def zeros(self, tree):
+    """Zeros shaped `(devices, *leaf.shape)`, created in place on the devices
+    (jit with out_shardings: also right when several processes share the mesh)."""
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.devices,) + jnp.shape(x),
+                                                         jnp.result_type(x)), tree)
+    make = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.jit(make, out_shardings=self.sharding)()
+
+  def constrain(self, tree):
+    return jax.lax.with_sharding_constraint(tree, self.sharding)
+
+
+def _per_device_layout(mesh, axis_name) -> Optional[_PerDevice]:
+  if mesh is None:
+    return None
+  if not isinstance(mesh, jax.sharding.Mesh) or axis_name not in mesh.shape:
+    raise ValueError(
+        f"dp_accumulate(mesh=...) needs a jax.sharding.Mesh with axis "
+        f"{axis_name!r} (the axis_name of sharded_clipped_grads), got {mesh!r}.")
+  return _PerDevice(mesh.shape[axis_name], NamedSharding(mesh, P(axis_name)))
+
+
+def _check_layout(updates, state, mesh, axis_name) -> None:
+  """Per-device sums only with `mesh=` (on its axis), global sums only without;
+  leaf shapes must match the accumulator's (static checks)."""
+  axis = updates.unreduced_axis
+  if mesh is None and axis is not None:
+    raise ValueError(
+        "dp_accumulate got per-device clipped sums (sharded_clipped_grads(..., "
+        "reduce=False)) but was built without mesh=: build it with "
+        "optax_dp.dp_accumulate(tx, k, mesh=mesh, axis_name="
+        f"{axis!r}), which sums them across devices once per logical batch.")
+  if mesh is not None and axis != axis_name:
+    got = ("a global clipped sum" if axis is None
+           else f"per-device sums on mesh axis {axis!r}")
+    raise ValueError(
+        f"dp_accumulate(mesh=..., axis_name={axis_name!r}) accumulates the "
+        "per-device clipped sums of sharded_clipped_grads(..., mesh=mesh, "
+        f"axis_name={axis_name!r}, reduce=False); got {got}.")
+  if jax.tree.structure(updates.clipped_sum) != jax.tree.structure(state.clipped_sum):
+    raise ValueError("dp_accumulate: the clipped sum's tree does not match params.")
+  for s, a in zip(jax.tree.leaves(updates.clipped_sum), jax.tree.leaves(state.clipped_sum)):
+    if jnp.shape(s) != jnp.shape(a):
+      raise ValueError(
+          f"dp_accumulate: clipped sum leaf of shape {jnp.shape(s)} for an "
+          f"accumulator of shape {jnp.shape(a)} (per-device sums need as many "
+          "devices on the mesh axis as dp_accumulate's mesh).")

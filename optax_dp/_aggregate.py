@@ -106,6 +106,13 @@ def _as_clipped(updates, params, l2_norm_clip: float):
       _composition.check_against_params(updates, params)
     return (_clipping.clip_and_sum(updates, l2_norm_clip),
             jax.tree.map(lambda g: g.dtype, updates))
+  if updates.unreduced_axis is not None:
+    raise ValueError(
+        "dp_aggregate got the per-device clipped sums of sharded_clipped_grads("
+        f"..., reduce=False), not yet summed over mesh axis "
+        f"{updates.unreduced_axis!r}: noise on them would not be the mechanism. "
+        "Feed them to optax_dp.dp_accumulate(tx, k, mesh=mesh), which sums them "
+        "across devices once per logical batch, or use reduce=True (the default).")
   # Equal in float32 counts as equal: the clip is applied in float32, and
   # optax.inject_hyperparams stores C as a float32 array (0.1 -> 0.10000000149).
   if np.float32(updates.l2_norm_clip) != np.float32(l2_norm_clip):

@@ -46,11 +46,21 @@ class ClippedGrads:
     l2_norm_clip: the clip norm C used (static).
     batch_size: the static number of rows B, padding included (static); None
       for a logical batch accumulated by `dp_accumulate` (no static size).
+    unreduced_axis: None (default) for a sum over the whole batch, what
+      `dp_aggregate` takes. A mesh axis name for the per-device sums of
+      `sharded_clipped_grads(..., reduce=False)` (static): every leaf of
+      `clipped_sum`, and `nonfinite_examples`, then has a leading axis with
+      one entry per device along that axis, split over it, each that device's
+      clipped sum of its own rows, NOT yet summed across devices. Only
+      `dp_accumulate(..., mesh=mesh)` takes it (it sums once per logical
+      batch); `dp_aggregate` refuses it, since noise on one device's partial
+      sum would not be the mechanism.
   """
   clipped_sum: Any
   nonfinite_examples: Any
   l2_norm_clip: float
   batch_size: Optional[int]
+  unreduced_axis: Optional[str] = None
 
   def __contains__(self, key) -> bool:
     # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
@@ -62,7 +72,7 @@ class ClippedGrads:
 jax.tree_util.register_dataclass(
     ClippedGrads,
     data_fields=["clipped_sum", "nonfinite_examples"],
-    meta_fields=["l2_norm_clip", "batch_size"])
+    meta_fields=["l2_norm_clip", "batch_size", "unreduced_axis"])
 
 
 def _is_clipped(x: Any) -> bool:
@@ -88,7 +98,7 @@ def gather_clipped_leaves(updates: Any) -> Any:
   if not clipped:
     return updates
   if len(clipped) != len(leaves) or len(
-      {(c.l2_norm_clip, c.batch_size) for c in clipped}) != 1:
+      {(c.l2_norm_clip, c.batch_size, c.unreduced_axis) for c in clipped}) != 1:
     raise ValueError(
         "dp_aggregate got a gradient tree mixing clipped sums (ClippedGrads) "
         "with other leaves, or clipped sums of different clip norms or batch "
@@ -97,7 +107,8 @@ def gather_clipped_leaves(updates: Any) -> Any:
   return ClippedGrads(
       clipped_sum=jax.tree.map(lambda c: c.clipped_sum, updates, is_leaf=_is_clipped),
       nonfinite_examples=first.nonfinite_examples,
-      l2_norm_clip=first.l2_norm_clip, batch_size=first.batch_size)
+      l2_norm_clip=first.l2_norm_clip, batch_size=first.batch_size,
+      unreduced_axis=first.unreduced_axis)
 
 
 def _empty_hint(tree) -> str:

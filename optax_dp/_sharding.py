@@ -27,6 +27,7 @@ The examples below use a one-device mesh, `Mesh(np.array(jax.devices()[:1]),
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Unpack
 
 import chex
@@ -62,6 +63,7 @@ def sharded_value_and_clipped_grads(
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
+    reduce: bool = True,
     **options: Unpack[_clipped.ClipOptions],
 ) -> _per_example.BatchGradFn[tuple[Any, _clipped.ClippedGrads]]:
   """`value_and_clipped_grads` over a batch split across `mesh[axis_name]`.
@@ -83,12 +85,24 @@ def sharded_value_and_clipped_grads(
   on the global batch, outside `shard_map`, so each example's random streams
   are numbered globally, and the result is what `nnx.Optimizer.update` takes.
 
+  `reduce=False` (for gradient accumulation) skips the `psum`: the
+  `ClippedGrads` then holds each device's own clipped sum, stacked on a
+  leading axis of one entry per device and split over `mesh[axis_name]`
+  (leaves of shape `(devices, *param.shape)`, marked `unreduced_axis=
+  axis_name`), and no cross-device traffic happens in the step.
+  `dp_accumulate(tx, k, mesh=mesh, axis_name=axis_name)` adds these up on
+  each device and all-reduces once per logical batch of k physical batches,
+  instead of once per physical batch (k times less traffic). `dp_aggregate`
+  refuses them (a partial sum is not the mechanism).
+
   Privacy contract: the same as on one device (`value_and_clipped_grads`): a
   per-example `loss_fn`, and the noise added once to the global sum, by a
   `dp_aggregate` with the same key on every device and process. Every process
   must feed its slice of the same global batch (one sampler seed for all, see
   `gather_sharded_batch`), padded with `pad_batch_for_devices` (padding rows
-  masked), never a batch sampled per device.
+  masked), never a batch sampled per device. With `reduce=False` the per-device
+  sums are not private and not the mechanism's input until summed: only
+  `dp_accumulate(..., mesh=mesh)` sums them (all devices, then the noise once).
 
   Returns:
     `fn(params, batch, mask=None) -> (values, ClippedGrads)`; `values` (the
@@ -111,6 +125,8 @@ def sharded_value_and_clipped_grads(
     >>> clipped.batch_size  # the global batch
     2
   """
+  if not isinstance(reduce, bool):
+    raise ValueError(f"reduce must be a bool, got {reduce!r}.")
   options = dict(options)
   wrt = options.pop("wrt", None)  # NNX: chosen outside shard_map, by _nnx.call
   local_fn = _clipped.value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
@@ -118,13 +134,16 @@ def sharded_value_and_clipped_grads(
 
   def local(params, batch, mask):
     values, clipped = local_fn(params, batch, mask)
-    # One all-reduce: the count rides along as float32 (exact below 2**24).
-    summed, nonfinite = jax.lax.psum(
-        (clipped.clipped_sum, clipped.nonfinite_examples.astype(jnp.float32)),
-        axis_name)
+    if reduce:
+      summed, nonfinite = _psum_clipped(
+          clipped.clipped_sum, clipped.nonfinite_examples, axis_name)
+    else:   # this device's own sum: one row of a leading per-device axis
+      summed, nonfinite = jax.tree.map(
+          lambda x: x[None], (clipped.clipped_sum, clipped.nonfinite_examples))
     return values, _clipped.ClippedGrads(
-        clipped_sum=summed, nonfinite_examples=nonfinite.astype(jnp.int32),
-        l2_norm_clip=clipped.l2_norm_clip, batch_size=clipped.batch_size * devices)
+        clipped_sum=summed, nonfinite_examples=nonfinite,
+        l2_norm_clip=clipped.l2_norm_clip, batch_size=clipped.batch_size * devices,
+        unreduced_axis=None if reduce else axis_name)
 
   def fn(params, batch, mask=None):
     if _nnx.is_module(params):
@@ -132,15 +151,48 @@ def sharded_value_and_clipped_grads(
       # batch, outside shard_map: row numbers, hence random streams, are global.
       values, clipped = _nnx.call(
           lambda pure: sharded_value_and_clipped_grads(
-              pure, l2_norm_clip, mesh=mesh, axis_name=axis_name, **options),
+              pure, l2_norm_clip, mesh=mesh, axis_name=axis_name, reduce=reduce,
+              **options),
           loss_fn, params, batch, mask, wrt, "sharded_clipped_grads")
       return values, _nnx.as_optimizer_grads(clipped)
     _check_divisible(batch, mesh, axis_name, "sharded_clipped_grads")
     mask = _default_mask(batch) if mask is None else mask
     return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
-                         out_specs=(P(axis_name), P()))(params, batch, mask)
+                         out_specs=(P(axis_name), P() if reduce else P(axis_name)))(
+                             params, batch, mask)
 
   return fn
+
+
+def _psum_clipped(clipped_sum, nonfinite, axis_name):
+  """Inside `shard_map`: the clipped sums and non-finite counts of all devices
+  on `axis_name`, summed in ONE all-reduce (the count rides along as float32,
+  exact below 2**24)."""
+  summed, count = jax.lax.psum((clipped_sum, nonfinite.astype(jnp.float32)), axis_name)
+  return summed, count.astype(jnp.int32)
+
+
+def reduce_clipped_grads(clipped: _clipped.ClippedGrads,
+                         mesh: jax.sharding.Mesh) -> _clipped.ClippedGrads:
+  """The global `ClippedGrads` of per-device ones (`reduce=False`): sums the
+  per-device clipped sums and non-finite counts over `clipped.unreduced_axis`
+  of `mesh` in one all-reduce; the result is replicated, for `dp_aggregate`.
+  A `ClippedGrads` that is already global is returned as it is.
+
+  Privacy contract: the sum covers every device's rows, so the noise that
+  `dp_aggregate` adds next is added once, to the global clipped sum.
+  """
+  axis = clipped.unreduced_axis
+  if axis is None:
+    return clipped
+
+  def local(summed, nonfinite):
+    return _psum_clipped(jax.tree.map(lambda x: x[0], summed), nonfinite[0], axis)
+
+  summed, nonfinite = jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P())(
+      clipped.clipped_sum, clipped.nonfinite_examples)
+  return dataclasses.replace(clipped, clipped_sum=summed, nonfinite_examples=nonfinite,
+                             unreduced_axis=None)
 
 
 def sharded_clipped_grads(
@@ -149,10 +201,15 @@ def sharded_clipped_grads(
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
+    reduce: bool = True,
     **options: Unpack[_clipped.ClipOptions],
 ) -> _per_example.BatchGradFn[_clipped.ClippedGrads]:
   """`sharded_value_and_clipped_grads` without the values: `fn(params, batch,
   mask=None) -> ClippedGrads`, replicated, for `dp_aggregate`.
+
+  With `reduce=False`, the per-device clipped sums, not summed, for
+  `dp_accumulate(tx, k, mesh=mesh)` only (one all-reduce per logical batch
+  instead of one per physical batch; see `sharded_value_and_clipped_grads`).
 
   Privacy contract: as `sharded_value_and_clipped_grads`'s. The result equals
   `clipped_grads(loss_fn, l2_norm_clip)` on the whole batch (up to float
@@ -168,9 +225,13 @@ def sharded_clipped_grads(
     >>> bool(jnp.allclose(sharded(jnp.ones(2), x).clipped_sum,
     ...                   single(jnp.ones(2), x).clipped_sum))
     True
+    >>> per_device = jax.jit(optax_dp.sharded_clipped_grads(loss_fn, 1.0, mesh=mesh,
+    ...                                                     reduce=False))(jnp.ones(2), x)
+    >>> per_device.clipped_sum.shape, per_device.unreduced_axis  # (devices, *param.shape)
+    ((1, 2), 'data')
   """
   fn = sharded_value_and_clipped_grads(
-      loss_fn, l2_norm_clip, mesh=mesh, axis_name=axis_name, **options)
+      loss_fn, l2_norm_clip, mesh=mesh, axis_name=axis_name, reduce=reduce, **options)
   return lambda params, batch, mask=None: fn(params, batch, mask)[1]
 
 

@@ -1,5 +1,6 @@
 """dp_accumulate / clip_and_sum: virtual batches with noise once per logical batch."""
 
+import dataclasses
 import functools
 
 import jax
@@ -103,13 +104,26 @@ def test_k_physical_batches_equal_one_logical_batch(k):
   assert gap > 1e-3
 
 
-def test_noise_is_added_once_per_logical_batch():
+def _per_device(clipped):
+  """What sharded_clipped_grads(..., reduce=False) returns on a one-device mesh."""
+  return dataclasses.replace(
+      clipped, clipped_sum=jax.tree.map(lambda s: s[None], clipped.clipped_sum),
+      nonfinite_examples=clipped.nonfinite_examples[None], unreduced_axis="data")
+
+
+@pytest.mark.parametrize("per_device", [False, True])
+def test_noise_is_added_once_per_logical_batch(per_device):
+  """`per_device`: per-device sums accumulated by dp_accumulate(mesh=) (one
+  device here; 8 in test_multi_device.py, point 3)."""
   k, normaliser, n_a, n_b = 4, 16, 60_000, 40_000
   params = {"a": jnp.zeros((n_a,)), "b": jnp.zeros((n_b,))}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)) if per_device else None
   tx = optax_dp.dp_accumulate(
-      optax_dp.dp_aggregate(CLIP, SIGMA, jax.random.key(0), expected_batch_size=normaliser), k)
+      optax_dp.dp_aggregate(CLIP, SIGMA, jax.random.key(0), expected_batch_size=normaliser), k,
+      mesh=mesh)
   zeros = {"a": jnp.zeros((2, n_a)), "b": jnp.zeros((2, n_b))}
-  update = jax.jit(lambda g, s: tx.update(optax_dp.clip_and_sum(g, CLIP), s, params))
+  layout = _per_device if per_device else lambda clipped: clipped
+  update = jax.jit(lambda g, s: tx.update(layout(optax_dp.clip_and_sum(g, CLIP)), s, params))
   state = tx.init(params)
   released = []
   for i in range(2 * k):

@@ -25,6 +25,11 @@ Acceptance points (the multi-device issue):
   7. the sharded ClippedGrads reports the GLOBAL batch size, so dp_aggregate
      without expected_batch_size (which falls back on it) normalises as on
      one device.
+  8. gradient accumulation with per-device sums (sharded_clipped_grads(...,
+     reduce=False) + dp_accumulate(..., mesh=mesh)) equals the default path
+     and 1 device, and its compiled step all-reduces once per logical batch
+     (the default: once per physical batch); its noise is added once per
+     logical batch (point 3).
 """
 
 import json
@@ -45,7 +50,8 @@ import optax_dp
 pytest.importorskip("flax")   # the model under test is a flax.linen CNN
 
 _REPO = Path(__file__).resolve().parent.parent
-_SECTIONS = ("train", "per_example", "noise", "sampler", "divisible", "normaliser")
+_SECTIONS = ("train", "per_example", "noise", "sampler", "divisible", "normaliser",
+             "accumulate")
 
 
 # The 8-device script (written to a temp dir and run by the `results` fixture).
@@ -246,7 +252,28 @@ def section_noise():
   out8, n8 = run(optax_dp.sharded_clipped_grads(const_loss, C, mesh=mesh, method="vmap"), True)
   out1, n1 = run(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")), False)
   A["noise/8"], A["noise/1"] = out8, out1
-  return {"E": E, "sigma": sigma, "C": C, "steps": [n8, n1]}
+  # Accumulation, k = 4: the per-device sums of reduce=False accumulated by
+  # dp_accumulate(mesh=) on 8 devices, and clipped_grads + dp_accumulate on 1.
+  k, logical = 4, 4
+  def run_acc(grad_fn, shard, acc_mesh):
+    tx = optax_dp.dp_accumulate(
+        optax_dp.dp_aggregate(C, sigma, 11, expected_batch_size=E * k), k, mesh=acc_mesh)
+    @jax.jit
+    def step(state, batch, mask):
+      return tx.update(grad_fn(params, batch, mask), state, params)
+    state, outs = tx.init(params), []
+    for batch, mask in physical_batches(k * logical, seed=19):
+      if shard:
+        batch, mask = jax.device_put((batch, mask), SHARD)
+      out, state = step(state, batch, mask)
+      outs.append(np.concatenate([np.ravel(np.asarray(l)) for l in jax.tree.leaves(out)]))
+    return np.stack(outs), int(state.inner_state.step)
+  acc8, m8 = run_acc(optax_dp.sharded_clipped_grads(const_loss, C, mesh=mesh, method="vmap",
+                                                    reduce=False), True, mesh)
+  acc1, m1 = run_acc(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")), False, None)
+  A["noise/acc8"], A["noise/acc1"] = acc8, acc1
+  return {"E": E, "sigma": sigma, "C": C, "steps": [n8, n1], "acc_k": k,
+          "acc_steps": [m8, m1]}
 
 
 def section_sampler():
@@ -317,6 +344,75 @@ def section_normaliser():
                                      for l in jax.tree.leaves(t))))
   return {"batch_size": [c8.batch_size, c1.batch_size], "rows": len(mask),
           "update_norm_ratio": norm(u8) / norm(u1), "leaf_names": leaf_names(params0)}
+
+
+def section_accumulate():
+  """Gradient accumulation (k = 4) on 8 devices: the per-device sums of
+  sharded_clipped_grads(reduce=False) accumulated by dp_accumulate(mesh=)
+  == the default (an all-reduce every physical batch) == 1 device; the
+  compiled train steps (this CNN and the tutorial CNN) as HLO text."""
+  K, E = 4, 13 * 4
+  batches = physical_batches(2 * K, seed=21)
+  # A real example with a NaN input in physical batch 1: its gradient is
+  # dropped and counted (nonfinite_examples), on every path.
+  (x, y), mask = batches[1]
+  x = x.copy()
+  x[np.flatnonzero(mask)[0]] = np.nan
+  batches[1] = ((x, y), mask)
+  def tx(acc_mesh):
+    inner = optax.chain(optax_dp.dp_aggregate(C, SIGMA, 7, expected_batch_size=E),
+                        optax.sgd(LR, momentum=0.9))
+    return optax_dp.dp_accumulate(inner, K, mesh=acc_mesh)
+  runs = {
+      "per_device": (optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh, reduce=False),
+                     mesh, True),
+      "per_batch": (optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh), None, True),
+      "one_device": (optax_dp.clipped_grads(loss_fn, C), None, False),
+  }
+  res, steps = {"leaf_names": leaf_names(params0), "k": K}, {}
+  for name, (grad_fn, acc_mesh, shard) in runs.items():
+    step, state = make_step(grad_fn), new_state(tx(acc_mesh))
+    for batch, m in batches:
+      if shard:
+        batch, m = jax.device_put((batch, m), SHARD)
+      state = step(state, batch, m)
+    save(f"acc/{name}", state.params)
+    acc = jax.tree.leaves(state.opt_state.clipped_sum)
+    res[name] = {
+        "dp_steps": int(state.opt_state.inner_state[0].step),
+        "nonfinite": int(state.opt_state.inner_state[0].nonfinite_examples),
+        "micro_step": int(state.opt_state.micro_step),
+        "acc_shapes": [list(a.shape) for a in acc],
+        "acc_shard_shapes": [sorted({tuple(s.data.shape) for s in a.addressable_shards})
+                             for a in acc],
+        "moved": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params0))),
+    }
+    steps[name] = (step, state)
+  b8, m8 = jax.device_put(batches[0], SHARD)
+  res["hlo"] = {name: steps[name][0].lower(steps[name][1], b8, m8).compile().as_text()
+                for name in ("per_device", "per_batch")}
+  res["num_params"] = sum(int(np.size(l)) for l in jax.tree.leaves(params0))
+  # The tutorial CNN (824,458 parameters): compiled only, for the numbers in
+  # docs/multi_device.md.
+  cnn = models.TutorialCNN()
+  cnn_params = jax.tree.map(   # zeros: only the shapes matter (no init to compile)
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(cnn.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"])
+  def cnn_loss(params, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(
+        cnn.apply({"params": params}, x), y).mean()
+  cnn_batch = jax.device_put((jnp.zeros((16, 28, 28, 1)), jnp.zeros((16,), jnp.int32)), SHARD)
+  cnn_mask = jax.device_put(jnp.ones((16,), bool), SHARD)
+  res["tutorial_num_params"] = sum(int(np.size(l)) for l in jax.tree.leaves(cnn_params))
+  for name, reduce in (("per_device", False), ("per_batch", True)):
+    grad_fn = optax_dp.sharded_clipped_grads(cnn_loss, C, mesh=mesh, reduce=reduce)
+    state = train_state.TrainState.create(
+        apply_fn=cnn.apply, params=cnn_params, tx=tx(None if reduce else mesh))
+    res["hlo"]["tutorial_" + name] = make_step(grad_fn).lower(
+        state, cnn_batch, cnn_mask).compile().as_text()
+  return res
 
 
 for name in SECTIONS:
@@ -527,6 +623,34 @@ def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
   np.testing.assert_array_equal(out8, out1)
 
 
+def test_point3_accumulated_per_device_sums_are_noised_once_per_logical_batch(results):
+  """As above, with gradient accumulation: 16 physical batches of zero
+  gradients, k = 4, the per-device sums (reduce=False) accumulated by
+  dp_accumulate(mesh=) on 8 devices. The k - 1 held updates of each logical
+  batch are exactly zero, and the 4 released ones are the noise of one
+  dp_aggregate step each: z = update * kE / (sigma C) ~ N(0, 1), over
+  4 x 5120 = 20480 values, S = sum z^2 ~ chi2(n), band 5e-7 / 1 - 5e-7 (half
+  width ~5 sqrt(2 n) ~ 1e3, 5% of n): noise per physical batch summed (4 n),
+  per device (8 n) or both (32 n) is far outside. Bitwise the 1-device
+  dp_accumulate run's noise (same key, same logical step)."""
+  noise, arrays = _section(results, "noise")
+  acc8, acc1 = arrays["noise/acc8"], arrays["noise/acc1"]
+  k = noise["acc_k"]
+  assert noise["acc_steps"] == [4, 4]
+  assert acc8.shape == (4 * k, 5120)
+  held = np.array([(i + 1) % k != 0 for i in range(len(acc8))])
+  np.testing.assert_array_equal(acc8[held], 0.0)
+  z = acc8[~held].astype(np.float64) * k * noise["E"] / (noise["sigma"] * noise["C"])
+  n = z.size
+  assert n == 4 * 5120
+  s = float(np.sum(z * z))
+  lo, hi = stats.chi2.ppf(5e-7, n), stats.chi2.isf(5e-7, n)
+  assert lo < s < hi, (s / n, lo / n, hi / n)
+  assert lo > 0.5 * n and hi < 2 * n
+  assert not np.array_equal(acc8[k - 1], acc8[2 * k - 1])   # fresh noise per logical step
+  np.testing.assert_array_equal(acc8, acc1)
+
+
 # ---------------------------------------------------------------- point 4
 
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
@@ -664,3 +788,186 @@ def test_point7_sharded_batch_size_is_global_and_default_normaliser_matches_1_de
                       _leaves(arrays, "normaliser/sum1", names), names)
   _assert_same_params(_leaves(arrays, "normaliser/8", names),
                       _leaves(arrays, "normaliser/1", names), names)
+
+
+# ---------------------------------------------------------------- point 8
+# Gradient accumulation on 8 devices: per-device sums (sharded_clipped_grads
+# with reduce=False) accumulated by dp_accumulate(mesh=), one all-reduce per
+# logical batch.
+
+
+def test_point8_per_device_accumulation_equals_per_batch_all_reduce_and_1_device(results):
+  """2 logical steps of k = 4 physical 16-row batches (3 padding rows each,
+  and a real example with a NaN input in physical batch 1) through
+  TrainState + dp_accumulate(chain(dp_aggregate, sgd momentum)): the
+  per-device accumulation on 8 devices == the default sharded path (psum
+  every physical batch) == clipped_grads on 1 device, within RTOL/ATOL (same
+  noise; float32 summation order only). The NaN example is dropped and
+  counted once on every path. The accumulator stays split: each device holds
+  one (1, *param.shape) slice of the (8, *param.shape) per-device sums."""
+  acc, arrays = _section(results, "accumulate")
+  names, k = acc["leaf_names"], acc["k"]
+  for name in ("per_device", "per_batch", "one_device"):
+    run = acc[name]
+    assert run["dp_steps"] == 2 and run["micro_step"] == 0, (name, run)
+    assert run["nonfinite"] == 1, (name, run)
+    assert run["moved"] > 1e-2, (name, run)
+  got = _leaves(arrays, "acc/per_device", names)
+  for other in ("per_batch", "one_device"):
+    _assert_same_params(got, _leaves(arrays, f"acc/{other}", names), names)
+  for name in ("per_batch", "one_device"):   # the default layout: like params
+    assert all(len(shape) == len(shards[0]) for shape, shards in zip(
+        acc[name]["acc_shapes"], acc[name]["acc_shard_shapes"]))
+  per_device = acc["per_device"]
+  for shape, shards in zip(per_device["acc_shapes"], per_device["acc_shard_shapes"]):
+    assert shape[0] == 8, per_device["acc_shapes"]
+    assert shards == [[1] + shape[1:]], (shape, shards)
+  assert k == 4
+
+
+_CALLEE = re.compile(
+    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                "all-to-all")
+
+
+def _computations(hlo):
+  """`({computation name: [instruction lines]}, entry name)` of HLO text.
+
+  A computation starts with an unindented line ending in '{' (`%name (params)
+  -> type {`, `ENTRY %name ...`) and ends with '}'."""
+  comps, entry, name = {}, None, None
+  for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith((" ", "HloModule")):
+      head = line.split(" (", 1)[0]
+      name = head.removeprefix("ENTRY ").lstrip("%")
+      comps[name] = []
+      if head.startswith("ENTRY "):
+        entry = name
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      comps[name].append(line.strip())
+  return comps, entry
+
+
+def _is_all_reduce(line):
+  return " all-reduce(" in line or " all-reduce-start(" in line
+
+
+def _unconditional_all_reduces(comps, name):
+  """The all-reduce lines one run of computation `name` executes whatever
+  the predicates: its own and those of what it calls (fusions, reductions,
+  loops), but not those inside the branches of a `conditional`. An
+  all-reduce inside a loop body would run many times: refused."""
+  lines = []
+  for line in comps[name]:
+    if _is_all_reduce(line):
+      lines.append(line)
+    if " conditional(" in line:
+      continue
+    for callee in _CALLEE.findall(line):
+      inner = _unconditional_all_reduces(comps, callee)
+      assert not (inner and "body=" in line), f"all-reduce in a loop: {line[:200]}"
+      lines += inner
+  return lines
+
+
+def _all_reduces_anywhere(comps, name):
+  """Every all-reduce line reachable from `name`, through any branch."""
+  lines = [line for line in comps[name] if _is_all_reduce(line)]
+  for line in comps[name]:
+    callees = _CALLEE.findall(line)
+    for group in _BRANCHES.findall(line):
+      callees += [c.strip().lstrip("%") for c in group.split(",")]
+    for callee in callees:
+      lines += _all_reduces_anywhere(comps, callee)
+  return lines
+
+
+def _step_all_reduces(hlo):
+  """`(every_step, branches)`: the all-reduces the compiled train step runs on
+  every call, and, for each `conditional` of its entry computation whose
+  branches hold any, the all-reduces of each branch (in branch order)."""
+  comps, entry = _computations(hlo)
+  every_step = _unconditional_all_reduces(comps, entry)
+  branches = []
+  for line in comps[entry]:
+    if " conditional(" not in line:
+      continue
+    names = [c.strip().lstrip("%") for group in _BRANCHES.findall(line)
+             for c in group.split(",")]
+    names += re.findall(r"(?:true|false)_computation=%([\w.\-]+)", line)
+    per_branch = [_all_reduces_anywhere(comps, n) for n in names]
+    if any(per_branch):
+      branches.append(per_branch)
+  return every_step, branches
+
+
+def _elements(line):
+  return sum(math.prod(dims) for _, dims in _all_reduce_shapes(line))
+
+
+def test_hlo_computation_parser():
+  hlo = "\n".join([
+      "HloModule jit_step, entry_computation_layout={(f32[])->f32[]}",
+      "%add (a: f32[], b: f32[]) -> f32[] {",
+      "  ROOT %s = f32[] add(%a, %b)",
+      "}",
+      "%release (p: f32[4]) -> f32[4] {",
+      "  ROOT %all-reduce.1 = f32[4]{0} all-reduce(%p), to_apply=%add",
+      "}",
+      "%hold (p: f32[4]) -> f32[4] {",
+      "  ROOT %p = f32[4]{0} parameter(0)",
+      "}",
+      "ENTRY %main (x: f32[4], i: s32[]) -> f32[4] {",
+      "  %all-reduce.2 = f32[] all-reduce(%y), to_apply=%add",
+      "  ROOT %c = f32[4]{0} conditional(%i, %x, %x), branch_computations={%hold, %release}",
+      "}"])
+  every_step, branches = _step_all_reduces(hlo)
+  assert len(every_step) == 1 and _elements(every_step[0]) == 1
+  assert [len(b) for b in branches[0]] == [0, 1]
+  assert _elements(branches[0][1][0]) == 4
+
+
+@pytest.mark.parametrize("model", ["", "tutorial_"])
+def test_point8_one_gradient_sized_all_reduce_per_logical_batch(results, model):
+  """How the count is made: the train step (sharded_clipped_grads + TrainState
+  .apply_gradients through dp_accumulate(chain(dp_aggregate, sgd)), k = 4) is
+  ONE compiled function for all k physical batches; dp_accumulate's
+  `lax.cond(micro_step == k - 1, release, hold)` is a `conditional` of its
+  entry computation, whose branch 0 (hold) runs on k - 1 physical batches and
+  branch 1 (release) on the k-th. So the all-reduces of a logical batch are
+  k x (those outside any conditional) + (those of the release branch) + (k - 1)
+  x (those of the hold branch); "gradient-sized" means carrying at least
+  num_params elements.
+
+  reduce=False + dp_accumulate(mesh=): none outside the conditional, none in
+  hold, exactly one in release, carrying every parameter's sum (num_params
+  elements, + 1 for the non-finite count): ONE per logical batch, and no
+  other collective anywhere. The default path: one gradient-sized all-reduce
+  outside the conditional, none in its branches: k = 4 per logical batch."""
+  acc, _ = _section(results, "accumulate")
+  num_params = acc[model + "num_params"]
+  k = acc["k"]
+  new, old = acc["hlo"][model + "per_device"], acc["hlo"][model + "per_batch"]
+
+  every_step, branches = _step_all_reduces(new)
+  assert every_step == [], every_step
+  assert len(branches) == 1, branches
+  hold, release = branches[0]
+  assert hold == [], hold
+  assert len(release) == 1, release
+  assert _elements(release[0]) == num_params + 1, release[0][:300]
+  for op in _COLLECTIVES[1:]:
+    assert f" {op}(" not in new and f" {op}-start(" not in new, op
+  per_logical_new = k * len(every_step) + len(release) + (k - 1) * len(hold)
+
+  every_step, branches = _step_all_reduces(old)
+  assert len(every_step) == 1 and _elements(every_step[0]) == num_params + 1, every_step
+  assert branches == [], branches
+  per_logical_old = k * len(every_step)
+  assert (per_logical_new, per_logical_old) == (1, k)
+  if model:
+    assert num_params == 824_458   # docs/multi_device.md: 4 x 824,459 bytes per all-reduce

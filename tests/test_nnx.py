@@ -435,6 +435,33 @@ def test_dp_accumulate_takes_nnx_clipped_sums():
   assert _max_diff(_pure(model_a), _pure(model_b)) < 1e-6
 
 
+def test_dp_accumulate_takes_nnx_per_device_sums():
+  """sharded_clipped_grads(reduce=False) of an NNX model (one-device mesh)
+  through nnx.Optimizer and dp_accumulate(mesh=): the same update as the
+  global sums through dp_accumulate; dp_aggregate alone refuses them."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  model_a, model_b, model_c = Net(nnx.Rngs(0)), Net(nnx.Rngs(0)), Net(nnx.Rngs(0))
+  x, y = _batch()
+  global_fn = optax_dp.clipped_grads(loss_fn, C, method="vmap")
+  device_fn = optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh, method="vmap",
+                                             reduce=False)
+  inner = lambda: optax.chain(optax_dp.dp_aggregate(C, 0.0, 0, expected_batch_size=B),
+                              optax.sgd(LR))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    one = nnx.Optimizer(model_a, optax_dp.dp_accumulate(inner(), 2), wrt=nnx.Param)
+    acc = nnx.Optimizer(model_b, optax_dp.dp_accumulate(inner(), 2, mesh=mesh),
+                        wrt=nnx.Param)
+    plain = nnx.Optimizer(model_c, inner(), wrt=nnx.Param)
+  for rows in (slice(0, 3), slice(3, None)):
+    one.update(model_a, global_fn(model_a, (x[rows], y[rows])))
+    acc.update(model_b, device_fn(model_b, (x[rows], y[rows])))
+  assert _max_diff(_pure(model_a), _pure(model_b)) < 1e-6
+  assert _max_diff(_pure(model_b), _pure(Net(nnx.Rngs(0)))) > 1e-3
+  with pytest.raises(ValueError, match="not yet summed"):
+    plain.update(model_c, device_fn(model_c, (x, y)))
+
+
 def test_a_tree_mixing_clipped_sums_and_raw_gradients_is_refused():
   model = Net(nnx.Rngs(0))
   grads = nnx.as_pure(optax_dp.clipped_grads(loss_fn, C, method="vmap")(model, _batch()))

@@ -10,6 +10,7 @@ in training (eager shard_map dispatch is slow). Eight simulated devices (trap 1 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -103,3 +104,90 @@ def test_gather_sharded_batch_refuses_other_shardings(sharding):
   batch = optax_dp.Batch(indices=np.array([0, 1]), mask=np.array([True, True]))
   with pytest.raises(ValueError, match="splits the batch axis"):
     optax_dp.gather_sharded_batch({"x": np.ones((4, 2))}, batch, sharding(_mesh()))
+
+
+# Per-device sums (reduce=False) for dp_accumulate(mesh=): on this one-device
+# mesh the leading per-device axis has one entry; 8 devices, the equality with
+# the default path and the compiled all-reduce count: test_multi_device.py.
+
+
+def _accumulate(k, mesh=None, axis_name="data"):
+  inner = optax.chain(optax_dp.dp_aggregate(L2_NORM_CLIP, 1.0, 5, expected_batch_size=4 * k),
+                      optax.sgd(0.1, momentum=0.9))
+  return optax_dp.dp_accumulate(inner, k, mesh=mesh, axis_name=axis_name)
+
+
+def test_per_device_sums_have_a_leading_device_axis_and_the_global_batch_size():
+  params, batch, mask = _problem()
+  got = jax.jit(optax_dp.sharded_clipped_grads(_loss, L2_NORM_CLIP, mesh=_mesh(),
+                                               reduce=False))(params, batch, mask)
+  want = jax.jit(optax_dp.clipped_grads(_loss, L2_NORM_CLIP))(params, batch, mask)
+  assert got.unreduced_axis == "data" and want.unreduced_axis is None
+  assert got.batch_size == 6 and got.l2_norm_clip == L2_NORM_CLIP
+  assert got.nonfinite_examples.shape == (1,)
+  _close(jax.tree.map(lambda s: s[0], got.clipped_sum), want.clipped_sum)
+  values, _ = jax.jit(optax_dp.sharded_value_and_clipped_grads(
+      _loss, L2_NORM_CLIP, mesh=_mesh(), reduce=False))(params, batch, mask)
+  assert values.shape == (6,)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_dp_accumulate_of_per_device_sums_equals_dp_accumulate_of_global_sums(k):
+  """2 logical batches of k physical ones, jitted: the same parameters and
+  ledger (same key, float32 summation order only)."""
+  params, _, _ = _problem()
+  grad_fns = {None: optax_dp.clipped_grads(_loss, L2_NORM_CLIP),
+              _mesh(): optax_dp.sharded_clipped_grads(_loss, L2_NORM_CLIP, mesh=_mesh(),
+                                                      reduce=False)}
+  results = []
+  for mesh, grad_fn in grad_fns.items():
+    tx = _accumulate(k, mesh)
+
+    @jax.jit
+    def step(p, state, batch, mask, tx=tx, grad_fn=grad_fn):
+      updates, state = tx.update(grad_fn(p, batch, mask), state, p)
+      return optax.apply_updates(p, updates), state
+
+    p, state = params, tx.init(params)
+    for i in range(2 * k):
+      _, batch, mask = _problem()
+      batch = jax.tree.map(lambda x: x + i, batch)
+      p, state = step(p, state, batch, mask)
+    results.append((p, state))
+  (p1, s1), (p8, s8) = results
+  _close(p8, p1)
+  assert jax.tree.leaves(s8.clipped_sum)[0].shape[0] == 1
+  assert int(s8.micro_step) == int(s1.micro_step) == 0
+  assert int(s8.inner_state[0].step) == int(s1.inner_state[0].step) == 2
+
+
+def test_dp_aggregate_refuses_per_device_sums():
+  params, batch, mask = _problem()
+  clipped = optax_dp.sharded_clipped_grads(_loss, L2_NORM_CLIP, mesh=_mesh(),
+                                           reduce=False)(params, batch, mask)
+  tx = optax_dp.dp_aggregate(L2_NORM_CLIP, 1.0, 0, expected_batch_size=4)
+  for p in (params, None):
+    with pytest.raises(ValueError, match="not yet summed over mesh axis 'data'"):
+      tx.update(clipped, tx.init(params), p)
+    with pytest.raises(ValueError, match="not yet summed"):
+      jax.jit(tx.update)(clipped, tx.init(params), p)
+
+
+def test_dp_accumulate_refuses_sums_of_the_wrong_layout():
+  params, batch, mask = _problem()
+  per_device = optax_dp.sharded_clipped_grads(_loss, L2_NORM_CLIP, mesh=_mesh(),
+                                              reduce=False)(params, batch, mask)
+  global_sum = optax_dp.clipped_grads(_loss, L2_NORM_CLIP)(params, batch, mask)
+  plain, with_mesh = _accumulate(2), _accumulate(2, _mesh())
+  with pytest.raises(ValueError, match="built without mesh="):
+    plain.update(per_device, plain.init(params), params)
+  with pytest.raises(ValueError, match="got a global clipped sum"):
+    with_mesh.update(global_sum, with_mesh.init(params), params)
+  other_axis = _accumulate(2, jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",)),
+                           axis_name="batch")
+  with pytest.raises(ValueError, match="per-device sums on mesh axis 'data'"):
+    other_axis.update(per_device, other_axis.init(params), params)
+  with pytest.raises(ValueError, match="with axis 'model'"):
+    _accumulate(2, _mesh(), axis_name="model")
+  with pytest.raises(ValueError, match="reduce must be a bool"):
+    optax_dp.sharded_clipped_grads(_loss, L2_NORM_CLIP, mesh=_mesh(), reduce="no")
