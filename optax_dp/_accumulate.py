@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from optax_dp import _checks
 from optax_dp import _clipping
-from optax_dp import _sharding
+from optax_dp import _devices
 
 
 class DPAccumulateState(NamedTuple):
@@ -159,7 +159,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
           unreduced_axis=updates.unreduced_axis)
       # Per-device sums: the one all-reduce of the logical batch, before the
       # noise (dp_aggregate refuses an unreduced sum).
-      logical = _sharding.reduce_clipped_grads(logical, mesh)
+      logical = _devices.reduce_clipped_grads(logical, mesh)
       out, inner = tx.update(logical, state.inner_state, params)
       return (out, inner, jax.tree.map(jnp.zeros_like, acc),
               jnp.zeros_like(nonfinite), jnp.zeros([], jnp.int32))

@@ -6,10 +6,12 @@ without an import cycle.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 
 def varying_axes(tree: Any) -> tuple[str, ...]:
@@ -81,3 +83,33 @@ def local_params(params: Any, batch: Any, caller: str) -> Any:
     return make_varying(params, axes)
   _check_not_partitioned(batch, caller)
   return params
+
+
+def psum_clipped(clipped_sum, nonfinite, axis_name):
+  """Inside `shard_map`: the clipped sums and non-finite counts of all devices
+  on `axis_name`, summed in ONE all-reduce (the count rides along as float32,
+  exact below 2**24)."""
+  summed, count = jax.lax.psum((clipped_sum, nonfinite.astype(jnp.float32)), axis_name)
+  return summed, count.astype(jnp.int32)
+
+
+def reduce_clipped_grads(clipped: Any, mesh: jax.sharding.Mesh) -> Any:
+  """The global `ClippedGrads` of per-device ones (`reduce=False`): sums the
+  per-device clipped sums and non-finite counts over `clipped.unreduced_axis`
+  of `mesh` in one all-reduce; the result is replicated, for `dp_aggregate`.
+  A `ClippedGrads` that is already global is returned as it is.
+
+  Privacy contract: the sum covers every device's rows, so the noise that
+  `dp_aggregate` adds next is added once, to the global clipped sum.
+  """
+  axis = clipped.unreduced_axis
+  if axis is None:
+    return clipped
+
+  def local(summed, nonfinite):
+    return psum_clipped(jax.tree.map(lambda x: x[0], summed), nonfinite[0], axis)
+
+  summed, nonfinite = jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P())(
+      clipped.clipped_sum, clipped.nonfinite_examples)
+  return dataclasses.replace(clipped, clipped_sum=summed, nonfinite_examples=nonfinite,
+                             unreduced_axis=None)

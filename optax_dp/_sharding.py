@@ -27,7 +27,6 @@ The examples below use a one-device mesh, `Mesh(np.array(jax.devices()[:1]),
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional, Unpack
 
 import chex
@@ -38,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from optax_dp import _batches
 from optax_dp import _clipped
+from optax_dp import _devices
 from optax_dp import _nnx
 from optax_dp import _per_example
 
@@ -135,7 +135,7 @@ def sharded_value_and_clipped_grads(
   def local(params, batch, mask):
     values, clipped = local_fn(params, batch, mask)
     if reduce:
-      summed, nonfinite = _psum_clipped(
+      summed, nonfinite = _devices.psum_clipped(
           clipped.clipped_sum, clipped.nonfinite_examples, axis_name)
     else:   # this device's own sum: one row of a leading per-device axis
       summed, nonfinite = jax.tree.map(
@@ -162,37 +162,6 @@ def sharded_value_and_clipped_grads(
                              params, batch, mask)
 
   return fn
-
-
-def _psum_clipped(clipped_sum, nonfinite, axis_name):
-  """Inside `shard_map`: the clipped sums and non-finite counts of all devices
-  on `axis_name`, summed in ONE all-reduce (the count rides along as float32,
-  exact below 2**24)."""
-  summed, count = jax.lax.psum((clipped_sum, nonfinite.astype(jnp.float32)), axis_name)
-  return summed, count.astype(jnp.int32)
-
-
-def reduce_clipped_grads(clipped: _clipped.ClippedGrads,
-                         mesh: jax.sharding.Mesh) -> _clipped.ClippedGrads:
-  """The global `ClippedGrads` of per-device ones (`reduce=False`): sums the
-  per-device clipped sums and non-finite counts over `clipped.unreduced_axis`
-  of `mesh` in one all-reduce; the result is replicated, for `dp_aggregate`.
-  A `ClippedGrads` that is already global is returned as it is.
-
-  Privacy contract: the sum covers every device's rows, so the noise that
-  `dp_aggregate` adds next is added once, to the global clipped sum.
-  """
-  axis = clipped.unreduced_axis
-  if axis is None:
-    return clipped
-
-  def local(summed, nonfinite):
-    return _psum_clipped(jax.tree.map(lambda x: x[0], summed), nonfinite[0], axis)
-
-  summed, nonfinite = jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P())(
-      clipped.clipped_sum, clipped.nonfinite_examples)
-  return dataclasses.replace(clipped, clipped_sum=summed, nonfinite_examples=nonfinite,
-                             unreduced_axis=None)
 
 
 def sharded_clipped_grads(
