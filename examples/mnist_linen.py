@@ -63,7 +63,10 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
   With a `mesh` (several devices), the batch is split over its "data" axis:
   each device clips its own examples and only the clipped sum crosses devices
   (`optax_dp.sharded_value_and_clipped_grads` / `sharded_per_example_grads`);
-  the noise is then drawn once, as on one device.
+  the noise is then drawn once, as on one device. With gradient accumulation
+  the devices keep their own clipped sums (`reduce=False`) and
+  `dp_accumulate(..., mesh=accumulation_mesh(...))` all-reduces them once per
+  logical batch.
 
   `clipping="per-example"` materialises per-example gradients and lets
   `dp_aggregate` clip them; the other values use `optax_dp.clipped_grads`
@@ -85,9 +88,10 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
   elif mesh is None:
     grad_fn = optax_dp.value_and_clipped_grads(loss_fn, l2_norm_clip, method=clipping,
                                                has_aux=True)
-  else:
+  else:   # with accumulation: each device's own sums, all-reduced once per logical batch
     grad_fn = optax_dp.sharded_value_and_clipped_grads(
-        loss_fn, l2_norm_clip, mesh=mesh, method=clipping, has_aux=True)
+        loss_fn, l2_norm_clip, mesh=mesh, method=clipping, has_aux=True,
+        reduce=accumulation_steps == 1)
 
   @jax.jit
   def train_step(state, images, labels, mask):
@@ -97,6 +101,13 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
     return state, jnp.sum(losses) / real, jnp.sum(accuracies * mask) / real
 
   return train_step
+
+
+def accumulation_mesh(mesh, clipping):
+  """The `mesh=` of `dp_accumulate`: the devices' mesh where each device
+  accumulates its own clipped sums (the clipped-sum paths on several
+  devices), None where the sums it gets are global."""
+  return None if clipping == "per-example" else mesh
 
 
 def make_nonprivate_train_step(loss_fn):
@@ -255,13 +266,27 @@ def save_checkpoint(directory, state, step, settings):
       shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
-def restore_checkpoint(directory, state_like):
+def restore_checkpoint(directory, state_like, mesh=None):
+  """The latest checkpoint of `directory`, restored like `state_like`. With a
+  `mesh` (several devices), arrays placed on it keep their placement (e.g.
+  dp_accumulate's per-device sums) and the others are replicated over it, as
+  a data-parallel step takes them."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   step = latest_checkpoint(directory)
   if step is None:
     raise SystemExit(f"--resume {directory}: no checkpoint (step_*) in it.")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+
+  def like(x):
+    struct = ocp.utils.to_shape_dtype_struct(x)
+    sharding = getattr(struct, "sharding", None)
+    if mesh is None or not isinstance(struct, jax.ShapeDtypeStruct) or (
+        isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh):
+      return struct   # (a Python scalar is restored as it is)
+    return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+
+  abstract = jax.tree.map(like, state_like)
   restored = ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), f"step_{step}"), abstract)
   return restored, step
@@ -326,7 +351,7 @@ def main(argv=None):
     budget_steps = budget.max_steps
     tx = _cli_common.make_private_tx(args, budget, noise_key, sgd)
     if k > 1:
-      tx = optax_dp.dp_accumulate(tx, k)
+      tx = optax_dp.dp_accumulate(tx, k, mesh=accumulation_mesh(mesh, args.clipping))
     train_step = make_private_train_step(loss_fn, args.l2_norm_clip, args.clipping, k,
                                          mesh)
 
@@ -337,7 +362,7 @@ def main(argv=None):
 
   start_step = 0
   if args.resume:
-    state, start_step = restore_checkpoint(args.resume, state)
+    state, start_step = restore_checkpoint(args.resume, state, mesh)
     print(f"Resumed from {args.resume} at step {start_step}.")
     if start_step > args.steps:
       _cli_common.fail(f"the checkpoint is at step {start_step} > --steps {args.steps}.")

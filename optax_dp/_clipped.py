@@ -6,6 +6,7 @@ from typing import Any, Optional, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from optax_dp import _bookkeeping
 from optax_dp import _checks
@@ -144,6 +145,9 @@ def value_and_clipped_grads(
     if wrt is not None:
       raise ValueError("clipped_grads(wrt=...) selects the variables of a Flax "
                        "NNX model; these params are a plain pytree.")
+    route = _devices.batch_route(batch)
+    if route is not None:
+      return on_devices(fn, route)(params, batch, mask)
     batch_size = _per_example.batch_rows(batch)
     params = _devices.local_params(params, batch, "clipped_grads")
     mask = (jnp.ones((batch_size,), bool) if mask is None
@@ -161,6 +165,51 @@ def value_and_clipped_grads(
                                 l2_norm_clip=l2_norm_clip, batch_size=batch_size)
 
   return fn
+
+
+def on_devices(fn: _per_example.BatchGradFn, route: _devices.BatchRoute,
+               reduce: bool = True) -> _per_example.BatchGradFn:
+  """`fn(params, batch, mask) -> (values, ClippedGrads)` run on each device of
+  `route` for its slice of the batch, inside `jax.shard_map` (parameters
+  replicated, batch and mask split along `route.axes`), the clipped sums and
+  non-finite counts then summed across those devices in ONE all-reduce: the
+  only cross-device traffic. The result is the global batch's `ClippedGrads`,
+  replicated, so the `dp_aggregate` that follows draws the noise once. With
+  `reduce=False` (one axis only) each device's own sum instead, stacked on a
+  leading per-device axis and marked `unreduced_axis` (for `dp_accumulate(...,
+  mesh=)`). The builders route here by themselves (`_devices.batch_route`);
+  `sharded_value_and_clipped_grads` with its mesh.
+
+  Privacy contract: every real row of the global batch is clipped once, on
+  one device; the reduced sum equals the one-device sum up to float
+  summation order."""
+  if not reduce and len(route.axes) != 1:
+    raise ValueError(f"per-device sums need one mesh axis, got {route.axes}.")
+
+  def local(params, batch, mask):
+    values, clipped = fn(params, batch, mask)
+    if reduce:
+      summed, nonfinite = _devices.psum_clipped(
+          clipped.clipped_sum, clipped.nonfinite_examples, route.axes)
+    else:   # this device's own sum: one row of a leading per-device axis
+      summed, nonfinite = jax.tree.map(
+          lambda x: x[None], (clipped.clipped_sum, clipped.nonfinite_examples))
+    return values, ClippedGrads(
+        clipped_sum=summed, nonfinite_examples=nonfinite,
+        l2_norm_clip=clipped.l2_norm_clip,
+        batch_size=clipped.batch_size * route.devices,
+        unreduced_axis=None if reduce else route.axes[0])
+
+  def run(params, batch, mask=None):
+    mask = (jnp.ones((_per_example.batch_rows(batch),), bool) if mask is None
+            else mask)
+    spec = route.spec()
+    params, (batch, mask) = (_devices.on_route(params, route, P()),
+                             _devices.on_route((batch, mask), route, spec))
+    return jax.shard_map(local, mesh=route.mesh, in_specs=(P(), spec, spec),
+                         out_specs=(spec, P() if reduce else spec))(params, batch, mask)
+
+  return run
 
 
 def clipped_grads(

@@ -7,10 +7,12 @@ without an import cycle.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
@@ -39,15 +41,139 @@ def make_varying(tree: Any, axes: tuple[str, ...]) -> Any:
   return jax.tree.map(cast, tree)
 
 
+class BatchRoute(NamedTuple):
+  """Where a batch split across devices is routed: `jax.shard_map` over
+  `axes` of `mesh` (a `Mesh` or `AbstractMesh`), the batch's leading axis
+  split along them."""
+  mesh: Any
+  axes: tuple[str, ...]
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.mesh.shape[a] for a in self.axes)
+
+  def spec(self) -> P:
+    """The batch's `PartitionSpec`: leading axis split along `axes`."""
+    return P(self.axes[0] if len(self.axes) == 1 else self.axes)
+
+
+def _leading_axes(spec: P) -> tuple[str, ...]:
+  entries = tuple(spec)
+  first = entries[0] if entries else None
+  if first is None:
+    return ()
+  return (first,) if isinstance(first, str) else tuple(first)
+
+
+def _leaf_layout(leaf) -> Optional[tuple[Any, tuple[str, ...], bool]]:
+  """`(abstract mesh, leading-axis mesh axes, certain)` of one batch leaf, or
+  None where it is on no mesh of several devices. `certain` is False where
+  the split of the leading axis is the partitioner's to choose (a traced
+  array on a mesh with Auto axes: its type does not say)."""
+  if jnp.ndim(leaf) == 0:
+    return None
+  if isinstance(leaf, jax.core.Tracer):
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+  elif isinstance(leaf, jax.Array):
+    sharding = leaf.sharding          # concrete: the spec is the real one
+  else:
+    return None                       # host data: jit places it on one device
+  if not isinstance(sharding, NamedSharding) or sharding.mesh.size <= 1:
+    return None
+  mesh = sharding.mesh   # concrete for a concrete array (eager calls need it)
+  axes = _leading_axes(sharding.spec)
+  certain = not isinstance(leaf, jax.core.Tracer) or all(
+      kind == AxisType.Explicit or mesh.shape[name] == 1
+      for name, kind in zip(mesh.axis_names, mesh.axis_types))
+  return mesh, axes, certain or bool(axes)
+
+
+def _abstract(mesh):
+  return getattr(mesh, "abstract_mesh", mesh)
+
+
+def batch_route(batch: Any) -> Optional[BatchRoute]:
+  """The per-device route for a batch split (or splittable) across devices
+  outside `shard_map`, or None: run as on one device.
+
+  Decided at trace time from the batch's types, so the routing costs nothing
+  per step:
+
+  * a concrete `jax.Array`, or a traced one on a mesh in explicit-sharding
+    mode (`AxisType.Explicit`), says which mesh axes split its leading axis:
+    the route is over those (None if it is not split);
+  * a traced array on a mesh with Auto axes does not: XLA's partitioner
+    decides, at compile time, whether to split it. If the mesh has exactly one
+    Auto axis with several devices and the rows divide among them, the route
+    is over that axis (the batch is split there, whatever its placement:
+    the result is the same, and the per-example work is then data-parallel);
+    otherwise None, and `local_params`'s compile-time check refuses the batch
+    if the partitioner does split it.
+
+  None also inside `shard_map` (the batch is already per device), for a batch
+  on one device or host memory, for leaves on different meshes or split along
+  different axes, and for rows that do not divide among the route's devices.
+  """
+  if varying_axes(batch):
+    return None
+  layouts = [layout for layout in map(_leaf_layout, jax.tree.leaves(batch)) if layout]
+  if not layouts:
+    return None
+  if len({_abstract(mesh) for mesh, _, _ in layouts}) != 1:
+    return None
+  split = {axes for _, axes, _ in layouts if axes}
+  if len(split) > 1:
+    return None
+  concrete = [mesh for mesh, _, _ in layouts if isinstance(mesh, jax.sharding.Mesh)]
+  mesh = concrete[0] if concrete else layouts[0][0]
+  if split:
+    axes = split.pop()
+  elif all(certain for _, _, certain in layouts):
+    return None                       # replicated, and known to stay so
+  else:
+    auto = [name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+            if kind == AxisType.Auto and mesh.shape[name] > 1]
+    if len(auto) != 1:
+      return None
+    axes = (auto[0],)
+  route = BatchRoute(mesh, axes)
+  rows = jnp.shape(jax.tree.leaves(batch)[0])[0]
+  return route if rows % route.devices == 0 else None
+
+
+def on_route(tree: Any, route: BatchRoute, spec: P) -> Any:
+  """`tree` placed as `spec` on the route's mesh where its type says otherwise,
+  on a mesh in explicit-sharding mode, whose `shard_map` takes only matching
+  inputs (e.g. a mask made inside the step, or replicated parameters); on
+  Auto axes `shard_map` places its inputs itself."""
+  if not any(kind == AxisType.Explicit for kind in route.mesh.axis_types):
+    return tree
+
+  def place(x):
+    x = jnp.asarray(x)
+    want = P(*(tuple(spec) + (None,) * x.ndim)[:x.ndim])
+    sharding = jax.typeof(x).sharding
+    if sharding.mesh == _abstract(route.mesh) and sharding.spec == want:
+      return x
+    return jax.reshard(x, NamedSharding(route.mesh, want))
+
+  return jax.tree.map(place, tree)
+
+
 def _partitioned_error(caller: str) -> ValueError:
   return ValueError(
       f"{caller}: the batch is split across devices by XLA's partitioner "
-      "(a sharded jax.Array under jax.jit, outside shard_map). XLA computes "
+      "(a sharded jax.Array under jax.jit, outside shard_map) in a way optax_dp "
+      "cannot route to its per-device path: its mesh has several Auto axes "
+      "of more than one device (the batch's types do not say which one splits "
+      "it), or its rows do not divide among the devices. XLA computes "
       "per-example gradients of convolutions wrongly there (jax 0.10.2; see "
       "docs/multi_device.md), which would break the clipping bound silently. "
-      "Use optax_dp.sharded_clipped_grads(loss_fn, l2_norm_clip, mesh=mesh) "
-      "(or sharded_per_example_grads), which computes per-example work on each "
-      "device and all-reduces only the clipped sum.")
+      "Use optax_dp.sharded_clipped_grads(loss_fn, l2_norm_clip, mesh=mesh, "
+      "axis_name=...) (or sharded_per_example_grads), or JAX's explicit "
+      "sharding (jax.make_mesh(..., axis_types=(AxisType.Explicit, ...))), "
+      "whose types say how the batch is split; pad the batch with "
+      "optax_dp.pad_batch_for_devices.")
 
 
 def _check_not_partitioned(batch: Any, caller: str) -> None:

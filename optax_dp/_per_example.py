@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Protocol, TypeVar
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from optax_dp import _devices
 from optax_dp import _nnx
@@ -235,6 +236,9 @@ def value_and_per_example_grads(
     if wrt is not None:
       raise ValueError("per_example_grads(wrt=...) selects the variables of a "
                        "Flax NNX model; these params are a plain pytree.")
+    route = _devices.batch_route(batch)
+    if route is not None:
+      return on_devices(fn, route)(params, batch, mask)
     batch_size = batch_rows(batch)
     params = _devices.local_params(params, batch, "per_example_grads")
     with no_cross_example_layers("per_example_grads"):
@@ -254,6 +258,24 @@ def value_and_per_example_grads(
     return values, grads
 
   return fn
+
+
+def on_devices(fn: BatchGradFn, route: _devices.BatchRoute) -> BatchGradFn:
+  """`fn(params, batch, mask) -> (values, per-example grads)` run on each
+  device of `route` for its slice of the batch, inside `jax.shard_map`
+  (parameters replicated, the batch, mask and results split along
+  `route.axes`): the per-example work XLA's partitioner never touches (see
+  `optax_dp._sharding`). The builders route here by themselves
+  (`_devices.batch_route`); `sharded_per_example_grads` with its mesh."""
+  def run(params, batch, mask=None):
+    mask = jnp.ones((batch_rows(batch),), bool) if mask is None else mask
+    spec = route.spec()
+    params, (batch, mask) = (_devices.on_route(params, route, P()),
+                             _devices.on_route((batch, mask), route, spec))
+    return jax.shard_map(fn, mesh=route.mesh, in_specs=(P(), spec, spec),
+                         out_specs=(spec, spec))(params, batch, mask)
+
+  return run
 
 
 def per_example_grads(

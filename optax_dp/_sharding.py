@@ -18,8 +18,12 @@ partitioner cannot touch it (`sharded_clipped_grads`,
 `sharded_per_example_grads`), (b) casts parameters and every other
 differentiated value to device-varying whenever the batch is varying, so even
 a hand-written `shard_map` around `per_example_grads` or `clipped_grads` is
-right, and (c) refuses, at compile time, a batch that XLA has partitioned
-across devices outside `shard_map`.
+right, (c) routes the one-device builders (`clipped_grads`,
+`per_example_grads`, ...) to the same per-device path by themselves when
+their batch is on a mesh under `jax.jit` (`_devices.batch_route`: a
+`NamedSharding` on a mesh of one Auto axis, or explicit sharding), and (d)
+refuses, at compile time, a batch that XLA has partitioned across devices
+outside `shard_map` where that routing is impossible.
 
 The examples below use a one-device mesh, `Mesh(np.array(jax.devices()[:1]),
 ("data",))`; with more devices only the mesh changes.
@@ -33,17 +37,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from optax_dp import _batches
 from optax_dp import _clipped
 from optax_dp import _devices
 from optax_dp import _nnx
 from optax_dp import _per_example
-
-
-def _default_mask(batch):
-  return jnp.ones((_per_example.batch_rows(batch),), bool)
 
 
 def _check_divisible(batch, mesh, axis_name, caller):
@@ -129,21 +128,9 @@ def sharded_value_and_clipped_grads(
     raise ValueError(f"reduce must be a bool, got {reduce!r}.")
   options = dict(options)
   wrt = options.pop("wrt", None)  # NNX: chosen outside shard_map, by _nnx.call
-  local_fn = _clipped.value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
-  devices = mesh.shape[axis_name]
-
-  def local(params, batch, mask):
-    values, clipped = local_fn(params, batch, mask)
-    if reduce:
-      summed, nonfinite = _devices.psum_clipped(
-          clipped.clipped_sum, clipped.nonfinite_examples, axis_name)
-    else:   # this device's own sum: one row of a leading per-device axis
-      summed, nonfinite = jax.tree.map(
-          lambda x: x[None], (clipped.clipped_sum, clipped.nonfinite_examples))
-    return values, _clipped.ClippedGrads(
-        clipped_sum=summed, nonfinite_examples=nonfinite,
-        l2_norm_clip=clipped.l2_norm_clip, batch_size=clipped.batch_size * devices,
-        unreduced_axis=None if reduce else axis_name)
+  on_devices = _clipped.on_devices(
+      _clipped.value_and_clipped_grads(loss_fn, l2_norm_clip, **options),
+      _devices.BatchRoute(mesh, (axis_name,)), reduce)
 
   def fn(params, batch, mask=None):
     if _nnx.is_module(params):
@@ -156,10 +143,7 @@ def sharded_value_and_clipped_grads(
           loss_fn, params, batch, mask, wrt, "sharded_clipped_grads")
       return values, _nnx.as_optimizer_grads(clipped)
     _check_divisible(batch, mesh, axis_name, "sharded_clipped_grads")
-    mask = _default_mask(batch) if mask is None else mask
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis_name), P(axis_name)),
-                         out_specs=(P(axis_name), P() if reduce else P(axis_name)))(
-                             params, batch, mask)
+    return on_devices(params, batch, mask)
 
   return fn
 
@@ -236,15 +220,14 @@ def sharded_per_example_grads(
     >>> grads.tolist()
     [[3.0, 4.0], [0.0, 0.5]]
   """
-  local_fn = _per_example.value_and_per_example_grads(
-      loss_fn, has_aux=has_aux, microbatch_size=microbatch_size)
+  on_devices = _per_example.on_devices(
+      _per_example.value_and_per_example_grads(
+          loss_fn, has_aux=has_aux, microbatch_size=microbatch_size),
+      _devices.BatchRoute(mesh, (axis_name,)))
 
   def fn(params, batch, mask=None):
     _check_divisible(batch, mesh, axis_name, "sharded_per_example_grads")
-    mask = _default_mask(batch) if mask is None else mask
-    return jax.shard_map(local_fn, mesh=mesh,
-                         in_specs=(P(), P(axis_name), P(axis_name)),
-                         out_specs=(P(axis_name), P(axis_name)))(params, batch, mask)
+    return on_devices(params, batch, mask)
 
   return fn
 

@@ -149,6 +149,28 @@ def test_eight_devices_train_the_same_model(tmp_path, straight_run):
   assert proc.returncode == 2 and "device" in proc.stderr
 
 
+@pytest.mark.slow
+def test_eight_devices_accumulate_per_device_and_resume_the_same_model(tmp_path, straight_run):
+  # 8 devices and 2 physical batches per logical batch: each device keeps its
+  # own clipped sums (sharded_clipped_grads(reduce=False)), dp_accumulate(mesh=)
+  # all-reduces them once per logical batch; stopped after step 2 and resumed
+  # from the orbax checkpoint (the per-device accumulator included) in a fresh
+  # process, the run ends on the 1-device, unaccumulated model.
+  eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  ckpt = tmp_path / "ckpt"
+  first, stdout = _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir",
+                       str(ckpt), "--devices", "8", "--accumulation-steps", "2", *LEDGER,
+                       env=eight, name="first")
+  assert first["steps"] == 2 and first["devices"] == 8
+  words = shlex.split(stdout.rstrip().splitlines()[-1])
+  assert words[words.index("--devices") + 1] == "8"
+  second, stdout = _run(tmp_path, *words[2:], env=eight, name="second")
+  assert "Resumed" in stdout and second["resumed_from_step"] == 2
+  assert second["steps"] == 4 and second["accumulation_steps"] == 2
+  assert second["epsilon"] == straight_run["epsilon"]
+  assert second["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # The Flax NNX twin, examples/mnist_nnx.py: the same CNN, the same ledger.
 

@@ -15,7 +15,11 @@ Acceptance points (the multi-device issue):
      padding, accumulation with dp_accumulate).
   2. sharded per-example gradients == a single-example loop; trap 1 (XLA's
      partitioner) and trap 2 (vmap(grad) inside shard_map without pcast) are
-     real in this jax; the guard refuses a partitioned batch.
+     real in this jax; the guard refuses a partitioned batch it cannot route.
+  1-4 also hold for the jit-sharded path: the one-device builders
+     (clipped_grads, per_example_grads) in a plain jax.jit step, fed a batch
+     on NamedSharding(mesh, P("data")) or on an explicit-sharding mesh, route
+     themselves to the per-device path.
   3. the noise of the 8-device update has variance (sigma*C/E)^2 (added once)
      and equals the 1-device noise bitwise.
   4. the compiled step has exactly one all-reduce, carrying every parameter.
@@ -51,7 +55,7 @@ pytest.importorskip("flax")   # the model under test is a flax.linen CNN
 
 _REPO = Path(__file__).resolve().parent.parent
 _SECTIONS = ("train", "per_example", "noise", "sampler", "divisible", "normaliser",
-             "accumulate")
+             "accumulate", "nnx")
 
 
 # The 8-device script (written to a temp dir and run by the `results` fixture).
@@ -78,6 +82,9 @@ R, A = {}, {}
 assert jax.device_count() == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()), ("data",))
 SHARD = NamedSharding(mesh, P("data"))
+# JAX's explicit-sharding mode: the batch's type says it is split on "data".
+SHARD_EXPLICIT = NamedSharding(
+    jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,)), P("data"))
 
 
 model = models.SmallCNN(4, 3)
@@ -119,6 +126,11 @@ def make_step(grad_fn):
   return step
 
 
+def all_reduce_lines(hlo):
+  return [line.strip() for line in hlo.splitlines()
+          if " all-reduce(" in line or "all-reduce-start(" in line]
+
+
 def new_state(tx):
   return train_state.TrainState.create(apply_fn=model.apply, params=params0, tx=tx)
 
@@ -158,17 +170,25 @@ def section_train():
       return optax_dp.dp_accumulate(t, k) if k > 1 else t
     step8 = make_step(optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh, method=method))
     step1 = make_step(optax_dp.clipped_grads(loss_fn, C, method=method))
-    s8, s1 = new_state(tx()), new_state(tx())
+    # The jit-sharded path: the one-device builder, under jax.jit, fed the
+    # batch on NamedSharding(mesh, P("data")) (Auto axes) and on a mesh in
+    # explicit-sharding mode; it routes itself to the per-device path.
+    s8, s1, sj, sx = (new_state(tx()) for _ in range(4))
     for batch, mask in batches[:3 * k]:
       b8 = jax.device_put(batch, SHARD)
       m8 = jax.device_put(mask, SHARD)
       s8 = step8(s8, b8, m8)
       s1 = step1(s1, batch, mask)
+      sj = step1(sj, b8, m8)
+      sx = step1(sx, *jax.device_put((batch, mask), SHARD_EXPLICIT))
     save(f"train/{name}/8", s8.params)
     save(f"train/{name}/1", s1.params)
+    save(f"train/{name}/jit8", sj.params)
+    save(f"train/{name}/explicit8", sx.params)
     res[name] = {
-        "steps": [int(s8.step), int(s1.step)],
+        "steps": [int(s8.step), int(s1.step), int(sj.step), int(sx.step)],
         "param_devices": len(jax.tree.leaves(s8.params)[0].sharding.device_set),
+        "jit_param_devices": len(jax.tree.leaves(sj.params)[0].sharding.device_set),
         "moved": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                      for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(params0))),
     }
@@ -177,9 +197,25 @@ def section_train():
       batch, mask = batches[0]
       hlo = step8.lower(s8, jax.device_put(batch, SHARD), jax.device_put(mask, SHARD)
                         ).compile().as_text()
-      res[name]["all_reduce_lines"] = [
-          line.strip() for line in hlo.splitlines()
-          if " all-reduce(" in line or "all-reduce-start(" in line]
+      res[name]["all_reduce_lines"] = all_reduce_lines(hlo)
+      res[name]["jit_all_reduce_lines"] = all_reduce_lines(step1.lower(
+          sj, jax.device_put(batch, SHARD), jax.device_put(mask, SHARD)).compile().as_text())
+  # Per-example gradients, jit-sharded, into dp_aggregate (which clips them).
+  def pe_step(state, batch, mask):
+    return state.apply_gradients(grads=optax_dp.per_example_grads(loss_fn)(
+        state.params, batch, mask))
+  pe_step = jax.jit(pe_step)
+  pe_tx = lambda: optax.chain(optax_dp.dp_aggregate(C, SIGMA, 7, expected_batch_size=E),
+                              optax.sgd(LR, momentum=0.9))
+  sj, s1 = new_state(pe_tx()), new_state(pe_tx())
+  for batch, mask in batches[:3]:
+    sj = pe_step(sj, *jax.device_put((batch, mask), SHARD))
+    s1 = pe_step(s1, batch, mask)
+  save("train/per_example_k1/jit8", sj.params)
+  save("train/per_example_k1/1", s1.params)
+  res["per_example_k1"] = {"steps": [int(sj.step), int(s1.step)],
+                           "jit_param_devices": len(
+                               jax.tree.leaves(sj.params)[0].sharding.device_set)}
   res["leaf_names"] = leaf_names(params0)
   res["param_shapes"] = [list(np.shape(l)) for l in jax.tree.leaves(params0)]
   return res
@@ -214,15 +250,28 @@ def section_per_example():
                                  out_specs=P("data")))
   save("pe/trap2_naive", sm(lambda p, b: jax.vmap(jax.grad(single_loss), in_axes=(None, 0))(p, b))(params0, b8))
   save("pe/trap2_optax_dp", sm(lambda p, b: optax_dp.per_example_grads(loss_fn)(p, b))(params0, b8))
-  # The guard: the unsharded-API functions on a partitioned batch, under jit
-  # (refused at compile time from a callback, so the error arrives wrapped in
-  # a JaxRuntimeError) and eagerly (a concrete sharded array: ValueError).
+  # The one-device builders on the sharded batch route themselves to the
+  # per-device path: under jit (Auto axes, and explicit sharding) and eagerly.
+  pe = optax_dp.per_example_grads(loss_fn)
+  save("pe/jit8", jax.jit(pe)(params0, b8))
+  save("pe/eager8", pe(params0, b8))
+  save("pe/explicit8", jax.jit(pe)(params0, jax.device_put((x, y), SHARD_EXPLICIT)))
+  save("pe/jit8_masked", jax.jit(pe)(params0, b8, jax.device_put(mask, SHARD)))
+  res["jit8_devices"] = len(jax.tree.leaves(jax.jit(pe)(params0, b8))[0].sharding.device_set)
+  # The guard, where routing is impossible: under jit, a 4 x 2 mesh of two
+  # Auto axes (the batch's type does not say which splits it; refused at
+  # compile time from a callback, so the error arrives wrapped in a
+  # JaxRuntimeError), and eagerly, inputs split along different axes.
+  mesh42 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  b42 = jax.device_put((x, y), NamedSharding(mesh42, P("data")))
+  mixed = (jax.device_put(x, NamedSharding(mesh42, P("data"))),
+           jax.device_put(y, NamedSharding(mesh42, P("model"))))
   res["guard"] = {}
   for name, fn in [("per_example_grads", optax_dp.per_example_grads(loss_fn)),
                    ("clipped_grads", optax_dp.clipped_grads(loss_fn, C))]:
-    for mode, f in [("jit", jax.jit(fn)), ("eager", fn)]:
+    for mode, f, batch in [("jit", jax.jit(fn), b42), ("eager", fn, mixed)]:
       try:
-        jax.block_until_ready(f(params0, b8))
+        jax.block_until_ready(f(params0, batch))
         res["guard"][f"{name}/{mode}"] = {"raised": False}
       except Exception as e:
         res["guard"][f"{name}/{mode}"] = {
@@ -251,7 +300,8 @@ def section_noise():
     return np.stack(outs), int(state.step)
   out8, n8 = run(optax_dp.sharded_clipped_grads(const_loss, C, mesh=mesh, method="vmap"), True)
   out1, n1 = run(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")), False)
-  A["noise/8"], A["noise/1"] = out8, out1
+  outj, nj = run(optax_dp.clipped_grads(const_loss, C, method="vmap"), True)  # jit-sharded
+  A["noise/8"], A["noise/1"], A["noise/jit8"] = out8, out1, outj
   # Accumulation, k = 4: the per-device sums of reduce=False accumulated by
   # dp_accumulate(mesh=) on 8 devices, and clipped_grads + dp_accumulate on 1.
   k, logical = 4, 4
@@ -271,9 +321,10 @@ def section_noise():
   acc8, m8 = run_acc(optax_dp.sharded_clipped_grads(const_loss, C, mesh=mesh, method="vmap",
                                                     reduce=False), True, mesh)
   acc1, m1 = run_acc(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")), False, None)
-  A["noise/acc8"], A["noise/acc1"] = acc8, acc1
-  return {"E": E, "sigma": sigma, "C": C, "steps": [n8, n1], "acc_k": k,
-          "acc_steps": [m8, m1]}
+  accj, mj = run_acc(optax_dp.clipped_grads(const_loss, C, method="vmap"), True, None)
+  A["noise/acc8"], A["noise/acc1"], A["noise/acc_jit8"] = acc8, acc1, accj
+  return {"E": E, "sigma": sigma, "C": C, "steps": [n8, n1, nj], "acc_k": k,
+          "acc_steps": [m8, m1, mj]}
 
 
 def section_sampler():
@@ -368,6 +419,8 @@ def section_accumulate():
                      mesh, True),
       "per_batch": (optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh), None, True),
       "one_device": (optax_dp.clipped_grads(loss_fn, C), None, False),
+      # jit-sharded: the one-device builder fed the sharded batch (routed).
+      "jit_sharded": (optax_dp.clipped_grads(loss_fn, C), None, True),
   }
   res, steps = {"leaf_names": leaf_names(params0), "k": K}, {}
   for name, (grad_fn, acc_mesh, shard) in runs.items():
@@ -413,6 +466,42 @@ def section_accumulate():
     res["hlo"]["tutorial_" + name] = make_step(grad_fn).lower(
         state, cnn_batch, cnn_mask).compile().as_text()
   return res
+
+
+def section_nnx():
+  """A Flax NNX model with dropout, clipped_grads under nnx.jit, the batch on
+  NamedSharding(mesh, P("data")) (Auto) and on an explicit-sharding mesh,
+  vmap and fast paths: the grads (an nnx.State) of the 1-device call."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.lin = nnx.Linear(144, 3, rngs=rngs)
+
+    def __call__(self, x):
+      x = self.drop(jax.nn.relu(self.conv(x)))
+      return self.lin(x.reshape(x.shape[0], -1))
+
+  def nnx_loss(model, batch):
+    x, y = batch
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+  def grads(batch, mask, method):
+    model = Net(nnx.Rngs(0))   # the same weights and dropout streams each call
+    step = nnx.jit(lambda m, b, k: optax_dp.clipped_grads(nnx_loss, 1.0, method=method)(m, b, k))
+    return step(model, batch, mask)
+
+  (x, y), mask = physical_batches(1, seed=31)[0]
+  names = None
+  for method in ("vmap", "auto"):
+    save(f"nnx/{method}/1", grads((x, y), mask, method))
+    for path, sharding in (("jit8", SHARD), ("explicit8", SHARD_EXPLICIT)):
+      got = grads(*jax.device_put(((x, y), mask), sharding), method)
+      save(f"nnx/{method}/{path}", got)
+      names = leaf_names(got)
+  return {"leaf_names": names}
 
 
 for name in SECTIONS:
@@ -502,11 +591,40 @@ def test_point1_8_device_trainstate_steps_equal_1_device(results, run):
   assert train["clipped_count"] >= 1 and train["unclipped_count"] >= 1, train
   info = train[run]
   steps = 6 if run.endswith("k2") else 3
-  assert info["steps"] == [steps, steps]
+  assert info["steps"] == [steps] * 4
   assert info["param_devices"] == 8          # the 8-device run ran on 8 devices
   assert info["moved"] > 1e-2                # training moved the parameters
   _assert_same_params(_leaves(arrays, f"train/{run}/8", names),
                       _leaves(arrays, f"train/{run}/1", names), names)
+
+
+@pytest.mark.parametrize("run", ["vmap_k1", "auto_k1", "auto_k2"])
+def test_point1_jit_sharded_trainstate_steps_equal_1_device(results, run):
+  """The same runs with the ONE-device builder, `clipped_grads(loss_fn, C,
+  method=...)` in a plain jax.jit step, fed the batch and mask placed on
+  NamedSharding(mesh, P("data")) (Auto axes: XLA's partitioner would split
+  it) and on a mesh in JAX's explicit-sharding mode: both route themselves to
+  the per-device path and equal the 1-device run (and its noise: same key).
+  The routed step runs on all 8 devices."""
+  train, arrays = _section(results, "train")
+  names = train["leaf_names"]
+  info = train[run]
+  assert info["jit_param_devices"] == 8
+  want = _leaves(arrays, f"train/{run}/1", names)
+  for path in ("jit8", "explicit8"):
+    _assert_same_params(_leaves(arrays, f"train/{run}/{path}", names), want, names)
+
+
+def test_point1_jit_sharded_per_example_grads_into_dp_aggregate_equal_1_device(results):
+  """per_example_grads (vmap, materialised) in a plain jax.jit step on the
+  sharded batch and mask, clipped and noised by dp_aggregate: 3 steps equal
+  the 1-device run."""
+  train, arrays = _section(results, "train")
+  names = train["leaf_names"]
+  info = train["per_example_k1"]
+  assert info["steps"] == [3, 3] and info["jit_param_devices"] == 8
+  _assert_same_params(_leaves(arrays, "train/per_example_k1/jit8", names),
+                      _leaves(arrays, "train/per_example_k1/1", names), names)
 
 
 # ---------------------------------------------------------------- point 2
@@ -539,6 +657,29 @@ def test_point2_sharded_per_example_grads_equal_single_example_loop(results):
     np.testing.assert_array_equal(masked[~mask], 0.0, err_msg=name)
     np.testing.assert_allclose(masked[mask], ref[mask], rtol=PE_RTOL,
                                atol=PE_RTOL * scale, err_msg=name)
+
+
+def test_point2_jit_sharded_per_example_grads_equal_single_example_loop(results):
+  """per_example_grads(loss_fn), the one-device builder, on the batch placed
+  with NamedSharding(mesh, P("data")): under jax.jit, eagerly, and on a mesh in
+  explicit-sharding mode, it routes itself to the per-device path and equals
+  the single-example loop (trap 1 would make the conv kernel's rows wrong by
+  O(1)); with a mask, padding rows are zero. The result stays split on 8
+  devices."""
+  pe, arrays = _section(results, "per_example")
+  names = pe["leaf_names"]
+  assert pe["jit8_devices"] == 8
+  mask = arrays["pe/mask"]
+  for path in ("jit8", "eager8", "explicit8"):
+    for name, got, ref in zip(names, _leaves(arrays, f"pe/{path}", names),
+                              _leaves(arrays, "pe/ref", names)):
+      np.testing.assert_allclose(got, ref, rtol=PE_RTOL, atol=PE_RTOL * np.max(np.abs(ref)),
+                                 err_msg=f"{path} {name}")
+  for name, got, ref in zip(names, _leaves(arrays, "pe/jit8_masked", names),
+                            _leaves(arrays, "pe/ref", names)):
+    np.testing.assert_array_equal(got[~mask], 0.0, err_msg=name)
+    np.testing.assert_allclose(got[mask], ref[mask], rtol=PE_RTOL,
+                               atol=PE_RTOL * np.max(np.abs(ref)), err_msg=name)
 
 
 def test_point2_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(results):
@@ -580,11 +721,12 @@ def test_point2_trap2_vmap_grad_in_shard_map_needs_pcast(results):
 
 @pytest.mark.parametrize("mode", ["jit", "eager"])
 @pytest.mark.parametrize("fn", ["per_example_grads", "clipped_grads"])
-def test_point2_guard_refuses_a_partitioned_batch(results, fn, mode):
-  """optax_dp.<fn>(loss_fn) on a batch placed with NamedSharding(mesh,
-  P("data")) raises: under jax.jit at compile time (from the
-  inspect_array_sharding callback; JAX wraps it in a JaxRuntimeError, so only
-  the text is matched), eagerly a ValueError."""
+def test_point2_guard_refuses_a_partitioned_batch_it_cannot_route(results, fn, mode):
+  """optax_dp.<fn>(loss_fn) on a batch it cannot route raises: under jax.jit,
+  a batch on a 4 x 2 mesh of two Auto axes, which the partitioner splits
+  (refused at compile time from the inspect_array_sharding callback; JAX
+  wraps it in a JaxRuntimeError, so only the text is matched); eagerly,
+  inputs split along different mesh axes (a ValueError)."""
   pe, _ = _section(results, "per_example")
   guard = pe["guard"][f"{fn}/{mode}"]
   assert guard["raised"], f"{fn} ({mode}) ran on a batch partitioned by XLA"
@@ -592,6 +734,20 @@ def test_point2_guard_refuses_a_partitioned_batch(results, fn, mode):
     assert guard["type"] == "ValueError", guard["type"]
   assert "partitioner" in guard["message"], guard["message"][:2000]
   assert "sharded_clipped_grads" in guard["message"]       # it says what to use
+
+
+@pytest.mark.parametrize("method", ["vmap", "auto"])
+def test_point1_jit_sharded_nnx_clipped_grads_equal_1_device(results, method):
+  """Flax NNX (a conv, dropout, a dense layer): clipped_grads under nnx.jit on
+  the sharded batch and mask (Auto axes, and explicit sharding) equals the
+  1-device call, dropout masks included: each example's random stream is
+  numbered on the global batch, before the per-device split."""
+  nnx_res, arrays = _section(results, "nnx")
+  names = nnx_res["leaf_names"]
+  want = _leaves(arrays, f"nnx/{method}/1", names)
+  assert any(np.max(np.abs(w)) > 1e-3 for w in want)
+  for path in ("jit8", "explicit8"):
+    _assert_same_params(_leaves(arrays, f"nnx/{method}/{path}", names), want, names)
 
 
 # ---------------------------------------------------------------- point 3
@@ -608,19 +764,21 @@ def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
   summed 8 times 64 n), no noise S = 0: both far outside the band (its half
   width is ~5 sqrt(2 n) ~ 1.4e3, i.e. 3.5% of n)."""
   noise, arrays = _section(results, "noise")
-  out8, out1 = arrays["noise/8"], arrays["noise/1"]
-  assert noise["steps"] == [8, 8]
-  assert out8.shape == (8, 5120)
-  z = out8.astype(np.float64) * noise["E"] / (noise["sigma"] * noise["C"])
-  n = z.size
-  s = float(np.sum(z * z))
-  lo, hi = stats.chi2.ppf(5e-7, n), stats.chi2.isf(5e-7, n)
-  assert lo < s < hi, (s / n, lo / n, hi / n)
-  assert lo > 0.5 * n and hi < 2 * n       # the band rejects 8x (and 0)
-  # Steps draw fresh noise (not the same vector every step).
-  assert not np.array_equal(out8[0], out8[1])
-  # Same key, same step: the 8-device noise is the 1-device noise, bit for bit.
-  np.testing.assert_array_equal(out8, out1)
+  out1 = arrays["noise/1"]
+  assert noise["steps"] == [8, 8, 8]
+  # sharded_clipped_grads, and clipped_grads fed the sharded batch under jit.
+  for out8 in (arrays["noise/8"], arrays["noise/jit8"]):
+    assert out8.shape == (8, 5120)
+    z = out8.astype(np.float64) * noise["E"] / (noise["sigma"] * noise["C"])
+    n = z.size
+    s = float(np.sum(z * z))
+    lo, hi = stats.chi2.ppf(5e-7, n), stats.chi2.isf(5e-7, n)
+    assert lo < s < hi, (s / n, lo / n, hi / n)
+    assert lo > 0.5 * n and hi < 2 * n       # the band rejects 8x (and 0)
+    # Steps draw fresh noise (not the same vector every step).
+    assert not np.array_equal(out8[0], out8[1])
+    # Same key, same step: the 8-device noise is the 1-device noise, bit for bit.
+    np.testing.assert_array_equal(out8, out1)
 
 
 def test_point3_accumulated_per_device_sums_are_noised_once_per_logical_batch(results):
@@ -632,11 +790,18 @@ def test_point3_accumulated_per_device_sums_are_noised_once_per_logical_batch(re
   4 x 5120 = 20480 values, S = sum z^2 ~ chi2(n), band 5e-7 / 1 - 5e-7 (half
   width ~5 sqrt(2 n) ~ 1e3, 5% of n): noise per physical batch summed (4 n),
   per device (8 n) or both (32 n) is far outside. Bitwise the 1-device
-  dp_accumulate run's noise (same key, same logical step)."""
+  dp_accumulate run's noise (same key, same logical step). The same for
+  clipped_grads fed the sharded batch under jit (routed; summed across
+  devices every physical batch) into dp_accumulate."""
   noise, arrays = _section(results, "noise")
-  acc8, acc1 = arrays["noise/acc8"], arrays["noise/acc1"]
+  acc1 = arrays["noise/acc1"]
   k = noise["acc_k"]
-  assert noise["acc_steps"] == [4, 4]
+  assert noise["acc_steps"] == [4, 4, 4]
+  for acc8 in (arrays["noise/acc8"], arrays["noise/acc_jit8"]):
+    _check_accumulated_noise(acc8, acc1, k, noise)
+
+
+def _check_accumulated_noise(acc8, acc1, k, noise):
   assert acc8.shape == (4 * k, 5120)
   held = np.array([(i + 1) % k != 0 for i in range(len(acc8))])
   np.testing.assert_array_equal(acc8[held], 0.0)
@@ -673,11 +838,17 @@ def test_all_reduce_shape_parser():
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1"])
 def test_point4_compiled_step_has_one_all_reduce_of_all_parameters(results, run):
   """The compiled 8-device train step (sharded_clipped_grads + dp_aggregate +
-  sgd with momentum, in TrainState.apply_gradients) communicates once: one
+  sgd with momentum, in TrainState.apply_gradients; and the same step with
+  the one-device clipped_grads fed the sharded batch, routed) communicates
+  once: one
   all-reduce, whose operands are every parameter leaf's clipped sum (plus
   the scalar count of non-finite examples), and nothing else."""
   train, _ = _section(results, "train")
-  lines = train[run]["all_reduce_lines"]
+  for lines in (train[run]["all_reduce_lines"], train[run]["jit_all_reduce_lines"]):
+    _check_one_all_reduce_of_all_parameters(lines, train)
+
+
+def _check_one_all_reduce_of_all_parameters(lines, train):
   assert len(lines) == 1, lines
   shapes = _all_reduce_shapes(lines[0])
   params = Counter(("f32", tuple(s)) for s in train["param_shapes"])
@@ -807,15 +978,15 @@ def test_point8_per_device_accumulation_equals_per_batch_all_reduce_and_1_device
   one (1, *param.shape) slice of the (8, *param.shape) per-device sums."""
   acc, arrays = _section(results, "accumulate")
   names, k = acc["leaf_names"], acc["k"]
-  for name in ("per_device", "per_batch", "one_device"):
+  for name in ("per_device", "per_batch", "one_device", "jit_sharded"):
     run = acc[name]
     assert run["dp_steps"] == 2 and run["micro_step"] == 0, (name, run)
     assert run["nonfinite"] == 1, (name, run)
     assert run["moved"] > 1e-2, (name, run)
   got = _leaves(arrays, "acc/per_device", names)
-  for other in ("per_batch", "one_device"):
+  for other in ("per_batch", "one_device", "jit_sharded"):
     _assert_same_params(got, _leaves(arrays, f"acc/{other}", names), names)
-  for name in ("per_batch", "one_device"):   # the default layout: like params
+  for name in ("per_batch", "one_device", "jit_sharded"):   # the default layout: like params
     assert all(len(shape) == len(shards[0]) for shape, shards in zip(
         acc[name]["acc_shapes"], acc[name]["acc_shard_shapes"]))
   per_device = acc["per_device"]
