@@ -33,6 +33,11 @@ import optax_dp
 import _common
 
 OPTAX_DP_ROWS = ("non_private", "optax_dp_auto", "optax_dp_vmap")
+# DP-BandMF (optax_dp_auto's step with dp_aggregate(noise_strategy=...)), for
+# the memory of its noise buffers: bands copies of the parameters. The
+# strategy is built for BANDMF_STEPS steps (its size does not depend on them).
+BANDMF_ROWS = ("optax_dp_bandmf1", "optax_dp_bandmf8")
+BANDMF_STEPS = 1000
 # The Flax NNX twins: nnx.Optimizer steps on an nnx.Module (its state split
 # out, so that the row is a pure (state, opt_state, batch) step like the others).
 NNX_ROWS = ("nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap")
@@ -71,14 +76,18 @@ def optax_dp_row(name: str, loss_fn: LossFn, batch_size: int,
   loss_fn, C, method="auto")` (book-keeping; a ClippedGrads for dp_aggregate),
   `optax_dp_vmap`: `optax_dp.per_example_grads(loss_fn)`, both followed by
   chain(dp_aggregate(C, sigma, key, expected_batch_size=B), SGD).
+  `optax_dp_bandmf{b}` (BANDMF_ROWS): optax_dp_auto's step with DP-BandMF
+  noise of b bands.
   """
   if name == "non_private":
     return make_row(sgd(), jax.grad(loss_fn))
-  if name not in OPTAX_DP_ROWS:
-    raise ValueError(f"unknown row {name!r}; choose from {OPTAX_DP_ROWS}")
+  if name not in OPTAX_DP_ROWS + BANDMF_ROWS:
+    raise ValueError(f"unknown row {name!r}; choose from {OPTAX_DP_ROWS + BANDMF_ROWS}")
+  strategy = (optax_dp.bandmf_strategy(BANDMF_STEPS, int(name[len("optax_dp_bandmf"):]))
+              if name in BANDMF_ROWS else None)
   tx = optax.chain(
       optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
-                            expected_batch_size=batch_size),
+                            expected_batch_size=batch_size, noise_strategy=strategy),
       sgd())
   if name == "optax_dp_vmap":
     return make_row(tx, optax_dp.per_example_grads(loss_fn))

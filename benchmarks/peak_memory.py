@@ -53,11 +53,15 @@ import _common  # pylint: disable=wrong-import-position
 
 ROWS = ("import_only", "non_private", "optax_dp_auto", "optax_dp_vmap",
         "optax_contrib", "jax_privacy",
-        "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap")
+        "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap",
+        "optax_dp_bandmf1", "optax_dp_bandmf8")
 PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy", "nnx_optax_dp_vmap")
 MODELS = ("cnn", "gru", "lstm", "transformer")
 # The peers' rows exist for the CNN only (step_time.py).
 PEER_ROWS = ("optax_contrib", "jax_privacy")
+# DP-BandMF's rows (1 and 8 bands: the difference is 7 copies of the
+# parameters' noise buffers), for the CNN only, like the peers'.
+BANDMF_ROWS = ("optax_dp_bandmf1", "optax_dp_bandmf8")
 DEFAULT_BATCH_SIZES = (256, 2048)
 VMAP_SAFETY = 2.5     # measured peak / (B x params x 4 bytes) is about 2 for vmap
 
@@ -78,7 +82,8 @@ class Workload(NamedTuple):
 
 def rows_of(model: str) -> tuple[str, ...]:
   """The rows that `model` has (the peers' rows for the CNN only)."""
-  return ROWS if model == "cnn" else tuple(r for r in ROWS if r not in PEER_ROWS)
+  return ROWS if model == "cnn" else tuple(
+      r for r in ROWS if r not in PEER_ROWS + BANDMF_ROWS)
 
 
 def workload(model: str) -> Workload:
@@ -121,6 +126,9 @@ def one_row(row: str, batch_size: int, steps: int, model: str = "cnn") -> None:
     if row.startswith("nnx_"):   # the NNX model's state (the same model)
       params = w.nnx_state(row, batch_size, _common.NOISE_MULTIPLIER)
     opt_state = r.init(params)
+    if row in BANDMF_ROWS:   # the DP-BandMF noise buffers held in the state
+      out["noise_state_bytes"] = int(sum(
+          x.nbytes for x in jax.tree.leaves(opt_state[0].noise_state)))
     step = jax.jit(r.step, donate_argnums=(0, 1))
     times = []
     for _ in range(steps):

@@ -129,7 +129,7 @@ def build_row(name: str, batch_size: int, noise_multiplier: float,
   """Returns (opt init, train step) for one row. Same math in every DP row."""
   if name in _jax_common.NNX_ROWS:
     return _nnx_row(name, batch_size, noise_multiplier, l2_norm_clip)[0]
-  if name in _jax_common.OPTAX_DP_ROWS:
+  if name in _jax_common.OPTAX_DP_ROWS + _jax_common.BANDMF_ROWS:
     return _jax_common.optax_dp_row(name, loss_fn, batch_size, noise_multiplier,
                                     l2_norm_clip)
   peers = {"optax_contrib": _optax_contrib_row, "jax_privacy": _jax_privacy_row}

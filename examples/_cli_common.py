@@ -55,6 +55,13 @@ def add_training_flags(p, *, steps_help):
                  help="poisson (default; amplified accounting), fixed (fixed-size "
                       "batches drawn each step; RDP, replace-one) or shuffle (epoch "
                       "shuffling; no amplification: far more epsilon)")
+  p.add_argument("--noise", choices=("gaussian", "bandmf"), default="gaussian",
+                 help="gaussian (default: DP-SGD, fresh noise each step) or bandmf "
+                      "(DP-BandMF: noise correlated across --bands steps, with "
+                      "cyclic Poisson sampling over --bands groups; needs jax-privacy)")
+  p.add_argument("--bands", type=int, default=1,
+                 help="--noise bandmf: the strategy's bands (each example is "
+                      "eligible every this many steps; default: %(default)s)")
 
 
 def add_budget_flags(p):
@@ -146,10 +153,24 @@ def load_data(args):
 
 
 def make_sampler(args, dataset_size, budget_steps):
-  """The run's sampler; Poisson gets a static maximum fixed by the budget."""
+  """The run's sampler; Poisson gets a static maximum fixed by the budget.
+  --noise bandmf: cyclic Poisson over --bands groups, which makes the budget
+  (and dp_aggregate with it) account for and add DP-BandMF noise."""
+  noise, bands = getattr(args, "noise", "gaussian"), getattr(args, "bands", 1)
+  if noise == "gaussian" and bands != 1:
+    fail(f"--bands {bands} needs --noise bandmf (DP-SGD's noise has no bands).")
+  if noise == "bandmf" and args.sampler != "poisson":
+    fail(f"--noise bandmf needs cyclic Poisson sampling: it is accounted only for "
+         f"that (--sampler poisson, the default), not --sampler {args.sampler}.")
   if args.sampler == "poisson":
     max_batch_size = getattr(args, "max_batch_size", None) or (
         optax_dp.poisson_max_batch_size(dataset_size, args.batch_size, budget_steps))
+    if noise == "bandmf":
+      try:
+        return optax_dp.CyclicPoissonSampler(dataset_size, args.batch_size, max_batch_size,
+                                             pad_to_multiple_of=32, bands=bands)
+      except ValueError as e:
+        fail(f"--noise bandmf --bands {bands}: {e}")
     return optax_dp.PoissonSampler(dataset_size, args.batch_size, max_batch_size,
                                    pad_to_multiple_of=32)
   return optax_dp.make_sampler(args.sampler, dataset_size=dataset_size,
@@ -374,6 +395,7 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "steps", "steps_this_run", "resumed_from_step", "budget_steps",
              "batch_size", "accumulation_steps", "devices", "seconds", "l2_norm_clip",
              "sampler", "neighboring_relation", "accountant", "clipping", "private",
+             "noise", "bands",
              # train.py's recipe runs:
              "recipe", "dataset", "model", "evaluated_on", "ema_decay",
              "augmentation_multiplicity", "dataset_size", "features", "epochs",
@@ -405,6 +427,8 @@ def make_record(args, budget, sampler, *, epsilon, test_accuracy, test_loss, ste
       "seconds": seconds,
       "l2_norm_clip": args.l2_norm_clip,
       "sampler": sampler.name,
+      "noise": None if args.no_dp else getattr(args, "noise", "gaussian"),
+      "bands": getattr(args, "bands", 1),
       "neighboring_relation": sampler.neighboring_relation if budget else None,
       "accountant": budget.accountant if budget else None,
       "clipping": None if args.no_dp else args.clipping,

@@ -144,7 +144,8 @@ def evaluate(loss_fn, params, images, labels, chunk=1000):
 # mechanism the privacy ledger accounts for (or the noise stream and data order).
 RUN_SETTINGS = ("batch_size", "learning_rate", "momentum", "l2_norm_clip",
                 "rescale_to_unit_norm", "epsilon", "delta", "accountant", "seed",
-                "no_dp", "sampler", "accumulation_steps", "noise_multiplier")
+                "no_dp", "sampler", "accumulation_steps", "noise_multiplier",
+                "noise", "bands")
 
 
 def build_parser():
@@ -228,12 +229,13 @@ def _apply_saved_settings(parser, args):
     saved = json.load(f)
   for name in RUN_SETTINGS:
     given, default = getattr(args, name), parser.get_default(name)
-    if given != default and given != saved[name]:
+    was = saved.get(name, default)   # (runs saved before a setting existed: its default)
+    if given != default and given != was:
       parser.error(
           f"--{name.replace('_', '-')} {given} conflicts with the resumed run's "
-          f"{saved[name]!r}: a run's sampler, noise, clipping and data order cannot "
+          f"{was!r}: a run's sampler, noise, clipping and data order cannot "
           "change midway without breaking its privacy accounting.")
-    setattr(args, name, saved[name])
+    setattr(args, name, was)
   args.budget_steps = saved["budget_steps"]
   args.max_batch_size = saved["max_batch_size"]
   if args.checkpoint_dir is None:

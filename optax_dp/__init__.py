@@ -45,6 +45,7 @@ from optax_dp._bookkeeping import clipping_plan
 from optax_dp._clipped import value_and_clipped_grads
 from optax_dp._aggregate import dp_aggregate
 from optax_dp._aggregate import dpsgd
+from optax_dp._correlated import bandmf_strategy
 from optax_dp._per_example import per_example_grads
 from optax_dp._per_example import value_and_per_example_grads
 from optax_dp._sharding import gather_sharded_batch
@@ -53,6 +54,7 @@ from optax_dp._sharding import sharded_clipped_grads
 from optax_dp._sharding import sharded_per_example_grads
 from optax_dp._sharding import sharded_value_and_clipped_grads
 from optax_dp._batches import Batch
+from optax_dp._sampling import CyclicPoissonSampler
 from optax_dp._sampling import FixedBatchSampler
 from optax_dp._batches import PoissonBatch
 from optax_dp._sampling import PoissonSampler
@@ -76,6 +78,7 @@ __all__ = (
     "Batch",
     "ClipOptions",
     "ClippedGrads",
+    "CyclicPoissonSampler",
     "SamplingArgs",
     "DPAccumulateState",
     "DPAggregateState",
@@ -88,6 +91,7 @@ __all__ = (
     "PrivacyBudget",
     "PrivacyBudgetExceededError",
     "ShuffleSampler",
+    "bandmf_strategy",
     "calibrate_noise_multiplier",
     "clip_and_sum",
     "clipped_grads",

@@ -18,6 +18,7 @@ import optax
 from optax_dp import _checks
 from optax_dp import _clipping
 from optax_dp import _composition
+from optax_dp import _correlated
 from optax_dp import _keys
 
 
@@ -57,10 +58,15 @@ class DPAggregateState(NamedTuple):
       NaN or inf (or a squared norm that overflows float32) and whose
       contribution was therefore dropped (set to zero). This count depends on
       the data: it is a debugging aid, not something to publish.
+    noise_state: DP-BandMF only (`()` for DP-SGD): per parameter leaf, the
+      streaming state of the correlated noise, `(index, buffers)` with
+      `bands` buffers of the leaf's shape (`optax_dp._correlated`). A
+      function of the key and the steps so far; its index must equal `step`.
   """
   noise_key: jax.Array
   step: jax.Array
   nonfinite_examples: jax.Array
+  noise_state: Any = ()
 
 
 def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_overrun):
@@ -90,6 +96,41 @@ def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_
         "budget.")
   return budget.noise_multiplier, normaliser, (
       None if allow_budget_overrun else budget.max_steps)
+
+
+def _resolve_noise_strategy(noise_strategy, budget, allow_budget_overrun):
+  """The DP-BandMF strategy of the run, or None for DP-SGD's i.i.d. noise.
+
+  A budget whose sampler has bands (`CyclicPoissonSampler`) decides it: the
+  strategy for its `max_steps` and bands, the mechanism its accounting is
+  about. A strategy with any other budget is refused: the budget's epsilon
+  would not be that of the noise that runs."""
+  bands = getattr(getattr(budget, "sampler", None), "bands", None)
+  if noise_strategy is not None and not all(
+      hasattr(noise_strategy, a) for a in ("n", "bands", "inverse_as_streaming_matrix")):
+    raise ValueError(
+        "noise_strategy must be a DP-BandMF strategy from optax_dp.bandmf_strategy"
+        f"(steps, bands), got {type(noise_strategy).__name__}.")
+  if budget is None or bands is None:
+    if budget is not None and noise_strategy is not None:
+      raise ValueError(
+          "dp_aggregate got a noise_strategy (DP-BandMF) and a budget whose sampler "
+          f"({type(budget.sampler).__name__}) is accounted for DP-SGD's independent "
+          "noise: that epsilon would not be the run's. Build the budget with "
+          "sampler=optax_dp.CyclicPoissonSampler(..., bands=B) and omit noise_strategy.")
+    return noise_strategy
+  if allow_budget_overrun:
+    raise ValueError(
+        "allow_budget_overrun=True with DP-BandMF (a CyclicPoissonSampler budget): "
+        f"the noise strategy is built for the budget's {budget.max_steps} steps and "
+        "has no rows past them. Build the budget for the steps you will run.")
+  strategy = noise_strategy or _correlated.bandmf_strategy(budget.max_steps, bands)
+  if (strategy.n, strategy.bands) != (budget.max_steps, bands):
+    raise ValueError(
+        f"dp_aggregate got a noise_strategy for {strategy.n} steps and "
+        f"{strategy.bands} bands, but the budget is for {budget.max_steps} steps of "
+        f"a {bands}-band cyclic sampler: omit noise_strategy (the budget builds it).")
+  return strategy
 
 
 def _as_clipped(updates, params, l2_norm_clip: float):
@@ -152,6 +193,7 @@ def dp_aggregate(
     rescale_to_unit_norm: bool = False,
     budget: Optional[_Budget] = None,
     allow_budget_overrun: bool = False,
+    noise_strategy: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """DP-SGD's clip-sum-noise-normalise step, as an optax transformation.
 
@@ -231,6 +273,19 @@ def dp_aggregate(
     budget: an `optax_dp.PrivacyBudget`; see above.
     allow_budget_overrun: continue past `budget.max_steps` (the epsilon
       reported by `budget.epsilon_spent` then exceeds the budget's target).
+      Refused with DP-BandMF (its strategy has no rows past them).
+    noise_strategy: DP-BandMF's correlated noise instead of independent noise:
+      a strategy from `optax_dp.bandmf_strategy(steps, bands)`. Update t then
+      adds `(C^{-1} z)_t`, for the i.i.d. draws `z` DP-SGD would add (same
+      key, same scale) and the banded strategy matrix `C` (column norm 1);
+      the state carries `bands` buffers of the parameters' size; step
+      `steps + 1` is refused. Leave it out with a budget: a budget whose
+      sampler is `optax_dp.CyclicPoissonSampler(..., bands=B)` builds the
+      strategy for its `max_steps` and B bands, the mechanism its epsilon is
+      about (`bands=1`: DP-SGD's noise, bit for bit). Without a budget,
+      account with that sampler yourself (`compute_epsilon(...,
+      sampler=CyclicPoissonSampler(...))`): BandMF's epsilon is right only
+      for cyclic Poisson batches (Choquette-Choo et al. 2023).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `DPAggregateState`.
@@ -247,6 +302,9 @@ def dp_aggregate(
     De, Berrada, Hayes, Smith & Balle 2022, "Unlocking High-Accuracy
     Differentially Private Image Classification through Scale",
     https://arxiv.org/abs/2204.13650 (`rescale_to_unit_norm`).
+    Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta & Xu 2023,
+    "(Amplified) Banded Matrix Factorization: A unified approach to private
+    training", https://arxiv.org/abs/2306.08153 (`noise_strategy`).
 
   Examples:
     >>> import jax.numpy as jnp, optax_dp
@@ -266,6 +324,7 @@ def dp_aggregate(
   l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
   noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
       noise_multiplier, expected_batch_size, budget, allow_budget_overrun)
+  strategy = _resolve_noise_strategy(noise_strategy, budget, allow_budget_overrun)
   noise_multiplier = _checks.check_noise_multiplier(noise_multiplier, warn_if_zero=True)
   expected_batch_size = _checks.check_expected_batch_size(expected_batch_size)
   if key is None:
@@ -291,11 +350,18 @@ def dp_aggregate(
     both = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.stack([step, step + 1]))
     return both[0], jax.random.key_data(both[1])
 
+  if noise_std == 0:
+    strategy = None   # no noise to correlate (a non-private run, which warned)
+
   def init_fn(params):
-    del params
     step = jnp.zeros([], jnp.int32)
+    noise_state = () if strategy is None else _correlated.init_noise_state(
+        strategy, jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), _clipping.compute_dtype(jnp.result_type(p))),
+            params))
     return DPAggregateState(noise_key=key_data_at(step), step=step,
-                            nonfinite_examples=jnp.zeros([], jnp.int32))
+                            nonfinite_examples=jnp.zeros([], jnp.int32),
+                            noise_state=noise_state)
 
   def guard(state, expected_key_data):
     """Checks the ledger before releasing update number `state.step`, whose
@@ -319,6 +385,19 @@ def dp_aggregate(
           f"refusing step {max_steps + 1} and later ones. Stop training, or pass allow_budget_overrun=True to dp_aggregate to "
           "continue and report the larger epsilon (budget.epsilon_spent(state)).")
       ok = ok & within
+    if strategy is not None:
+      within = state.step < strategy.n
+      _checks.raise_if(
+          ~within, PrivacyBudgetExceededError,
+          f"dp_aggregate: the DP-BandMF noise strategy covers {strategy.n} steps; "
+          f"refusing step {strategy.n + 1} and later ones (it has no rows past them).")
+      in_step = _correlated.noise_index(state.noise_state) == state.step
+      _checks.raise_if(
+          ~in_step, NoiseReplayError,
+          "dp_aggregate: the DP-BandMF noise buffers of the optimizer state are not "
+          "at its step counter (restored from a different point, or another run). "
+          "Restore the whole optimizer state of this run.")
+      ok = ok & within & in_step
     return ok
 
   def update_fn(updates, state, params=None):
@@ -332,13 +411,20 @@ def dp_aggregate(
     normaliser = _normaliser(expected_batch_size, clipped.batch_size) * rescale
     step_key, next_key_data = keys_at(state.step)
     ok = guard(state, jax.random.key_data(step_key))
-    noised = _clipping.add_gaussian_noise(summed, step_key, noise_std)
+    if strategy is None:
+      noised, noise_state = _clipping.add_gaussian_noise(summed, step_key, noise_std), ()
+    else:   # DP-BandMF: this step's i.i.d. draws, correlated through C^{-1}
+      correlated, noise_state = _correlated.correlate(
+          strategy, _clipping.gaussian_noise(summed, step_key, noise_std),
+          state.noise_state)
+      noised = jax.tree.map(jnp.add, summed, correlated)
     out = jax.tree.map(
         lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)
     step = state.step + 1
     return out, DPAggregateState(
         noise_key=next_key_data, step=step,
-        nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples)
+        nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples,
+        noise_state=noise_state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

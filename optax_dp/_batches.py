@@ -241,17 +241,21 @@ def check_sizes(dataset_size: Any, batch_size: Any, batch_name: str) -> tuple[in
 def poisson_draws(seed: int, steps: range, accumulation_steps: int, *,
                   dataset_size: int, sampling_probability: float, max_size: int,
                   truncate: bool, pad_to_multiple_of: Optional[int],
-                  buckets: Optional[tuple] = None) -> Iterator[Batch]:
+                  buckets: Optional[tuple] = None,
+                  groups: Optional[list] = None) -> Iterator[Batch]:
   """`PoissonSampler`'s batches for `steps` (validated arguments): a
   Binomial(N, q) size, then a uniform subset of that size (exactly Poisson
   sampling), truncated to a uniform subset of `max_size` or refused above it.
   Padded to the smallest of `buckets` that holds it (their last is
   `max_size`), else to a multiple of `pad_to_multiple_of`, else to
-  `max_size`."""
+  `max_size`. With `groups` (index arrays; cyclic Poisson sampling), step t
+  samples the same way from `groups[t % len(groups)]` only."""
   k = accumulation_steps
   for step in steps:
     rng = step_rng(seed, step)
-    size = int(rng.binomial(dataset_size, sampling_probability))
+    eligible = None if groups is None else groups[step % len(groups)]
+    population = dataset_size if eligible is None else len(eligible)
+    size = int(rng.binomial(population, sampling_probability))
     if size > max_size:
       if not truncate:
         raise RuntimeError(
@@ -262,7 +266,9 @@ def poisson_draws(seed: int, steps: range, accumulation_steps: int, *,
             "it at its default (which makes this astronomically unlikely), or "
             "use truncate=True, which is accounted for.")
       size = max_size  # truncation: a uniform subset of the Poisson sample
-    chosen = rng.choice(dataset_size, size=size, replace=False)
+    chosen = rng.choice(population, size=size, replace=False)
+    if eligible is not None:
+      chosen = eligible[chosen]
     if buckets:
       padded = next(b for b in buckets if b >= max(size, 1))
     else:

@@ -234,8 +234,12 @@ def privacy_statement(
   accountant_name = {"pld": "privacy loss distribution (PLD, pessimistic)",
                      "rdp": "Renyi DP (RDP)"}[accountant]
   eps_text = "infinite (NOT private)" if math.isinf(epsilon) else f"{epsilon:.4g}"
+  bands = getattr(sampler, "bands", None)
+  mechanism = ("DP-SGD" if bands is None else
+               f"DP-BandMF (banded matrix-factorisation noise, {bands} band"
+               f"{'s' if bands != 1 else ''}; Choquette-Choo et al. 2023)")
   return "\n".join([
-      f"DP-SGD with noise multiplier {noise_multiplier:g}, {steps} noisy steps "
+      f"{mechanism} with noise multiplier {noise_multiplier:g}, {steps} noisy steps "
       f"(~{epochs:.3g} epochs), {sampler.describe()}.",
       f"Guarantee: ({eps_text}, {target_delta:g})-differential privacy for each "
       f"single training example, under the '{sampler.neighboring_relation}' "

@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target delta, in (0, 1); keep it well below 1 / N")
     p.add_argument("--sampler", choices=tuple(_sampling.SAMPLERS), default="poisson",
                    help="how batches are drawn: poisson (default; amplified), "
-                        "fixed (fixed-size batches; RDP, replace-one) or shuffle "
-                        "(epoch shuffling; no amplification)")
+                        "fixed (fixed-size batches; RDP, replace-one), shuffle "
+                        "(epoch shuffling; no amplification) or cyclic_poisson "
+                        "(DP-BandMF's: Poisson within --bands groups in turn)")
+    p.add_argument("--bands", type=int, default=None,
+                   help="cyclic_poisson only: the DP-BandMF bands (default 1)")
     p.add_argument("--accountant", choices=_accounting.ACCOUNTANTS, default=None,
                    help="default: pld, or rdp for the fixed sampler")
     p.add_argument("--max-batch-size", type=int, default=None,
@@ -128,6 +131,10 @@ def _run(args) -> str:
     kwargs = dict(max_batch_size=args.max_batch_size, truncate=args.truncate)
   elif args.max_batch_size is not None or args.truncate:
     raise ValueError("--max-batch-size and --truncate apply to --sampler poisson only.")
+  if args.sampler == "cyclic_poisson":
+    kwargs = dict(bands=args.bands)
+  elif args.bands is not None:
+    raise ValueError("--bands applies to --sampler cyclic_poisson (DP-BandMF) only.")
   sampler = _sampling.make_sampler(args.sampler, dataset_size=args.dataset_size,
                                    batch_size=args.batch_size, **kwargs)
   steps = _steps(args, sampler)

@@ -244,9 +244,9 @@ def clip_and_sum_rows(per_example_grads: chex.ArrayTree, l2_norm_clip: float
   return summed, sq_norms, jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32)
 
 
-def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
-                       ) -> chex.ArrayTree:
-  """Adds independent N(0, stddev^2) to every (real) coordinate of `tree`.
+def gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float) -> chex.ArrayTree:
+  """Independent N(0, stddev^2) for every (real) coordinate of `tree`: a tree
+  of `tree`'s structure, shapes and dtypes (`stddev > 0`).
 
   One draw of `N(0, 1)` per real dtype (from `fold_in(key, j)` for the j-th
   dtype, all those keys derived in one call), as long as all coordinates of
@@ -259,14 +259,12 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
   fresh one for every release.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  if stddev == 0:
-    return tree
   reals = [jnp.real(leaf).dtype if jnp.iscomplexobj(leaf) else jnp.result_type(leaf)
            for leaf in leaves]
   parts = [2 if jnp.iscomplexobj(leaf) else 1 for leaf in leaves]
   dtypes = list(dict.fromkeys(reals))
   draw_keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(len(dtypes)))
-  noised = list(leaves)
+  noises = [None] * len(leaves)
   for j, dtype in enumerate(dtypes):
     members = [i for i, d in enumerate(reals) if d == dtype]
     total = sum(parts[i] * math.prod(jnp.shape(leaves[i])) for i in members)
@@ -278,8 +276,18 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
       if parts[i] == 2:
         noise = noise + 1j * draw[start + size:start + 2 * size].reshape(shape)
       start += parts[i] * size
-      noised[i] = leaves[i] + noise.astype(leaves[i].dtype)
-  return jax.tree.unflatten(treedef, noised)
+      noises[i] = noise.astype(jnp.result_type(leaves[i]))
+  return jax.tree.unflatten(treedef, noises)
+
+
+def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
+                       ) -> chex.ArrayTree:
+  """`tree` plus `gaussian_noise(tree, key, stddev)`: independent
+  N(0, stddev^2) added to every (real) coordinate; `tree` itself when
+  `stddev` is 0."""
+  if stddev == 0:
+    return tree
+  return jax.tree.map(jnp.add, tree, gaussian_noise(tree, key, stddev))
 
 
 def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> ClippedGrads:

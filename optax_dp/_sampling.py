@@ -19,6 +19,7 @@ import math
 from typing import Any, ClassVar, Iterator, Optional, Union
 
 import dp_accounting
+import numpy as np
 
 from optax_dp import _batches
 from optax_dp import _checks
@@ -218,6 +219,121 @@ class PoissonSampler:
         self.padding_buckets, self.pad_to_multiple_of or DEFAULT_BUCKET_MULTIPLE)
 
 
+# The counter of the partition's random stream (batch t uses counter t >= 0).
+_PARTITION_STREAM = 2**62
+
+
+@dataclasses.dataclass(frozen=True)
+class CyclicPoissonSampler(PoissonSampler):
+  """Cyclic Poisson sampling over `bands` groups, the sampler of DP-BandMF.
+
+  Each example is assigned to one of `bands` groups independently and
+  uniformly at random (from the seed; the assignment is a public function of
+  it and never of the data), and step t Poisson-samples group `t % bands`
+  only: each of its examples is included independently with probability
+  `q = bands * expected_batch_size / dataset_size`. An example is thus
+  eligible once every `bands` steps, the participation pattern DP-BandMF's
+  noise is analysed for; marginally each example is in each batch with
+  probability `expected_batch_size / dataset_size`, so the batch sizes (and
+  the padding, `max_batch_size`, buckets) are those of `PoissonSampler` with
+  the same expected batch size.
+
+  Accounting (`dp_event`): jax_privacy's `amplified_bandmf_event`,
+  `ceil(steps / bands)` compositions of the Poisson-subsampled Gaussian
+  mechanism at rate `q`, under add/remove-one adjacency (the independent
+  assignment is what makes add/remove right; an equal split would need
+  zero-out). That is the epsilon of DP-BandMF noise with `bands` bands
+  (`dp_aggregate` with a budget of this sampler builds it). `bands = 1` is
+  `PoissonSampler`: the same batches, the same epsilon, DP-SGD's noise.
+
+  Privacy contract: as `PoissonSampler`'s, and the noise must be DP-BandMF's
+  with the same `bands` (a budget of this sampler makes `dp_aggregate` add it;
+  DP-SGD's independent noise would be accounted wrongly here, and BandMF's
+  with another sampler too). `truncate=True` is not supported.
+
+  References:
+    Choquette-Choo et al. 2023, "(Amplified) Banded Matrix Factorization: A
+    unified approach to private training", https://arxiv.org/abs/2306.08153.
+
+  Examples:
+    >>> import optax_dp
+    >>> sampler = optax_dp.CyclicPoissonSampler(dataset_size=1000,
+    ...                                         expected_batch_size=10, bands=4)
+    >>> sampler.sampling_probability   # per eligible step: 4 * 10 / 1000
+    0.04
+    >>> groups = sampler.groups(seed=0)
+    >>> batches = list(sampler.batches(seed=0, steps=8))
+    >>> all(set(b.indices[b.mask]) <= set(groups[t % 4]) for t, b in enumerate(batches))
+    True
+  """
+  bands: int = 1
+
+  name: ClassVar[str] = "cyclic_poisson"
+
+  def __post_init__(self):
+    super().__post_init__()
+    object.__setattr__(self, "bands", _checks.check_int("bands", self.bands, 1))
+    if self.truncate:
+      raise ValueError("CyclicPoissonSampler does not support truncate=True.")
+    if self.bands * self.expected_batch_size > self.dataset_size:
+      raise ValueError(
+          f"CyclicPoissonSampler: bands * expected_batch_size = {self.bands} * "
+          f"{self.expected_batch_size} exceeds dataset_size {self.dataset_size} "
+          "(each group of about dataset_size / bands examples must hold the "
+          "expected batch).")
+
+  @property
+  def sampling_probability(self) -> float:
+    """The inclusion probability of an example at a step its group is sampled."""
+    return self.bands * self.expected_batch_size / self.dataset_size
+
+  @property
+  def accountants(self) -> tuple[str, ...]:
+    return ("pld", "rdp")
+
+  def dp_event(self, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+    """jax_privacy's `amplified_bandmf_event` for this run."""
+    try:
+      from jax_privacy.experimental import accounting  # pylint: disable=g-import-not-at-top
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+      raise ImportError("CyclicPoissonSampler's accounting needs jax-privacy: "
+                        "pip install 'optax-dp[bandmf]'.") from e
+    return accounting.amplified_bandmf_event(
+        noise_multiplier, steps, num_bands=self.bands,
+        sampling_prob=self.sampling_probability)
+
+  def describe(self) -> str:
+    return (f"cyclic Poisson sampling over {self.bands} groups: each of the "
+            f"{self.dataset_size} examples is assigned a group uniformly at random, "
+            f"and step t includes each example of group t mod {self.bands} "
+            f"independently with probability q = {self.bands}*{self.expected_batch_size}"
+            f"/{self.dataset_size} = {self.sampling_probability:.6g} (expected "
+            f"batch size {self.expected_batch_size})")
+
+  def groups(self, seed: int) -> list:
+    """The run's groups: `bands` arrays of example indices (a function of
+    the seed alone, drawn from its own random stream)."""
+    seed = _batches.check_run(seed, 1, 0, 1)[0]
+    if self.bands == 1:
+      return [None]
+    group = _batches.step_rng(seed, _PARTITION_STREAM).integers(
+        0, self.bands, self.dataset_size)
+    return [np.flatnonzero(group == j) for j in range(self.bands)]
+
+  def batches(self, seed: int, *, steps: int, start_step: int = 0,
+              accumulation_steps: int = 1) -> Iterator[Batch]:
+    """As `PoissonSampler.batches`, step t drawing from group `t % bands`."""
+    seed, run, k = _batches.check_run(seed, steps, start_step, accumulation_steps)
+    groups = self.groups(seed)
+    return _batches.poisson_draws(
+        seed, run, k, dataset_size=self.dataset_size,
+        sampling_probability=self.sampling_probability,
+        max_size=self.logical_batch_size(run.stop), truncate=False,
+        pad_to_multiple_of=self.pad_to_multiple_of,
+        buckets=self.padding_sizes(run.stop),
+        groups=None if groups == [None] else groups)
+
+
 @dataclasses.dataclass(frozen=True)
 class _FixedSizeSampler:
   """What the fixed-size samplers share: `batch_size` examples every step."""
@@ -359,9 +475,9 @@ class ShuffleSampler(_FixedSizeSampler):
             "per epoch; no amplification by shuffling is claimed)")
 
 
-Sampler = Union[PoissonSampler, FixedBatchSampler, ShuffleSampler]
+Sampler = Union[PoissonSampler, CyclicPoissonSampler, FixedBatchSampler, ShuffleSampler]
 SAMPLERS = {"poisson": PoissonSampler, "fixed": FixedBatchSampler,
-            "shuffle": ShuffleSampler}
+            "shuffle": ShuffleSampler, "cyclic_poisson": CyclicPoissonSampler}
 
 
 def make_sampler(name: str, *, dataset_size: int, batch_size: int,

@@ -171,6 +171,33 @@ def test_eight_devices_accumulate_per_device_and_resume_the_same_model(tmp_path,
   assert second["test_loss"] == pytest.approx(straight_run["test_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_bandmf_run_resumes_bitwise_and_states_its_mechanism(tmp_path):
+  # --noise bandmf --bands 2: cyclic Poisson batches, DP-BandMF noise, its
+  # epsilon. Stopped after step 2 and resumed (the noise buffers restored
+  # from the checkpoint) in a fresh process: the uninterrupted run's model
+  # and epsilon, exactly.
+  bandmf = ("--noise", "bandmf", "--bands", "2", *LEDGER)
+  straight, stdout = _run(tmp_path, "--steps", "4", *bandmf, name="straight")
+  assert straight["noise"] == "bandmf" and straight["bands"] == 2
+  assert straight["sampler"] == "cyclic_poisson"
+  assert "DP-BandMF (banded matrix-factorisation noise, 2 bands" in stdout
+  assert "cyclic Poisson sampling over 2 groups" in stdout
+  ckpt = tmp_path / "ckpt"
+  _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt), *bandmf,
+       name="first")
+  second, _ = _run(tmp_path, "--resume", str(ckpt), "--steps", "4", "--eval-every", "2",
+                   name="second")
+  assert second["resumed_from_step"] == 2 and second["noise"] == "bandmf"
+  assert second["test_loss"] == straight["test_loss"]
+  assert second["epsilon"] == straight["epsilon"]
+  # Changing the mechanism on resume is refused; bands without BandMF too.
+  proc, _ = _run_raw(tmp_path, "--resume", str(ckpt), "--steps", "4", "--bands", "3")
+  assert proc.returncode == 2 and "conflicts with the resumed run" in proc.stderr
+  proc, _ = _run_raw(tmp_path, "--steps", "4", "--bands", "2", *LEDGER)
+  assert proc.returncode == 2 and "--noise bandmf" in proc.stderr
+
+
 # ---------------------------------------------------------------------------
 # The Flax NNX twin, examples/mnist_nnx.py: the same CNN, the same ledger.
 
