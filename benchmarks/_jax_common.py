@@ -36,7 +36,7 @@ OPTAX_DP_ROWS = ("non_private", "optax_dp_auto", "optax_dp_vmap")
 # DP-BandMF (optax_dp_auto's step with dp_aggregate(noise_strategy=...)), for
 # the memory of its noise buffers: bands copies of the parameters. The
 # strategy is built for BANDMF_STEPS steps (its size does not depend on them).
-BANDMF_ROWS = ("optax_dp_bandmf1", "optax_dp_bandmf8")
+BANDMF_ROWS = ("optax_dp_bandmf2", "optax_dp_bandmf16")
 BANDMF_STEPS = 1000
 # The Flax NNX twins: nnx.Optimizer steps on an nnx.Module (its state split
 # out, so that the row is a pure (state, opt_state, batch) step like the others).

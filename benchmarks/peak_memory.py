@@ -54,14 +54,14 @@ import _common  # pylint: disable=wrong-import-position
 ROWS = ("import_only", "non_private", "optax_dp_auto", "optax_dp_vmap",
         "optax_contrib", "jax_privacy",
         "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap",
-        "optax_dp_bandmf1", "optax_dp_bandmf8")
+        "optax_dp_bandmf2", "optax_dp_bandmf16")
 PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy", "nnx_optax_dp_vmap")
 MODELS = ("cnn", "gru", "lstm", "transformer")
 # The peers' rows exist for the CNN only (step_time.py).
 PEER_ROWS = ("optax_contrib", "jax_privacy")
-# DP-BandMF's rows (1 and 8 bands: the difference is 7 copies of the
-# parameters' noise buffers), for the CNN only, like the peers'.
-BANDMF_ROWS = ("optax_dp_bandmf1", "optax_dp_bandmf8")
+# DP-BandMF's rows (2 and 16 bands: both optimise a strategy; the difference
+# is 14 copies of the parameters' noise buffers), for the CNN only.
+BANDMF_ROWS = ("optax_dp_bandmf2", "optax_dp_bandmf16")
 DEFAULT_BATCH_SIZES = (256, 2048)
 VMAP_SAFETY = 2.5     # measured peak / (B x params x 4 bytes) is about 2 for vmap
 

@@ -50,6 +50,7 @@ PAGES = {
     "tutorials/mnist.md": 0,            # commands and quotations of the example
     "tutorials/recipes.md": 0,          # commands and results
     "tutorials/accumulation.md": 2,
+    "bandmf.md": 1,
     "tutorials/checkpoint_resume.md": 3,
     "migration/jax_privacy.md": 1,
     "migration/optax_contrib.md": 2,

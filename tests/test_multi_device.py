@@ -286,8 +286,9 @@ def section_noise():
   def const_loss(p, batch):  # constant in p: every per-example gradient is 0
     x, _ = batch
     return jnp.mean(x ** 2) + 0.0 * (jnp.sum(p["a"]) + jnp.sum(p["b"]))
-  def run(grad_fn, shard):
-    tx = optax_dp.dp_aggregate(C, sigma, 11, expected_batch_size=E)
+  def run(grad_fn, shard, noise_strategy=None):
+    tx = optax_dp.dp_aggregate(C, sigma, 11, expected_batch_size=E,
+                               noise_strategy=noise_strategy)
     @jax.jit
     def step(state, batch, mask):
       return tx.update(grad_fn(params, batch, mask), state, params)
@@ -302,6 +303,13 @@ def section_noise():
   out1, n1 = run(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")), False)
   outj, nj = run(optax_dp.clipped_grads(const_loss, C, method="vmap"), True)  # jit-sharded
   A["noise/8"], A["noise/1"], A["noise/jit8"] = out8, out1, outj
+  # DP-BandMF (3 bands): the correlated noise, too, is drawn once for the
+  # global sum: the 8-device stream is the 1-device stream, bit for bit.
+  strategy = optax_dp.bandmf_strategy(steps, 3)
+  A["noise/bandmf8"], _ = run(optax_dp.clipped_grads(const_loss, C, method="vmap"), True,
+                              strategy)
+  A["noise/bandmf1"], _ = run(jax.jit(optax_dp.clipped_grads(const_loss, C, method="vmap")),
+                              False, strategy)
   # Accumulation, k = 4: the per-device sums of reduce=False accumulated by
   # dp_accumulate(mesh=) on 8 devices, and clipped_grads + dp_accumulate on 1.
   k, logical = 4, 4
@@ -779,6 +787,19 @@ def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
     assert not np.array_equal(out8[0], out8[1])
     # Same key, same step: the 8-device noise is the 1-device noise, bit for bit.
     np.testing.assert_array_equal(out8, out1)
+
+
+def test_point3_bandmf_noise_is_drawn_once_and_equals_1_device(results):
+  """DP-BandMF noise (3 bands) on the jit-sharded path: the 8-device updates
+  equal the 1-device ones bit for bit (noise correlated once, on the global
+  sum, from the same key), and differ from DP-SGD's i.i.d. noise of the same
+  key from the second step on (the first row of the strategy is its first
+  column's scale, so step 1 is DP-SGD's draw rescaled)."""
+  _, arrays = _section(results, "noise")
+  bandmf8, bandmf1 = arrays["noise/bandmf8"], arrays["noise/bandmf1"]
+  assert bandmf8.shape == (8, 5120)
+  np.testing.assert_array_equal(bandmf8, bandmf1)
+  assert not np.allclose(bandmf8[1:], arrays["noise/1"][1:], atol=1e-3)
 
 
 def test_point3_accumulated_per_device_sums_are_noised_once_per_logical_batch(results):
