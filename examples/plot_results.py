@@ -48,7 +48,10 @@ def load_records(results_dir: str) -> dict[str, list[dict]]:
     with open(path) as f:
       record = json.load(f)
     if record.get("recipe") and record.get("private") and record.get("evaluated_on") == "test":
-      groups[record["recipe"]].append(record)
+      name = record["recipe"]
+      if record.get("noise") == "bandmf":   # examples/results/bandmf: DP-BandMF runs
+        name += f" --noise bandmf --bands {record['bands']}"
+      groups[name].append(record)
   return dict(groups)
 
 
@@ -226,6 +229,9 @@ def main(argv=None):
   p.add_argument("--run", default=TUTORIAL_RUN,
                  help="the JSON record (with its history) of the run to draw as tutorial_run.png")
   p.add_argument("--out", default=FIGURES, help="where the PNGs go")
+  p.add_argument("--table-only", action="store_true",
+                 help="print the markdown table of --results, draw nothing "
+                      "(e.g. --results examples/results/bandmf)")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   groups = load_records(args.results)
@@ -233,6 +239,8 @@ def main(argv=None):
     raise SystemExit(f"no private test-set records of train.py under {args.results}")
   summaries = {name: summarise(records) for name, records in groups.items()}
   print(markdown_table(summaries))
+  if args.table_only:
+    return
   written = [os.path.join(args.out, name) for name in
              ("privacy_utility.png", "tutorial_run.png", "step_time.png", "peak_memory.png")]
   plot(summaries, written[0])

@@ -136,11 +136,20 @@ def _next_leaf(strategy: Any, value: jax.Array, state: tuple) -> tuple[jax.Array
 def correlate(strategy: Any, noise: chex.ArrayTree, noise_state: Any
               ) -> tuple[chex.ArrayTree, Any]:
   """`(C^{-1} z)_t` for this step's i.i.d. `noise` z_t, and the next state."""
+  # Leaf by leaf, in flattening order: the state's containers may differ from
+  # the noise's (an nnx.Optimizer wraps each leaf's (index, buffers) in its
+  # own variable type), its leaves come in (index, buffers) pairs.
   leaves, treedef = jax.tree.flatten(noise)
-  states = treedef.flatten_up_to(noise_state)
-  pairs = [_next_leaf(strategy, leaf, state) for leaf, state in zip(leaves, states)]
+  state_leaves, state_treedef = jax.tree.flatten(noise_state)
+  if len(state_leaves) != 2 * len(leaves):
+    raise ValueError(
+        f"DP-BandMF noise state of {len(state_leaves)} arrays for noise of "
+        f"{len(leaves)} leaves (expected an (index, buffers) pair per leaf): the "
+        "optimizer state does not belong to these parameters.")
+  pairs = [_next_leaf(strategy, leaf, (index, buffers)) for leaf, index, buffers in
+           zip(leaves, state_leaves[0::2], state_leaves[1::2])]
   return (jax.tree.unflatten(treedef, [out for out, _ in pairs]),
-          jax.tree.unflatten(treedef, [state for _, state in pairs]))
+          jax.tree.unflatten(state_treedef, [a for _, state in pairs for a in state]))
 
 
 def noise_index(noise_state: Any) -> jax.Array:

@@ -317,3 +317,38 @@ def test_audit_stays_consistent_on_bandmf():
   assert report.steps == steps
   assert report.verdict == "consistent", report
   assert math.isfinite(report.epsilon_lower_bound)
+
+
+def test_nnx_optimizer_with_a_bandmf_budget_equals_the_plain_pytree_run():
+  """nnx.Optimizer(model, chain(dp_aggregate(budget of a cyclic sampler), sgd)):
+  its noise state lives in the optimizer's own variables; 3 steps give the
+  parameters of the same chain run on the plain parameter dict (same key,
+  same clipped sums), and the budget reads the steps from its state."""
+  nnx = pytest.importorskip("flax.nnx")
+  sampler = optax_dp.CyclicPoissonSampler(1000, 10, bands=2)
+  budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5, noise_multiplier=1.0,
+                                   steps=5)
+  make_tx = lambda: optax.chain(optax_dp.dp_aggregate(1.0, key=0, budget=budget),  # noqa: E731
+                                optax.sgd(0.1))
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  plain = {"kernel": model.kernel[...], "bias": model.bias[...]}
+  optimizer = nnx.Optimizer(model, make_tx(), wrt=nnx.Param)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)), jnp.float32)
+
+  @nnx.jit
+  def nnx_step(model, optimizer, x):
+    optimizer.update(model, optax_dp.clipped_grads(lambda m, b: jnp.mean(m(b) ** 2), 1.0)(
+        model, x))
+
+  def plain_loss(p, b):
+    return jnp.mean((b @ p["kernel"] + p["bias"]) ** 2)
+
+  tx = make_tx()
+  state = tx.init(plain)
+  for _ in range(3):
+    nnx_step(model, optimizer, x)
+    updates, state = tx.update(optax_dp.clipped_grads(plain_loss, 1.0)(plain, x), state, plain)
+    plain = optax.apply_updates(plain, updates)
+  assert budget.steps_taken(optimizer.opt_state) == 3
+  np.testing.assert_allclose(np.asarray(model.kernel[...]), plain["kernel"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(model.bias[...]), plain["bias"], rtol=1e-5, atol=1e-6)

@@ -120,6 +120,14 @@ def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_pat
     plot_results.main(["--results", str(tmp_path / "empty"), "--out", str(out)])
   with pytest.raises(ValueError, match="no history"):
     plot_results.plot_run(dict(base), str(tmp_path / "x.png"))
+  # DP-BandMF records (examples/results/bandmf) are their own rows; --table-only draws nothing.
+  bandmf = tmp_path / "bandmf"
+  bandmf.mkdir()
+  (bandmf / "r.json").write_text(json.dumps(dict(base, recipe="a", test_accuracy=0.96,
+                                                 epsilon=0.99, noise="bandmf", bands=8)))
+  plot_results.main(["--results", str(bandmf), "--out", str(tmp_path / "none"), "--table-only"])
+  assert "| `a --noise bandmf --bands 8` | mnist | m | 0.9900 | 96.00%" in capsys.readouterr().out
+  assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
 
 
 def test_every_committed_figure_regenerates_from_the_committed_json(tmp_path):
