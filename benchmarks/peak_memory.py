@@ -130,6 +130,9 @@ def one_row(row: str, batch_size: int, steps: int, model: str = "cnn") -> None:
       out["noise_state_bytes"] = int(sum(
           x.nbytes for x in jax.tree.leaves(opt_state[0].noise_state)))
     step = jax.jit(r.step, donate_argnums=(0, 1))
+    if row in BANDMF_ROWS:   # XLA's temporaries of the step: flat in the bands?
+      out["step_temp_bytes"] = int(step.lower(params, opt_state, batch).compile()
+                                   .memory_analysis().temp_size_in_bytes)
     times = []
     for _ in range(steps):
       t0 = time.perf_counter()
