@@ -51,6 +51,20 @@ def add_training_flags(p, *, steps_help):
                  help="how per-example gradients are clipped: auto (fastest: "
                       "book-keeping for Flax layers), ghost, vmap, or per-example "
                       "(materialise them and let dp_aggregate clip)")
+  p.add_argument("--clipping-strategy", choices=CLIPPING_STRATEGIES, default="flat",
+                 help="flat (default: one norm --l2-norm-clip for the whole "
+                      "gradient), per-layer (each layer clipped to "
+                      "--l2-norm-clip / sqrt(layers): the same total sensitivity) "
+                      "or adaptive (the norm starts at --l2-norm-clip and follows "
+                      "--target-quantile of the per-example norms through a "
+                      "privatised count, paid for within the same epsilon; "
+                      "Andrew et al. 2021)")
+  p.add_argument("--target-quantile", type=float, default=0.5,
+                 help="--clipping-strategy adaptive: the fraction of examples left "
+                      "unclipped (default: %(default)s)")
+  p.add_argument("--clip-learning-rate", type=float, default=0.2,
+                 help="--clipping-strategy adaptive: the geometric step of the clip "
+                      "norm's update (default: %(default)s)")
   p.add_argument("--sampler", choices=("poisson", "fixed", "shuffle"), default="poisson",
                  help="poisson (default; amplified accounting), fixed (fixed-size "
                       "batches drawn each step; RDP, replace-one) or shuffle (epoch "
@@ -226,10 +240,58 @@ def plan_privacy(args, dataset_size, budget_steps):
   return sampler, budget
 
 
-def make_private_tx(args, budget, noise_key, optimizer):
-  """`dp_aggregate` (clip, noise, the budget's ledger) chained before `optimizer`."""
+CLIPPING_STRATEGIES = ("flat", "per-layer", "adaptive")
+
+
+def clip_norm(args, params):
+  """What `l2_norm_clip=` the run clips with (--clipping-strategy): the flat
+  --l2-norm-clip, one norm per layer of the params (the same total
+  sensitivity) or an adaptive clip starting at it."""
+  strategy = getattr(args, "clipping_strategy", "flat")
+  if strategy == "per-layer":
+    return optax_dp.per_layer_clip_norms(params, args.l2_norm_clip)
+  if strategy == "adaptive":
+    return optax_dp.AdaptiveClip(args.l2_norm_clip, target_quantile=args.target_quantile,
+                                 learning_rate=args.clip_learning_rate)
+  return args.l2_norm_clip
+
+
+def current_clip(args, opt_state):
+  """The keyword the clipped-gradient function takes each step: the adaptive
+  clip's current norm, read from the optimizer state (nothing otherwise)."""
+  if getattr(args, "clipping_strategy", "flat") != "adaptive":
+    return {}
+  return {"l2_norm_clip": optax_dp.l2_norm_clip_of(opt_state)}
+
+
+def final_clip(args, opt_state):
+  """The adaptive clip's last norm for the record (None otherwise)."""
+  if getattr(args, "clipping_strategy", "flat") != "adaptive" or args.no_dp:
+    return None
+  return float(optax_dp.l2_norm_clip_of(opt_state))
+
+
+def describe_clip(args, opt_state=None):
+  """The clip for a log line: the flat norm, per layer, or adaptive with its
+  current norm (public: a function of released noisy counts)."""
+  strategy = getattr(args, "clipping_strategy", "flat")
+  if strategy == "adaptive":
+    now = ("" if opt_state is None
+           else f", now {float(optax_dp.l2_norm_clip_of(opt_state)):.4g}")
+    return (f"adaptive (from {args.l2_norm_clip}, quantile {args.target_quantile}"
+            f"{now})")
+  if strategy == "per-layer":
+    return f"per layer (total {args.l2_norm_clip})"
+  return f"{args.l2_norm_clip}"
+
+
+def make_private_tx(args, budget, noise_key, optimizer, l2_norm_clip=None):
+  """`dp_aggregate` (clip, noise, the budget's ledger) chained before
+  `optimizer`; `l2_norm_clip`: `clip_norm(args, params)` (default: the flat
+  --l2-norm-clip)."""
   return optax.chain(
-      optax_dp.dp_aggregate(args.l2_norm_clip, key=noise_key, budget=budget,
+      optax_dp.dp_aggregate(args.l2_norm_clip if l2_norm_clip is None else l2_norm_clip,
+                            key=noise_key, budget=budget,
                             allow_budget_overrun=args.allow_budget_overrun,
                             rescale_to_unit_norm=args.rescale_to_unit_norm),
       optimizer)
@@ -384,8 +446,16 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
         f"({format_epsilon(epsilon)}, {args.delta:g})-DP{over} for the "
         f"{dataset_size} training examples ({sampler.name} sampling, "
         f"{budget.accountant} accountant, noise multiplier "
-        f"{budget.noise_multiplier}, clip {args.l2_norm_clip}).")
+        f"{budget.noise_multiplier}, clip {describe_clip(args, opt_state)}).")
   print(budget.statement(released))
+  if getattr(args, "clipping_strategy", "flat") == "adaptive":
+    sigma, count_std = optax_dp.AdaptiveClip(args.l2_norm_clip).noise_split(
+        budget.noise_multiplier, budget.sampler.expected_batch_size)
+    print(f"Adaptive clipping (Andrew et al. 2021): the noise multiplier above is that of "
+          f"two Gaussian mechanisms per step on the same batch, the gradients' (noise "
+          f"multiplier {sigma:.4f} of the current clip norm) and the count of unclipped "
+          f"examples' (std {count_std:g}, sensitivity 1/2); together exactly "
+          f"{budget.noise_multiplier:.4f}, so the epsilon is theirs.")
   return epsilon
 
 
@@ -395,7 +465,7 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "steps", "steps_this_run", "resumed_from_step", "budget_steps",
              "batch_size", "accumulation_steps", "devices", "seconds", "l2_norm_clip",
              "sampler", "neighboring_relation", "accountant", "clipping", "private",
-             "noise", "bands",
+             "noise", "bands", "clipping_strategy", "target_quantile", "final_l2_norm_clip",
              # train.py's recipe runs:
              "recipe", "dataset", "model", "evaluated_on", "ema_decay",
              "augmentation_multiplicity", "dataset_size", "features", "epochs",
@@ -432,6 +502,9 @@ def make_record(args, budget, sampler, *, epsilon, test_accuracy, test_loss, ste
       "neighboring_relation": sampler.neighboring_relation if budget else None,
       "accountant": budget.accountant if budget else None,
       "clipping": None if args.no_dp else args.clipping,
+      "clipping_strategy": None if args.no_dp else getattr(args, "clipping_strategy", "flat"),
+      "target_quantile": (args.target_quantile
+                          if getattr(args, "clipping_strategy", "flat") == "adaptive" else None),
       "private": not args.no_dp,
       "history": list(history),
       **extra,

@@ -57,7 +57,7 @@ def make_loss_fn(model):
 
 
 def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=1,
-                            mesh=None):
+                            mesh=None, adaptive=False):
   """A jitted train step; only the gradient function is DP-specific.
 
   With a `mesh` (several devices), the batch is split over its "data" axis:
@@ -75,15 +75,16 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
   gradient accumulation, `dp_accumulate` takes clipped sums, so per-example
   gradients are clipped with `optax_dp.clip_and_sum` first.
   """
+  clip = l2_norm_clip
   if clipping == "per-example":
     per_example = (optax_dp.value_and_per_example_grads(loss_fn, has_aux=True)
                    if mesh is None else
                    optax_dp.sharded_per_example_grads(loss_fn, mesh=mesh, has_aux=True))
 
-    def grad_fn(params, batch, mask):
+    def grad_fn(params, batch, mask, l2_norm_clip=None):
       values, grads = per_example(params, batch, mask)
       if accumulation_steps > 1:
-        grads = optax_dp.clip_and_sum(grads, l2_norm_clip)
+        grads = optax_dp.clip_and_sum(grads, clip, current_l2_norm_clip=l2_norm_clip)
       return values, grads
   elif mesh is None:
     grad_fn = optax_dp.value_and_clipped_grads(loss_fn, l2_norm_clip, method=clipping,
@@ -95,7 +96,10 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
 
   @jax.jit
   def train_step(state, images, labels, mask):
-    (losses, accuracies), grads = grad_fn(state.params, (images, labels), mask)
+    current = {}
+    if adaptive and (clipping != "per-example" or accumulation_steps > 1):
+      current = {"l2_norm_clip": optax_dp.l2_norm_clip_of(state.opt_state)}
+    (losses, accuracies), grads = grad_fn(state.params, (images, labels), mask, **current)
     state = state.apply_gradients(grads=grads)
     real = jnp.maximum(jnp.sum(mask), 1)
     return state, jnp.sum(losses) / real, jnp.sum(accuracies * mask) / real
@@ -145,7 +149,8 @@ def evaluate(loss_fn, params, images, labels, chunk=1000):
 RUN_SETTINGS = ("batch_size", "learning_rate", "momentum", "l2_norm_clip",
                 "rescale_to_unit_norm", "epsilon", "delta", "accountant", "seed",
                 "no_dp", "sampler", "accumulation_steps", "noise_multiplier",
-                "noise", "bands")
+                "noise", "bands", "clipping_strategy", "target_quantile",
+                "clip_learning_rate")
 
 
 def build_parser():
@@ -351,11 +356,12 @@ def main(argv=None):
     train_step = make_nonprivate_train_step(loss_fn)
   else:
     budget_steps = budget.max_steps
-    tx = _cli_common.make_private_tx(args, budget, noise_key, sgd)
+    clip = _cli_common.clip_norm(args, params)
+    tx = _cli_common.make_private_tx(args, budget, noise_key, sgd, clip)
     if k > 1:
       tx = optax_dp.dp_accumulate(tx, k, mesh=accumulation_mesh(mesh, args.clipping))
-    train_step = make_private_train_step(loss_fn, args.l2_norm_clip, args.clipping, k,
-                                         mesh)
+    train_step = make_private_train_step(loss_fn, clip, args.clipping, k, mesh,
+                                         adaptive=args.clipping_strategy == "adaptive")
 
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   settings = {name: getattr(args, name) for name in RUN_SETTINGS}
@@ -421,7 +427,8 @@ def main(argv=None):
       args, budget, sampler, epsilon=epsilon, test_accuracy=test_acc,
       test_loss=test_loss, steps=released, steps_this_run=steps_done, seconds=seconds,
       history=progress.history, resumed_from_step=start_step if args.resume else None,
-      accumulation_steps=k, devices=num_devices))
+      accumulation_steps=k, devices=num_devices,
+      final_l2_norm_clip=_cli_common.final_clip(args, state.opt_state)))
   if last_step < args.steps:
     print(stopped_early(args, last_step), flush=True)
   return 0

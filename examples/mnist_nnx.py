@@ -53,14 +53,15 @@ def loss_fn(model, batch):
   return loss, logits
 
 
-def make_grad_fn(args):
+def make_grad_fn(args, l2_norm_clip=None):
   """`grad_fn(model, batch, mask) -> ((losses, logits), grads)` for the run.
 
   Private: `optax_dp.value_and_clipped_grads` (each example's gradient
   clipped, one clipped sum per variable for `dp_aggregate`) or, with
   `--clipping per-example`, the per-example gradients, which `dp_aggregate`
   clips. The values are per example either way. --no-dp: `nnx.value_and_grad`
-  of the mean loss over the real (unmasked) examples.
+  of the mean loss over the real (unmasked) examples. `l2_norm_clip`: that of
+  `dp_aggregate` (`_cli_common.clip_norm`; default the flat --l2-norm-clip).
   """
   if args.no_dp:
     def masked_loss(model, batch, mask):
@@ -77,16 +78,20 @@ def make_grad_fn(args):
     return grad_fn
   if args.clipping == "per-example":
     return optax_dp.value_and_per_example_grads(loss_fn, has_aux=True)
-  return optax_dp.value_and_clipped_grads(loss_fn, args.l2_norm_clip,
-                                          method=args.clipping, has_aux=True)
+  return optax_dp.value_and_clipped_grads(
+      loss_fn, args.l2_norm_clip if l2_norm_clip is None else l2_norm_clip,
+      method=args.clipping, has_aux=True)
 
 
-def make_train_step(grad_fn):
-  """One optimizer step; the batch's metrics go into `metrics`."""
+def make_train_step(grad_fn, adaptive=False):
+  """One optimizer step; the batch's metrics go into `metrics`. `adaptive`:
+  pass the clipped-gradient function the optimizer state's current clip norm."""
 
   @nnx.jit
   def train_step(model, optimizer, metrics, images, labels, mask):
-    (losses, logits), grads = grad_fn(model, (images, labels), mask)
+    current = ({"l2_norm_clip": optax_dp.l2_norm_clip_of(optimizer.opt_state)}
+               if adaptive else {})
+    (losses, logits), grads = grad_fn(model, (images, labels), mask, **current)
     optimizer.update(model, grads)
     # The per-example logits of a private step are (B, 1, 10): the loss of
     # each example is computed on a batch of one.
@@ -143,11 +148,15 @@ def main(argv=None):
       CNN().init(init_key, jnp.zeros((1, 28, 28, 1), jnp.float32))["params"])
   sgd = optax.sgd(args.learning_rate, momentum=args.momentum)
   sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
-  tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd)
+  clip = _cli_common.clip_norm(args, nnx.state(model, nnx.Param))
+  tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd, clip)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(),
                             loss=nnx.metrics.Average("loss"))
-  train_step = make_train_step(make_grad_fn(args))
+  train_step = make_train_step(
+      make_grad_fn(args, clip),
+      adaptive=(args.clipping_strategy == "adaptive" and not args.no_dp
+                and args.clipping != "per-example"))
 
   def epsilon_now():
     return budget.epsilon_spent(optimizer.opt_state) if budget else float("inf")
@@ -180,7 +189,8 @@ def main(argv=None):
   _cli_common.write_outputs(args, _cli_common.make_record(
       args, budget, sampler, epsilon=epsilon, test_accuracy=test_acc,
       test_loss=test_loss, steps=released, steps_this_run=args.steps, seconds=seconds,
-      history=progress.history))
+      history=progress.history,
+      final_l2_norm_clip=_cli_common.final_clip(args, optimizer.opt_state)))
   return 0
 
 

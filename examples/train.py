@@ -177,7 +177,8 @@ def main(argv=None):
     links.append(optax_dp.ema_params(args.ema_decay))
   sgd = optax.chain(*links)
   sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
-  tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd)
+  clip = _cli_common.clip_norm(args, params)
+  tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd, clip)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   k = args.augmentation_multiplicity
@@ -194,13 +195,16 @@ def main(argv=None):
   elif args.clipping == "per-example":   # materialised; dp_aggregate clips them
     grad_fn = optax_dp.value_and_per_example_grads(train_loss, has_aux=True)
   else:
-    grad_fn = optax_dp.value_and_clipped_grads(train_loss, args.l2_norm_clip,
+    grad_fn = optax_dp.value_and_clipped_grads(train_loss, clip,
                                                method=args.clipping, has_aux=True)
 
   @jax.jit
   def train_step(state, images, labels, mask, step):
     keys = jax.random.split(jax.random.fold_in(augment_key, step), labels.shape[0])
-    (losses, accuracies), grads = grad_fn(state.params, ((images, labels), keys), mask)
+    current = ({} if args.no_dp or args.clipping == "per-example"
+               else _cli_common.current_clip(args, state.opt_state))
+    (losses, accuracies), grads = grad_fn(state.params, ((images, labels), keys), mask,
+                                          **current)
     real = jnp.maximum(jnp.sum(mask), 1)
     return (state.apply_gradients(grads=grads), jnp.sum(losses * mask) / real,
             jnp.sum(accuracies * mask) / real)
@@ -225,7 +229,7 @@ def main(argv=None):
   where = "validation" if args.validation_size else "test"
   print(f"Recipe {args.recipe}: {args.model} on {args.dataset}, {args.steps} steps "
         f"(batch {args.batch_size}, {args.features}), lr {args.learning_rate} ({args.schedule}), clip "
-        f"{args.l2_norm_clip}, EMA {args.ema_decay}, augmentation multiplicity {k}; "
+        f"{_cli_common.describe_clip(args)}, EMA {args.ema_decay}, augmentation multiplicity {k}; "
         f"evaluated on the {where} set ({len(eval_images)} examples).", flush=True)
   eval_loss = eval_acc = float("nan")
   train_losses, train_accs = [], []
@@ -261,7 +265,8 @@ def main(argv=None):
       dataset=args.dataset, model=args.model, evaluated_on=where, ema_decay=args.ema_decay,
       augmentation_multiplicity=k, dataset_size=dataset_size, features=args.features,
       epochs=args.steps * args.batch_size / dataset_size, learning_rate=args.learning_rate,
-      schedule=args.schedule, momentum=args.momentum))
+      schedule=args.schedule, momentum=args.momentum,
+      final_l2_norm_clip=_cli_common.final_clip(args, state.opt_state)))
 
 
 if __name__ == "__main__":

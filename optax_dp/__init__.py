@@ -30,7 +30,13 @@ from optax_dp._accounting import SamplingArgs
 from optax_dp._accounting import calibrate_noise_multiplier
 from optax_dp._accounting import compute_epsilon
 from optax_dp._accounting import dpsgd_event
+from optax_dp._aggregate import AdaptiveClipMismatchError
 from optax_dp._aggregate import DPAggregateState
+from optax_dp._aggregate import l2_norm_clip_of
+from optax_dp._clip_norms import AdaptiveClip
+from optax_dp._clip_norms import ClipGroups
+from optax_dp._clip_norms import clip_groups
+from optax_dp._clip_norms import per_layer_clip_norms
 from optax_dp._aggregate import NoiseReplayError
 from optax_dp._budget import PrivacyBudget
 from optax_dp._aggregate import PrivacyBudgetExceededError
@@ -69,6 +75,12 @@ __version__ = "0.1.0"
 
 __all__ = (
     "ACCOUNTANTS",
+    "AdaptiveClip",
+    "AdaptiveClipMismatchError",
+    "ClipGroups",
+    "clip_groups",
+    "l2_norm_clip_of",
+    "per_layer_clip_norms",
     "AveragedParamsState",
     "augmentation_multiplicity",
     "averaged_params",

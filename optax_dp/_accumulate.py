@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from optax_dp import _aggregate
 from optax_dp import _checks
 from optax_dp import _clipping
 from optax_dp import _devices
@@ -40,11 +41,15 @@ class DPAccumulateState(NamedTuple):
       (with `mesh=`: per device, shape `(devices,)`).
     inner_state: the wrapped optimizer's state (its `dp_aggregate` counts
       logical steps).
+    unclipped_count: adaptive clipping only (`()` otherwise): float32, the
+      running unclipped count of this logical batch (not private, like
+      `clipped_sum`).
   """
   micro_step: jax.Array
   clipped_sum: Any
   nonfinite_examples: jax.Array
   inner_state: Any
+  unclipped_count: Any = ()
 
 
 clip_and_sum = _clipping.clip_and_sum  # the clipping rules' home
@@ -131,8 +136,16 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
     nonfinite = jnp.zeros([], jnp.int32)
     if per_device is not None:
       acc, nonfinite = per_device.zeros((acc, nonfinite))
+    inner = tx.init(params)
+    adaptive = _aggregate.adaptive_clip_norm(inner) is not None
+    if adaptive and per_device is not None:
+      raise ValueError(
+          "dp_accumulate(mesh=...) with adaptive clipping (optax_dp.AdaptiveClip) "
+          "is not supported: accumulate without mesh= (the clipped sums are then "
+          "summed across devices each physical batch), or use a fixed l2_norm_clip.")
     return DPAccumulateState(micro_step=jnp.zeros([], jnp.int32), clipped_sum=acc,
-                             nonfinite_examples=nonfinite, inner_state=tx.init(params))
+                             nonfinite_examples=nonfinite, inner_state=inner,
+                             unclipped_count=jnp.zeros([], jnp.float32) if adaptive else ())
 
   def update_fn(updates, state, params=None):
     updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
@@ -143,6 +156,19 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
           "optax_dp.clip_and_sum(per_example_grads, l2_norm_clip). Accumulating "
           "raw per-example gradients would mix examples across batches.")
     _check_layout(updates, state, mesh, axis_name)
+    current = _aggregate.adaptive_clip_norm(state.inner_state)
+    if (updates.clip_norm is None) != (current is None):
+      raise ValueError(
+          "dp_accumulate: the clipped sum and the dp_aggregate inside disagree on "
+          "adaptive clipping: build both with the same l2_norm_clip.")
+    unclipped = ()
+    if current is not None:   # every physical batch clipped with the state's norm
+      _checks.raise_if(
+          updates.clip_norm != current, _aggregate.AdaptiveClipMismatchError,
+          "dp_accumulate: a physical batch was clipped with another clip norm than "
+          "the adaptive one of the optimizer state. Pass "
+          "l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state) every step.")
+      unclipped = state.unclipped_count + updates.unclipped_count
     acc = jax.tree.map(lambda a, s: a + s.astype(a.dtype), state.clipped_sum,
                        updates.clipped_sum)
     nonfinite = state.nonfinite_examples + updates.nonfinite_examples
@@ -156,32 +182,37 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
       logical = _clipping.ClippedGrads(
           clipped_sum=acc, nonfinite_examples=nonfinite,
           l2_norm_clip=updates.l2_norm_clip, batch_size=None,
-          unreduced_axis=updates.unreduced_axis)
+          unreduced_axis=updates.unreduced_axis, clip_norm=updates.clip_norm,
+          unclipped_count=unclipped if current is not None else None)
       # Per-device sums: the one all-reduce of the logical batch, before the
       # noise (dp_aggregate refuses an unreduced sum).
       logical = _devices.reduce_clipped_grads(logical, mesh)
       out, inner = tx.update(logical, state.inner_state, params)
       return (out, inner, jax.tree.map(jnp.zeros_like, acc),
-              jnp.zeros_like(nonfinite), jnp.zeros([], jnp.int32))
+              jnp.zeros_like(nonfinite), jnp.zeros([], jnp.int32),
+              jax.tree.map(jnp.zeros_like, unclipped))
 
     out_shape = jax.eval_shape(release, None)[0]
 
     def hold(_):
       out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-      return out, state.inner_state, acc, nonfinite, state.micro_step + 1
+      return out, state.inner_state, acc, nonfinite, state.micro_step + 1, unclipped
 
     releasing = state.micro_step == k - 1
     if isinstance(releasing, jax.core.Tracer):
-      out, inner, acc, nonfinite, micro = jax.lax.cond(releasing, release, hold, None)
+      out, inner, acc, nonfinite, micro, unclipped = jax.lax.cond(
+          releasing, release, hold, None)
     else:
       # Outside a trace, pick the branch in Python: the inner dp_aggregate then
       # runs eagerly too, so its checks raise their own exception types
       # (PrivacyBudgetExceededError, NoiseReplayError) rather than a
       # JaxRuntimeError from a host callback inside lax.cond.
-      out, inner, acc, nonfinite, micro = (release if bool(releasing) else hold)(None)
+      out, inner, acc, nonfinite, micro, unclipped = (
+          release if bool(releasing) else hold)(None)
       micro = jnp.asarray(micro, jnp.int32)
     return out, DPAccumulateState(micro_step=micro, clipped_sum=acc,
-                                  nonfinite_examples=nonfinite, inner_state=inner)
+                                  nonfinite_examples=nonfinite, inner_state=inner,
+                                  unclipped_count=unclipped)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

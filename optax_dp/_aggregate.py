@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from optax_dp import _checks
+from optax_dp import _clip_norms
 from optax_dp import _clipping
 from optax_dp import _composition
 from optax_dp import _correlated
@@ -62,11 +63,67 @@ class DPAggregateState(NamedTuple):
       streaming state of the correlated noise, `(index, buffers)` with
       `bands` buffers of the leaf's shape (`optax_dp._correlated`). A
       function of the key and the steps so far; its index must equal `step`.
+    clip_norm: adaptive clipping only (`()` otherwise): float32, the clip
+      norm of the next update (`optax_dp.l2_norm_clip_of(opt_state)` reads
+      it). A function of the released noisy counts: public.
   """
   noise_key: jax.Array
   step: jax.Array
   nonfinite_examples: jax.Array
   noise_state: Any = ()
+  clip_norm: Any = ()
+
+
+class AdaptiveClipMismatchError(ValueError):
+  """A clipped sum made with another clip norm than the adaptive one of the
+  optimizer state it updates."""
+
+
+def adaptive_clip_norm(opt_state: Any) -> Any:
+  """The adaptive clip norm of the `DPAggregateState`s in `opt_state` (the
+  first found), or None if none clips adaptively."""
+  for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DPAggregateState)):
+    if isinstance(s, DPAggregateState):
+      clip = getattr(s.clip_norm, "value", s.clip_norm)   # nnx.Optimizer's wrapping
+      if not (isinstance(clip, tuple) and not clip):
+        return clip
+  return None
+
+
+def l2_norm_clip_of(opt_state: Any) -> Any:
+  """The clip norm the next update of `dp_aggregate` takes, from an optimizer
+  state that holds one `DPAggregateState` (a chain's, `dp_accumulate`'s,
+  Linen `TrainState.opt_state`, or `nnx.Optimizer.opt_state`).
+
+  For an adaptive clip (`optax_dp.AdaptiveClip`) a float32 scalar array that
+  changes each step: pass it to the gradient function,
+  `grad_fn(params, batch, mask, l2_norm_clip=l2_norm_clip_of(opt_state))`.
+  Public (a function of released noisy counts), so it may be logged.
+
+  Raises:
+    ValueError: if the state holds no adaptive `DPAggregateState`, or more than one.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_dp
+    >>> tx = optax.chain(optax_dp.dp_aggregate(
+    ...     optax_dp.AdaptiveClip(initial_l2_norm_clip=2.0), noise_multiplier=1.0,
+    ...     key=0, expected_batch_size=100), optax.sgd(0.1))
+    >>> float(optax_dp.l2_norm_clip_of(tx.init({"w": jnp.zeros(2)})))
+    2.0
+  """
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DPAggregateState))
+           if isinstance(s, DPAggregateState)]
+  if len(found) != 1:
+    raise ValueError(
+        f"l2_norm_clip_of: the optimizer state holds {len(found)} dp_aggregate "
+        "states; it needs exactly one.")
+  clip = adaptive_clip_norm(found[0])
+  if clip is None:
+    raise ValueError(
+        "l2_norm_clip_of: this dp_aggregate clips with a fixed l2_norm_clip, "
+        "not an adaptive one (optax_dp.AdaptiveClip); its gradient function "
+        "takes no l2_norm_clip= at call time.")
+  return clip
 
 
 def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_overrun):
@@ -133,9 +190,10 @@ def _resolve_noise_strategy(noise_strategy, budget, allow_budget_overrun):
   return strategy
 
 
-def _as_clipped(updates, params, l2_norm_clip: float):
+def _as_clipped(updates, params, clip, current):
   """`(ClippedGrads, output dtypes)` from per-example gradients or a ClippedGrads.
 
+  `current`: an adaptive clip's norm from the state (None for a fixed clip).
   Output dtypes: the gradients' (bf16 in, bf16 out), or the params' for a
   ClippedGrads (whose sum is float32 or wider).
   """
@@ -145,7 +203,7 @@ def _as_clipped(updates, params, l2_norm_clip: float):
     _clipping.batch_size_of(updates)
     if params is not None:
       _composition.check_against_params(updates, params)
-    return (_clipping.clip_and_sum(updates, l2_norm_clip),
+    return (_clipping.clip_and_sum(updates, clip, current_l2_norm_clip=current),
             jax.tree.map(lambda g: g.dtype, updates))
   if updates.unreduced_axis is not None:
     raise ValueError(
@@ -154,11 +212,9 @@ def _as_clipped(updates, params, l2_norm_clip: float):
         f"{updates.unreduced_axis!r}: noise on them would not be the mechanism. "
         "Feed them to optax_dp.dp_accumulate(tx, k, mesh=mesh), which sums them "
         "across devices once per logical batch, or use reduce=True (the default).")
-  # Equal in float32 counts as equal: the clip is applied in float32, and
-  # optax.inject_hyperparams stores C as a float32 array (0.1 -> 0.10000000149).
-  if np.float32(updates.l2_norm_clip) != np.float32(l2_norm_clip):
+  if not _clip_norms.same_clip(updates.l2_norm_clip, clip):
     raise ValueError(
-        f"dp_aggregate(l2_norm_clip={l2_norm_clip}) got a clipped sum made "
+        f"dp_aggregate(l2_norm_clip={clip}) got a clipped sum made "
         f"with l2_norm_clip={updates.l2_norm_clip}: the noise would not match "
         "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
         "dp_aggregate.")
@@ -171,6 +227,9 @@ def _as_clipped(updates, params, l2_norm_clip: float):
         raise ValueError(
             f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
             f"parameter of shape {jnp.shape(p)}.")
+    # Group-wise: the groups must cover these params as they covered the
+    # ones clipped (raises for a prefix that does not fit them).
+    _clip_norms.leaf_groups(clip, params)
   return updates, jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
 
 
@@ -254,6 +313,23 @@ def dp_aggregate(
 
   Args:
     l2_norm_clip: the bound `C > 0` on each example's global gradient norm.
+      Or group-wise: a pytree prefix of the params whose leaves are norms
+      (`{"Dense_0": 0.3, "Dense_1": 0.4}`; `optax_dp.per_layer_clip_norms`
+      builds one per layer): each group of parameters is clipped, per
+      example, to its own norm `C_g`, and the noise std is
+      `noise_multiplier * sqrt(sum_g C_g^2)`, the sensitivity of the sum (an
+      example moves it by at most that), so the accounting is unchanged. Or
+      adaptive: an `optax_dp.AdaptiveClip`, whose norm lives in this state
+      (`clip_norm`) and follows a target quantile of the per-example norms
+      through a privatised count of unclipped examples (Andrew et al. 2021).
+      The gradient function must then be given the current norm each step,
+      `l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state)` (a sum clipped with
+      another norm raises `AdaptiveClipMismatchError`). `noise_multiplier`
+      (or the budget's) is then the effective multiplier `z` of the two
+      Gaussian mechanisms together, one per step on the same batch: the
+      gradients get `sigma = (z^-2 - (2 s)^-2)^-1/2` times the clip norm and
+      the count (sensitivity 1/2) noise of std `s = count_noise_stddev`, so
+      the accounting of `z` is that of what runs.
     noise_multiplier: `sigma >= 0`; the noise std is `sigma * C`. 0 gives a
       non-private run and warns loudly. Omit it when passing `budget`.
     key: the PRNG key for the noise (required): a `jax.random.key`, a legacy
@@ -305,6 +381,12 @@ def dp_aggregate(
     Choquette-Choo, Ganesh, McKenna, McMahan, Rush, Thakurta & Xu 2023,
     "(Amplified) Banded Matrix Factorization: A unified approach to private
     training", https://arxiv.org/abs/2306.08153 (`noise_strategy`).
+    McMahan, Ramage, Talwar & Zhang 2018, "Learning Differentially Private
+    Recurrent Language Models", https://arxiv.org/abs/1710.06963 (group-wise,
+    per-layer clipping).
+    Andrew, Thakkar, McMahan & Ramaswamy 2021, "Differentially Private
+    Learning with Adaptive Clipping", https://arxiv.org/abs/1905.03871
+    (`AdaptiveClip`).
 
   Examples:
     >>> import jax.numpy as jnp, optax_dp
@@ -321,7 +403,8 @@ def dp_aggregate(
   _checks.refuse_traced("dp_aggregate", l2_norm_clip=l2_norm_clip,
                         noise_multiplier=noise_multiplier,
                         expected_batch_size=expected_batch_size)
-  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
+  clip = _clip_norms.as_clip_norm(l2_norm_clip)
+  adaptive = isinstance(clip, _clip_norms.AdaptiveClip)
   noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
       noise_multiplier, expected_batch_size, budget, allow_budget_overrun)
   strategy = _resolve_noise_strategy(noise_strategy, budget, allow_budget_overrun)
@@ -333,11 +416,19 @@ def dp_aggregate(
         "an int seed that nothing else uses).")
   with jax.ensure_compile_time_eval():  # concrete even when built inside jit
     key = _keys.as_typed_key(key)
-  noise_std = noise_multiplier * l2_norm_clip
-  rescale = l2_norm_clip if rescale_to_unit_norm else 1.0
+  if adaptive:
+    if strategy is not None:
+      raise ValueError(
+          "dp_aggregate: adaptive clipping (optax_dp.AdaptiveClip) with DP-BandMF "
+          "noise is not accounted here (the correlated noise's scale would change "
+          "with the clip norm). Use a fixed l2_norm_clip with BandMF.")
+    grad_multiplier, count_std = clip.noise_split(noise_multiplier, expected_batch_size)
+    noise_std = grad_multiplier   # times the state's clip norm, each step
+  else:
+    noise_std = noise_multiplier * _clip_norms.sensitivity(clip)
   # NoiseKeyReuseWarning if another live transform built from this key has
   # released updates when this one releases (see _keys.py for the rule).
-  stream = (_keys.noise_stream(key, f"dp_aggregate(l2_norm_clip={l2_norm_clip:g}, "
+  stream = (_keys.noise_stream(key, f"dp_aggregate(l2_norm_clip={clip}, "
                                f"noise_multiplier={noise_multiplier:g})")
             if noise_std > 0 else None)
 
@@ -359,11 +450,15 @@ def dp_aggregate(
         strategy, jax.tree.map(
             lambda p: jnp.zeros(jnp.shape(p), _clipping.compute_dtype(jnp.result_type(p))),
             params))
-    return DPAggregateState(noise_key=key_data_at(step), step=step,
-                            nonfinite_examples=jnp.zeros([], jnp.int32),
-                            noise_state=noise_state)
+    if params is not None and not adaptive:
+      _clip_norms.leaf_groups(clip, params)   # the groups must fit the params
+    return DPAggregateState(
+        noise_key=key_data_at(step), step=step,
+        nonfinite_examples=jnp.zeros([], jnp.int32), noise_state=noise_state,
+        clip_norm=(jnp.asarray(clip.initial_l2_norm_clip, jnp.float32) if adaptive
+                   else ()))
 
-  def guard(state, expected_key_data):
+  def guard(state, expected_key_data, clipped):
     """Checks the ledger before releasing update number `state.step`, whose
     key data must be `expected_key_data` (that of `fold_in(key, step)`)."""
     key_ok = jnp.all(jnp.asarray(state.noise_key) == expected_key_data)
@@ -376,6 +471,15 @@ def dp_aggregate(
         "streams, which breaks the privacy guarantee. Restore the whole "
         "optimizer state of this run, and build dp_aggregate with that run's key.")
     ok = key_ok
+    if adaptive:
+      same = clipped.clip_norm == state.clip_norm
+      _checks.raise_if(
+          ~same, AdaptiveClipMismatchError,
+          "dp_aggregate: the clipped sum was clipped with another clip norm than "
+          "the adaptive one in the optimizer state; the noise would not match its "
+          "sensitivity. Pass l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state) of "
+          "the state being updated to the gradient function, every step.")
+      ok = ok & same
     if max_steps is not None:
       within = state.step < max_steps
       _checks.raise_if(
@@ -405,26 +509,40 @@ def dp_aggregate(
       _keys.note_release(stream, stacklevel=2)
     _composition.check_composition(updates)
     # One path: raw per-example gradients become a ClippedGrads on entry.
-    clipped, dtypes = _as_clipped(updates, params, l2_norm_clip)
+    clipped, dtypes = _as_clipped(updates, params, clip,
+                                  state.clip_norm if adaptive else None)
     summed = jax.tree.map(lambda s: s.astype(_clipping.compute_dtype(s.dtype)),
                           clipped.clipped_sum)
-    normaliser = _normaliser(expected_batch_size, clipped.batch_size) * rescale
     step_key, next_key_data = keys_at(state.step)
-    ok = guard(state, jax.random.key_data(step_key))
+    ok = guard(state, jax.random.key_data(step_key), clipped)
+    if adaptive:   # the gradients' and the count's noise from separate keys
+      step_key, count_key = jax.random.split(step_key)
+      std, unit = noise_std * state.clip_norm, state.clip_norm
+    else:
+      std, unit = noise_std, _clip_norms.sensitivity(clip)
+    normaliser = _normaliser(expected_batch_size, clipped.batch_size) * (
+        unit if rescale_to_unit_norm else 1.0)
     if strategy is None:
-      noised, noise_state = _clipping.add_gaussian_noise(summed, step_key, noise_std), ()
+      noised, noise_state = _clipping.add_gaussian_noise(summed, step_key, std), ()
     else:   # DP-BandMF: this step's i.i.d. draws, correlated through C^{-1}
       correlated, noise_state = _correlated.correlate(
-          strategy, _clipping.gaussian_noise(summed, step_key, noise_std),
+          strategy, _clipping.gaussian_noise(summed, step_key, std),
           state.noise_state)
       noised = jax.tree.map(jnp.add, summed, correlated)
     out = jax.tree.map(
         lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)
+    clip_norm = ()
+    if adaptive:   # Andrew et al. 2021, Algorithm 1 (geometric update)
+      noisy_count = clipped.unclipped_count + count_std * jax.random.normal(count_key, ())
+      unclipped_fraction = noisy_count / expected_batch_size + 0.5
+      clip_norm = (state.clip_norm * jnp.exp(
+          -clip.learning_rate * (unclipped_fraction - clip.target_quantile))
+                   ).astype(jnp.float32)
     step = state.step + 1
     return out, DPAggregateState(
         noise_key=next_key_data, step=step,
         nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples,
-        noise_state=noise_state)
+        noise_state=noise_state, clip_norm=clip_norm)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

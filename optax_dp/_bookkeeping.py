@@ -41,11 +41,10 @@ def compute_dtype_of(x):
 
 
 def finish(l2_norm_clip, sq_norms, mask):
-  finite = jnp.isfinite(sq_norms)
-  keep = finite & mask
-  factors = jnp.where(keep, _clipping.clip_factors(sq_norms, l2_norm_clip), 0.0)
-  nonfinite = jnp.sum(~finite & mask, dtype=jnp.int32)
-  return factors, keep, nonfinite
+  """`(factors, keep, nonfinite count)` of one clip norm on the global norms
+  (`_clipping.clip_rows` with a single group)."""
+  rows = _clipping.clip_rows([sq_norms], (0,), (l2_norm_clip,), mask)
+  return rows.factors[0], rows.keep, rows.nonfinite_examples
 
 
 def mask_values(values, mask, has_aux):
@@ -130,7 +129,10 @@ def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
   return plan(loss_fn)(params, batch)
 
 
-def ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
+def ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):
+  """`(values, clipped sum, non-finite count, unclipped count)` of one chunk:
+  each parameter leaf i clipped with the norm of its group `groups[i]`
+  (`norms`), from the layers' per-parameter squared norms."""
   leaves, treedef = jax.tree.flatten(params)
   example0 = jax.tree.map(lambda x: x[0], batch)
   adapter, layers, example_loss, covered, uncovered = settle(
@@ -176,24 +178,27 @@ def ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask):
           [leaves[i] for i in uncovered], [leaves[i] for i in covered], layer_params,
           zs, batch)
 
-  sq = jnp.zeros((batch_size,), jnp.float32)
+  leaf_sq = [None] * len(leaves)
   sum_fns = []
   for k, layer in enumerate(layers):
     layer_sq, sums = adapter.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
-    sq = sq + layer_sq.astype(jnp.float32)
+    for name, i in layer.leaf_index.items():
+      leaf_sq[i] = layer_sq[name].astype(jnp.float32)
     sum_fns.append(sums)
-  if uncovered_grads:
-    sq = sq + _clipping.per_example_sq_norms(uncovered_grads)
-  factors, keep, nonfinite = finish(l2_norm_clip, sq, mask)
+  for i, sq in zip(uncovered, _clipping.per_leaf_sq_norms(uncovered_grads)):
+    leaf_sq[i] = sq
+  rows = _clipping.clip_rows(leaf_sq, groups, norms, mask)
 
   out = [None] * len(leaves)
   for k, layer in enumerate(layers):
-    sums = sum_fns[k](factors, keep)
+    sums = sum_fns[k]({name: rows.factors[i] for name, i in layer.leaf_index.items()},
+                      rows.keep)
     for name, i in layer.leaf_index.items():
       out[i] = sums[name].reshape(leaves[i].shape).astype(compute_dtype_of(leaves[i]))
   if uncovered_grads:
-    keep_factors = jnp.where(keep, factors, 0.0)
-    for i, s in zip(uncovered, _clipping.clipped_sum(uncovered_grads, keep_factors)):
+    for i, s in zip(uncovered, _clipping.clipped_sum(
+        uncovered_grads, [rows.factors[i] for i in uncovered])):
       out[i] = s.astype(compute_dtype_of(leaves[i]))
   values = (losses, aux) if has_aux else losses
-  return mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out), nonfinite
+  return (mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out),
+          rows.nonfinite_examples, rows.unclipped_count)

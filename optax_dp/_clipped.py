@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, TypedDict, Unpack
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_dp import _bookkeeping
-from optax_dp import _checks
+from optax_dp import _clip_norms
 from optax_dp import _clipping
 from optax_dp import _devices
 from optax_dp import _nnx
@@ -120,7 +123,7 @@ def value_and_clipped_grads(
     >>> losses.shape, clipped.batch_size, [round(float(v), 3) for v in clipped.clipped_sum["w"]]
     ((5,), 5, [-3.536, -3.536])
   """
-  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
+  clip = _clip_norms.as_clip_norm(l2_norm_clip)
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
   if microbatch_size is not None and (
@@ -129,17 +132,14 @@ def value_and_clipped_grads(
     raise ValueError(
         f"microbatch_size must be a positive int or None, got {microbatch_size!r}.")
 
-  def chunk_fn(params, batch, mask):
-    if method == "vmap":
-      return _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask)
-    return _bookkeeping.ghost_chunk(loss_fn, has_aux, l2_norm_clip, method, params, batch, mask)
-
-  def fn(params, batch, mask=None):
+  def fn(params, batch, mask=None, *, l2_norm_clip=None):
+    current = l2_norm_clip
+    norms, clip_norm = _clipping.clip_norms_now(clip, current)   # checks `current`
     if _nnx.is_module(params):
       values, clipped = _nnx.call(
-          lambda pure: value_and_clipped_grads(
-              pure, l2_norm_clip, method=method, has_aux=has_aux,
-              microbatch_size=microbatch_size),
+          lambda pure: functools.partial(value_and_clipped_grads(
+              pure, clip, method=method, has_aux=has_aux,
+              microbatch_size=microbatch_size), l2_norm_clip=current),
           loss_fn, params, batch, mask, wrt, "clipped_grads")
       return values, _nnx.as_optimizer_grads(clipped)
     if wrt is not None:
@@ -147,22 +147,32 @@ def value_and_clipped_grads(
                        "NNX model; these params are a plain pytree.")
     route = _devices.batch_route(batch)
     if route is not None:
-      return on_devices(fn, route)(params, batch, mask)
+      return on_devices(fn, route)(params, batch, mask, l2_norm_clip=current)
     batch_size = _per_example.batch_rows(batch)
     params = _devices.local_params(params, batch, "clipped_grads")
     mask = (jnp.ones((batch_size,), bool) if mask is None
             else _per_example.check_mask(mask, batch_size))
+    groups = _clip_norms.leaf_groups(clip, params)
+
+    def chunk_fn(params, batch, mask):
+      if method == "vmap":
+        return _vmap_chunk(loss_fn, has_aux, groups, norms, params, batch, mask)
+      return _bookkeeping.ghost_chunk(loss_fn, has_aux, groups, norms, method, params,
+                                      batch, mask)
+
     # Trace-time check: a Linen BatchNorm in training mode is not per-example
     # (see _per_example.no_cross_example_layers). It covers every method,
     # including the ghost path's discovery trace, which runs first.
     with _per_example.no_cross_example_layers("clipped_grads"):
       if microbatch_size is None or microbatch_size >= batch_size:
-        values, summed, nonfinite = chunk_fn(params, batch, mask)
+        values, summed, nonfinite, unclipped = chunk_fn(params, batch, mask)
       else:
-        values, summed, nonfinite = _scan_chunks(chunk_fn, params, batch, mask,
-                                                 microbatch_size, batch_size)
-    return values, ClippedGrads(clipped_sum=summed, nonfinite_examples=nonfinite,
-                                l2_norm_clip=l2_norm_clip, batch_size=batch_size)
+        values, summed, nonfinite, unclipped = _scan_chunks(
+            chunk_fn, params, batch, mask, microbatch_size, batch_size)
+    return values, ClippedGrads(
+        clipped_sum=summed, nonfinite_examples=nonfinite, l2_norm_clip=clip,
+        batch_size=batch_size, clip_norm=clip_norm,
+        unclipped_count=None if clip_norm is None else unclipped)
 
   return fn
 
@@ -186,28 +196,27 @@ def on_devices(fn: _per_example.BatchGradFn, route: _devices.BatchRoute,
   if not reduce and len(route.axes) != 1:
     raise ValueError(f"per-device sums need one mesh axis, got {route.axes}.")
 
-  def local(params, batch, mask):
-    values, clipped = fn(params, batch, mask)
+  def local(params, batch, mask, kwargs):
+    values, clipped = fn(params, batch, mask, **kwargs)
     if reduce:
-      summed, nonfinite = _devices.psum_clipped(
-          clipped.clipped_sum, clipped.nonfinite_examples, route.axes)
+      clipped = _devices.psum_clipped(clipped, route.axes)
     else:   # this device's own sum: one row of a leading per-device axis
-      summed, nonfinite = jax.tree.map(
-          lambda x: x[None], (clipped.clipped_sum, clipped.nonfinite_examples))
-    return values, ClippedGrads(
-        clipped_sum=summed, nonfinite_examples=nonfinite,
-        l2_norm_clip=clipped.l2_norm_clip,
-        batch_size=clipped.batch_size * route.devices,
+      clipped = dataclasses.replace(clipped, **jax.tree.map(
+          lambda x: x[None], {"clipped_sum": clipped.clipped_sum,
+                              "nonfinite_examples": clipped.nonfinite_examples,
+                              "unclipped_count": clipped.unclipped_count}))
+    return values, dataclasses.replace(
+        clipped, batch_size=clipped.batch_size * route.devices,
         unreduced_axis=None if reduce else route.axes[0])
 
-  def run(params, batch, mask=None):
+  def run(params, batch, mask=None, **kwargs):
     mask = (jnp.ones((_per_example.batch_rows(batch),), bool) if mask is None
             else mask)
     spec = route.spec()
     params, (batch, mask) = (_devices.on_route(params, route, P()),
                              _devices.on_route((batch, mask), route, spec))
-    return jax.shard_map(local, mesh=route.mesh, in_specs=(P(), spec, spec),
-                         out_specs=(spec, P() if reduce else spec))(params, batch, mask)
+    return jax.shard_map(local, mesh=route.mesh, in_specs=(P(), spec, spec, P()),
+                         out_specs=(spec, P() if reduce else spec))(params, batch, mask, kwargs)
 
   return run
 
@@ -243,20 +252,20 @@ def clipped_grads(
   value_and_clipped = value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
   has_aux = options.get("has_aux", False)
 
-  def fn(params, batch, mask=None):
-    values, clipped = value_and_clipped(params, batch, mask)
+  def fn(params, batch, mask=None, *, l2_norm_clip=None):
+    values, clipped = value_and_clipped(params, batch, mask, l2_norm_clip=l2_norm_clip)
     return (clipped, values[1]) if has_aux else clipped
 
   return fn
 
 
-def _vmap_chunk(loss_fn, has_aux, l2_norm_clip, params, batch, mask):
+def _vmap_chunk(loss_fn, has_aux, groups, norms, params, batch, mask):
   values, grads = _per_example.value_and_per_example_grads(loss_fn, has_aux=has_aux)(
       params, batch)
-  sq = _clipping.per_example_sq_norms(grads)
-  factors, keep, nonfinite = _bookkeeping.finish(l2_norm_clip, sq, mask)
-  summed = _clipping.clipped_sum(grads, factors)
-  return _bookkeeping.mask_values(values, mask, has_aux), summed, nonfinite
+  rows = _clipping.clip_rows(_clipping.per_leaf_sq_norms(grads), groups, norms, mask)
+  summed = _clipping.clipped_sum(grads, rows.factors)
+  return (_bookkeeping.mask_values(values, mask, has_aux), summed,
+          rows.nonfinite_examples, rows.unclipped_count)
 
 
 def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
@@ -276,16 +285,17 @@ def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
 
   def body(carry, xs):
     chunk, chunk_mask = xs
-    values, summed, nonfinite = chunk_fn(params, chunk, chunk_mask)
-    total, count = carry
-    return (jax.tree.map(jnp.add, total, summed), count + nonfinite), values
+    values, summed, nonfinite, unclipped = chunk_fn(params, chunk, chunk_mask)
+    total, count, unclipped_total = carry
+    return (jax.tree.map(jnp.add, total, summed), count + nonfinite,
+            unclipped_total + unclipped), values
 
   # The running total is in the clipped sums' dtype (float32 or wider), not
   # the params' (a bfloat16 carry would not match the chunks' float32 sums).
   init = _devices.make_varying(
       (jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), _bookkeeping.compute_dtype_of(p)), params),
-       jnp.zeros((), jnp.int32)),
+       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)),
       _devices.varying_axes(batch))
-  (summed, nonfinite), values = jax.lax.scan(body, init, (chunks, mask_chunks))
+  (summed, nonfinite, unclipped), values = jax.lax.scan(body, init, (chunks, mask_chunks))
   values = jax.tree.map(lambda v: v.reshape((padded,) + v.shape[2:])[:batch_size], values)
-  return values, summed, nonfinite
+  return values, summed, nonfinite, unclipped

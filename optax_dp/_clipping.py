@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _checks
+from optax_dp import _clip_norms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,8 @@ class ClippedGrads:
 
   Produced by `optax_dp.clipped_grads`; `dp_aggregate` constructed with the
   same `l2_norm_clip` adds the noise and normalises, and refuses a sum clipped
-  with another norm (the noise would then not match the sensitivity).
+  with another norm, other groups or another adaptive clip (the noise would
+  then not match the sensitivity).
 
   Attributes:
     clipped_sum: a pytree shaped like the params: `sum_i clip_C(g_i)`, in
@@ -43,7 +44,9 @@ class ClippedGrads:
       the noise).
     nonfinite_examples: int32 scalar, examples dropped for a non-finite
       gradient (debugging aid; data-dependent, do not publish).
-    l2_norm_clip: the clip norm C used (static).
+    l2_norm_clip: the clip used (static): a float C, a
+      `_clip_norms.ClipGroups` (each group of parameters clipped to its own
+      norm) or a `_clip_norms.AdaptiveClip`.
     batch_size: the static number of rows B, padding included (static); None
       for a logical batch accumulated by `dp_accumulate` (no static size).
     unreduced_axis: None (default) for a sum over the whole batch, what
@@ -55,12 +58,20 @@ class ClippedGrads:
       `dp_accumulate(..., mesh=mesh)` takes it (it sums once per logical
       batch); `dp_aggregate` refuses it, since noise on one device's partial
       sum would not be the mechanism.
+    clip_norm: adaptive clipping only (else None): the float32 clip norm
+      this sum was clipped with, which `dp_aggregate` checks against the one
+      in its state.
+    unclipped_count: adaptive clipping only (else None): float32, `sum` over
+      real examples of `1[unclipped] - 1/2` (`RowClip`), not yet private:
+      `dp_aggregate` adds its noise.
   """
   clipped_sum: Any
   nonfinite_examples: Any
-  l2_norm_clip: float
+  l2_norm_clip: Any
   batch_size: Optional[int]
   unreduced_axis: Optional[str] = None
+  clip_norm: Any = None
+  unclipped_count: Any = None
 
   def __contains__(self, key) -> bool:
     # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
@@ -71,7 +82,7 @@ class ClippedGrads:
 
 jax.tree_util.register_dataclass(
     ClippedGrads,
-    data_fields=["clipped_sum", "nonfinite_examples"],
+    data_fields=["clipped_sum", "nonfinite_examples", "clip_norm", "unclipped_count"],
     meta_fields=["l2_norm_clip", "batch_size", "unreduced_axis"])
 
 
@@ -103,12 +114,9 @@ def gather_clipped_leaves(updates: Any) -> Any:
         "dp_aggregate got a gradient tree mixing clipped sums (ClippedGrads) "
         "with other leaves, or clipped sums of different clip norms or batch "
         "sizes: pass the whole result of one optax_dp.clipped_grads call.")
-  first = clipped[0]
-  return ClippedGrads(
-      clipped_sum=jax.tree.map(lambda c: c.clipped_sum, updates, is_leaf=_is_clipped),
-      nonfinite_examples=first.nonfinite_examples,
-      l2_norm_clip=first.l2_norm_clip, batch_size=first.batch_size,
-      unreduced_axis=first.unreduced_axis)
+  return dataclasses.replace(
+      clipped[0],
+      clipped_sum=jax.tree.map(lambda c: c.clipped_sum, updates, is_leaf=_is_clipped))
 
 
 def _empty_hint(tree) -> str:
@@ -179,19 +187,24 @@ def squared_abs(x: jax.Array) -> jax.Array:
   return x * x
 
 
-def per_example_sq_norms(per_example_grads: chex.ArrayTree) -> jax.Array:
-  """Squared global L2 norm of each example's gradient, float32, shape `(B,)`.
+def per_leaf_sq_norms(per_example_grads: chex.ArrayTree) -> list[jax.Array]:
+  """Each leaf's per-example squared L2 norm, float32, a list of `(B,)` in
+  flattening order (each leaf promoted to its compute dtype, at least
+  float32, before squaring: a bf16/f16 norm cannot overflow or round the clip
+  bound away; complex leaves count `sum |z|^2`)."""
+  return [jnp.sum(squared_abs(g.astype(compute_dtype(g.dtype))),
+                  axis=tuple(range(1, g.ndim))).astype(jnp.float32)
+          for g in jax.tree.leaves(per_example_grads)]
 
-  Every leaf has a leading batch axis; each is promoted to its compute dtype
-  (at least float32) before squaring, so a bf16/f16 norm cannot overflow or
-  round the clip bound away. Complex leaves count `sum |z|^2`.
+
+def per_example_sq_norms(per_example_grads: chex.ArrayTree) -> jax.Array:
+  """Squared global L2 norm of each example's gradient, float32, shape `(B,)`:
+  the sum of `per_leaf_sq_norms`.
 
   >>> per_example_sq_norms({"w": jnp.array([[3.0, 4.0], [0.0, 1.0]])})
   Array([25.,  1.], dtype=float32)
   """
-  sq = [jnp.sum(squared_abs(g.astype(compute_dtype(g.dtype))),
-                axis=tuple(range(1, g.ndim))).astype(jnp.float32)
-        for g in jax.tree.leaves(per_example_grads)]
+  sq = per_leaf_sq_norms(per_example_grads)
   return sum(sq[1:], sq[0])
 
 
@@ -214,8 +227,9 @@ def clip_factors(sq_norms: jax.Array, l2_norm_clip: float) -> jax.Array:
   return jnp.where(finite, factors, 0.0)
 
 
-def clipped_sum(per_example_grads: chex.ArrayTree, factors: jax.Array) -> chex.ArrayTree:
-  """`sum_i factors[i] * g_i` per leaf, in the compute dtype.
+def clipped_sum(per_example_grads: chex.ArrayTree, factors: Any) -> chex.ArrayTree:
+  """`sum_i factors[i] * g_i` per leaf, in the compute dtype; `factors` one
+  `(B,)` vector for every leaf, or a list of them, one per leaf.
 
   Rows with factor 0 (non-finite examples) are replaced by zeros first, so that
   0 * NaN cannot poison the sum. The `where` fuses into the producer of the
@@ -223,25 +237,72 @@ def clipped_sum(per_example_grads: chex.ArrayTree, factors: jax.Array) -> chex.A
   materialise the largest per-example gradient twice (measured in benchmarks/).
   """
 
-  def weighted_sum(g):
+  def weighted_sum(g, f):
     ct = compute_dtype(g.dtype)
-    keep = (factors > 0).reshape((-1,) + (1,) * (g.ndim - 1))
+    keep = (f > 0).reshape((-1,) + (1,) * (g.ndim - 1))
     g = jnp.where(keep, g.astype(ct), jnp.zeros((), ct))
-    return jnp.tensordot(factors.astype(ct), g, axes=1)
+    return jnp.tensordot(f.astype(ct), g, axes=1)
 
-  return jax.tree.map(weighted_sum, per_example_grads)
+  leaves, treedef = jax.tree.flatten(per_example_grads)
+  per_leaf = factors if isinstance(factors, (list, tuple)) else [factors] * len(leaves)
+  return jax.tree.unflatten(treedef, [weighted_sum(g, f) for g, f in zip(leaves, per_leaf)])
 
 
-def clip_and_sum_rows(per_example_grads: chex.ArrayTree, l2_norm_clip: float
-                      ) -> tuple[chex.ArrayTree, jax.Array, jax.Array]:
-  """Clips each example (row) to global norm `l2_norm_clip` and sums.
+class RowClip(NamedTuple):
+  """The clip of each row (example) of a batch, from its squared norms.
 
-  Returns:
-    `(clipped sum, squared norms (B,), number of non-finite examples)`.
+  Attributes:
+    factors: one `(B,)` vector per parameter leaf (flattening order): the
+      scale of that leaf's per-example gradient, `min(1, C_g / ||g_i||_g)`
+      for the leaf's group g (its norm over that group's leaves); 0 for rows
+      not kept.
+    keep: `(B,)` bool, rows that count: real (mask True) and finite.
+    nonfinite_examples: int32, real rows dropped for a non-finite norm.
+    unclipped_count: float32, `sum` over real rows of `1[factor 1 in every
+      group] - 1/2` (a non-finite row counts as clipped): each example moves
+      it by at most 1/2. Adaptive clipping privatises it.
   """
-  sq_norms = per_example_sq_norms(per_example_grads)
-  summed = clipped_sum(per_example_grads, clip_factors(sq_norms, l2_norm_clip))
-  return summed, sq_norms, jnp.sum(~jnp.isfinite(sq_norms), dtype=jnp.int32)
+  factors: list
+  keep: jax.Array
+  nonfinite_examples: jax.Array
+  unclipped_count: jax.Array
+
+
+def clip_rows(leaf_sq: list, groups: tuple[int, ...], norms: tuple,
+              mask: Optional[jax.Array] = None) -> RowClip:
+  """The factors that clip each row, group by group.
+
+  Args:
+    leaf_sq: each parameter leaf's per-example squared norms, `(B,)` each.
+    groups: the group index of each leaf (`_clip_norms.leaf_groups`).
+    norms: the clip norm of each group (a float, or a traced scalar for an
+      adaptive clip).
+    mask: `(B,)` bool, False for padding rows (default: all real).
+
+  Privacy contract: a kept row's leaves of group g are scaled to norm at
+  most `norms[g]`, so the row moves the clipped sum by at most
+  `sqrt(sum_g norms[g]^2)`; a non-finite row (NaN or inf in any group's
+  norm) is dropped whole.
+
+  >>> rc = clip_rows([jnp.array([9.0, 1.0]), jnp.array([16.0, 0.0])], (0, 1), (1.5, 2.0))
+  >>> [f.tolist() for f in rc.factors], float(rc.unclipped_count)
+  ([[0.5, 1.0], [0.5, 1.0]], 0.0)
+  """
+  batch = leaf_sq[0].shape[0]
+  mask = jnp.ones((batch,), bool) if mask is None else mask
+  group_sq = [sum((leaf_sq[i] for i in range(len(groups)) if groups[i] == g),
+                  jnp.zeros((batch,), jnp.float32)) for g in range(len(norms))]
+  finite = jnp.isfinite(sum(group_sq[1:], group_sq[0]))
+  keep = finite & mask
+  group_factors = [jnp.where(keep, clip_factors(sq, c), 0.0)
+                   for sq, c in zip(group_sq, norms)]
+  unclipped = keep
+  for f in group_factors:
+    unclipped = unclipped & (f >= 1.0)
+  count = jnp.sum(jnp.where(mask, jnp.where(unclipped, 0.5, -0.5), 0.0), dtype=jnp.float32)
+  return RowClip(factors=[group_factors[g] for g in groups], keep=keep,
+                 nonfinite_examples=jnp.sum(~finite & mask, dtype=jnp.int32),
+                 unclipped_count=count)
 
 
 def gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float) -> chex.ArrayTree:
@@ -284,23 +345,52 @@ def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
                        ) -> chex.ArrayTree:
   """`tree` plus `gaussian_noise(tree, key, stddev)`: independent
   N(0, stddev^2) added to every (real) coordinate; `tree` itself when
-  `stddev` is 0."""
-  if stddev == 0:
+  `stddev` is the number 0 (a traced `stddev` always draws)."""
+  if isinstance(stddev, (int, float)) and stddev == 0:
     return tree
   return jax.tree.map(jnp.add, tree, gaussian_noise(tree, key, stddev))
 
 
-def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> ClippedGrads:
+def clip_norms_now(clip: Any, current: Any = None) -> tuple[tuple, Any]:
+  """`(norm of each group, clip_norm data field)` of a checked clip: a
+  float's `(C,)`, groups' norms, or an `AdaptiveClip`'s `current` norm (a
+  scalar, required; read it with `optax_dp.l2_norm_clip_of(opt_state)`)."""
+  if isinstance(clip, _clip_norms.AdaptiveClip):
+    if current is None:
+      raise ValueError(
+          f"this gradient function clips adaptively ({clip}): pass the current "
+          "clip norm from the optimizer state each step, "
+          "fn(params, batch, mask, l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state)).")
+    current = jnp.asarray(current, jnp.float32)
+    if current.shape != ():
+      raise ValueError(f"l2_norm_clip= must be a scalar, got shape {current.shape}.")
+    return (current,), current
+  if current is not None:
+    raise ValueError(
+        "l2_norm_clip= at call time is the current norm of an adaptive clip "
+        "(optax_dp.AdaptiveClip); this function was built with the fixed "
+        f"l2_norm_clip {clip}.")
+  if isinstance(clip, _clip_norms.ClipGroups):
+    return clip.norms, None
+  return (clip,), None
+
+
+def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
+                 current_l2_norm_clip: Any = None) -> ClippedGrads:
   """Clips each example's gradient to global norm `l2_norm_clip` and sums.
 
   The clipping `dp_aggregate` applies (non-finite examples contribute zero),
   returned as a `ClippedGrads` for `dp_accumulate` or `dp_aggregate`. The fast
   path that never materialises per-example gradients is
-  `optax_dp.clipped_grads`.
+  `optax_dp.clipped_grads`. `l2_norm_clip` may also be a pytree prefix of the
+  params (each group of parameters clipped to its own norm), or an
+  `optax_dp.AdaptiveClip`, whose current norm `current_l2_norm_clip` is then
+  required (`optax_dp.l2_norm_clip_of(opt_state)`).
 
   Privacy contract: each example (row) contributes at most `l2_norm_clip` in
-  L2 norm over all leaves together: the sensitivity `dp_aggregate`'s noise is
-  calibrated to. Nothing here is private yet: the sum is unnoised.
+  L2 norm over all leaves together (`sqrt(sum_g C_g^2)` for groups): the
+  sensitivity `dp_aggregate`'s noise is calibrated to. Nothing here is
+  private yet: the sum is unnoised.
 
   References:
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
@@ -312,8 +402,13 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: float) -> Clip
     >>> [round(float(v), 2) for v in clipped.clipped_sum["w"]], clipped.batch_size
     ([0.9, 1.2], 2)
   """
-  l2_norm_clip = _checks.check_positive_finite("l2_norm_clip", l2_norm_clip)
+  clip = _clip_norms.as_clip_norm(l2_norm_clip)
   batch_size = batch_size_of(per_example_grads)
-  summed, _, nonfinite = clip_and_sum_rows(per_example_grads, l2_norm_clip)
-  return ClippedGrads(clipped_sum=summed, nonfinite_examples=nonfinite,
-                      l2_norm_clip=l2_norm_clip, batch_size=batch_size)
+  norms, clip_norm = clip_norms_now(clip, current_l2_norm_clip)
+  rows = clip_rows(per_leaf_sq_norms(per_example_grads),
+                   _clip_norms.leaf_groups(clip, per_example_grads), norms)
+  return ClippedGrads(
+      clipped_sum=clipped_sum(per_example_grads, rows.factors),
+      nonfinite_examples=rows.nonfinite_examples, l2_norm_clip=clip,
+      batch_size=batch_size, clip_norm=clip_norm,
+      unclipped_count=None if clip_norm is None else rows.unclipped_count)

@@ -211,12 +211,17 @@ def local_params(params: Any, batch: Any, caller: str) -> Any:
   return params
 
 
-def psum_clipped(clipped_sum, nonfinite, axis_name):
-  """Inside `shard_map`: the clipped sums and non-finite counts of all devices
-  on `axis_name`, summed in ONE all-reduce (the count rides along as float32,
-  exact below 2**24)."""
-  summed, count = jax.lax.psum((clipped_sum, nonfinite.astype(jnp.float32)), axis_name)
-  return summed, count.astype(jnp.int32)
+def psum_clipped(clipped: Any, axis_name) -> Any:
+  """Inside `shard_map`: a `ClippedGrads` whose clipped sums, non-finite
+  counts (and adaptive clipping's unclipped counts) are those of all devices
+  on `axis_name`, summed in ONE all-reduce (the non-finite count rides along
+  as float32, exact below 2**24)."""
+  summed, count, unclipped = jax.lax.psum(
+      (clipped.clipped_sum, clipped.nonfinite_examples.astype(jnp.float32),
+       clipped.unclipped_count), axis_name)
+  return dataclasses.replace(clipped, clipped_sum=summed,
+                             nonfinite_examples=count.astype(jnp.int32),
+                             unclipped_count=unclipped)
 
 
 def reduce_clipped_grads(clipped: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -232,10 +237,16 @@ def reduce_clipped_grads(clipped: Any, mesh: jax.sharding.Mesh) -> Any:
   if axis is None:
     return clipped
 
-  def local(summed, nonfinite):
-    return psum_clipped(jax.tree.map(lambda x: x[0], summed), nonfinite[0], axis)
+  def local(summed, nonfinite, unclipped):
+    own = dataclasses.replace(
+        clipped, clipped_sum=jax.tree.map(lambda x: x[0], summed),
+        nonfinite_examples=nonfinite[0],
+        unclipped_count=None if unclipped is None else unclipped[0], clip_norm=None)
+    reduced = psum_clipped(own, axis)
+    return reduced.clipped_sum, reduced.nonfinite_examples, reduced.unclipped_count
 
-  summed, nonfinite = jax.shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P())(
-      clipped.clipped_sum, clipped.nonfinite_examples)
+  summed, nonfinite, unclipped = jax.shard_map(
+      local, mesh=mesh, in_specs=P(axis), out_specs=P())(
+          clipped.clipped_sum, clipped.nonfinite_examples, clipped.unclipped_count)
   return dataclasses.replace(clipped, clipped_sum=summed, nonfinite_examples=nonfinite,
-                             unreduced_axis=None)
+                             unclipped_count=unclipped, unreduced_axis=None)

@@ -2,8 +2,10 @@
 
 Given one layer's per-example inputs and output gradients (each example a
 batch of one, stacked: leading axis B), each rule returns the per-example
-squared norms of that layer's parameter gradients and a function
-`sums(c, keep) -> {param name: sum_i c_i g_i}` for the clip factors `c`,
+squared norms of each of that layer's parameter gradients, `{param name:
+(B,)}`, and a function `sums(c, keep) -> {param name: sum_i c[name]_i g_i}`
+for the clip factors `c = {param name: (B,)}` (one vector per parameter, so
+that group-wise clipping may clip a kernel and its bias in different groups),
 without materialising per-example gradients where a cheaper form exists:
 
 * `dense_terms`: y = a @ W (+ b) over T positions: `|a|^2 |g|^2` (T = 1), the
@@ -45,7 +47,7 @@ from jax import lax
 
 from optax_dp import _clipping
 
-Terms = tuple  # (per-example squared norms (B,), sums(c, keep) -> {name: array})
+Terms = tuple  # ({name: per-example squared norms (B,)}, sums(c, keep) -> {name: array})
 
 
 _sq = _clipping.squared_abs  # |x|^2 elementwise, real (complex-safe)
@@ -69,6 +71,7 @@ def _sq_and_sum_linear(a, g, use_bias):
   its own row only, so a NaN in one example stays in that example's norm.
   Returns (sq, sums) with `sums(c, keep) -> {"kernel": (d, p), "bias": (p,)}`.
   """
+  # (sq: the kernel's per-example squared norms; _with_bias adds the bias's.)
   positions, d = a.shape[1], a.shape[2]
   p = g.shape[-1]
   if positions == 1:
@@ -99,11 +102,11 @@ def _terms_from_per_example(per_example, g, use_bias):
 
 def _with_bias(sq, kernel_sum, g, use_bias):
   if not use_bias:
-    return sq, lambda c, keep: {"kernel": kernel_sum(c, keep)}
+    return {"kernel": sq}, lambda c, keep: {"kernel": kernel_sum(c["kernel"], keep)}
   gb = jnp.sum(g, axis=1)
-  sq = sq + jnp.sum(_sq(gb), -1)
-  return sq, lambda c, keep: {"kernel": kernel_sum(c, keep),
-                              "bias": jnp.dot(c, _zero_rows(gb, keep))}
+  return ({"kernel": sq, "bias": jnp.sum(_sq(gb), -1)},
+          lambda c, keep: {"kernel": kernel_sum(c["kernel"], keep),
+                           "bias": jnp.dot(c["bias"], _zero_rows(gb, keep))})
 
 
 def _to_tuple(x, n, default):
@@ -193,10 +196,10 @@ def embed_terms(ids: jax.Array, out_grad: jax.Array, vocab: int,
   sq = jnp.real(jnp.sum(jnp.where(same, gg, jnp.zeros((), gg.dtype)), axis=(1, 2)))
 
   def embed_sum(c, keep):
-    rows = (_zero_rows(g, keep) * c[:, None, None]).reshape((-1, g.shape[-1]))
+    rows = (_zero_rows(g, keep) * c[name][:, None, None]).reshape((-1, g.shape[-1]))
     return {name: jnp.zeros((vocab, g.shape[-1]), rows.dtype).at[ids.reshape(-1)].add(rows)}
 
-  return sq, embed_sum
+  return {name: sq}, embed_sum
 
 
 def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: Any,
@@ -209,8 +212,8 @@ def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: A
     return vjp(cotangent)[0]
 
   per_example = jax.tree.map(_compute, jax.vmap(one)(inputs, out_grad))
-  sq = sum(jnp.sum(_sq(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(per_example))
-  return sq, lambda c, keep: {name: jnp.tensordot(c, _zero_rows(x, keep), axes=1)
+  sq = {name: _clipping.per_example_sq_norms(x) for name, x in per_example.items()}
+  return sq, lambda c, keep: {name: jnp.tensordot(c[name], _zero_rows(x, keep), axes=1)
                               for name, x in per_example.items()}
 
 
@@ -298,33 +301,21 @@ def recurrent_terms(inputs: dict, out_grads: dict, use_bias: dict, groups: dict)
   (`run_recurrence`), out_grads[name]: (B, T, ..., p) each sub-layer's
   per-step output gradients. The per-example kernel gradient is
   `sum_t a_t g_t^T`: `dense_terms` over the T positions (ghost or
-  materialised, whichever is cheaper) with a group's kernels side by side
-  (one Gram matrix of the shared input), each bias `sum_t g_t`. The sums
-  come back as `{"name/kernel": ..., "name/bias": ...}`.
+  materialised, whichever is cheaper), each bias `sum_t g_t`; the sub-layers
+  of a group share their input (XLA computes its Gram matrix once). The
+  norms and sums come back as `{"name/kernel": ..., "name/bias": ...}`.
   """
-  sq, sum_fns = 0.0, []
+  sq, sum_fns = {}, {}
   for head, names in groups.items():
-    sizes = [out_grads[n].shape[-1] for n in names]
-    g = jnp.concatenate([out_grads[n] for n in names], axis=-1) if len(names) > 1 \
-        else out_grads[head]
-    group_sq, kernel_sums = dense_terms(inputs[head], g, False)
-    sq = sq + group_sq
-    sum_fns.append((names, sizes, kernel_sums))
     for n in names:
-      if use_bias[n]:
-        gb = jnp.sum(_compute(out_grads[n]).reshape(g.shape[0], -1, sizes[names.index(n)]), 1)
-        sq = sq + jnp.sum(_sq(gb), -1)
-        sum_fns.append(((n,), None, gb))
+      n_sq, sum_fns[n] = dense_terms(inputs[head], out_grads[n], use_bias[n])
+      sq.update({f"{n}/{k}": v for k, v in n_sq.items()})
 
   def sums(c, keep):
     out = {}
-    for names, sizes, fn in sum_fns:
-      if sizes is None:   # a bias: fn is its per-example sums (B, p)
-        out[f"{names[0]}/bias"] = jnp.dot(c, _zero_rows(fn, keep))
-        continue
-      kernel = fn(c, keep)["kernel"]
-      split = jnp.split(kernel, list(itertools.accumulate(sizes))[:-1], axis=-1)
-      out.update({f"{n}/kernel": k for n, k in zip(names, split)})
+    for n, fn in sum_fns.items():
+      part = fn({k: c[f"{n}/{k}"] for k in ("kernel", "bias") if f"{n}/{k}" in sq}, keep)
+      out.update({f"{n}/{k}": v for k, v in part.items()})
     return out
 
   return sq, sums

@@ -167,10 +167,7 @@ def as_optimizer_grads(clipped: _clipping.ClippedGrads):
   nnx = _nnx()
 
   def per_variable(variable):
-    return variable.replace(_clipping.ClippedGrads(
-        clipped_sum=variable[...], nonfinite_examples=clipped.nonfinite_examples,
-        l2_norm_clip=clipped.l2_norm_clip, batch_size=clipped.batch_size,
-        unreduced_axis=clipped.unreduced_axis))
+    return variable.replace(dataclasses.replace(clipped, clipped_sum=variable[...]))
 
   return jax.tree.map(per_variable, clipped.clipped_sum,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))

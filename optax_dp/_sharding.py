@@ -31,6 +31,8 @@ The examples below use a one-device mesh, `Mesh(np.array(jax.devices()[:1]),
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Optional, Unpack
 
 import chex
@@ -128,22 +130,25 @@ def sharded_value_and_clipped_grads(
     raise ValueError(f"reduce must be a bool, got {reduce!r}.")
   options = dict(options)
   wrt = options.pop("wrt", None)  # NNX: chosen outside shard_map, by _nnx.call
+  clip = l2_norm_clip
   on_devices = _clipped.on_devices(
-      _clipped.value_and_clipped_grads(loss_fn, l2_norm_clip, **options),
+      _clipped.value_and_clipped_grads(loss_fn, clip, **options),
       _devices.BatchRoute(mesh, (axis_name,)), reduce)
 
-  def fn(params, batch, mask=None):
+  def fn(params, batch, mask=None, *, l2_norm_clip=None):
+    # l2_norm_clip: an adaptive clip's current norm (see value_and_clipped_grads).
+    current = {} if l2_norm_clip is None else {"l2_norm_clip": l2_norm_clip}
     if _nnx.is_module(params):
       # The model is split (and each example's row numbered) on the global
       # batch, outside shard_map: row numbers, hence random streams, are global.
       values, clipped = _nnx.call(
-          lambda pure: sharded_value_and_clipped_grads(
-              pure, l2_norm_clip, mesh=mesh, axis_name=axis_name, reduce=reduce,
-              **options),
+          lambda pure: functools.partial(sharded_value_and_clipped_grads(
+              pure, clip, mesh=mesh, axis_name=axis_name, reduce=reduce,
+              **options), **current),
           loss_fn, params, batch, mask, wrt, "sharded_clipped_grads")
       return values, _nnx.as_optimizer_grads(clipped)
     _check_divisible(batch, mesh, axis_name, "sharded_clipped_grads")
-    return on_devices(params, batch, mask)
+    return on_devices(params, batch, mask, **current)
 
   return fn
 
@@ -185,7 +190,7 @@ def sharded_clipped_grads(
   """
   fn = sharded_value_and_clipped_grads(
       loss_fn, l2_norm_clip, mesh=mesh, axis_name=axis_name, reduce=reduce, **options)
-  return lambda params, batch, mask=None: fn(params, batch, mask)[1]
+  return lambda params, batch, mask=None, **kwargs: fn(params, batch, mask, **kwargs)[1]
 
 
 def sharded_per_example_grads(

@@ -28,15 +28,21 @@ def _per_example(apply_fn, params, inputs, out_grads):
 
 
 def _check(terms, per_example, keep=None):
+  """Each parameter's per-example squared norms, and its sum under factors
+  that differ per parameter (group-wise clipping gives a kernel and its bias
+  different factors)."""
   sq, sums = terms
-  flat = [np.asarray(x, np.complex128).reshape(B, -1) for x in jax.tree.leaves(per_example)]
-  expected_sq = sum(np.sum(np.abs(f) ** 2, axis=1) for f in flat)
-  np.testing.assert_allclose(sq, expected_sq, rtol=2e-5)
-  c = jnp.array([0.5, 1.0, 0.25, 2.0])
+  assert set(sq) == set(per_example)
+  for name, g in per_example.items():
+    flat = np.asarray(g, np.complex128).reshape(B, -1)
+    np.testing.assert_allclose(sq[name], np.sum(np.abs(flat) ** 2, axis=1), rtol=2e-5)
+  base = np.array([0.5, 1.0, 0.25, 2.0])
+  c = {name: jnp.asarray(base * (1 + k), jnp.float32)
+       for k, name in enumerate(sorted(per_example))}
   keep = jnp.ones((B,), bool) if keep is None else keep
   got = sums(c, keep)
-  weights = np.where(np.asarray(keep), np.asarray(c), 0.0)
   for name, g in per_example.items():
+    weights = np.where(np.asarray(keep), np.asarray(c[name]), 0.0)
     want = np.tensordot(weights, np.asarray(g, np.complex128), axes=1)
     # A conv kernel's sum comes flattened (k*k*cin, cout), in HWIO order.
     np.testing.assert_allclose(np.reshape(got[name], want.shape), want, rtol=2e-5, atol=1e-5)
@@ -94,6 +100,8 @@ def test_vjp_terms_any_layer_and_keep_zeroes_a_nan_row():
   # are untouched, and with keep False for it the sums stay finite.
   g = g.at[0].set(jnp.nan)
   sq, sums = _layer_rules.vjp_terms(apply_fn, params, x, g)
-  assert np.isnan(sq[0]) and np.all(np.isfinite(sq[1:]))
+  total = sum(sq.values())
+  assert np.isnan(total[0]) and np.all(np.isfinite(total[1:]))
   keep = jnp.array([False, True, True, True])
-  assert all(bool(jnp.all(jnp.isfinite(v))) for v in sums(jnp.ones((B,)), keep).values())
+  ones = {name: jnp.ones((B,)) for name in sq}
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in sums(ones, keep).values())
