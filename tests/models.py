@@ -1,4 +1,4 @@
-"""The small Flax Linen models the tests share: each defined once, here.
+"""The small Flax models the tests share: each defined once, here.
 
 Test files import this module as `models` (pytest puts this folder on
 sys.path, as for planted_bugs.py; tests/conftest.py imports it first, so the
@@ -15,6 +15,8 @@ test_checkpoint.py and test_multi_device.py get this folder on PYTHONPATH.
   SmallCNN(features, classes)  Conv(features, 3x3) - relu - flatten - Dense(classes).
       (3, 3):  test_accumulate.py
       (4, 3):  test_multi_device.py (its 8-device script)
+  NNXSmallCNN(rngs)  Flax NNX: Conv(1 -> 4, 3x3) - relu - flatten - Linear(3),
+      for (B, 6, 6, 1) inputs: test_augmentation.py, test_clip_norms.py.
   TutorialCNN  examples/models.py's CNN (the tutorial's), not a copy of it:
       loaded from that file under the module name `example_models`, so that
       the two files called models.py never meet in sys.modules.
@@ -39,6 +41,7 @@ import sys
 from typing import Callable, Sequence
 
 import flax.linen as nn
+from flax import nnx
 
 _EXAMPLE_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "examples", "models.py")
@@ -85,3 +88,14 @@ class SmallCNN(nn.Module):
   def __call__(self, x):
     x = nn.relu(nn.Conv(self.features, (3, 3))(x))
     return nn.Dense(self.classes)(x.reshape((x.shape[0], -1)))
+
+
+class NNXSmallCNN(nnx.Module):
+  """Flax NNX: Conv(1 -> 4, 3x3, "SAME") - relu - flatten - Linear(6*6*4 -> 3)."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
+    self.out = nnx.Linear(6 * 6 * 4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))

@@ -10,6 +10,8 @@ import optax
 import pytest
 
 import optax_dp
+
+import models
 from models import SmallCNN
 
 B, K, C = 6, 3, 0.05
@@ -90,20 +92,12 @@ def test_per_example_gradients_are_the_view_means():
 def test_nnx_module_auto_equals_vmap():
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-      self.out = nnx.Linear(6 * 6 * 4, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
-
   def loss_fn(model, batch):
     x, y = batch
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
   _, _, batch, keys = _setup()
-  model = Net(nnx.Rngs(0))
+  model = models.NNXSmallCNN(nnx.Rngs(0))
   loss = optax_dp.augmentation_multiplicity(loss_fn, _augment, K)
   sums = {m: nnx.as_pure(optax_dp.clipped_grads(loss, C, method=m)(model, (batch, keys), MASK))
           for m in ("ghost", "vmap")}

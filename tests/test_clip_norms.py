@@ -121,21 +121,13 @@ def test_groupwise_nnx_optimizer_equals_by_hand():
   through nnx.Optimizer (noise 0): the update is minus the by-hand sum."""
   nnx = pytest.importorskip("flax.nnx")
 
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-      self.out = nnx.Linear(6 * 6 * 4, 3, rngs=rngs)
-
-    def __call__(self, x):
-      return self.out(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
-
   def loss_fn(model, batch):
     x, y = batch
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
   _, _, batch = _setup()
   groups = {"conv": 0.3, "out": {"kernel": 0.2, "bias": 0.05}}
-  model = Net(nnx.Rngs(0))
+  model = models.NNXSmallCNN(nnx.Rngs(0))
   before = nnx.state(model, nnx.Param)
   before = jax.tree.map(lambda v: np.asarray(v), before)
   per_example = optax_dp.per_example_grads(loss_fn)(model, batch)

@@ -51,6 +51,7 @@ PAGES = {
     "tutorials/recipes.md": 0,          # commands and results
     "tutorials/accumulation.md": 2,
     "bandmf.md": 1,
+    "clipping.md": 2,
     "tutorials/checkpoint_resume.md": 3,
     "migration/jax_privacy.md": 1,
     "migration/optax_contrib.md": 2,

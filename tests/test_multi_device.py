@@ -55,7 +55,7 @@ pytest.importorskip("flax")   # the model under test is a flax.linen CNN
 
 _REPO = Path(__file__).resolve().parent.parent
 _SECTIONS = ("train", "per_example", "noise", "sampler", "divisible", "normaliser",
-             "accumulate", "nnx")
+             "accumulate", "nnx", "clip_norms")
 
 
 # The 8-device script (written to a temp dir and run by the `results` fixture).
@@ -512,6 +512,39 @@ def section_nnx():
   return {"leaf_names": names}
 
 
+def section_clip_norms():
+  """Group-wise and adaptive clipping on 8 devices: 3 TrainState steps with
+  sharded_clipped_grads and with the jit-sharded one-device builder equal
+  the 1-device steps (params, and the adaptive clip norm of the state)."""
+  groups = {"Conv_0": 2.0, "Dense_0": {"kernel": 3.0, "bias": 0.5}}
+  adaptive = optax_dp.AdaptiveClip(4.0, target_quantile=0.5, learning_rate=0.5)
+  batches = physical_batches(3, seed=41)
+  for name, clip in (("groups", groups), ("adaptive", adaptive)):
+    builders = {"1": optax_dp.clipped_grads(loss_fn, clip),
+                "sharded8": optax_dp.sharded_clipped_grads(loss_fn, clip, mesh=mesh),
+                "jit8": optax_dp.clipped_grads(loss_fn, clip)}
+    for path, grad_fn in builders.items():
+      tx = optax.chain(optax_dp.dp_aggregate(clip, SIGMA, 17, expected_batch_size=16),
+                       optax.sgd(LR))
+      state = new_state(tx)
+
+      @jax.jit
+      def step(state, batch, mask, grad_fn=grad_fn):
+        current = ({"l2_norm_clip": optax_dp.l2_norm_clip_of(state.opt_state)}
+                   if name == "adaptive" else {})
+        return state.apply_gradients(grads=grad_fn(state.params, batch, mask, **current))
+
+      for batch, mask in batches:
+        if path == "jit8":
+          batch, mask = jax.device_put((batch, mask), SHARD)
+        state = step(state, batch, mask)
+      save(f"clip_norms/{name}/{path}", state.params)
+      if name == "adaptive":
+        A[f"clip_norms/{name}/{path}/clip"] = np.asarray(
+            optax_dp.l2_norm_clip_of(state.opt_state))
+  return {"leaf_names": leaf_names(params0)}
+
+
 for name in SECTIONS:
   t0 = time.time()
   try:
@@ -759,6 +792,24 @@ def test_point1_jit_sharded_nnx_clipped_grads_equal_1_device(results, method):
 
 
 # ---------------------------------------------------------------- point 3
+
+
+@pytest.mark.parametrize("clip", ["groups", "adaptive"])
+@pytest.mark.parametrize("path", ["sharded8", "jit8"])
+def test_group_wise_and_adaptive_clipping_on_8_devices_equal_1_device(results, clip, path):
+  """Issue 18: group-wise clipping (a Dense layer's kernel and bias in
+  different groups) and adaptive clipping (the clip norm read from the state
+  each step) through sharded_clipped_grads and the jit-sharded one-device
+  builder: 3 steps give the 1-device parameters and clip norm."""
+  section, arrays = _section(results, "clip_norms")
+  names = section["leaf_names"]
+  got = _leaves(arrays, f"clip_norms/{clip}/{path}", names)
+  want = _leaves(arrays, f"clip_norms/{clip}/1", names)
+  _assert_same_params(got, want, names)
+  if clip == "adaptive":
+    one = float(arrays[f"clip_norms/{clip}/1/clip"])
+    assert one != 4.0   # it moved
+    assert float(arrays[f"clip_norms/{clip}/{path}/clip"]) == pytest.approx(one, rel=1e-6)
 
 
 def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
