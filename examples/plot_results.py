@@ -51,6 +51,12 @@ def load_records(results_dir: str) -> dict[str, list[dict]]:
       name = record["recipe"]
       if record.get("noise") == "bandmf":   # examples/results/bandmf: DP-BandMF runs
         name += f" --noise bandmf --bands {record['bands']}"
+      strategy = record.get("clipping_strategy") or "flat"   # examples/results/adaptive
+      if strategy == "adaptive":
+        name += (f" --clipping-strategy adaptive --l2-norm-clip {record['l2_norm_clip']:g}"
+                 f" --target-quantile {record['target_quantile']:g}")
+      elif strategy != "flat":
+        name += f" --clipping-strategy {strategy}"
       groups[name].append(record)
   return dict(groups)
 

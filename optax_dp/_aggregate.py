@@ -342,7 +342,8 @@ def dp_aggregate(
       replaces a transform (the old one discarded) does not warn.
     expected_batch_size: the public normaliser; see above. Omit it when
       passing `budget` (the budget's sampler fixes it).
-    rescale_to_unit_norm: also divide the result by `l2_norm_clip`, as if each
+    rescale_to_unit_norm: also divide the result by `l2_norm_clip` (group-wise:
+      by `sqrt(sum_g C_g^2)`; adaptive: by the step's clip norm), as if each
       example were clipped to norm 1 (De et al. 2022, arXiv 2204.13650): the
       learning rate then need not be retuned when the clip changes. A public
       rescaling, so privacy is unchanged. jax_privacy's Flax tutorial uses it.

@@ -269,9 +269,13 @@ def per_layer_clip_norms(params: Any, l2_norm_clip: float) -> dict:
     layer = names[:-1]
     if layer not in layers:
       layers.append(layer)
-  if not layers or () in layers:
-    raise ValueError("per_layer_clip_norms needs params nested by layer "
-                     "({layer: {name: array}}).")
+  nested = [a for a in layers for b in layers if a != b and b[:len(a)] == a]
+  if not layers or () in layers or nested:
+    raise ValueError(
+        "per_layer_clip_norms needs params nested by layer ({layer: {name: array}}), "
+        "no layer holding both parameters and sub-layers"
+        f"{f' (as {chr(47).join(nested[0])} does)' if nested else ''}: give the groups "
+        "as a dict yourself.")
   norm = l2_norm_clip / math.sqrt(len(layers))
   out: dict = {}
   for layer in layers:
