@@ -8,7 +8,9 @@ Entries are keyed by the program, the flags and the device count, so an
 8-device run compiles its own.
 """
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -54,6 +56,42 @@ def run(tmp_path, *args, name="result", env=None, script="mnist_linen.py"):
   proc, out = run_raw(tmp_path, *args, name=name, env=env, script=script)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return json.loads(out.read_text()), proc.stdout
+
+
+def run_in_process(tmp_path, *args, name="result", script="train.py"):
+  """(the run's JSON record, its stdout) like `run`, but by the script's
+  `main(argv)` in this process: the same parsing, training, ledger, record
+  and printed lines (the scripts end in `main()` or `sys.exit(main())`: a
+  main that returns 0 or None exits with status 0, a refusal raises
+  SystemExit; here it must return 0 or None), without a fresh
+  Python importing JAX, Flax and the library again (5-10 s a run on a loaded
+  2-core machine). For tests of what a run computes; the scripts' command
+  lines (`if __name__ == "__main__"`, the exit status of a process) are run
+  as processes by the tests that use `run` and `run_raw` on the same script
+  (train.py: tests/test_train_results.py)."""
+  module = import_example(os.path.splitext(script)[0])
+  out = tmp_path / f"{name}.json"
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
+    status = module.main([*args, "--json-out", str(out)])
+  assert status in (0, None), stdout.getvalue()   # sys.exit(None): status 0
+  return json.loads(out.read_text()), stdout.getvalue()
+
+
+def refusal_in_process(capsys, *args, script="train.py"):
+  """(the exit status, stderr) of the script's argument parsing refusing
+  `args`: its `parse_args` raises SystemExit with the status a process of
+  the script would exit with (argparse's `error` and `_cli_common.fail`
+  both raise SystemExit(2) after writing the message to stderr, and
+  `main` starts with `parse_args`). For refusals made while parsing, before
+  any data is loaded; later refusals need `run_raw`."""
+  module = import_example(os.path.splitext(script)[0])
+  capsys.readouterr()
+  try:
+    module.parse_args(list(args))
+  except SystemExit as e:
+    return e.code, capsys.readouterr().err
+  raise AssertionError(f"{script} {' '.join(args)}: parsed without refusing")
 
 
 def rdp_epsilon(record):

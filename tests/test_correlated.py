@@ -53,7 +53,11 @@ def _noise_stream(tx, steps, params=PARAMS):
 # ------------------------------------------------------------------ strategy
 
 
-@pytest.mark.parametrize("steps,bands", [(8, 1), (8, 3), (12, 4)])
+# The (steps, bands) of this file's strategies are few and shared between its
+# tests: jax_privacy's optimisation takes ~2 s per distinct pair, and
+# bandmf_strategy caches them (lru_cache of 8; this file builds 6 with
+# bands > 1: (10, 3), (12, 2), (12, 5), (6, 3), (5, 3), (400, 4)).
+@pytest.mark.parametrize("steps,bands", [(8, 1), (10, 3), (12, 5)])
 def test_strategy_is_banded_lower_triangular_with_unit_columns(steps, bands):
   strategy = optax_dp.bandmf_strategy(steps, bands)
   assert (strategy.n, strategy.bands) == (steps, bands)
@@ -103,11 +107,14 @@ def test_streaming_multiply_equals_jax_privacys(bands):
   reference = strategy.inverse_as_streaming_matrix()
   tree = {"a": jnp.zeros((30, 4)), "b": jnp.zeros((9,))}
   ours, theirs = _correlated.init_noise_state(strategy, tree), reference.init_multiply(tree)
+  # Compiled once (the same programs every step), not once per step.
+  ours_next = jax.jit(lambda z, s: _correlated.correlate(strategy, z, s))
+  theirs_next = jax.jit(reference.multiply_next)
   for t in range(12):
     z = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(jax.random.key(t),
                                                                     x.size), x.shape), tree)
-    got, ours = jax.jit(lambda z, s: _correlated.correlate(strategy, z, s))(z, ours)
-    want, theirs = jax.jit(reference.multiply_next)(z, theirs)
+    got, ours = ours_next(z, ours)
+    want, theirs = theirs_next(z, theirs)
     if bands == 1:
       np.testing.assert_array_equal(_flat(got), _flat(want))
     else:
@@ -274,18 +281,20 @@ def test_budget_builds_the_strategy_and_refuses_what_it_cannot_account():
 
 
 def test_strategy_without_budget_refuses_steps_past_it():
+  # (6, 3): the covariance test's strategy (cached), a run of 6 steps.
   tx = optax_dp.dp_aggregate(C, SIGMA, 3, expected_batch_size=E,
-                             noise_strategy=optax_dp.bandmf_strategy(4, 2))
-  _, state = _noise_stream(tx, 4)
-  with pytest.raises(optax_dp.PrivacyBudgetExceededError, match="covers 4 steps"):
+                             noise_strategy=optax_dp.bandmf_strategy(6, 3))
+  _, state = _noise_stream(tx, 6)
+  with pytest.raises(optax_dp.PrivacyBudgetExceededError, match="covers 6 steps"):
     tx.update(_zero_grads(), state, PARAMS)
 
 
 def test_accumulation_noises_once_per_logical_batch():
   """dp_accumulate(k=2) around BandMF: the update of each logical batch equals
   BandMF on the logical batch (the same key, one noise step per logical
-  batch)."""
-  strategy = optax_dp.bandmf_strategy(3, 2)
+  batch). The strategy covers 6 steps (the covariance test's, cached), 3 of
+  them run: each logical batch's noise is still correlated with the last."""
+  strategy = optax_dp.bandmf_strategy(6, 3)
   rng = np.random.default_rng(1)
   grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(4,) + p.shape), jnp.float32),
                         PARAMS) for _ in range(6)]
@@ -325,7 +334,8 @@ def test_nnx_optimizer_with_a_bandmf_budget_equals_the_plain_pytree_run():
   parameters of the same chain run on the plain parameter dict (same key,
   same clipped sums), and the budget reads the steps from its state."""
   nnx = pytest.importorskip("flax.nnx")
-  sampler = optax_dp.CyclicPoissonSampler(1000, 10, bands=2)
+  # bands=3 over 5 steps: the (5, 3) strategy of the budget test above (cached).
+  sampler = optax_dp.CyclicPoissonSampler(1000, 10, bands=3)
   budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5, noise_multiplier=1.0,
                                    steps=5)
   make_tx = lambda: optax.chain(optax_dp.dp_aggregate(1.0, key=0, budget=budget),  # noqa: E731

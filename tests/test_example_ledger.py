@@ -5,6 +5,7 @@ so the two files run on separate pytest-xdist workers)."""
 import importlib.util
 import os
 import shlex
+import shutil
 import sys
 
 import numpy as np
@@ -86,11 +87,26 @@ def test_plot_draws_the_run(straight):
   assert (folder / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, straight_run):
-  ckpt = tmp_path / "ckpt"
-  first, stdout = _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir",
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+  """4 steps stopped after step 2 with --checkpoint-dir, (record, stdout,
+  checkpoint folder, a copy of that folder as the run left it): the run both
+  the resume test and the refusal test start from, made once. The resume
+  test resumes in the folder itself (which adds step 4); the refusal test
+  gets the copy, so each sees the checkpoint at step 2 whatever their order."""
+  folder = tmp_path_factory.mktemp("stopped")
+  ckpt = folder / "ckpt"
+  first, stdout = _run(folder, "--steps", "4", "--stop-at", "2", "--checkpoint-dir",
                        str(ckpt), *LEDGER, name="first")
+  copy = folder / "ckpt_copy"
+  shutil.copytree(ckpt, copy)
+  return first, stdout, ckpt, copy
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, straight_run,
+                                                                 stopped):
+  first, stdout, ckpt, _ = stopped
   assert first["steps"] == 2
   assert (ckpt / "run.json").exists() and (ckpt / "step_2").is_dir()
   # The run ends saying so, and with the command that resumes it...
@@ -113,12 +129,17 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(tmp_path, strai
 
 
 @pytest.mark.slow
-def test_resume_refuses_to_change_the_mechanism(tmp_path):
-  ckpt = tmp_path / "ckpt"
-  _run(tmp_path, "--steps", "4", "--stop-at", "2", "--checkpoint-dir", str(ckpt), *LEDGER)
-  proc, _ = _run_raw(tmp_path, "--steps", "4", "--resume", str(ckpt), "--sampler", "shuffle")
-  assert proc.returncode == 2
-  assert "conflicts with the resumed run" in proc.stderr
+def test_resume_refuses_to_change_the_mechanism(tmp_path, stopped, capsys):
+  # The checkpoint of `stopped` (--steps 4 --stop-at 2 --checkpoint-dir, the
+  # resume test's first run), a copy at step 2. The conflict is refused while
+  # parsing the flags: by the script's parse_args in this process (the exit
+  # status and stderr a process gives, example_runs.refusal_in_process).
+  ckpt = stopped[3]
+  status, stderr = example_runs.refusal_in_process(
+      capsys, "--steps", "4", "--resume", str(ckpt), "--sampler", "shuffle",
+      script="mnist_linen.py")
+  assert status == 2
+  assert "conflicts with the resumed run" in stderr
   # Resuming past the budget the checkpoint's noise was calibrated for is refused too.
   proc, _ = _run_raw(tmp_path, "--steps", "6", "--resume", str(ckpt))
   assert proc.returncode == 2
@@ -172,7 +193,7 @@ def test_eight_devices_accumulate_per_device_and_resume_the_same_model(tmp_path,
 
 
 @pytest.mark.slow
-def test_bandmf_run_resumes_bitwise_and_states_its_mechanism(tmp_path):
+def test_bandmf_run_resumes_bitwise_and_states_its_mechanism(tmp_path, capsys):
   # --noise bandmf --bands 2: cyclic Poisson batches, DP-BandMF noise, its
   # epsilon. Stopped after step 2 and resumed (the noise buffers restored
   # from the checkpoint) in a fresh process: the uninterrupted run's model
@@ -191,9 +212,11 @@ def test_bandmf_run_resumes_bitwise_and_states_its_mechanism(tmp_path):
   assert second["resumed_from_step"] == 2 and second["noise"] == "bandmf"
   assert second["test_loss"] == straight["test_loss"]
   assert second["epsilon"] == straight["epsilon"]
-  # Changing the mechanism on resume is refused; bands without BandMF too.
-  proc, _ = _run_raw(tmp_path, "--resume", str(ckpt), "--steps", "4", "--bands", "3")
-  assert proc.returncode == 2 and "conflicts with the resumed run" in proc.stderr
+  # Changing the mechanism on resume is refused (while parsing the flags: in
+  # this process, as in test_resume_refuses_...); bands without BandMF too.
+  status, stderr = example_runs.refusal_in_process(
+      capsys, "--resume", str(ckpt), "--steps", "4", "--bands", "3", script="mnist_linen.py")
+  assert status == 2 and "conflicts with the resumed run" in stderr
   proc, _ = _run_raw(tmp_path, "--steps", "4", "--bands", "2", *LEDGER)
   assert proc.returncode == 2 and "--noise bandmf" in proc.stderr
 

@@ -61,7 +61,16 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 _shared_compilation_cache = example_runs.compilation_cache_fixture()
-_run_raw, _run = example_runs.run_raw, example_runs.run
+_run_raw = example_runs.run_raw
+
+
+def _run(tmp_path, *args):
+  """A run of mnist_linen.py by its main() in this process
+  (example_runs.run_in_process): the same run, record and printed lines as a
+  fresh process's, without importing JAX again for each run. The script's
+  command line runs as a process in test_steps_beyond_the_budget_... (its
+  refusal) and in test_example_ledger.py (every run there)."""
+  return example_runs.run_in_process(tmp_path, *args, script="mnist_linen.py")
 
 
 @pytest.mark.slow

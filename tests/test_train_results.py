@@ -42,11 +42,14 @@ def test_validation_split_is_held_out_of_training_and_accounting(tmp_path):
   assert all(0 <= h["train_accuracy"] <= 1 and h["train_loss"] > 0 for h in record["history"])
 
 
-def test_unknown_recipe_and_bad_validation_size_are_clear_errors(tmp_path):
+def test_unknown_recipe_and_bad_validation_size_are_clear_errors(tmp_path, capsys):
+  # One refusal as a process (the exit status of train.py's command line)...
   proc, _ = example_runs.run_raw(tmp_path, "--recipe", "nope", script="train.py")
   assert proc.returncode == 2 and "choose from" in proc.stderr
-  proc, _ = example_runs.run_raw(tmp_path, "--validation-size", "-1", script="train.py")
-  assert proc.returncode == 2 and "--validation-size" in proc.stderr
+  # ...the others, made while parsing the flags, by train.py's parse_args in
+  # this process: the SystemExit status and stderr a process would give.
+  status, stderr = example_runs.refusal_in_process(capsys, "--validation-size", "-1")
+  assert status == 2 and "--validation-size" in stderr
 
 
 def test_scattering_features_shape_and_one_image_alone_decides_its_row():
@@ -70,15 +73,17 @@ def test_scattering_features_shape_and_one_image_alone_decides_its_row():
     scattering.scattering_features(images[..., 0])
 
 
-def test_scatter_models_need_scattering_features(tmp_path):
-  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "mnist-scatter-eps3", "--features",
-                                 "pixels", script="train.py")
-  assert proc.returncode == 2 and "do not match" in proc.stderr
-  proc, _ = example_runs.run_raw(tmp_path, "--recipe", "mnist-scatter-eps3",
-                                 "--augmentation-multiplicity", "2", script="train.py")
-  assert proc.returncode == 2 and "--features pixels" in proc.stderr
-  proc, _ = example_runs.run_raw(tmp_path, "--subset", "0", script="train.py")
-  assert proc.returncode == 2 and "--subset must be >= 1" in proc.stderr
+def test_scatter_models_need_scattering_features(capsys):
+  # Refused while parsing the flags: train.py's parse_args in this process
+  # (example_runs.refusal_in_process: the status and stderr a process gives).
+  status, stderr = example_runs.refusal_in_process(capsys, "--recipe", "mnist-scatter-eps3",
+                                                   "--features", "pixels")
+  assert status == 2 and "do not match" in stderr
+  status, stderr = example_runs.refusal_in_process(capsys, "--recipe", "mnist-scatter-eps3",
+                                                   "--augmentation-multiplicity", "2")
+  assert status == 2 and "--features pixels" in stderr
+  status, stderr = example_runs.refusal_in_process(capsys, "--subset", "0")
+  assert status == 2 and "--subset must be >= 1" in stderr
 
 
 def _history(steps):
