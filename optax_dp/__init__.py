@@ -71,7 +71,7 @@ from optax_dp._sampling import poisson_batches
 from optax_dp._batches import poisson_max_batch_size
 from optax_dp._batches import poisson_padding_buckets
 
-__version__ = "0.1.0"
+from optax_dp._version import __version__
 
 __all__ = (
     "ACCOUNTANTS",
