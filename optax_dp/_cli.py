@@ -4,6 +4,7 @@
         --noise-multiplier 1.1 --delta 1e-5 [--sampler poisson] [--accountant pld]
     optax-dp calibrate --dataset-size 60000 --batch-size 256 --epochs 20 \\
         --epsilon 1 --delta 1e-5 --sampler fixed
+    optax-dp --version
 
 Prints the guarantee in plain words (`optax_dp.privacy_statement`). Bad input
 exits with status 2 and a message on stderr, as argparse does; so does a
@@ -24,6 +25,7 @@ from optax_dp import _accounting
 from optax_dp import _budget
 from optax_dp import _checks
 from optax_dp import _sampling
+from optax_dp._version import __version__
 
 # `calibrate` refuses smaller target epsilons: the PLD accountant discretises
 # the privacy loss in steps of 1e-4 (`_accounting._PLD_VALUE_DISCRETIZATION`),
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="optax-dp",
       description="Privacy statements for DP-SGD runs (optax_dp).")
+  parser.add_argument("--version", action="version", version=f"optax-dp {__version__}",
+                      help="print the installed optax_dp version and exit")
   commands = parser.add_subparsers(dest="command", required=True)
   for name, help_text in (
       ("epsilon", "the epsilon of a run with a given noise multiplier"),
