@@ -361,3 +361,49 @@ def test_accumulated_batch_needs_a_public_normaliser():
   for update in (tx.update, jax.jit(tx.update)):
     with pytest.raises(ValueError, match="expected_batch_size"):
       update(chunk, tx.init(params), params)
+
+
+# Both runs build dp_aggregate from one key on purpose (the same noise).
+@pytest.mark.filterwarnings("ignore::optax_dp._keys.NoiseKeyReuseWarning")
+def test_adaptive_clip_accumulates_each_logical_batch_on_its_own():
+  """Adaptive clipping through dp_accumulate over 3 logical batches of 16
+  rows (k = 2 physical batches of 8; one padding row in each of the first
+  two): each logical step equals dp_aggregate on that logical batch's 16
+  rows with the same key (the updates, and the clip norm after every step),
+  so the privatised count of step t holds the examples of logical batch t
+  only, and the accumulated count is 0 again after each release. The noise
+  is shared, so only float32 summation order separates the runs: the clip
+  norms agree to 1e-6 (the count itself is a sum of halves, exact), the
+  updates as in test_k_physical_batches_equal_one_logical_batch. C starts at
+  8, inside the per-example norms (2 to 42): the counts are -4.5, -2.5, -4,
+  so a count carried over into the next logical batch moves its clip update
+  by exp(0.2 * 4.5 / 16) ~ 6%."""
+  clip = optax_dp.AdaptiveClip(8.0, target_quantile=0.5, learning_rate=0.2)
+  make = lambda: optax.chain(optax_dp.dp_aggregate(clip, SIGMA, 9, expected_batch_size=16),  # noqa: E731
+                             optax.sgd(0.1))
+  grad_fn = jax.jit(optax_dp.clipped_grads(_loss, clip))
+  acc, one = optax_dp.dp_accumulate(make(), 2), make()
+  p_acc, p_one = _params(), _params()
+  s_acc, s_one = acc.init(p_acc), one.init(p_one)
+  x, y = _data(48, seed=7)
+  mask = np.ones(48, bool)
+  mask[[5, 30]] = False
+  counts = []
+  for t in range(3):
+    rows = slice(16 * t, 16 * (t + 1))
+    batch, m = (x[rows], y[rows]), mask[rows]
+    for half in (slice(0, 8), slice(8, 16)):
+      clipped = grad_fn(p_acc, (batch[0][half], batch[1][half]), m[half],
+                        l2_norm_clip=optax_dp.l2_norm_clip_of(s_acc))
+      u_acc, s_acc = acc.update(clipped, s_acc, p_acc)
+      p_acc = optax.apply_updates(p_acc, u_acc)
+    clipped = grad_fn(p_one, batch, m, l2_norm_clip=optax_dp.l2_norm_clip_of(s_one))
+    counts.append(float(clipped.unclipped_count))
+    u_one, s_one = one.update(clipped, s_one, p_one)
+    p_one = optax.apply_updates(p_one, u_one)
+    for a, b in zip(jax.tree.leaves(u_acc), jax.tree.leaves(u_one)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"logical step {t + 1}")
+    assert float(optax_dp.l2_norm_clip_of(s_acc)) == pytest.approx(
+        float(optax_dp.l2_norm_clip_of(s_one)), rel=1e-6), f"logical step {t + 1}"
+    assert float(s_acc.unclipped_count) == 0.0
+  assert all(abs(c) >= 2 for c in counts[:2]), counts   # a carried-over count would show

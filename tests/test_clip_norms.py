@@ -310,6 +310,118 @@ def test_adaptive_noise_split_and_count_noise_are_what_run():
   assert lo < np.sum(count_noise ** 2) < hi
 
 
+def test_adaptive_count_moves_by_one_half_and_the_noise_split_composes_to_z():
+  """The count's sensitivity, measured: adding or removing one real example
+  (masking it in or out, on the fast path) moves the unclipped count by
+  exactly 1/2, up for an unclipped example and down for a clipped one (both
+  seen). So the count with noise std s is a Gaussian mechanism of noise
+  multiplier s / (1/2) = 2s, and `noise_split(z, .)` must give the gradients
+  the sigma that composes with it to z: (sigma^-2 + (2s)^-2)^-1/2 = z (Andrew
+  et al. 2021, Theorem 1), here checked with the measured sensitivity, for
+  given and default (expected_batch_size / 20) count stds. A split made at
+  sensitivity 1 ((z^-2 - s^-2)^-1/2) composes to another z (2e-3 off at the
+  doctest's z = 1, s = 12.8; undefined for s <= z)."""
+  clip = optax_dp.AdaptiveClip(1.0)
+  grad_fn = jax.jit(optax_dp.clipped_grads(lambda w, x: jnp.mean(x @ w), clip))
+  rows = _norm_rows(jax.random.key(8), 12, 4, 1.0)   # norms around C = 1
+  norms = np.asarray(jnp.linalg.norm(rows, axis=1))
+  assert 0 < np.sum(norms <= 1.0) < 12
+  base = np.ones(12, bool)
+  base[-1] = False                                      # a padding row
+
+  def count(mask):
+    return float(grad_fn(jnp.zeros(4), rows, jnp.asarray(mask), l2_norm_clip=1.0).unclipped_count)
+
+  full = count(base)
+  moves = []
+  for i in range(12):
+    neighbour = base.copy()
+    neighbour[i] = not neighbour[i]     # remove a real example, or add the padding row's
+    moves.append((count(neighbour) - full) * (1 if neighbour[i] else -1))
+  want = np.where(norms <= 1.0, 0.5, -0.5)   # the example's own contribution
+  np.testing.assert_array_equal(moves, want)
+  sensitivity = max(abs(m) for m in moves)
+  assert sensitivity == 0.5
+
+  for z, s, m in [(1.0, None, 256), (1.0, 12.8, 100), (1.0, 0.55, 100), (1.0, 2.0, 100),
+                  (0.5, 0.3, 64), (3.0, None, 64), (0.8, 50.0, 1000)]:
+    sigma, count_std = optax_dp.AdaptiveClip(1.0, count_noise_stddev=s).noise_split(z, m)
+    assert count_std == (m / 20 if s is None else s)
+    effective = (sigma ** -2 + (sensitivity / count_std) ** 2) ** -0.5
+    assert effective == pytest.approx(z, rel=1e-12), (z, s, m, sigma)
+
+
+@pytest.mark.parametrize("count_std", [0.55, 2.0])
+def test_adaptive_gradient_and_count_noise_at_a_small_count_noise_stddev(count_std):
+  """Where the count takes a large share of z the split matters: at z = 1,
+  s = 0.55 the gradients need sigma = (1 - 1.1^-2)^-1/2 = 2.40 (noise at z
+  instead would be 0.17x the variance), at s = 2 sigma = 1.033 (a split at
+  count sensitivity 1 would give 1.155: 1.25x the variance). 400 steps on
+  zero gradients (2 examples, both unclipped) of 100 coordinates: the
+  gradient noise over its 40000 draws, each scaled by that step's clip
+  (read from the state), and the count noise read back from the clip
+  updates (400 draws): each a chi-square band of false-alarm probability
+  1e-6 (two-sided, 5e-7 a side); the gradient band is +-5% of the variance."""
+  z, m, c0, eta, d, steps = 1.0, 100, 0.5, 0.2, 100, 400
+  sigma = (z ** -2 - (2 * count_std) ** -2) ** -0.5
+  clip = optax_dp.AdaptiveClip(c0, target_quantile=0.5, learning_rate=eta,
+                               count_noise_stddev=count_std)
+  tx = optax_dp.dp_aggregate(clip, z, key=23, expected_batch_size=m)
+  params = {"w": jnp.zeros(d)}
+  zeros = {"w": jnp.zeros((2, d))}   # count sum(1 - 1/2) = 1 exactly
+
+  @jax.jit
+  def run(state):
+    def body(state, _):
+      before = optax_dp.l2_norm_clip_of(state)
+      out, state = tx.update(zeros, state, params)
+      after = optax_dp.l2_norm_clip_of(state)
+      fraction = 0.5 - jnp.log(after / before) / eta
+      return state, (out["w"] * m / before, (fraction - 0.5) * m - 1.0)
+    return jax.lax.scan(body, state, None, length=steps)[1]
+
+  grad_noise, count_noise = (np.asarray(a, np.float64) for a in run(tx.init(params)))
+  lo, hi = stats.chi2.ppf([5e-7, 1 - 5e-7], steps * d)
+  ratio = np.sum((grad_noise / sigma) ** 2) / (steps * d)
+  assert lo / (steps * d) < ratio < hi / (steps * d), (
+      f"gradient noise variance {ratio:.3f}x (sigma C)^2, sigma = {sigma:.4f}")
+  lo, hi = stats.chi2.ppf([5e-7, 1 - 5e-7], steps)
+  assert lo < np.sum((count_noise / count_std) ** 2) < hi
+
+
+def test_adaptive_noise_follows_the_current_clip_as_it_grows():
+  """The gradient noise of each step is sigma times THAT step's clip norm
+  (the state's), not the initial one. Every example is clipped (norm 1000,
+  in +- pairs, so the clipped sum is 0 off the first coordinate), so with
+  target quantile 0.9 and learning rate 1 the clip grows by
+  exp(0.9 +- s/m) per step, s/m = 0.05: after 4 updates by more than e^3 =
+  20x at 6 sd. Each of 6 steps' noise (3999 coordinates), scaled by sigma C
+  of the clip the step used, is in its chi-square band (false alarm 1e-6 in
+  all: 1e-6 / 6 a step, two-sided, +-12% of the variance); noise scaled by
+  the initial clip is 0.17x that variance from step 2 on."""
+  z, m, c0, q, eta, d, steps = 1.0, 64, 0.05, 0.9, 1.0, 4000, 6
+  sigma = (z ** -2 - (2 * m / 20) ** -2) ** -0.5      # the default count std m / 20
+  clip = optax_dp.AdaptiveClip(c0, target_quantile=q, learning_rate=eta)
+  tx = optax_dp.dp_aggregate(clip, z, key=31, expected_batch_size=m)
+  params = {"w": jnp.zeros(d)}
+  rows = {"w": jnp.zeros((m, d)).at[:, 0].set(jnp.where(jnp.arange(m) % 2 == 0, 1e3, -1e3))}
+  update = jax.jit(tx.update)
+  state = tx.init(params)
+  lo, hi = stats.chi2.ppf([5e-7 / steps, 1 - 5e-7 / steps], d - 1)
+  clips = []
+  for _ in range(steps):
+    before = float(optax_dp.l2_norm_clip_of(state))
+    clips.append(before)
+    out, state = update(rows, state, params)
+    noise = np.asarray(out["w"][1:], np.float64) * m / (sigma * before)
+    ratio = np.sum(noise ** 2) / (d - 1)
+    assert lo / (d - 1) < ratio < hi / (d - 1), (
+        f"step {len(clips)}: clip {before:.4g} (initial {c0}), noise variance "
+        f"{ratio:.4f}x (sigma C)^2")
+  assert clips[0] == pytest.approx(c0)
+  assert clips[4] > 20 * c0, clips
+
+
 def test_adaptive_epsilon_is_the_composition_of_both_mechanisms():
   """A budget's epsilon for the effective z equals, computed here with
   dp_accounting, the PLD of T Poisson-subsampled Gaussian mechanisms whose
