@@ -1,6 +1,7 @@
 """The documentation site (mkdocs.yml, docs/): every public name has an API
 entry, the site builds with `mkdocs build --strict`, every internal link of the
-built site resolves, and the built site renders in headless Chromium.
+built site resolves, the built site renders in headless Chromium, and no code
+block of any page hides part of a line past its column's right edge.
 
 The build and the browser need the `docs` (or `test`) extra and Debian's
 `chromium` and `chromium-driver` packages. Without them these tests skip on a
@@ -11,6 +12,7 @@ to $OPTAX_DP_SCREENSHOTS when set, else to a pytest temporary folder.
 
 import base64
 import functools
+import html
 import html.parser
 import http.server
 import importlib.util
@@ -35,8 +37,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 API_PAGE = ROOT / "docs" / "api.md"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-# The pages the browser opens: the home page, a tutorial and the API page.
-BROWSER_PAGES = {"index": "", "tutorial": "tutorials/mnist/", "api": "api/"}
+# The pages the browser opens and photographs: the home page, the NNX guide,
+# a tutorial and the API page.
+BROWSER_PAGES = {"index": "", "nnx": "getting_started/nnx/", "tutorial": "tutorials/mnist/",
+                 "api": "api/"}
 # Chrome cannot capture more than this many pixels in one screenshot; the API
 # page is longer, and its screenshot keeps the top of it.
 MAX_SCREENSHOT_HEIGHT = 16000
@@ -345,3 +349,107 @@ def test_page_renders_in_headless_chromium(name, browser, served_site, screensho
 
   assert not problems, f"{url} (screenshot {screenshot_dir / (name + '.png')}):\n" + \
       "\n".join(problems)
+
+
+# ---------------------------------------------------------------------------
+# No code block hides content past the column's right edge, on any page.
+
+# Every code block of the page, measured: (its language, its text's first
+# line, how many pixels of it lie past the block's visible width, how far the
+# block itself passes the right edge of the page's column, how many pixels its
+# widest line would pass the visible width if it were not wrapped). Tabs'
+# hidden panels and closed <details> are shown first, so their code counts.
+_MEASURE_CODE_BLOCKS = """
+const show = document.createElement('style');
+show.textContent = '.tabbed-set > .tabbed-content > .tabbed-block {display: block !important;}';
+document.head.appendChild(show);
+document.querySelectorAll('details').forEach(d => { d.open = true; });
+// The content area's right edge (on a phone, material lets code blocks run
+// into the column's padding, to the screen's edge, but not past it).
+const edge = Math.min(document.querySelector('.md-content').getBoundingClientRect().right,
+                      document.documentElement.clientWidth);
+return Array.from(document.querySelectorAll('pre > code')).map(code => {
+  const block = code.closest('div.highlight') || code.parentElement;
+  const language = (Array.from(block.classList).find(c => c.startsWith('language-')) || '')
+      .replace('language-', '') + (block.classList.contains('doc-signature') ? ' signature' : '');
+  const hidden = code.scrollWidth - code.clientWidth;
+  const past = code.parentElement.getBoundingClientRect().right - edge;
+  const wrap = code.style.whiteSpace;
+  code.style.whiteSpace = 'pre';
+  const unwrapped = code.scrollWidth - code.clientWidth;
+  code.style.whiteSpace = wrap;
+  const line = code.textContent.split('\\n').reduce((a, b) => b.length > a.length ? b : a, '');
+  return [language, line.slice(0, 100), hidden, past, unwrapped, code.clientWidth];
+});
+"""
+
+# The languages whose lines must fit the column unwrapped at the browser's
+# desktop width (1280 px: 80 characters): the Python and shell code a reader
+# copies, and the API page's signatures (mkdocs.yml: line_length). Printed
+# output (text) and the API page's doctests (pycon, in the library's
+# docstrings) wrap instead where they are wider.
+_MUST_FIT = {"python", "bash", "python signature"}
+# A phone's width: there, too, nothing may be hidden (lines wrap).
+_NARROW_WIDTH = 412
+
+
+def _site_pages(site):
+  """Every page of the built site, as URL paths relative to its root."""
+  pages = []
+  for page in sorted(site.rglob("index.html")):
+    relative = page.parent.relative_to(site).as_posix()
+    pages.append("" if relative == "." else relative + "/")
+  return pages
+
+
+def _code_block_problems(driver, url, *, require_fit):
+  driver.get(url)
+  assert _wait_for(driver, "return document.readyState === 'complete';"), f"{url} never loaded"
+  problems = []
+  for language, line, hidden, past, unwrapped, width in driver.execute_script(
+      _MEASURE_CODE_BLOCKS):
+    if hidden > 1:
+      problems.append(f"{url}: a {language or 'plain'} code block hides {hidden} px past its "
+                      f"visible {width} px (no wrap): {line!r}")
+    if past > 1:
+      problems.append(f"{url}: a {language or 'plain'} code block passes the content's "
+                      f"right edge by {past:.0f} px: {line!r}")
+    if require_fit and language in _MUST_FIT and unwrapped > 1:
+      problems.append(f"{url}: a {language} line is {unwrapped} px wider than the column "
+                      f"({width} px) and wraps: {line!r}")
+  return problems
+
+
+def test_no_code_block_hides_content_past_the_column(browser, site, served_site):
+  """On every page, no code block's content passes its visible width or the
+  column (it wraps: docs/stylesheets/extra.css), and the Python and shell
+  code and the signatures fit unwrapped at a desktop width. At a phone's
+  width, the NNX guide, the MNIST tutorial and the API page hide nothing
+  either."""
+  pages = _site_pages(site)
+  sources = [p for p in (ROOT / "docs").rglob("*.md") if not p.name.startswith("README")]
+  assert len(pages) == len(sources), f"{len(sources)} pages in docs/, {len(pages)} built"
+  problems = []
+  for page in pages:
+    problems += _code_block_problems(browser, served_site + page, require_fit=True)
+  size = browser.get_window_size()
+  browser.set_window_size(_NARROW_WIDTH, size["height"])
+  try:
+    for page in ("getting_started/nnx/", "tutorials/mnist/", "api/"):
+      problems += _code_block_problems(browser, served_site + page, require_fit=False)
+  finally:
+    browser.set_window_size(size["width"], size["height"])
+  assert not problems, "code cut off or wider than the column:\n" + "\n".join(problems)
+
+
+def test_signatures_name_no_private_type(site):
+  """The API page's signatures show public names only (the budget parameter's
+  PrivacyBudget, not the library's private protocol: docs/_griffe/public_types.py)."""
+  text = (site / "api" / "index.html").read_text(encoding="utf-8")
+  signatures = re.findall(r'class="[^"]*doc-signature[^"]*">(.*?)</code>', text, flags=re.S)
+  assert len(signatures) >= 30
+  private = set()
+  for signature in signatures:
+    shown = html.unescape(re.sub(r"<[^>]+>", "", signature))
+    private |= set(re.findall(r"(?<![\w.])_[A-Za-z]\w*|\b\w+\._[A-Za-z]\w*", shown))
+  assert not private, f"the API page's signatures name private types: {sorted(private)}"
