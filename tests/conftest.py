@@ -69,6 +69,9 @@ _LONGEST_FIRST = ("test_train_recipes.py", "test_example_ledger.py", "test_examp
                   "test_nnx.py", "test_audit.py", "test_properties.py", "test_clipped.py",
                   "test_multi_process.py",   # ~115 s: two groups of subprocess runs
                   "test_multi_device.py", "test_clip_norms.py",   # ~120 s (issue 18)
+                  # ~120 s under load (issue 31): builds the wheel, installs it into
+                  # a fresh core-only venv and runs tests/core_only/ there
+                  "test_packaging.py",
                   "test_train_results.py")
 
 
