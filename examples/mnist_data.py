@@ -69,7 +69,7 @@ def load_mnist_tfds(name: str = "mnist") -> dict[str, np.ndarray]:
   except ImportError as e:
     raise SystemExit(
         "--data tfds needs tensorflow-datasets and tensorflow: "
-        "pip install 'optax_dp[tfds]'. The default (--data idx) needs neither.") from e
+        "pip install -e '.[tfds]' in the clone. The default (--data idx) needs neither.") from e
   out = {}
   for split in ("train", "test"):
     ds = tfds.as_numpy(tfds.load(name, split=split, batch_size=-1))

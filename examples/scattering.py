@@ -36,7 +36,7 @@ def _transform(height: int, width: int, scales: int, angles: int):
   try:
     from kymatio.scattering2d.frontend.jax_frontend import ScatteringJax2D  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise SystemExit("ScatterNet recipes need kymatio: pip install 'optax_dp[examples]' "
+    raise SystemExit("ScatterNet recipes need kymatio: pip install -e '.[examples]' "
                      "(or pip install kymatio).") from e
   return jax.jit(ScatteringJax2D(J=scales, shape=(height, width), L=angles).scattering)
 
