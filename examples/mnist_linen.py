@@ -81,7 +81,7 @@ def make_private_train_step(loss_fn, l2_norm_clip, clipping, accumulation_steps=
                    if mesh is None else
                    optax_dp.sharded_per_example_grads(loss_fn, mesh=mesh, has_aux=True))
 
-    def grad_fn(params, batch, mask, l2_norm_clip=None):
+    def grad_fn(params, batch, mask, *, l2_norm_clip=None):   # as the builders below
       values, grads = per_example(params, batch, mask)
       if accumulation_steps > 1:
         grads = optax_dp.clip_and_sum(grads, clip, current_l2_norm_clip=l2_norm_clip)
@@ -392,7 +392,7 @@ def main(argv=None):
     for _ in range(k):
       batch = next(batches)
       if mesh is None:
-        images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
+        images, labels = optax_dp.gather_batch((train_images, train_labels), batch).data
         mask = batch.mask
       else:  # each device's rows, loaded where they are used
         batch = optax_dp.pad_batch_for_devices(batch, num_devices)

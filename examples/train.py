@@ -238,7 +238,7 @@ def main(argv=None):
                                   eval_size=len(eval_images))
   for step in range(1, args.steps + 1):
     batch = next(batches)
-    images, labels = optax_dp.gather_batch((train_images, train_labels), batch)
+    images, labels = optax_dp.gather_batch((train_images, train_labels), batch).data
     state, loss, acc = train_step(state, images, labels, batch.mask, step)
     train_losses.append(loss)
     train_accs.append(acc)

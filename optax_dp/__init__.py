@@ -42,6 +42,8 @@ from optax_dp._budget import PrivacyBudget
 from optax_dp._aggregate import PrivacyBudgetExceededError
 from optax_dp._budget import privacy_budget
 from optax_dp._budget import privacy_statement
+from optax_dp._checks import LargeDeltaWarning
+from optax_dp._checks import reraise_refusals
 from optax_dp._clipping import ClippedGrads
 from optax_dp._keys import NoiseKeyReuseWarning
 from optax_dp._clipped import ClipOptions
@@ -66,6 +68,7 @@ from optax_dp._batches import PoissonBatch
 from optax_dp._sampling import PoissonSampler
 from optax_dp._sampling import ShuffleSampler
 from optax_dp._sampling import make_sampler
+from optax_dp._batches import MaskedBatch
 from optax_dp._batches import gather_batch
 from optax_dp._sampling import poisson_batches
 from optax_dp._batches import poisson_max_batch_size
@@ -114,6 +117,7 @@ __all__ = (
     "dpsgd",
     "dpsgd_event",
     "gather_batch",
+    "MaskedBatch",
     "gather_sharded_batch",
     "make_sampler",
     "pad_batch_for_devices",
@@ -123,6 +127,8 @@ __all__ = (
     "poisson_padding_buckets",
     "privacy_budget",
     "privacy_statement",
+    "LargeDeltaWarning",
+    "reraise_refusals",
     "sharded_clipped_grads",
     "sharded_per_example_grads",
     "sharded_value_and_clipped_grads",

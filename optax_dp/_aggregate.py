@@ -30,11 +30,21 @@ class PrivacyBudgetExceededError(RuntimeError):
 @typing.runtime_checkable
 class _Budget(typing.Protocol):
   """What dp_aggregate reads of an `optax_dp.PrivacyBudget` (defined above
-  this module, in the lifecycle layer, which imports this one)."""
-  noise_multiplier: float
-  target_delta: float
-  max_steps: int
-  sampler: Any
+  this module, in the lifecycle layer, which imports this one). Read-only
+  properties: a frozen dataclass's fields are read-only, and a type checker
+  refuses it for a protocol whose attributes are writable."""
+
+  @property
+  def noise_multiplier(self) -> float: ...
+
+  @property
+  def target_delta(self) -> float: ...
+
+  @property
+  def max_steps(self) -> int: ...
+
+  @property
+  def sampler(self) -> Any: ...
 
   def epsilon(self, steps: Optional[int] = None) -> float: ...
 
@@ -205,6 +215,15 @@ def _as_clipped(updates, params, clip, current):
       _composition.check_against_params(updates, params)
     return (_clipping.clip_and_sum(updates, clip, current_l2_norm_clip=current),
             jax.tree.map(lambda g: g.dtype, updates))
+  if not jnp.issubdtype(jnp.result_type(updates.nonfinite_examples), jnp.integer):
+    # Its integer count became a float: a transformation (optax.sgd, a
+    # scale) mapped over the ClippedGrads before the DP step.
+    raise ValueError(
+        "dp_aggregate got a ClippedGrads that a transformation before it has "
+        "already changed (its integer count of non-finite examples became "
+        f"{jnp.result_type(updates.nonfinite_examples)}): the DP step must come "
+        "first in the chain, optax.chain(optax_dp.dp_aggregate(...), "
+        "optax.sgd(...)), so that nothing sees the clipped sum before its noise.")
   if updates.unreduced_axis is not None:
     raise ValueError(
         "dp_aggregate got the per-device clipped sums of sharded_clipped_grads("
@@ -244,7 +263,7 @@ def _normaliser(expected_batch_size: Optional[int], batch_size: Optional[int]) -
 
 
 def dp_aggregate(
-    l2_norm_clip: float,
+    l2_norm_clip: _clip_norms.ClipNormLike,
     noise_multiplier: Optional[float] = None,
     key: Optional[_keys.KeyLike] = None,
     *,
@@ -550,7 +569,7 @@ def dp_aggregate(
 
 def dpsgd(
     learning_rate: optax.ScalarOrSchedule,
-    l2_norm_clip: float,
+    l2_norm_clip: _clip_norms.ClipNormLike,
     noise_multiplier: Optional[float] = None,
     key: Optional[_keys.KeyLike] = None,
     *,

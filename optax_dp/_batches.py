@@ -12,10 +12,12 @@ secure), so a resumed run draws the batches the uninterrupted run would have.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, Iterator, NamedTuple, Optional
 
+import jax
 import numpy as np
 from scipy import stats
 
@@ -301,35 +303,47 @@ def shuffle_draws(seed: int, steps: range, accumulation_steps: int, *,
                              math.ceil(b / accumulation_steps), accumulation_steps)
 
 
-def gather_batch(data: Any, batch: Batch) -> Any:
-  """Rows `batch.indices` of every array in the pytree `data`; padding rows
-  (index -1) are zeros, so a forgotten mask cannot duplicate a real example.
+@dataclasses.dataclass(frozen=True)
+class MaskedBatch:
+  """Rows of a sampled batch together with the mask that says which are real.
 
-  Privacy contract: every leaf of `data` must hold one row per example, in the
-  same order, for the indices the sampler drew (the examples the accounting
-  is about). The zero padding rows are not a substitute for the mask: a zero
-  input can still have a non-zero gradient, so pass `batch.mask` on.
+  What `gather_batch` returns, and what every gradient function takes in
+  place of a bare batch: `grad_fn(params, masked_batch)` uses
+  `masked_batch.mask` itself, so the common path needs no `mask=` at all. A
+  jax pytree (pass it through `jax.jit`); not a tuple, so the old
+  `x, y = gather_batch((x_all, y_all), batch)` raises instead of silently
+  dropping the mask.
 
-  Args:
-    data: a pytree of arrays with a leading example axis (numpy or jax; read
-      on the host).
-    batch: a `Batch` from a sampler.
+  Privacy contract: the padding rows' *number* depends on the realised
+  Poisson batch size, so a gradient function that counted them (a forgotten
+  mask) would move the clipped sum by up to 2C when one example is removed,
+  while the noise is calibrated for C. Keep `data` and `mask` together; take
+  `data` apart only for code that never reaches a gradient (evaluation of
+  the non-private loss is not private either).
 
-  Returns:
-    A pytree like `data` of numpy arrays with `len(batch.indices)` rows.
-
-  Examples:
-    >>> import numpy as np
-    >>> import optax_dp
-    >>> data = {"x": np.arange(10.0).reshape(5, 2), "y": np.arange(5)}
-    >>> batch = optax_dp.Batch(indices=np.array([3, 1, -1]),
-    ...                        mask=np.array([True, True, False]))
-    >>> rows = optax_dp.gather_batch(data, batch)
-    >>> rows["x"].tolist(), rows["y"].tolist()
-    ([[6.0, 7.0], [2.0, 3.0], [0.0, 0.0]], [3, 1, 0])
+  Attributes:
+    data: the rows (a pytree like the gathered data), padding rows zero.
+    mask: bool `(batch_shape,)`, True for real examples.
   """
-  import jax  # pylint: disable=import-outside-toplevel  (keeps samplers device-free)
+  data: Any
+  mask: Any
 
+  def __iter__(self):
+    raise TypeError(
+        "optax_dp.MaskedBatch is not a tuple: gather_batch returns the rows "
+        "together with their mask, so that no gradient function sees padding "
+        "rows as examples. Pass it whole, grad_fn(params, batch) (no mask= "
+        "needed), or take its parts by name: batch.data (the rows, e.g. "
+        "images, labels = batch.data) and batch.mask.")
+
+
+jax.tree_util.register_dataclass(MaskedBatch, data_fields=["data", "mask"],
+                                 meta_fields=[])
+
+
+def gather_rows(data: Any, batch: Batch) -> Any:
+  """Rows `batch.indices` of every array in the pytree `data` (numpy), padding
+  rows (index -1) zero: the `data` of `gather_batch`'s `MaskedBatch`."""
   safe = np.where(batch.mask, batch.indices, 0)
 
   def take(x):
@@ -339,3 +353,39 @@ def gather_batch(data: Any, batch: Batch) -> Any:
     return rows
 
   return jax.tree.map(take, data)
+
+
+def gather_batch(data: Any, batch: Batch) -> MaskedBatch:
+  """Rows `batch.indices` of every array in the pytree `data`, with the mask:
+  a `MaskedBatch` that the gradient functions take whole.
+
+  Padding rows (index -1) are zeros, so nothing can duplicate a real example;
+  the mask travels with the rows, so a gradient function cannot count them:
+  `grad_fn(params, gather_batch(data, batch))`.
+
+  Privacy contract: every leaf of `data` must hold one row per example, in the
+  same order, for the indices the sampler drew (the examples the accounting
+  is about). Zero padding rows are not a substitute for the mask: a zero
+  input can still have a non-zero gradient, and the number of padding rows
+  depends on the realised batch size.
+
+  Args:
+    data: a pytree of arrays with a leading example axis (numpy or jax; read
+      on the host).
+    batch: a `Batch` from a sampler.
+
+  Returns:
+    `MaskedBatch(data=rows, mask=batch.mask)`: `rows` a pytree like `data` of
+    numpy arrays with `len(batch.indices)` rows.
+
+  Examples:
+    >>> import numpy as np
+    >>> import optax_dp
+    >>> data = {"x": np.arange(10.0).reshape(5, 2), "y": np.arange(5)}
+    >>> batch = optax_dp.Batch(indices=np.array([3, 1, -1]),
+    ...                        mask=np.array([True, True, False]))
+    >>> rows = optax_dp.gather_batch(data, batch)
+    >>> rows.data["x"].tolist(), rows.data["y"].tolist(), rows.mask.tolist()
+    ([[6.0, 7.0], [2.0, 3.0], [0.0, 0.0]], [3, 1, 0], [True, True, False])
+  """
+  return MaskedBatch(data=gather_rows(data, batch), mask=np.asarray(batch.mask, bool))

@@ -123,6 +123,7 @@ def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
       return {names[i]: rules[i] for i in range(len(names))}
     return fn
 
+  batch, _ = _per_example.unmask(batch, None)
   if _nnx.is_module(params):
     return _nnx.call(plan, loss_fn, params, batch, None, wrt, "clipping_plan",
                      advance_streams=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -142,6 +143,10 @@ def privacy_budget(
         "noise_multiplier (the third is derived from them).")
   sampler = _accounting.resolve_sampler(sampler, None, None)
   target_delta = _checks.check_delta(target_delta)
+  note = _checks.large_delta_note(target_delta, sampler.dataset_size)
+  if note is not None:
+    warnings.warn(note.removeprefix("WARNING: "), _checks.LargeDeltaWarning,
+                  stacklevel=2)
   accountant = _accounting.resolve_accountant(accountant, sampler)
   if noise_multiplier is None:
     steps = _checks.check_int("steps", steps, 1)
@@ -249,5 +254,6 @@ def privacy_statement(
       "noise multiplier and step count are those of the run. It protects "
       "examples, not people: a person with several examples gets a weaker "
       "guarantee.",
-  ])
+  ] + [note for note in [_checks.large_delta_note(target_delta, sampler.dataset_size)]
+       if note is not None])
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import numbers
+import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -52,6 +55,37 @@ def check_delta(target_delta: Any) -> float:
         f"target_delta must be in (0, 1), got {target_delta}. A common choice "
         "is well below 1/dataset_size, e.g. 1e-5 for 60000 examples.")
   return target_delta
+
+
+class LargeDeltaWarning(UserWarning):
+  """`target_delta >= 1 / dataset_size`: the guarantee is then vacuous.
+
+  An (epsilon, delta) mechanism may release one example of a data set of N
+  outright with probability about N * delta ("name and shame"): at
+  delta >= 1/N that is no longer unlikely. Choose delta well below 1/N.
+  """
+
+
+def large_delta_note(target_delta: float, dataset_size: int) -> Optional[str]:
+  """The warning text when `target_delta >= 1 / dataset_size`, else None.
+
+  >>> large_delta_note(1e-5, 60000) is None
+  True
+  >>> large_delta_note(1e-3, 60000)[:44]
+  'WARNING: delta 0.001 >= 1/N = 1.667e-05 (N ='
+  """
+  if target_delta * dataset_size < 1:
+    return None
+  return (f"WARNING: delta {target_delta:g} >= 1/N = {1 / dataset_size:.4g} (N = "
+          f"{dataset_size} examples). At delta >= 1/N the guarantee allows "
+          "releasing an example outright with non-negligible probability, so "
+          "it says little; choose delta well below 1/N (e.g. 1/N^1.1 or "
+          f"{_below_inverse(dataset_size):g}).")
+
+
+def _below_inverse(dataset_size: int) -> float:
+  """A power of ten at least 10x below 1/N (1e-6 for N = 60000)."""
+  return 10.0 ** math.floor(math.log10(0.1 / dataset_size))
 
 
 def check_epsilon(target_epsilon: Any) -> float:
@@ -129,12 +163,13 @@ def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
   """Raises `error(message)` if `predicate` holds, also inside `jax.jit`.
 
   Outside a trace the check is an ordinary `if`. Inside one it is a
-  `lax.cond` whose taken branch runs a host callback that raises: the jitted
-  call then fails with a `JaxRuntimeError` whose text contains `message`
-  (JAX wraps exceptions raised in callbacks). The callback costs nothing
-  while the predicate is false. Callers also poison their outputs when the
-  predicate holds, so that a platform without host callbacks still cannot
-  release a refused update.
+  `lax.cond` whose taken branch runs a host callback that raises: JAX then
+  fails the jitted call with a `JaxRuntimeError` whose text contains
+  `message`, and `reraise_refusals` turns it back into `error` (JAX's own
+  log of the failed callback is silenced for these errors: one message).
+  The callback costs nothing while the predicate is false. Callers also
+  poison their outputs when the predicate holds, so that a platform without
+  host callbacks still cannot release a refused update.
   """
   import jax  # local: keeps this module importable without touching devices
 
@@ -144,9 +179,86 @@ def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
     return
 
   def fail():
-    raise error(message)
+    refusal = error(message)
+    with _LOCK:
+      _REFUSALS.append(refusal)
+      del _REFUSALS[:-8]
+    raised = error(message + _JIT_HINT.format(name=error.__name__))
+    setattr(raised, _MARK, True)
+    raise raised
 
+  _silence_callback_log()
   jax.lax.cond(predicate, lambda: jax.debug.callback(fail), lambda: None)
+
+
+_MARK = "_optax_dp_refusal"
+_JIT_HINT = (" [Raised inside a jitted step, JAX reports this as a JaxRuntimeError; "
+             "run the loop under `with optax_dp.reraise_refusals():` to get it as "
+             "optax_dp.{name}.]")
+_REFUSALS: list = []
+_LOCK = threading.Lock()
+
+
+class _DropRefusalLogs(logging.Filter):
+  """Drops JAX's log of a failed host callback when the failure is one of
+  optax_dp's refusals: the refusal reaches the caller once, as the error."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not getattr(exc, _MARK, False)
+
+
+_FILTER = _DropRefusalLogs()
+
+
+def _silence_callback_log() -> None:
+  for name in ("jax._src.debugging", "jax._src.callback"):
+    log = logging.getLogger(name)
+    if _FILTER not in log.filters:
+      log.addFilter(_FILTER)
+
+
+@contextlib.contextmanager
+def reraise_refusals() -> Iterator[None]:
+  """Re-raises optax_dp's refusals from inside `jax.jit` as their own types.
+
+  A refusal checked inside a jitted step (`PrivacyBudgetExceededError`,
+  `NoiseReplayError`, `AdaptiveClipMismatchError`) is raised by a host
+  callback, which JAX reports as a `jax.errors.JaxRuntimeError`. Inside this
+  context (or on a function decorated with it) that error is replaced by the
+  optax_dp error it carries, so `except optax_dp.PrivacyBudgetExceededError`
+  catches it; any other error passes unchanged. Outside `jax.jit` the
+  refusals are raised with their own types anyway. Privacy: the refused
+  update was not released either way (its outputs are poisoned).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_dp
+    >>> sampler = optax_dp.PoissonSampler(dataset_size=1000, expected_batch_size=4)
+    >>> budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5,
+    ...                                  noise_multiplier=1.0, steps=1)
+    >>> tx = optax_dp.dp_aggregate(1.0, key=jax.random.key(0), budget=budget)
+    >>> step = jax.jit(tx.update)
+    >>> grads, state = {"w": jnp.ones((4, 2))}, tx.init({"w": jnp.zeros(2)})
+    >>> _, state = step(grads, state)     # the one step the budget allows
+    >>> try:
+    ...   with optax_dp.reraise_refusals():
+    ...     jax.block_until_ready(step(grads, state))
+    ... except optax_dp.PrivacyBudgetExceededError as e:
+    ...   print(type(e).__name__)
+    PrivacyBudgetExceededError
+  """
+  import jax  # local: keeps this module importable without touching devices
+
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    text = str(e)
+    with _LOCK:
+      found = [r for r in _REFUSALS if str(r) and str(r) in text]
+      _REFUSALS.clear()
+    if not found:
+      raise
+    raise found[-1] from None
 
 
 def bisect_boundary(predicate, lo: int, hi: int) -> tuple[int, int]:

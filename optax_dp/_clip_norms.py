@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 
@@ -144,6 +144,12 @@ class AdaptiveClip:
 
 
 ClipNorm = Union[float, ClipGroups, AdaptiveClip]
+
+# What a caller passes as `l2_norm_clip` (checked by `as_clip_norm`): a norm; a
+# pytree prefix of the params whose leaves are norms (`{"Dense_0": 0.3,
+# "Dense_1": 0.4}`, what `per_layer_clip_norms` returns; a list or tuple
+# prefix); a `ClipGroups`; or an `AdaptiveClip`.
+ClipNormLike = Union[float, ClipGroups, AdaptiveClip, Mapping[Any, Any], Sequence[Any]]
 
 
 def key_name(entry: Any) -> str:

@@ -51,13 +51,13 @@ class ClipOptions(TypedDict, total=False):
 
 def value_and_clipped_grads(
     loss_fn: _per_example.LossFn,
-    l2_norm_clip: float,
+    l2_norm_clip: _clip_norms.ClipNormLike,
     *,
     method: str = "auto",
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
     wrt: Any = None,
-) -> _per_example.BatchGradFn[tuple[Any, ClippedGrads]]:
+) -> _per_example.ClippedGradFn[tuple[Any, ClippedGrads]]:
   """Per-example losses and the clipped gradient sum, for `dp_aggregate`.
 
   `loss_fn(params, batch)` is the same ordinary batched loss as for
@@ -132,7 +132,8 @@ def value_and_clipped_grads(
     raise ValueError(
         f"microbatch_size must be a positive int or None, got {microbatch_size!r}.")
 
-  def fn(params, batch, mask=None, *, l2_norm_clip=None):
+  def fn(params, batch, mask=None, *, l2_norm_clip=None, rngs=None):
+    batch, mask = _per_example.unmask(batch, mask)
     current = l2_norm_clip
     norms, clip_norm = _clipping.clip_norms_now(clip, current)   # checks `current`
     if _nnx.is_module(params):
@@ -140,8 +141,11 @@ def value_and_clipped_grads(
           lambda pure: functools.partial(value_and_clipped_grads(
               pure, clip, method=method, has_aux=has_aux,
               microbatch_size=microbatch_size), l2_norm_clip=current),
-          loss_fn, params, batch, mask, wrt, "clipped_grads")
+          loss_fn, params, batch, mask, wrt, "clipped_grads", rngs=rngs)
       return values, _nnx.as_optimizer_grads(clipped)
+    if rngs is not None:
+      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
+                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
     if wrt is not None:
       raise ValueError("clipped_grads(wrt=...) selects the variables of a Flax "
                        "NNX model; these params are a plain pytree.")
@@ -169,7 +173,7 @@ def value_and_clipped_grads(
       else:
         values, summed, nonfinite, unclipped = _scan_chunks(
             chunk_fn, params, batch, mask, microbatch_size, batch_size)
-    return values, ClippedGrads(
+    return _per_example.batch_aux(values, has_aux), ClippedGrads(
         clipped_sum=summed, nonfinite_examples=nonfinite, l2_norm_clip=clip,
         batch_size=batch_size, clip_norm=clip_norm,
         unclipped_count=None if clip_norm is None else unclipped)
@@ -223,9 +227,9 @@ def on_devices(fn: _per_example.BatchGradFn, route: _devices.BatchRoute,
 
 def clipped_grads(
     loss_fn: _per_example.LossFn,
-    l2_norm_clip: float,
+    l2_norm_clip: _clip_norms.ClipNormLike,
     **options: Unpack[ClipOptions],
-) -> _per_example.BatchGradFn[Any]:
+) -> _per_example.ClippedGradFn[Any]:
   """The clipped gradient sum of an ordinary batched loss, for `dp_aggregate`.
 
   Same as `value_and_clipped_grads`, with the same keyword options (`method`,
@@ -252,8 +256,9 @@ def clipped_grads(
   value_and_clipped = value_and_clipped_grads(loss_fn, l2_norm_clip, **options)
   has_aux = options.get("has_aux", False)
 
-  def fn(params, batch, mask=None, *, l2_norm_clip=None):
-    values, clipped = value_and_clipped(params, batch, mask, l2_norm_clip=l2_norm_clip)
+  def fn(params, batch, mask=None, *, l2_norm_clip=None, rngs=None):
+    values, clipped = value_and_clipped(params, batch, mask, l2_norm_clip=l2_norm_clip,
+                                        rngs=rngs)
     return (clipped, values[1]) if has_aux else clipped
 
   return fn

@@ -29,8 +29,25 @@ import jax.numpy as jnp
 from optax_dp import _clip_norms
 
 
+class _ClippedGradsType(type):
+  """The class of `ClippedGrads`, whose name says where it belongs.
+
+  A transformation placed before optax_dp's DP step in `optax.chain` gets a
+  `ClippedGrads` (or an `nnx.State` of them) in place of gradients shaped like
+  the params; optax then fails on a pytree-structure mismatch whose message
+  names the type it found. This `repr` makes that message say the fix.
+  """
+
+  def __repr__(cls) -> str:
+    return (f"<class 'optax_dp.{cls.__name__}'> (optax_dp: a clipped gradient "
+            "sum that only optax_dp.dp_aggregate / dpsgd / dp_accumulate take: put "
+            "the DP step FIRST, optax.chain(optax_dp.dp_aggregate(...), "
+            "optax.adam(...)); a transformation before it would see per-example "
+            "information before the noise)")
+
+
 @dataclasses.dataclass(frozen=True)
-class ClippedGrads:
+class ClippedGrads(metaclass=_ClippedGradsType):
   """The sum over a batch of per-example gradients, each clipped to norm C.
 
   Produced by `optax_dp.clipped_grads`; `dp_aggregate` constructed with the

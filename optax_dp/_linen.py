@@ -43,6 +43,7 @@ treated as uncovered.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Optional
@@ -54,8 +55,16 @@ from optax_dp import _layer_rules
 
 try:  # flax is optional: without it everything is "uncovered" (vmap path).
   import flax.linen as nn
-except ImportError:  # pragma: no cover
+except ImportError:  # tested in a core-only environment (tests/core_only)
   nn = None
+
+
+def _intercept(interceptor):
+  """`nn.intercept_methods(interceptor)`, or nothing without flax (no Linen
+  module can run then, so there is nothing to intercept)."""
+  if nn is None:
+    return contextlib.nullcontext()
+  return nn.intercept_methods(interceptor)
 
 
 @dataclasses.dataclass
@@ -344,7 +353,7 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
         inside[0] = False
       return jax.tree.map(jnp.add, out, zs[k])
 
-    with nn.intercept_methods(interceptor):
+    with _intercept(interceptor):
       result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
     loss, aux = result if has_aux else (result, None)
     if any(x is None for x in inputs):

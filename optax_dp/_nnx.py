@@ -122,37 +122,70 @@ def no_batchnorm_in_training(caller: str):
 
 def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
          loss_fn: Callable[..., Any], model, batch, mask, wrt: Optional[Any],
-         caller: str, advance_streams: bool = True):
+         caller: str, advance_streams: bool = True, rngs: Any = None):
   """Runs `build(pure_loss)(trained, batch', mask)` for an NNX `model`.
 
   `build` makes a framework-neutral builder's `fn(params, batch, mask)` from a
   loss of `(params, batch)`; here params are the model's `wrt` variables (an
   `nnx.State`) and the batch carries each example's row number alongside, for
   its random streams. Returns what that `fn` returns.
+
+  Random streams, the model's own and those of a call-time `rngs` (an
+  `nnx.Rngs` the caller passes to the gradient function, which hands each
+  example's copy to `loss_fn(model, batch, rngs=...)`, Flax's tutorial idiom):
+  each stream is drawn once per step (its counter advances, as in a batched
+  step), and example i uses `fold_in(step key, i)`, so every example gets its
+  own dropout mask.
   """
   nnx = _nnx()
   wrt = nnx.Param if wrt is None else wrt
+  if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
+    raise TypeError(f"{caller}: rngs= takes an nnx.Rngs (the random streams "
+                    f"loss_fn(model, batch, rngs) uses), got {type(rngs).__name__}.")
   graphdef, trained, rest = nnx.split(model, wrt, ...)
   # One draw of each stream per step, as a batched step makes (the model's
   # counters advance); example i then uses fold_in(step key, i).
-  step_keys = [stream() if advance_streams
-               else jax.random.fold_in(stream.key[...], stream.count[...])
-               for stream in _streams(model)]
+  def draw(stream):
+    return (stream() if advance_streams
+            else jax.random.fold_in(stream.key[...], stream.count[...]))
+
+  step_keys = [draw(stream) for stream in _streams(model)]
+  if rngs is not None:
+    rngs_graphdef, rngs_state = nnx.split(rngs)
+    rngs_keys = [draw(stream) for stream in _streams(rngs)]
   leaves = jax.tree.leaves(batch)
   rows = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
+
+  def reseed(streams, keys, row):
+    for stream, key in zip(streams, keys):
+      stream.key[...] = jax.random.fold_in(key, row)
+      stream.count[...] = jnp.zeros_like(stream.count[...])
 
   def pure_loss(trained_state, indexed_batch):
     example_batch, index = indexed_batch
     local = nnx.merge(graphdef, trained_state, rest, copy=True)
     row = jnp.reshape(index, (-1,))[0]
-    for stream, key in zip(_streams(local), step_keys):
-      stream.key[...] = jax.random.fold_in(key, row)
-      stream.count[...] = jnp.zeros_like(stream.count[...])
-    return loss_fn(local, example_batch)
+    reseed(_streams(local), step_keys, row)
+    if rngs is None:
+      return loss_fn(local, example_batch)
+    local_rngs = nnx.merge(rngs_graphdef, rngs_state, copy=True)
+    reseed(_streams(local_rngs), rngs_keys, row)
+    return loss_fn(local, example_batch, rngs=local_rngs)
 
   setattr(pure_loss, NNX_ADAPTER, module_classes(model))
-  with no_batchnorm_in_training(caller):
-    return build(pure_loss)(trained, (batch, jnp.arange(rows, dtype=jnp.int32)), mask)
+  trace_error = getattr(sys.modules.get("flax.errors"), "TraceContextError", ())
+  try:
+    with no_batchnorm_in_training(caller):
+      return build(pure_loss)(trained, (batch, jnp.arange(rows, dtype=jnp.int32)), mask)
+  except trace_error as e:
+    raise ValueError(
+        f"{caller}: loss_fn changed Flax state created outside it (most often "
+        "an nnx.Rngs it closes over, e.g. model(x, rngs=rngs) for dropout): "
+        "optax_dp runs the loss once per example, inside jax.vmap, so it must "
+        "not mutate outer objects. Pass the Rngs to the gradient function "
+        "instead, grad_fn(model, batch, rngs=rngs), with loss_fn(model, batch, "
+        "rngs): each example then gets its own streams and your Rngs advances "
+        f"once per step. (Flax said: {str(e).splitlines()[0]})") from e
 
 
 def as_optimizer_grads(clipped: _clipping.ClippedGrads):

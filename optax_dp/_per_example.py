@@ -10,11 +10,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from optax_dp import _batches
 from optax_dp import _devices
 from optax_dp import _nnx
 
-# loss_fn(params, batch) -> scalar loss, or (loss, aux) with has_aux.
-LossFn = Callable[[chex.ArrayTree, chex.ArrayTree], Any]
+# loss_fn(params, batch) -> scalar loss, or (loss, aux) with has_aux. Any
+# function of two positional arguments: `params` is a pytree of parameters or a
+# Flax NNX module, `batch` any pytree; a user's annotated loss (say
+# `(params: dict[str, jax.Array], batch: tuple[jax.Array, jax.Array])`) must
+# fit, so the parameter types are Any (a callable's parameters are
+# contravariant: `chex.ArrayTree` here rejected every annotated loss).
+LossFn = Callable[[Any, Any], Any]
 
 _Out = TypeVar("_Out", covariant=True)
 
@@ -22,14 +28,31 @@ _Out = TypeVar("_Out", covariant=True)
 class BatchGradFn(Protocol[_Out]):
   """What optax_dp's gradient builders return: `fn(params, batch, mask=None)`.
 
-  `batch` is a pytree whose leaves share a leading batch axis `B`; `mask`
+  `params` is the parameters' pytree or a Flax NNX module (typed Any: a
+  pytree is any registered structure); `batch` is a pytree whose leaves share
+  a leading batch axis `B`; `mask`
   (shape `(B,)`, bool or 0/1, default all True) marks the real examples,
   False for padding. The result type `_Out` depends on the builder (per-example
   gradients, a `ClippedGrads`, or `(values, ...)` for the `value_and_` forms).
   """
 
-  def __call__(self, params: chex.ArrayTree, batch: chex.ArrayTree,
-               mask: Optional[chex.Array] = None) -> _Out:
+  def __call__(self, params: Any, batch: Any, mask: Optional[chex.Array] = None) -> _Out:
+    ...
+
+
+class ClippedGradFn(Protocol[_Out]):
+  """What the clipped-gradient builders return (`clipped_grads`,
+  `value_and_clipped_grads` and their `sharded_` forms):
+  `fn(params, batch, mask=None, *, l2_norm_clip=None)`.
+
+  `params`, `batch` and `mask` as for `BatchGradFn` (`params` a pytree of
+  parameters or a Flax NNX module). `l2_norm_clip`: for an
+  `optax_dp.AdaptiveClip`, the current clip norm
+  (`optax_dp.l2_norm_clip_of(opt_state)`); None for a fixed clip.
+  """
+
+  def __call__(self, params: Any, batch: Any, mask: Optional[chex.Array] = None, *,
+               l2_norm_clip: Optional[Any] = None) -> _Out:
     ...
 
 
@@ -60,6 +83,33 @@ def check_mask(mask, batch_size: int) -> jax.Array:
         f"per_example_grads: mask must have shape ({batch_size},), one entry "
         f"per example, got {mask.shape}.")
   return mask.astype(bool)
+
+
+def unmask(batch: Any, mask: Any) -> tuple[Any, Any]:
+  """`(data, mask)` of what a gradient function was called with: a
+  `MaskedBatch` carries its own mask (and-ed with `mask` if both are given),
+  a bare batch the `mask` argument (None: every row real)."""
+  if not isinstance(batch, _batches.MaskedBatch):
+    return batch, mask
+  if mask is None:
+    return batch.data, batch.mask
+  return batch.data, jnp.logical_and(jnp.asarray(batch.mask, bool),
+                                     jnp.asarray(mask, bool))
+
+
+def batch_aux(values: Any, has_aux: bool) -> Any:
+  """The per-example values with the aux shaped as the loss returns it for a
+  whole batch: each example ran as a batch of one, so an aux leaf of
+  per-example shape `(1, *s)` (e.g. logits `(1, 10)`) is stacked to `(B, *s)`
+  (`(B, 10)`), not `(B, 1, *s)`; a per-example scalar stays `(B,)`."""
+  if not has_aux:
+    return values
+
+  def squeeze(x):
+    shape = jnp.shape(x)
+    return jnp.reshape(x, shape[:1] + shape[2:]) if len(shape) >= 2 and shape[1] == 1 else x
+
+  return values[0], jax.tree.map(squeeze, values[1])
 
 
 def zero_masked(tree: chex.ArrayTree, mask: jax.Array) -> chex.ArrayTree:
@@ -152,7 +202,7 @@ def value_and_per_example_grads(
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
     wrt: Any = None,
-) -> BatchGradFn[tuple[Any, chex.ArrayTree]]:
+) -> BatchGradFn[tuple[Any, Any]]:
   """Per-example losses and gradients of an ordinary batched loss.
 
   `loss_fn(params, batch)` is the loss you would give `jax.value_and_grad`: it
@@ -191,8 +241,12 @@ def value_and_per_example_grads(
   Returns:
     `fn(params, batch, mask=None)` returning `(losses, grads)`, or
     `((losses, aux), grads)` with `has_aux`, where `losses` has shape `(B,)`,
-    every leaf of `grads` has shape `(B, *param.shape)` and `aux` has a leading
-    batch axis (the aux of each batch of one, stacked: shape `(B, *aux_shape)`).
+    every leaf of `grads` has shape `(B, *param.shape)` and `aux` is shaped as
+    `loss_fn` returns it for the whole batch: each example's aux (of its batch
+    of one) stacked, that batch-of-one axis removed (logits `(1, 10)` per
+    example give `(B, 10)`; a per-example scalar gives `(B,)`). Padding rows'
+    aux is not zeroed: compute metrics with the mask (e.g. flax's
+    `metrics.update(..., mask=mask)`).
     `mask` (shape `(B,)`, bool or 0/1) marks real examples: rows
     where it is False (padding) get zero gradients and zero loss.
 
@@ -227,12 +281,16 @@ def value_and_per_example_grads(
     raise ValueError("per_example_grads: wrt= is an nnx filter (e.g. nnx.Param), "
                      "not a module: pass the model as the first argument of fn.")
 
-  def fn(params, batch, mask=None):
+  def fn(params, batch, mask=None, *, rngs=None):
+    batch, mask = unmask(batch, mask)
     if _nnx.is_module(params):
       return _nnx.call(
           lambda pure: value_and_per_example_grads(
               pure, has_aux=has_aux, microbatch_size=microbatch_size),
-          loss_fn, params, batch, mask, wrt, "per_example_grads")
+          loss_fn, params, batch, mask, wrt, "per_example_grads", rngs=rngs)
+    if rngs is not None:
+      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
+                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
     if wrt is not None:
       raise ValueError("per_example_grads(wrt=...) selects the variables of a "
                        "Flax NNX model; these params are a plain pytree.")
@@ -255,7 +313,7 @@ def value_and_per_example_grads(
         values = (zero_masked(values[0], mask), values[1])
       else:
         values = zero_masked(values, mask)
-    return values, grads
+    return batch_aux(values, has_aux), grads
 
   return fn
 
@@ -284,7 +342,7 @@ def per_example_grads(
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
     wrt: Any = None,
-) -> BatchGradFn[chex.ArrayTree]:
+) -> BatchGradFn[Any]:
   """Per-example gradients of an ordinary batched loss, for `dp_aggregate`.
 
   Same contract as `value_and_per_example_grads`, returning only the gradients:
@@ -310,8 +368,8 @@ def per_example_grads(
   value_and_grads = value_and_per_example_grads(
       loss_fn, has_aux=has_aux, microbatch_size=microbatch_size, wrt=wrt)
 
-  def fn(params, batch, mask=None):
-    values, grads = value_and_grads(params, batch, mask)
+  def fn(params, batch, mask=None, *, rngs=None):
+    values, grads = value_and_grads(params, batch, mask, rngs=rngs)
     if has_aux:
       return grads, values[1]
     return grads

@@ -35,12 +35,12 @@ import functools
 
 from typing import Any, Optional, Unpack
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from optax_dp import _batches
+from optax_dp import _clip_norms
 from optax_dp import _clipped
 from optax_dp import _devices
 from optax_dp import _nnx
@@ -60,13 +60,13 @@ def _check_divisible(batch, mesh, axis_name, caller):
 
 def sharded_value_and_clipped_grads(
     loss_fn: _per_example.LossFn,
-    l2_norm_clip: float,
+    l2_norm_clip: _clip_norms.ClipNormLike,
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
     reduce: bool = True,
     **options: Unpack[_clipped.ClipOptions],
-) -> _per_example.BatchGradFn[tuple[Any, _clipped.ClippedGrads]]:
+) -> _per_example.ClippedGradFn[tuple[Any, _clipped.ClippedGrads]]:
   """`value_and_clipped_grads` over a batch split across `mesh[axis_name]`.
 
   Each device computes the per-example values and the clipped sum of its
@@ -135,9 +135,10 @@ def sharded_value_and_clipped_grads(
       _clipped.value_and_clipped_grads(loss_fn, clip, **options),
       _devices.BatchRoute(mesh, (axis_name,)), reduce)
 
-  def fn(params, batch, mask=None, *, l2_norm_clip=None):
+  def fn(params, batch, mask=None, *, l2_norm_clip=None, rngs=None):
     # l2_norm_clip: an adaptive clip's current norm (see value_and_clipped_grads).
     current = {} if l2_norm_clip is None else {"l2_norm_clip": l2_norm_clip}
+    batch, mask = _per_example.unmask(batch, mask)
     if _nnx.is_module(params):
       # The model is split (and each example's row numbered) on the global
       # batch, outside shard_map: row numbers, hence random streams, are global.
@@ -145,8 +146,11 @@ def sharded_value_and_clipped_grads(
           lambda pure: functools.partial(sharded_value_and_clipped_grads(
               pure, clip, mesh=mesh, axis_name=axis_name, reduce=reduce,
               **options), **current),
-          loss_fn, params, batch, mask, wrt, "sharded_clipped_grads")
+          loss_fn, params, batch, mask, wrt, "sharded_clipped_grads", rngs=rngs)
       return values, _nnx.as_optimizer_grads(clipped)
+    if rngs is not None:
+      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
+                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
     _check_divisible(batch, mesh, axis_name, "sharded_clipped_grads")
     return on_devices(params, batch, mask, **current)
 
@@ -155,13 +159,13 @@ def sharded_value_and_clipped_grads(
 
 def sharded_clipped_grads(
     loss_fn: _per_example.LossFn,
-    l2_norm_clip: float,
+    l2_norm_clip: _clip_norms.ClipNormLike,
     *,
     mesh: jax.sharding.Mesh,
     axis_name: str = "data",
     reduce: bool = True,
     **options: Unpack[_clipped.ClipOptions],
-) -> _per_example.BatchGradFn[_clipped.ClippedGrads]:
+) -> _per_example.ClippedGradFn[_clipped.ClippedGrads]:
   """`sharded_value_and_clipped_grads` without the values: `fn(params, batch,
   mask=None) -> ClippedGrads`, replicated, for `dp_aggregate`.
 
@@ -200,7 +204,7 @@ def sharded_per_example_grads(
     axis_name: str = "data",
     has_aux: bool = False,
     microbatch_size: Optional[int] = None,
-) -> _per_example.BatchGradFn[tuple[Any, chex.ArrayTree]]:
+) -> _per_example.BatchGradFn[tuple[Any, Any]]:
   """`value_and_per_example_grads` over a batch split across `mesh[axis_name]`.
 
   Per-example gradients are computed on each device for its slice (inside
@@ -231,6 +235,7 @@ def sharded_per_example_grads(
       _devices.BatchRoute(mesh, (axis_name,)))
 
   def fn(params, batch, mask=None):
+    batch, mask = _per_example.unmask(batch, mask)
     _check_divisible(batch, mesh, axis_name, "sharded_per_example_grads")
     return on_devices(params, batch, mask)
 
@@ -307,7 +312,7 @@ def gather_sharded_batch(data: Any, batch: _batches.Batch,
 
     def rows(index):
       part = _batches.Batch(indices=batch.indices[index[0]], mask=batch.mask[index[0]])
-      return _batches.gather_batch(x, part)
+      return _batches.gather_rows(x, part)
 
     return jax.make_array_from_callback(shape, sharding, rows)
 

@@ -58,14 +58,14 @@ def synthetic_mnist():
 
 
 class RowLog:
-  """Wraps `_batches.gather_batch`, which `gather_sharded_batch` calls once per
+  """Wraps `_batches.gather_rows`, which `gather_sharded_batch` calls once per
   addressable device and data leaf, to record the dataset rows this process
   reads."""
 
   def __init__(self, module):
     self.rows, self.calls = set(), 0
-    self._gather = module.gather_batch
-    module.gather_batch = self
+    self._gather = module.gather_rows
+    module.gather_rows = self
 
   def __call__(self, data, batch):
     self.rows |= set(np.asarray(batch.indices[batch.mask]).tolist())

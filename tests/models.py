@@ -17,6 +17,10 @@ test_checkpoint.py and test_multi_device.py get this folder on PYTHONPATH.
       (4, 3):  test_multi_device.py (its 8-device script)
   NNXSmallCNN(rngs)  Flax NNX: Conv(1 -> 4, 3x3) - relu - flatten - Linear(3),
       for (B, 6, 6, 1) inputs: test_augmentation.py, test_clip_norms.py.
+  NNXTutorialCNN(rngs)  Flax NNX, the structure of Flax's own NNX MNIST
+      tutorial: Conv - Dropout(rate) without rngs (streams passed at call
+      time, model(x, rngs)) - avg pool - Linear - Dropout - Linear, for
+      (B, 8, 8, 1) inputs: test_nnx.py (the tutorial-idiom port).
   TutorialCNN  examples/models.py's CNN (the tutorial's), not a copy of it:
       loaded from that file under the module name `example_models`, so that
       the two files called models.py never meet in sys.modules.
@@ -99,3 +103,23 @@ class NNXSmallCNN(nnx.Module):
 
   def __call__(self, x):
     return self.out(nnx.relu(self.conv(x)).reshape(x.shape[0], -1))
+
+
+class NNXTutorialCNN(nnx.Module):
+  """Flax's NNX MNIST tutorial's CNN, scaled down (8x8 inputs, 10 classes):
+  its dropout layers own no random streams; the caller passes them at call
+  time, `model(x, rngs)`, as the tutorial does."""
+
+  def __init__(self, *, rngs: nnx.Rngs, rate: float = 0.1):
+    self.conv1 = nnx.Conv(1, 4, kernel_size=(3, 3), rngs=rngs)
+    self.dropout1 = nnx.Dropout(rate=rate)
+    self.linear1 = nnx.Linear(4 * 4 * 4, 16, rngs=rngs)
+    self.dropout2 = nnx.Dropout(rate=rate)
+    self.linear2 = nnx.Linear(16, 10, rngs=rngs)
+
+  def __call__(self, x, rngs: nnx.Rngs | None = None):
+    x = nnx.avg_pool(nnx.relu(self.dropout1(self.conv1(x), rngs=rngs)),
+                     window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nnx.relu(self.dropout2(self.linear1(x), rngs=rngs))
+    return self.linear2(x)

@@ -301,3 +301,42 @@ def test_rescale_to_unit_norm_divides_by_clip_including_noise():
   b, _ = unit.update(grads, unit.init(None))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x) / 0.2, y, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# The DP step first in the chain: a transformation before it is refused by an
+# optax_dp message, whatever it does to the clipped sum.
+
+def _clipped_and_params():
+  params = {"w": jnp.zeros(3)}
+  loss = lambda p, b: jnp.mean((b @ p["w"] - 1.0) ** 2)
+  return optax_dp.clipped_grads(loss, 1.0)(params, jnp.ones((4, 3))), params
+
+
+@pytest.mark.parametrize("before", [
+    optax.adam(1e-3),                       # two trees: structure mismatch
+    optax.sgd(0.1, momentum=0.9),
+    optax.add_decayed_weights(1e-4),
+    optax.sgd(0.1),                         # one tree: maps over the ClippedGrads
+    optax.scale(-0.5),
+], ids=["adam", "momentum", "weight_decay", "sgd", "scale"])
+def test_transformation_before_the_dp_step_is_refused(before):
+  clipped, params = _clipped_and_params()
+  tx = optax.chain(before, optax_dp.dp_aggregate(1.0, 1.0, jax.random.key(0),
+                                                 expected_batch_size=4))
+  with pytest.raises((ValueError, TypeError)) as info:
+    tx.update(clipped, tx.init(params), params)
+  text = str(info.value)
+  assert "optax_dp" in text and "FIRST" in text.upper() and "optax.chain(optax_dp.dp_aggregate" in text
+
+
+def test_nnx_transformation_before_the_dp_step_is_refused():
+  from flax import nnx   # pylint: disable=import-outside-toplevel
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.chain(
+      optax.adam(1e-3), optax_dp.dp_aggregate(1.0, 1.0, jax.random.key(0),
+                                              expected_batch_size=4)), wrt=nnx.Param)
+  loss = lambda m, b: jnp.mean(m(b) ** 2)
+  grads = optax_dp.clipped_grads(loss, 1.0)(model, jnp.ones((4, 3)))
+  with pytest.raises(ValueError, match=r"put the DP step FIRST"):
+    optimizer.update(model, grads)

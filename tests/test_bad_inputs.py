@@ -408,7 +408,7 @@ def test_empty_poisson_batch_is_a_released_noise_step(path):
   empty = next(b for b in sampler.batches(0, steps=50) if b.size == 0)
   assert not empty.mask.any() and np.all(empty.indices == -1)
   data = _linear_data(1000)
-  x, y = optax_dp.gather_batch(data, empty)
+  x, y = optax_dp.gather_batch(data, empty).data
   # Padding may hold anything: make it NaN to show that the mask is what counts.
   batch = (jnp.full_like(x, jnp.nan), jnp.full_like(y, jnp.nan))
   params = _linear_params()

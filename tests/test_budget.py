@@ -2,6 +2,8 @@
 noise-key ledger (NoiseReplayError)."""
 
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -424,3 +426,23 @@ def test_noise_depends_only_on_key_and_step():
   out_other, _ = other.update(zeros, so[-1])
   assert not np.any(np.asarray(out_a0["w"]) == np.asarray(out_a["w"]))
   assert not np.any(np.asarray(out_other["w"]) == np.asarray(out_a["w"]))
+
+
+# ---------------------------------------------------------------------------
+# delta >= 1/N: a warning from the library and a line in every statement.
+
+@pytest.mark.parametrize("dataset_size, delta, warns", [
+    (2000, 1e-2, True), (2000, 1 / 2000, True), (2000, 1e-4, False), (60000, 1e-5, False)])
+def test_delta_at_or_above_one_over_n_warns(dataset_size, delta, warns):
+  sampler = optax_dp.PoissonSampler(dataset_size=dataset_size, expected_batch_size=20)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    budget = optax_dp.privacy_budget(sampler=sampler, target_delta=delta,
+                                     noise_multiplier=1.0, steps=10)
+  large = [w for w in caught if issubclass(w.category, optax_dp.LargeDeltaWarning)]
+  assert len(large) == (1 if warns else 0)
+  statement = budget.statement()
+  assert ("WARNING: delta" in statement) == warns
+  if warns:
+    assert f"1/N = {1 / dataset_size:.4g}" in str(large[0].message)
+    assert f"1/N = {1 / dataset_size:.4g}" in statement

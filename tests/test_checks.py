@@ -5,6 +5,7 @@ test_bad_inputs.py (one row of docs/bad_inputs.md each); this module pins the
 rules themselves, so that a validator loosened in one place fails here.
 """
 
+import logging
 import math
 import warnings
 
@@ -111,3 +112,49 @@ def test_bisect_boundary_finds_the_last_true(boundary):
   lo, hi = _checks.bisect_boundary(predicate, 0, 100)
   assert (lo, hi) == (boundary, boundary + 1)
   assert len(calls) <= math.ceil(math.log2(100))
+
+
+# ---------------------------------------------------------------------------
+# Refusals inside jax.jit: one message, and catchable by their own type.
+
+def _exhausted_step():
+  import optax_dp   # pylint: disable=import-outside-toplevel
+  sampler = optax_dp.PoissonSampler(dataset_size=1000, expected_batch_size=4)
+  budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-5,
+                                   noise_multiplier=1.0, steps=1)
+  tx = optax_dp.dp_aggregate(1.0, key=jax.random.key(0), budget=budget)
+  step = jax.jit(tx.update)
+  grads, state = {"w": jnp.ones((4, 2))}, tx.init({"w": jnp.zeros(2)})
+  _, state = step(grads, state)   # the one step the budget allows
+  return step, grads, state
+
+
+def test_budget_refusal_under_jit_is_caught_by_type_and_said_once(caplog):
+  import optax_dp   # pylint: disable=import-outside-toplevel
+  step, grads, state = _exhausted_step()
+  with caplog.at_level(logging.DEBUG):
+    with pytest.raises(optax_dp.PrivacyBudgetExceededError, match="allows 1 noisy steps"):
+      with optax_dp.reraise_refusals():
+        jax.block_until_ready(step(grads, state))
+  # JAX's own "callback failed" log of the same error is silenced.
+  assert not [r for r in caplog.records if "callback failed" in r.getMessage()]
+
+
+def test_refusal_under_jit_without_the_context_names_it():
+  step, grads, state = _exhausted_step()
+  with pytest.raises(jax.errors.JaxRuntimeError, match=r"optax_dp\.reraise_refusals"):
+    jax.block_until_ready(step(grads, state))
+
+
+def test_reraise_refusals_passes_other_errors_unchanged():
+  import optax_dp   # pylint: disable=import-outside-toplevel
+  with pytest.raises(KeyError):
+    with optax_dp.reraise_refusals():
+      raise KeyError("not ours")
+
+  @optax_dp.reraise_refusals()
+  def fails():
+    raise ValueError("also not ours")
+
+  with pytest.raises(ValueError, match="also not ours"):
+    fails()

@@ -348,3 +348,17 @@ def test_every_flag_of_the_cli_and_the_examples_has_help():
   for name in ("mnist_linen", "mnist_nnx", "train"):
     flags = parsers[f"examples/{name}.py"]._option_string_actions  # pylint: disable=protected-access
     assert {"--quiet", "--plot", "--json-out", "--delta"} <= set(flags), name
+
+
+@pytest.mark.parametrize("command, flags", [
+    ("calibrate", ["--epochs", "1", "--epsilon", "1"]),
+    ("epsilon", ["--steps", "100", "--noise-multiplier", "1.0"]),
+])
+@pytest.mark.parametrize("delta, warns", [(1e-3, True), (1e-6, False)])
+def test_statement_warns_when_delta_is_at_least_one_over_n(capsys, command, flags,
+                                                           delta, warns):
+  status = _cli.main([command, "--dataset-size", "60000", "--batch-size", "256",
+                      "--delta", str(delta)] + flags)
+  out = capsys.readouterr().out
+  assert status == 0
+  assert ("WARNING: delta 0.001 >= 1/N = 1.667e-05 (N = 60000 examples)" in out) == warns

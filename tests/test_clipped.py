@@ -489,3 +489,94 @@ def test_recurrent_calls_the_rule_does_not_cover_fall_back_exactly(model):
   assert {rule for name, rule in rules.items() if "Cell" in name or "GRU" in name} \
       == {"per-example"}
   _check_model(model, x, method="auto")
+
+
+# ---------------------------------------------------------------------------
+# The aux as the loss returns it for a batch; rows and mask travelling together.
+
+def _linear_loss_with_logits(params, batch):
+  x, y = batch
+  logits = x @ params["w"] + params["b"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
+
+
+def _linear_problem(rows=8, classes=10, seed=0):
+  rng = np.random.default_rng(seed)
+  params = {"w": jnp.asarray(rng.normal(size=(5, classes)), jnp.float32),
+            "b": jnp.zeros((classes,), jnp.float32)}
+  data = (rng.normal(size=(rows, 5)).astype(np.float32),
+          rng.integers(0, classes, rows).astype(np.int32))
+  return params, data
+
+
+@pytest.mark.parametrize("method", ["vmap", "auto"])
+@pytest.mark.parametrize("microbatch_size", [None, 3])
+def test_aux_is_shaped_as_for_the_whole_batch(method, microbatch_size):
+  params, (x, y) = _linear_problem()
+  fn = optax_dp.value_and_clipped_grads(_linear_loss_with_logits, 1.0, has_aux=True,
+                                        method=method, microbatch_size=microbatch_size)
+  (losses, logits), _ = jax.jit(fn)(params, (x, y))
+  assert losses.shape == (8,) and logits.shape == (8, 10)   # not (8, 1, 10)
+  np.testing.assert_allclose(logits, x @ params["w"] + params["b"], rtol=1e-5, atol=1e-6)
+  grads, aux = optax_dp.per_example_grads(_linear_loss_with_logits, has_aux=True)(
+      params, (x, y))
+  assert aux.shape == (8, 10) and grads["w"].shape == (8, 5, 10)
+
+
+def test_masked_batch_carries_its_mask():
+  """gather_batch's MaskedBatch, passed whole, gives the clipped sum of its
+  real rows alone: what the bare real rows give (no mask= needed)."""
+  params, data = _linear_problem(rows=20)
+  batch = optax_dp.Batch(indices=np.array([4, 11, 2, -1, -1, -1]),
+                         mask=np.array([True, True, True, False, False, False]))
+  rows = optax_dp.gather_batch(data, batch)
+  fn = optax_dp.clipped_grads(_linear_loss_with_logits, 0.5, has_aux=True)
+  got, aux = jax.jit(fn)(params, rows)
+  want, _ = fn(params, jax.tree.map(lambda a: a[[4, 11, 2]], data))
+  for g, w in zip(jax.tree.leaves(got.clipped_sum), jax.tree.leaves(want.clipped_sum)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  assert aux.shape == (6, 10) and got.batch_size == 6
+  # A mask= beside it is and-ed with the batch's own: never widens it.
+  narrower, _ = fn(params, rows, np.array([True, False, True, True, True, True]))
+  only, _ = fn(params, jax.tree.map(lambda a: a[[4, 2]], data))
+  for g, w in zip(jax.tree.leaves(narrower.clipped_sum), jax.tree.leaves(only.clipped_sum)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_unpacking_a_masked_batch_raises_naming_the_fix():
+  params, data = _linear_problem(rows=5)
+  batch = optax_dp.Batch(indices=np.array([1, -1]), mask=np.array([True, False]))
+  with pytest.raises(TypeError, match=r"batch\.data"):
+    x, y = optax_dp.gather_batch(data, batch)   # the old idiom: the mask would be lost
+
+
+def test_forgotten_mask_moves_the_sum_by_2c_the_masked_batch_by_c():
+  """Why the mask must travel with the rows. D' is D without example e; the
+  same Poisson draw otherwise, so the static batch holds one more padding row
+  in place of e. Counted as an example (a forgotten mask), that zero row's
+  clipped gradient enters the sum: here it points against e's, and the sum
+  moves by ~2C while the noise is calibrated for C. Through gather_batch's
+  MaskedBatch it moves by at most C."""
+  c = 0.5
+  params = {"w": jnp.zeros((2,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+
+  def loss_fn(p, batch):   # logistic; for a zero input at b = 0, d/db = 1/2 - t
+    x, t = batch
+    z = x @ p["w"] + p["b"]
+    return jnp.mean(jax.nn.softplus(z) - t * z)
+
+  # e = example 2, a zero input with target 1: gradient (0, 0; b: -1/2); a
+  # zero padding row (target 0): (0, 0; b: +1/2). Both have norm C = 1/2.
+  data = (np.array([[3.0, 0.0], [0.0, 2.0], [0.0, 0.0]], np.float32),
+          np.array([1.0, 0.0, 1.0], np.float32))
+  with_e = optax_dp.Batch(indices=np.array([0, 1, 2, -1]), mask=np.array([1, 1, 1, 0], bool))
+  without_e = optax_dp.Batch(indices=np.array([0, 1, -1, -1]), mask=np.array([1, 1, 0, 0], bool))
+  fn = optax_dp.clipped_grads(loss_fn, c, method="vmap")
+
+  def flat(clipped):
+    return np.concatenate([np.ravel(v) for v in jax.tree.leaves(clipped.clipped_sum)])
+
+  masked = [flat(fn(params, optax_dp.gather_batch(data, b))) for b in (with_e, without_e)]
+  forgotten = [flat(fn(params, optax_dp.gather_batch(data, b).data)) for b in (with_e, without_e)]
+  assert np.linalg.norm(masked[0] - masked[1]) <= c * (1 + 1e-6)
+  assert np.linalg.norm(forgotten[0] - forgotten[1]) > 1.9 * c

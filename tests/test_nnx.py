@@ -115,7 +115,7 @@ def test_has_aux_values_and_mask():
     (losses, preds), grads = optax_dp.value_and_clipped_grads(
         loss_with_aux, C, has_aux=True)(model, _batch(), MASK)
     _, per_example = optax_dp.value_and_per_example_grads(loss_fn)(model, _batch(), MASK)
-  assert losses.shape == (B,) and preds.shape == (B, 1)
+  assert losses.shape == (B,) and preds.shape == (B,)   # aux as for the whole batch
   assert float(losses[-1]) == 0.0 and float(losses[0]) > 0.0   # padding row zeroed
   # One ClippedGrads per variable, all with the batch's clip, size and count.
   leaves = jax.tree.leaves(nnx.as_pure(grads),
@@ -557,3 +557,121 @@ def test_recurrent_calls_the_rule_does_not_cover_fall_back_exactly():
   auto = jit_clipped_sums(model, batch, MASK)
   vmap = jit_clipped_sums(model, batch, MASK, method="vmap")
   assert all(np.max(np.abs(v - a)) <= 1e-5 * np.max(np.abs(v)) for v, a in zip(vmap, auto))
+
+
+# ---------------------------------------------------------------------------
+# Flax's NNX MNIST tutorial, its idioms made private: random streams passed at
+# call time (model(x, rngs), nnx.Dropout(rate) without rngs), nnx.Optimizer
+# (..., wrt=nnx.Param), nnx.MultiMetric updated from the aux, nnx.jit.
+
+TUTORIAL_N, TUTORIAL_STEPS = 64, 20
+
+
+def _tutorial_loss(model, batch, rngs=None):
+  logits = model(batch["image"], rngs)
+  loss = optax.softmax_cross_entropy_with_integer_labels(
+      logits=logits, labels=batch["label"]).mean()
+  return loss, logits
+
+
+def _tutorial_data():
+  rng = np.random.default_rng(3)
+  return {"image": rng.normal(size=(TUTORIAL_N, 8, 8, 1)).astype(np.float32),
+          "label": rng.integers(0, 10, TUTORIAL_N).astype(np.int32)}
+
+
+def _tutorial_run(padded: bool):
+  """The tutorial's loop, private; `padded=False`: the reference, each step
+  fed only its real rows as a bare batch (no padding, no mask)."""
+  import models  # pylint: disable=import-outside-toplevel
+  data = _tutorial_data()
+  model = models.NNXTutorialCNN(rngs=nnx.Rngs(0))
+  sampler = optax_dp.PoissonSampler(dataset_size=TUTORIAL_N, expected_batch_size=8)
+  budget = optax_dp.privacy_budget(sampler=sampler, target_delta=1e-3,
+                                   noise_multiplier=1.0, steps=TUTORIAL_STEPS)
+  optimizer = nnx.Optimizer(
+      model, optax.chain(optax_dp.dp_aggregate(C, key=jax.random.key(1), budget=budget),
+                         optax.adamw(0.005, 0.9)), wrt=nnx.Param)
+  metrics = nnx.MultiMetric(accuracy=nnx.metrics.Accuracy(),
+                            loss=nnx.metrics.Average("loss"))
+  grad_fn = optax_dp.value_and_clipped_grads(_tutorial_loss, C, has_aux=True)
+
+  @nnx.jit
+  def train_step(model, optimizer, metrics, rngs, batch):
+    (losses, logits), grads = grad_fn(model, batch, rngs=rngs)
+    metrics.update(loss=losses, logits=logits, labels=batch.data["label"],
+                   mask=batch.mask)
+    optimizer.update(model, grads)
+
+  @nnx.jit
+  def reference_step(model, optimizer, metrics, rngs, batch):
+    (losses, logits), grads = grad_fn(model, batch, rngs=rngs)
+    metrics.update(loss=losses, logits=logits, labels=batch["label"])
+    optimizer.update(model, grads)
+
+  rngs = nnx.Rngs(0)
+  for b in sampler.batches(0, steps=TUTORIAL_STEPS):
+    assert b.size > 0   # the fixed seed draws no empty batch (the reference needs a row)
+    if padded:
+      train_step(model, optimizer, metrics, rngs, optax_dp.gather_batch(data, b))
+    else:
+      real = b.indices[b.mask]
+      reference_step(model, optimizer, metrics, rngs, jax.tree.map(lambda x: x[real], data))
+  return (metrics.compute(), nnx.state(model, nnx.Param), int(rngs.default.count[...]),
+          budget.steps_taken(optimizer.opt_state))
+
+
+def test_flax_nnx_tutorial_idioms_train_privately():
+  """20 private steps of the tutorial's loop on padded Poisson batches: the
+  masked train metrics (from the aux logits, shaped (B, 10) as for a batch)
+  and the parameters equal those of the same steps on the real rows alone."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optax_dp.PerExampleFallbackWarning)
+    # The reference replays the same noise key on purpose (same noise draws).
+    warnings.simplefilter("ignore", optax_dp.NoiseKeyReuseWarning)
+    got_metrics, got_params, got_count, got_steps = _tutorial_run(padded=True)
+    want_metrics, want_params, want_count, want_steps = _tutorial_run(padded=False)
+  assert got_steps == want_steps == TUTORIAL_STEPS
+  # The caller's Rngs advanced once per step, as a batched step draws a key.
+  assert got_count == want_count == TUTORIAL_STEPS
+  # Padding rows add exact zeros, so only float summation order differs.
+  np.testing.assert_allclose(float(got_metrics["loss"]), float(want_metrics["loss"]),
+                             rtol=1e-5)
+  assert float(got_metrics["accuracy"]) == float(want_metrics["accuracy"])
+  assert _max_diff(got_params, want_params) < 1e-5
+  assert 0.0 < float(got_metrics["accuracy"]) <= 1.0
+
+
+def test_call_time_rngs_give_each_example_its_own_dropout():
+  import models  # pylint: disable=import-outside-toplevel
+  model = models.NNXTutorialCNN(rngs=nnx.Rngs(0), rate=0.5)
+  row = _tutorial_data()
+  batch = {k: np.repeat(v[:1], 6, axis=0) for k, v in row.items()}   # 6 equal rows
+  rngs = nnx.Rngs(5)
+  grad_fn = optax_dp.value_and_per_example_grads(_tutorial_loss, has_aux=True)
+  (losses, logits), _ = nnx.jit(lambda m, r, b: grad_fn(m, b, rngs=r))(model, rngs, batch)
+  assert logits.shape == (6, 10)
+  # Equal inputs, different dropout masks: the losses differ (all six equal
+  # would need six equal masks over 64 + 16 units at rate 0.5).
+  assert len({round(float(v), 6) for v in losses}) > 1
+  assert int(rngs.default.count[...]) == 1
+
+
+def test_closed_over_rngs_is_refused_with_the_fix():
+  import models  # pylint: disable=import-outside-toplevel
+  model = models.NNXTutorialCNN(rngs=nnx.Rngs(0))
+  data = _tutorial_data()
+
+  @nnx.jit
+  def step(model, rngs, batch):
+    return optax_dp.clipped_grads(lambda m, b: _tutorial_loss(m, b, rngs), C,
+                                  has_aux=True)(model, batch)
+
+  with pytest.raises(ValueError, match=r"grad_fn\(model, batch, rngs=rngs\)"):
+    step(model, nnx.Rngs(0), jax.tree.map(lambda x: x[:4], data))
+
+
+def test_rngs_with_plain_params_is_refused():
+  fn = optax_dp.clipped_grads(lambda p, b: jnp.mean(b @ p), C)
+  with pytest.raises(ValueError, match="plain pytree"):
+    fn(jnp.ones(3), jnp.ones((2, 3)), rngs=nnx.Rngs(0))

@@ -52,7 +52,7 @@ def test_equals_single_example_loop():
   params, batch = _params(), _batch()
   grads, aux = jax.jit(optax_dp.per_example_grads(_loss, has_aux=True))(params, batch)
   _assert_trees_close(grads, _loop_reference(params, batch), rtol=1e-5, atol=1e-6)
-  assert aux.shape == (10, 1)  # aux of each batch of one, stacked
+  assert aux.shape == (10,)  # as _loss returns it for a batch: one prediction per row
 
 
 @pytest.mark.parametrize("microbatch_size", [1, 3, 5, 10, 64])
@@ -71,7 +71,7 @@ def test_value_and_per_example_grads_losses():
   want = [float(_loss(params, jax.tree.map(lambda x: x[i:i + 1], batch))[0])
           for i in range(10)]
   np.testing.assert_allclose(losses, want, rtol=1e-5)
-  assert preds.shape == (10, 1)
+  assert preds.shape == (10,)
   # The mean of per-example gradients is the ordinary batch gradient.
   batch_grad = jax.grad(lambda p: _loss(p, batch)[0])(params)
   _assert_trees_close(jax.tree.map(lambda g: g.mean(0), grads), batch_grad,

@@ -257,7 +257,9 @@ def test_gather_batch_pytree():
   checked_padding = False
   for batch in optax_dp.poisson_batches(
       1, dataset_size=n, expected_batch_size=10, steps=20):
-    out = optax_dp.gather_batch(data, batch)
+    masked = optax_dp.gather_batch(data, batch)
+    np.testing.assert_array_equal(masked.mask, batch.mask)
+    out = masked.data
     assert set(out) == {"x", "y", "nested"} and set(out["nested"]) == {"w"}
     size, m = batch.size, batch.indices.shape[0]
     real = batch.indices[:size]

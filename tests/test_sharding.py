@@ -89,7 +89,7 @@ def test_gather_sharded_batch_equals_gather_batch():
   batch = next(optax_dp.PoissonSampler(10, 3, max_batch_size=6).batches(0, steps=1))
   sharding = NamedSharding(_mesh(), P("data"))
   rows, mask = optax_dp.gather_sharded_batch(data, batch, sharding)
-  want = optax_dp.gather_batch(data, batch)
+  want = optax_dp.gather_batch(data, batch).data
   for name in data:
     np.testing.assert_array_equal(np.asarray(rows[name]), want[name])
     assert rows[name].sharding == sharding
