@@ -55,6 +55,7 @@ PAGES = {
     "bandmf.md": 1,
     "clipping.md": 2,
     "tutorials/checkpoint_resume.md": 3,
+    "tutorials/large_data.md": 5,
     "migration/jax_privacy.md": 1,
     "migration/optax_contrib.md": 2,
     "migration/opacus.md": 1,
