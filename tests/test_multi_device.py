@@ -55,7 +55,7 @@ pytest.importorskip("flax")   # the model under test is a flax.linen CNN
 
 _REPO = Path(__file__).resolve().parent.parent
 _SECTIONS = ("train", "per_example", "noise", "sampler", "divisible", "normaliser",
-             "accumulate", "nnx", "clip_norms")
+             "normaliser_jit", "accumulate", "nnx", "clip_norms")
 
 
 # The 8-device script (written to a temp dir and run by the `results` fixture).
@@ -348,7 +348,7 @@ def section_sampler():
   for t, batch in enumerate(sampler.batches(21, steps=steps)):
     padded = optax_dp.pad_batch_for_devices(batch, 8)
     (xs, ys), mask = optax_dp.gather_sharded_batch(DATA, padded, SHARD)
-    want_x, want_y = optax_dp.gather_batch(DATA, padded)
+    want_x, want_y = optax_dp.gather_batch(DATA, padded).data
     res["gather"].append({
         "x_equal": bool(np.array_equal(np.asarray(xs), want_x)),
         "y_equal": bool(np.array_equal(np.asarray(ys), want_y)),
@@ -403,6 +403,25 @@ def section_normaliser():
                                      for l in jax.tree.leaves(t))))
   return {"batch_size": [c8.batch_size, c1.batch_size], "rows": len(mask),
           "update_norm_ratio": norm(u8) / norm(u1), "leaf_names": leaf_names(params0)}
+
+
+def section_normaliser_jit():
+  """Point 7 on the jit-sharded path: the one-device clipped_grads under
+  jax.jit, fed the batch on NamedSharding(mesh, P("data")) (Auto axes) and on
+  an explicit-sharding mesh (routed to the per-device path), reports the
+  global batch size; a dp_aggregate without expected_batch_size (which falls
+  back on it) then gives the 1-device update."""
+  (batch, mask), = physical_batches(1, seed=13)
+  grad_fn = jax.jit(optax_dp.clipped_grads(loss_fn, C))
+  tx = optax_dp.dp_aggregate(C, SIGMA, 17)   # normaliser: the static batch size
+  update = jax.jit(tx.update)
+  res = {"rows": len(mask), "leaf_names": leaf_names(params0), "batch_size": {}}
+  for path, sharding in (("1", None), ("jit8", SHARD), ("explicit8", SHARD_EXPLICIT)):
+    args = (batch, mask) if sharding is None else jax.device_put((batch, mask), sharding)
+    clipped = grad_fn(params0, *args)
+    res["batch_size"][path] = clipped.batch_size
+    save(f"normaliser_jit/{path}", update(clipped, tx.init(params0), params0)[0])
+  return res
 
 
 def section_accumulate():
@@ -1031,6 +1050,22 @@ def test_point7_sharded_batch_size_is_global_and_default_normaliser_matches_1_de
                       _leaves(arrays, "normaliser/sum1", names), names)
   _assert_same_params(_leaves(arrays, "normaliser/8", names),
                       _leaves(arrays, "normaliser/1", names), names)
+
+
+def test_point7_jit_sharded_clipped_grads_batch_size_is_global(results):
+  """The one-device clipped_grads under jax.jit on a batch split over the 8
+  devices (Auto and explicit sharding) reports batch_size = the global 16
+  rows, as on one device, and dp_aggregate without expected_batch_size then
+  gives the 1-device update (tolerance as in the sharded_clipped_grads test
+  above). The per-device size (2) would make the update 8x too large: the
+  other jit-sharded tests pass expected_batch_size and cannot see it."""
+  norm, arrays = _section(results, "normaliser_jit")
+  names = norm["leaf_names"]
+  assert norm["rows"] == 16
+  assert norm["batch_size"] == {"1": 16, "jit8": 16, "explicit8": 16}, norm["batch_size"]
+  for path in ("jit8", "explicit8"):
+    _assert_same_params(_leaves(arrays, f"normaliser_jit/{path}", names),
+                        _leaves(arrays, "normaliser_jit/1", names), names)
 
 
 # ---------------------------------------------------------------- point 8
