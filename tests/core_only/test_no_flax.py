@@ -227,8 +227,8 @@ def test_private_training_with_a_poisson_sampler_and_a_budget():
   grad_fn = optax_dp.clipped_grads(loss_fn, l2_norm_clip=clip)
 
   @jax.jit
-  def train_step(params, opt_state, batch, mask):
-    grads = grad_fn(params, batch, mask)
+  def train_step(params, opt_state, rows):
+    grads = grad_fn(params, rows)   # rows: gather_batch's MaskedBatch (rows and mask together)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, updates, grads
 
@@ -238,8 +238,8 @@ def test_private_training_with_a_poisson_sampler_and_a_budget():
   num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
   noise_parts = []
   for batch in sampler.batches(0, steps=budget.max_steps):
-    params, opt_state, updates, grads = train_step(
-        params, opt_state, optax_dp.gather_batch(data, batch), batch.mask)
+    params, opt_state, updates, grads = train_step(params, opt_state,
+                                                   optax_dp.gather_batch(data, batch))
     # update = -lr * (clipped sum + N(0, (sigma C)^2)) / expected_batch_size
     updates, clipped_sum = jax.device_get((updates, grads.clipped_sum))
     noise_parts.extend(np.ravel(-u * expected_batch_size / lr - s) for u, s in
