@@ -27,7 +27,8 @@ compositions of the Poisson-subsampled Gaussian mechanism
 (`jax_privacy.experimental.accounting.amplified_bandmf_event`). The strategy
 is built for a fixed number of steps: a step past it is refused.
 
-jax-privacy is an optional dependency (`pip install optax-dp[bandmf]`),
+jax-privacy is an optional dependency (`pip install 'jax-privacy>=2.0'`, or
+`pip install -e '.[bandmf]'` from a clone),
 imported only when a BandMF strategy is built.
 
 References:
@@ -58,7 +59,7 @@ def _jax_privacy(what: str):
   except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         f"{what} needs jax-privacy (its matrix-factorisation strategies): "
-        "pip install 'optax-dp[bandmf]'.") from e
+        "pip install 'jax-privacy>=2.0' (from a clone: pip install -e '.[bandmf]').") from e
   return banded, toeplitz
 
 

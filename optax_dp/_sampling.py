@@ -297,7 +297,7 @@ class CyclicPoissonSampler(PoissonSampler):
       from jax_privacy.experimental import accounting  # pylint: disable=g-import-not-at-top
     except ImportError as e:  # pragma: no cover - exercised only without the extra
       raise ImportError("CyclicPoissonSampler's accounting needs jax-privacy: "
-                        "pip install 'optax-dp[bandmf]'.") from e
+                        "pip install 'jax-privacy>=2.0' (from a clone: pip install -e '.[bandmf]').") from e
     return accounting.amplified_bandmf_event(
         noise_multiplier, steps, num_bands=self.bands,
         sampling_prob=self.sampling_probability)

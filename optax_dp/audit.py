@@ -132,7 +132,7 @@ def _auditor(in_scores, out_scores):
   except ImportError:
     raise ImportError(
         "optax_dp.audit needs jax-privacy for the one-run statistics "
-        "(pip install 'optax_dp[audit]' or 'jax-privacy>=2.0').") from None
+        "(pip install 'jax-privacy>=2.0'; from a clone: pip install -e '.[audit]').") from None
   return auditing.CanaryScoreAuditor(in_scores, out_scores), auditing.Explicit
 
 
@@ -153,7 +153,7 @@ def audit_transformation(
   """Audits a DP aggregation transformation with gradient canaries, in one run.
 
   See the module docstring for the method, what it detects and what it
-  cannot. Needs jax-privacy (`pip install 'optax_dp[audit]'`).
+  cannot. Needs jax-privacy (`pip install 'jax-privacy>=2.0'`).
 
   Privacy contract: what is audited is the per-step mechanism for one example
   (clip, noise, normalise, fresh noise at every step) against
