@@ -30,29 +30,33 @@ class BatchGradFn(Protocol[_Out]):
 
   `params` is the parameters' pytree or a Flax NNX module (typed Any: a
   pytree is any registered structure); `batch` is a pytree whose leaves share
-  a leading batch axis `B`; `mask`
-  (shape `(B,)`, bool or 0/1, default all True) marks the real examples,
-  False for padding. The result type `_Out` depends on the builder (per-example
+  a leading batch axis `B`, or `gather_batch`'s `MaskedBatch` (rows and mask
+  together); `mask` (shape `(B,)`, bool or 0/1, default all True) marks the
+  real examples, False for padding (and-ed with a `MaskedBatch`'s own). `rngs`:
+  for a Flax NNX model whose loss takes random streams at call time,
+  `loss_fn(model, batch, rngs)`: an `nnx.Rngs`, each example gets its own
+  streams from it. The result type `_Out` depends on the builder (per-example
   gradients, a `ClippedGrads`, or `(values, ...)` for the `value_and_` forms).
   """
 
-  def __call__(self, params: Any, batch: Any, mask: Optional[chex.Array] = None) -> _Out:
+  def __call__(self, params: Any, batch: Any, mask: Optional[chex.Array] = None, *,
+               rngs: Any = None) -> _Out:
     ...
 
 
 class ClippedGradFn(Protocol[_Out]):
   """What the clipped-gradient builders return (`clipped_grads`,
   `value_and_clipped_grads` and their `sharded_` forms):
-  `fn(params, batch, mask=None, *, l2_norm_clip=None)`.
+  `fn(params, batch, mask=None, *, l2_norm_clip=None, rngs=None)`.
 
-  `params`, `batch` and `mask` as for `BatchGradFn` (`params` a pytree of
+  `params`, `batch`, `mask` and `rngs` as for `BatchGradFn` (`params` a pytree of
   parameters or a Flax NNX module). `l2_norm_clip`: for an
   `optax_dp.AdaptiveClip`, the current clip norm
   (`optax_dp.l2_norm_clip_of(opt_state)`); None for a fixed clip.
   """
 
   def __call__(self, params: Any, batch: Any, mask: Optional[chex.Array] = None, *,
-               l2_norm_clip: Optional[Any] = None) -> _Out:
+               l2_norm_clip: Optional[Any] = None, rngs: Any = None) -> _Out:
     ...
 
 

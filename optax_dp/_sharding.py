@@ -234,7 +234,10 @@ def sharded_per_example_grads(
           loss_fn, has_aux=has_aux, microbatch_size=microbatch_size),
       _devices.BatchRoute(mesh, (axis_name,)))
 
-  def fn(params, batch, mask=None):
+  def fn(params, batch, mask=None, *, rngs=None):
+    if rngs is not None:
+      raise ValueError("sharded_per_example_grads takes no rngs= (plain pytree params); "
+                       "for a Flax NNX model use sharded_clipped_grads.")
     batch, mask = _per_example.unmask(batch, mask)
     _check_divisible(batch, mesh, axis_name, "sharded_per_example_grads")
     return on_devices(params, batch, mask)
