@@ -16,6 +16,14 @@ One command regenerates them all (matplotlib, no training, no benchmark run):
   framework's non-private step, optax_dp and its peers, from
   benchmarks/results/*.json (through benchmarks/readme_tables.py, which
   prints the same figures as the README's tables).
+
+Sizes: every figure is at most FIGURE_WIDTH_IN wide, the docs site's column
+at a desktop width (1280 px: 688 CSS px, 7.2 in at 96 px an inch), and no text
+in it is smaller than MIN_FONT_PT, so shown at the column's width (or wider,
+as on GitHub) its labels are at least MIN_FONT_PT points. The PNGs are saved
+at DPI dots an inch, sharp on high-density screens. `_save` refuses a figure
+that breaks either rule; tests/test_docs.py checks the displayed size in
+Chromium.
 """
 
 from __future__ import annotations
@@ -27,18 +35,43 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIGURES = os.path.join(ROOT, "docs", "figures")
 TUTORIAL_RUN = os.path.join(HERE, "results", "full_runs", "mnist_linen_eps1_seed0.json")
+FIGURE_WIDTH_IN = 7.0   # at most the docs column's 7.2 in
+MIN_FONT_PT = 10.0
+DPI = 200
 
 
 def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt.rcParams.update({"font.size": MIN_FONT_PT, "axes.titlesize": 11,
+                       "figure.titlesize": 11, "legend.fontsize": MIN_FONT_PT})
   return plt
+
+
+def _wrap(text: str, width: int = 72) -> str:
+  """`text` in lines of at most `width` characters (a title that fits)."""
+  return "\n".join(textwrap.wrap(text, width))
+
+
+def _save(fig, path: str) -> None:
+  """Saves `fig` at DPI after checking its width and every text's size."""
+  import matplotlib.text  # pylint: disable=import-outside-toplevel
+  width = fig.get_size_inches()[0]
+  if width > FIGURE_WIDTH_IN + 1e-9:
+    raise ValueError(f"{path}: the figure is {width} in wide, more than {FIGURE_WIDTH_IN}")
+  small = sorted({(t.get_text(), t.get_fontsize()) for t in fig.findobj(matplotlib.text.Text)
+                  if t.get_visible() and t.get_text().strip()
+                  and t.get_fontsize() < MIN_FONT_PT})
+  if small:
+    raise ValueError(f"{path}: text smaller than {MIN_FONT_PT} pt: {small}")
+  fig.savefig(path, dpi=DPI)
 
 
 def load_records(results_dir: str) -> dict[str, list[dict]]:
@@ -95,7 +128,7 @@ def plot(summaries: dict[str, dict], png: str) -> None:
   # One epsilon axis from 0 for every panel: a panel whose points all sit
   # near one epsilon would otherwise zoom into its digits (an offset axis).
   max_epsilon = max(s["epsilon"] for s in summaries.values())
-  fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+  fig, axes = plt.subplots(1, len(datasets), figsize=(FIGURE_WIDTH_IN, 4.2), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
     for (d, model), points in sorted(series.items()):
       if d != dataset:
@@ -106,13 +139,15 @@ def plot(summaries: dict[str, dict], png: str) -> None:
                   label=model)
     ax.set_xlim(0, 1.1 * max_epsilon)
     ax.ticklabel_format(useOffset=False)
-    ax.set_xlabel("epsilon (delta 1e-5, Poisson sampling, PLD)")
-    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_xlabel("epsilon")
     ax.set_title(dataset)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
+  axes[0][0].set_ylabel("test accuracy (%)")
+  fig.suptitle(_wrap("Test accuracy (mean ± std over seeds) against epsilon (delta 1e-5, "
+                     "Poisson sampling, PLD accountant)"))
   fig.tight_layout()
-  fig.savefig(png, dpi=120)
+  _save(fig, png)
   plt.close(fig)
 
 
@@ -127,20 +162,19 @@ def plot_run(record: dict, path: str) -> None:
     raise ValueError("the record has no history (one entry per evaluation) to plot")
   plt = _pyplot()
   steps = [h["step"] for h in history]
-  fig, (acc_ax, eps_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, (acc_ax, eps_ax) = plt.subplots(2, 1, figsize=(FIGURE_WIDTH_IN, 5.6), sharex=True)
   split = record.get("evaluated_on") or "test"
   acc_ax.plot(steps, [100 * h["eval_accuracy"] for h in history], marker="o", ms=3,
               label=f"{split} accuracy")
   acc_ax.plot(steps, [100 * h["train_accuracy"] for h in history], ls="--",
               label="train accuracy (mean since the last evaluation)")
-  acc_ax.set_xlabel("step")
   acc_ax.set_ylabel("accuracy (%)")
   acc_ax.grid(alpha=0.3)
   acc_ax.legend(loc="lower right")
   epsilons = [h["epsilon"] for h in history]
   if all(e is not None for e in epsilons):
     eps_ax.plot(steps, epsilons, color="tab:red", marker="o", ms=3)
-    eps_ax.set_ylabel(f"epsilon spent (delta {record.get('delta')})")
+    eps_ax.set_ylabel(f"epsilon spent\n(delta {record.get('delta')})")
     eps_ax.set_ylim(0, 1.05 * max(epsilons))
   else:
     eps_ax.text(0.5, 0.5, "not private (--no-dp)", ha="center", transform=eps_ax.transAxes)
@@ -152,9 +186,9 @@ def plot_run(record: dict, path: str) -> None:
   if record.get("epsilon") is not None:
     title += (f", epsilon {record['epsilon']:.4g} ({record.get('sampler')} sampling, "
               f"{record.get('accountant')}, noise multiplier {record.get('noise_multiplier'):.3g})")
-  fig.suptitle(title, fontsize=10)
+  fig.suptitle(_wrap(title))
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -169,20 +203,40 @@ ROW_LABELS = {"optax_dp_auto": "optax_dp auto (Linen)", "nnx_optax_dp_auto": "op
               "optax_contrib": "optax.contrib dpsgd", "jax_privacy": "jax_privacy 2 clipped_grad"}
 
 
-def _bars(ax, groups: list[str], series: dict[str, dict[str, float]], ylabel: str) -> None:
-  """Grouped bars: one group per model, one bar per series, labelled with its value."""
-  width = 0.8 / max(len(series), 1)
-  for k, (label, values) in enumerate(series.items()):
-    xs = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
-    heights = [values.get(group, float("nan")) for group in groups]
-    bars = ax.bar(xs, heights, width, label=label)
-    ax.bar_label(bars, labels=["" if h != h else f"{h:.2f}" for h in heights],
-                 fontsize=6.5, padding=1)
-  ax.axhline(1.0, color="black", lw=0.8)
-  ax.set_xticks(range(len(groups)), groups, fontsize=8)
-  ax.set_ylabel(ylabel)
-  ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=8)
+def _bars(ax, groups: list[str], series: dict[str, dict[str, float]], xlabel: str) -> None:
+  """Horizontal bars, top to bottom: one block per group (its name above it),
+  one bar per series that has a value there, named on the left and labelled
+  with its value at its end; a line at 1 (the non-private reference)."""
+  colors = {label: f"C{k}" for k, label in enumerate(series)}
+  y, ticks, names = 0.0, [], []
+  for group in groups:
+    ax.text(0.005, y - 0.1, group, transform=ax.get_yaxis_transform(), ha="left",
+            va="bottom", fontweight="bold", zorder=5,
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+    y += 0.55
+    for label, values in series.items():
+      value = values.get(group, float("nan"))
+      if value != value:
+        continue
+      bar = ax.barh(y, value, height=0.75, color=colors[label])
+      for text in ax.bar_label(bar, labels=[f"{value:.2f}"], padding=3):
+        text.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+      ticks.append(y)
+      names.append(label)
+      y += 1.0
+    y += 0.65
+  ax.set_yticks(ticks, names)
+  ax.set_ylim(y - 0.4, -0.9)
+  ax.axvline(1.0, color="black", lw=0.8, zorder=0.5)
+  ax.set_xlabel(xlabel)
+  ax.grid(axis="x", alpha=0.3)
+
+
+def _bar_height(groups: list[str], series: dict[str, dict[str, float]]) -> float:
+  """Inches of figure for the bars of `_bars` (plus title and axis)."""
+  bars = sum(1 for values in series.values() for group in groups
+             if values.get(group, float("nan")) == values.get(group, float("nan")))
+  return 1.6 + 0.27 * bars + 0.33 * len(groups)
 
 
 def plot_step_time(path: str) -> None:
@@ -195,15 +249,16 @@ def plot_step_time(path: str) -> None:
     series[ROW_LABELS[r["row"]]][r["model"]] = r["stats"]["ratio_of_mins"]
   series = {label: series[label] for label in ROW_LABELS.values() if label in series}
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(12.5, 4.4))
-  _bars(ax, models, series, "step time / non-private step\n(min over interleaved rounds)")
-  ax.set_yscale("log")
+  fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, _bar_height(models, series)))
+  _bars(ax, models, series, "step time / non-private step (min over interleaved rounds; log)")
+  ax.set_xscale("log")
+  ax.set_xlim(right=ax.get_xlim()[1] * 2.5)   # room for the largest bar's label
   loads = sorted({r["result"]["load"]["before"] for r in ratios if r["result"].get("load")})
-  ax.set_title("One private training step against the same framework's non-private step "
-               f"(2-core CPU, 1-min load before each run {loads[0]:.2f}-{loads[-1]:.2f}; lower is better)",
-               fontsize=9)
+  fig.suptitle(_wrap("One private training step against the same framework's non-private "
+                     f"step (2-core CPU, 1-min load before each run {loads[0]:.2f}-"
+                     f"{loads[-1]:.2f}; lower is better)"))
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  _save(fig, path)
   plt.close(fig)
 
 
@@ -217,14 +272,16 @@ def plot_peak_memory(path: str) -> None:
     series[ROW_LABELS[m["row"]]][f"{m['model']}, B={m['batch_size']}"] = m["ratio"]
   series = {label: series[label] for label in ROW_LABELS.values() if label in series}
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(12.5, 4.4))
-  _bars(ax, groups, series, "peak memory / non-private\n(max RSS of the process)")
-  fig.text(0.01, 0.01, "Peers (optax.contrib, jax_privacy) measured for the CNN only; jax_privacy at "
-           "B=2048 not run (estimated >= 6.3 GiB).", fontsize=7)
-  ax.set_title("Peak memory of a private training step against the non-private one "
-               "(one process per row; lower is better)", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, _bar_height(groups, series) + 0.5))
+  _bars(ax, groups, series, "peak memory / non-private (max RSS of the process)")
+  ax.set_xlim(0, ax.get_xlim()[1] * 1.12)   # room for the largest bar's label
+  fig.suptitle(_wrap("Peak memory of a private training step against the non-private one "
+                     "(one process per row; lower is better)"))
+  fig.tight_layout(rect=(0, 0.045, 1, 1))
+  fig.text(0.01, 0.01, _wrap("Peers (optax.contrib, jax_privacy) measured for the CNN only; "
+                             "jax_privacy at B=2048 not run (estimated >= 6.3 GiB).", 80),
+           va="bottom")
+  _save(fig, path)
   plt.close(fig)
 
 

@@ -277,8 +277,33 @@ def _status(url):
     return error.code
 
 
+def _plot_results():
+  """examples/plot_results.py (its MIN_FONT_PT: no text of a figure is smaller)."""
+  spec = importlib.util.spec_from_file_location(
+      "plot_results_for_docs", ROOT / "examples" / "plot_results.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _png_dpi(path):
+  """The dots per inch a PNG file records (its pHYs chunk, in dots a metre)."""
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+  position = 8
+  while position < len(data):
+    length = int.from_bytes(data[position:position + 4], "big")
+    kind = data[position + 4:position + 8]
+    if kind == b"pHYs":
+      body = data[position + 8:position + 8 + length]
+      assert body[8] == 1, f"{path}: pHYs not in dots a metre"
+      return int.from_bytes(body[:4], "big") * 0.0254
+    position += 12 + length
+  raise AssertionError(f"{path} records no resolution (pHYs)")
+
+
 @pytest.mark.parametrize("name", list(BROWSER_PAGES))
-def test_page_renders_in_headless_chromium(name, browser, served_site, screenshot_dir):
+def test_page_renders_in_headless_chromium(name, browser, site, served_site, screenshot_dir):
   url = served_site + BROWSER_PAGES[name]
   browser.get_log("browser")  # drop what earlier pages logged
   browser.get(url)
@@ -306,6 +331,16 @@ def test_page_renders_in_headless_chromium(name, browser, served_site, screensho
                                    "'button[data-md-type=\"copy\"], button.md-clipboard')"
                                    ".length > 0;"):
     problems.append(f"{code_blocks} code blocks but no copy button")
+
+  # Figures (examples/plot_results.py): their smallest text, at the size the
+  # page shows them, is at least 10 points (96 CSS px an inch).
+  for src, shown, natural in browser.execute_script(
+      "return Array.from(document.images).filter(i => i.src.includes('/figures/'))"
+      ".map(i => [i.src, i.clientWidth, i.naturalWidth]);"):
+    path = site / urllib.parse.unquote(urllib.parse.urlsplit(src).path).lstrip("/")
+    points = _plot_results().MIN_FONT_PT * _png_dpi(path) * shown / (96 * natural)
+    if points < 10 - 0.05:
+      problems.append(f"figure {src}: its smallest text shows at {points:.1f} pt (< 10)")
 
   _full_page_screenshot(browser, screenshot_dir / f"{name}.png")
 

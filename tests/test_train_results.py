@@ -146,6 +146,25 @@ def test_every_committed_figure_regenerates_from_the_committed_json(tmp_path):
     assert _is_png(tmp_path / name), name
 
 
+def test_figures_are_readable_at_the_docs_column_width(tmp_path):
+  # Issue 31 (point 10): the bar labels were 6.5 pt on a 12.5 in figure,
+  # about 6 px where the docs column shows it. Every figure is at most
+  # FIGURE_WIDTH_IN wide (the column's width) with no text under
+  # MIN_FONT_PT; tests/test_docs.py measures them on the built site.
+  import plot_results  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("matplotlib")
+  assert plot_results.MIN_FONT_PT >= 10 and plot_results.FIGURE_WIDTH_IN <= 7.2
+  plt = plot_results._pyplot()  # pylint: disable=protected-access
+  fig, ax = plt.subplots(figsize=(plot_results.FIGURE_WIDTH_IN, 3))
+  ax.text(0.5, 0.5, "a 6.5 pt label", fontsize=6.5)
+  with pytest.raises(ValueError, match="smaller than 10"):
+    plot_results._save(fig, str(tmp_path / "small.png"))  # pylint: disable=protected-access
+  fig.set_size_inches(12.5, 3)
+  with pytest.raises(ValueError, match="wide"):
+    plot_results._save(fig, str(tmp_path / "wide.png"))  # pylint: disable=protected-access
+  plt.close(fig)
+
+
 RESULTS = os.path.join(example_runs.EXAMPLES, "results")
 
 
