@@ -407,7 +407,9 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
   Privacy contract: each example (row) contributes at most `l2_norm_clip` in
   L2 norm over all leaves together (`sqrt(sum_g C_g^2)` for groups): the
   sensitivity `dp_aggregate`'s noise is calibrated to. Nothing here is
-  private yet: the sum is unnoised.
+  private yet: the sum is unnoised. An all-zero row (a padding row, zeroed by
+  `per_example_grads`' mask) is no example: it adds nothing to the sum nor,
+  for an adaptive clip, to the unclipped count.
 
   References:
     Abadi et al. 2016, "Deep Learning with Differential Privacy",
@@ -422,8 +424,16 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
   clip = _clip_norms.as_clip_norm(l2_norm_clip)
   batch_size = batch_size_of(per_example_grads)
   norms, clip_norm = clip_norms_now(clip, current_l2_norm_clip)
-  rows = clip_rows(per_leaf_sq_norms(per_example_grads),
-                   _clip_norms.leaf_groups(clip, per_example_grads), norms)
+  leaf_sq = per_leaf_sq_norms(per_example_grads)
+  # Per-example gradients carry no mask: a padding row arrives as zeros (the
+  # mask of per_example_grads). It adds nothing to the sum, and it must add
+  # nothing to the adaptive count either (the number of padding rows depends
+  # on the realised batch size), so an all-zero row is not an example here.
+  # A real example with an exactly zero gradient then counts 0, not +1/2:
+  # one example still moves the count by at most 1/2.
+  nonzero = sum(leaf_sq) != 0
+  rows = clip_rows(leaf_sq, _clip_norms.leaf_groups(clip, per_example_grads), norms,
+                   nonzero)
   return ClippedGrads(
       clipped_sum=clipped_sum(per_example_grads, rows.factors),
       nonfinite_examples=rows.nonfinite_examples, l2_norm_clip=clip,

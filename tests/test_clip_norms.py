@@ -288,7 +288,8 @@ def test_adaptive_noise_split_and_count_noise_are_what_run():
   tx = optax_dp.dp_aggregate(clip, z, key=3, expected_batch_size=m)
   d, steps = 20000, 400
   params = {"w": jnp.zeros(d)}
-  zeros = {"w": jnp.zeros((2, d))}   # 2 examples of norm 0: unclipped, count +1
+  # 2 examples of norm 1e-3, cancelling: unclipped (count +1), sum exactly 0.
+  zeros = {"w": jnp.zeros((2, d)).at[0, 0].set(1e-3).at[1, 0].set(-1e-3)}
   state = tx.init(params)
   out, state1 = jax.jit(tx.update)(zeros, state, params)
   noise = np.asarray(out["w"], np.float64) * m / (sigma * c0)
@@ -368,7 +369,10 @@ def test_adaptive_gradient_and_count_noise_at_a_small_count_noise_stddev(count_s
                                count_noise_stddev=count_std)
   tx = optax_dp.dp_aggregate(clip, z, key=23, expected_batch_size=m)
   params = {"w": jnp.zeros(d)}
-  zeros = {"w": jnp.zeros((2, d))}   # count sum(1 - 1/2) = 1 exactly
+  # Two examples of norm 1e-3 (both unclipped: count sum(1 - 1/2) = 1
+  # exactly) whose gradients cancel, so the released sum is the noise alone.
+  # (Not zero rows: an all-zero per-example row is padding, no example.)
+  zeros = {"w": jnp.zeros((2, d)).at[0, 0].set(1e-3).at[1, 0].set(-1e-3)}
 
   @jax.jit
   def run(state):
@@ -545,3 +549,24 @@ def test_audit_stays_consistent_with_adaptive_and_group_clipping():
     assert report.steps == 400
     assert report.verdict == "consistent", report
     assert math.isfinite(report.epsilon_lower_bound)
+
+
+def test_adaptive_count_ignores_padding_rows_on_the_per_example_path():
+  """Per-example gradients carry no mask; their padding rows arrive zeroed.
+  Counted as unclipped examples (+1/2 each), their number (which depends on
+  the realised batch size) would move the count by 1 per example added or
+  removed, twice the sensitivity the noise is calibrated for. The
+  per-example path's count equals the fast path's (mask-aware) count."""
+  clip = optax_dp.AdaptiveClip(1.0)
+  loss = lambda w, x: jnp.mean(x @ w)
+  w = jnp.zeros(3)
+  x = jnp.array([[3.0, 0, 0], [0.1, 0, 0], [5.0, 0, 0], [7.0, 0, 0], [2.0, 0, 0]])
+  for real in (1, 3, 5):   # real rows first, the rest padding
+    mask = jnp.arange(5) < real
+    fast = optax_dp.clipped_grads(loss, clip)(w, x, mask, l2_norm_clip=1.0)
+    per_example = optax_dp.per_example_grads(loss)(w, x, mask)
+    slow = optax_dp.clip_and_sum(per_example, clip, current_l2_norm_clip=1.0)
+    # Real rows' norms 3, 0.1, 5, 7, 2 against C = 1: only the 0.1 is unclipped.
+    want = sum(0.5 if n <= 1.0 else -0.5 for n in [3.0, 0.1, 5.0, 7.0, 2.0][:real])
+    assert float(fast.unclipped_count) == want
+    assert float(slow.unclipped_count) == want
