@@ -297,6 +297,23 @@ def make_private_tx(args, budget, noise_key, optimizer, l2_norm_clip=None):
       optimizer)
 
 
+def batch_shapes(sampler, steps, accumulation_steps=1):
+  """The static sizes of the (physical) batches the train step of a run of
+  `steps` steps sees, smallest first, where the sampler pads to a few known
+  ones (a Poisson sampler's padding buckets); None otherwise."""
+  sizes = sampler.padding_sizes(steps) if hasattr(sampler, "padding_sizes") else None
+  if not sizes:
+    return None
+  k = accumulation_steps
+  if k == 1:
+    return tuple(sizes)
+  multiple = getattr(sampler, "pad_to_multiple_of", None)   # as the sampler splits them
+  physical = [math.ceil(size / k) for size in sizes]
+  if multiple:
+    physical = [-(-size // multiple) * multiple for size in physical]
+  return tuple(dict.fromkeys(physical))
+
+
 def _terminal_columns(stream):
   """The terminal's width, or 0 if it reports none (a pty of no size, a fake)."""
   try:
@@ -316,13 +333,18 @@ class Progress:
   With --quiet: neither. Either way it records the run's history, one dict
   per evaluation (`evaluated`), for the JSON record and --plot.
 
-  Make it just before the loop: the first step compiles the train step,
-  which it announces then; `step` says how long that took, and the bar
-  starts after it (its rate, and so its ETA, is the compiled step's).
+  Make it just before the loop, and tell it the size of each batch before
+  the train step runs on it (`batch`): a size it has not seen compiles the
+  train step again (a Poisson sampler pads its batches to a few static
+  sizes, `shapes`), which it announces ("Compiling the train step for batch
+  shape 320 (padding bucket 3 of 4) ...") and times. The bar starts after
+  the first compile, and the time of each later one is left out of its rate
+  and so of its ETA (and of the plain lines' time left): a new shape does
+  not make the estimate jump.
   """
 
   def __init__(self, args, *, total, evaluated_on="test", eval_size=None, stream=None,
-               plain_every=60.0):
+               plain_every=60.0, shapes=None):
     self.quiet = getattr(args, "quiet", False)
     self.total, self.eval_every = total, args.eval_every
     self.evaluated_on, self.eval_size = evaluated_on, eval_size
@@ -333,9 +355,45 @@ class Progress:
     self._tty = not self.quiet and self.stream.isatty()
     self._epsilon = None        # the text of the last evaluation's epsilon
     self._compiled = None       # (step, time) after the first step
+    self._shapes = tuple(shapes) if shapes else None   # the static sizes, if known
+    self._seen = set()          # the batch sizes the train step was compiled for
+    self._compiling = None      # (size, start time) of a compile not yet timed
+    self._excluded = 0.0        # seconds of compiles after the first step
     self._shown = self._last_line = time.time()
-    self.say("Compiling the train step (the first step) ...")
     self.start = time.time()
+
+  def batch(self, size):
+    """Before the train step runs on a batch of `size` rows (its static
+    size): announces the compile of a size not seen before."""
+    self._end_compile()
+    size = int(size)
+    if size in self._seen:
+      return
+    self._seen.add(size)
+    bucket = ""
+    if self._shapes and size in self._shapes:
+      bucket = (f" (padding bucket {self._shapes.index(size) + 1} of "
+                f"{len(self._shapes)})")
+    self.say(f"Compiling the train step for batch shape {size}{bucket} ...")
+    self._compiling = (size, time.time())
+
+  def _end_compile(self):
+    """Times the compile announced last, once the step that compiled ran;
+    one after the first step is left out of the rate and the time left."""
+    if self._compiling is None:
+      return
+    (size, started), now = self._compiling, time.time()
+    self._compiling = None
+    seconds = now - started
+    if self._compiled is None:
+      self.say(f"Train step compiled for batch shape {size} in {seconds:.1f} s.")
+      return
+    self._excluded += seconds
+    if self.bar is not None:   # tqdm's rate: from start_t and the last print
+      self.bar.start_t += seconds
+      self.bar.last_print_t += seconds
+    self.say(f"Train step compiled for batch shape {size} in {seconds:.1f} s "
+             "(left out of the time left).")
 
   def say(self, message):
     """Prints `message` (above the bar, if there is one), unless --quiet."""
@@ -353,7 +411,8 @@ class Progress:
   def _time_left(self, step):
     """", 12:34 left": the time to the last step at the rate since the compile
     (evaluations included); "" at the last step or before any rate."""
-    done, since = step - self._compiled[0], time.time() - self._compiled[1]
+    done = step - self._compiled[0]
+    since = time.time() - self._compiled[1] - self._excluded
     if done <= 0 or step >= self.total:
       return ""
     return f", {tqdm.tqdm.format_interval((self.total - step) * since / done)} left"
@@ -361,10 +420,10 @@ class Progress:
   def step(self, step, loss=None):
     """After each (logical) step; `loss`: its train loss (an array, or a callable
     returning one), read only when shown, so as not to wait for every step."""
+    self._end_compile()
     now = time.time()
     if self._compiled is None:
       self._compiled = (step, now)
-      self.say(f"Train step compiled in {now - self.start:.1f} s.")
       if self._tty and step < self.total:
         columns = _terminal_columns(self.stream)
         self.bar = tqdm.tqdm(total=self.total, initial=step, desc="train", unit="step",

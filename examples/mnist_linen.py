@@ -387,10 +387,12 @@ def main(argv=None):
   test_loss = test_acc = float("nan")
   steps_done = 0
   last_step = args.steps if args.stop_at is None else min(args.steps, args.stop_at)
-  progress = _cli_common.Progress(args, total=last_step, eval_size=len(data["test_images"]))
+  progress = _cli_common.Progress(args, total=last_step, eval_size=len(data["test_images"]),
+                                  shapes=_cli_common.batch_shapes(sampler, args.steps, k))
   for step in range(start_step + 1, last_step + 1):
     for _ in range(k):
       batch = next(batches)
+      progress.batch(len(batch.indices))   # announces a new shape's compile
       if mesh is None:
         images, labels = optax_dp.gather_batch((train_images, train_labels), batch).data
         mask = batch.mask

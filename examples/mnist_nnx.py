@@ -166,9 +166,11 @@ def main(argv=None):
   batches = sampler.batches(args.seed, steps=args.steps)
   test_loss = test_acc = float("nan")
   progress = _cli_common.Progress(args, total=args.steps,
-                                  eval_size=len(data["test_images"]))
+                                  eval_size=len(data["test_images"]),
+                                  shapes=_cli_common.batch_shapes(sampler, args.steps))
   for step in range(1, args.steps + 1):
     batch = next(batches)
+    progress.batch(len(batch.indices))   # announces a new shape's compile
     train_step(model, optimizer, metrics,
                optax_dp.gather_batch((train_images, train_labels), batch))
     progress.step(step, lambda: metrics.compute()["loss"])

@@ -235,9 +235,11 @@ def main(argv=None):
   train_losses, train_accs = [], []
   batches = sampler.batches(args.seed, steps=args.steps)
   progress = _cli_common.Progress(args, total=args.steps, evaluated_on=where,
-                                  eval_size=len(eval_images))
+                                  eval_size=len(eval_images),
+                                  shapes=_cli_common.batch_shapes(sampler, args.steps))
   for step in range(1, args.steps + 1):
     batch = next(batches)
+    progress.batch(len(batch.indices))   # announces a new shape's compile
     images, labels = optax_dp.gather_batch((train_images, train_labels), batch).data
     state, loss, acc = train_step(state, images, labels, batch.mask, step)
     train_losses.append(loss)

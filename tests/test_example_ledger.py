@@ -60,9 +60,10 @@ def test_piped_run_prints_plain_lines_and_records_its_history(straight):
   assert said[0].startswith("Loading MNIST from ")
   assert said[1:5] == ["Building the CNN ...",
                        "Calibrating the noise multiplier for 4 steps at epsilon 1, delta 1e-05 ...",
-                       "Compiling the train step (the first step) ...",
+                       # its 4 batches all have the second of the 4 padding sizes:
+                       "Compiling the train step for batch shape 64 (padding bucket 2 of 4) ...",
                        "Evaluating on the test set (10000 examples) every 2 steps ..."]
-  assert "Train step compiled in " in stdout
+  assert "Train step compiled for batch shape 64 in " in stdout
   lines = [line for line in stdout.splitlines() if line.startswith("step ")]
   assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
   # The history: one entry per evaluation, epsilon growing to the record's.

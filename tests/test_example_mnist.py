@@ -3,8 +3,10 @@
 import argparse
 import hashlib
 import io
+import math
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -181,6 +183,7 @@ def _drive(stream, quiet=False, plain_every=60.0):
   progress = _cli_common.Progress(args, total=6, eval_size=100, stream=stream,
                                   plain_every=plain_every)
   for step in range(1, 7):
+    progress.batch(64)
     progress.step(step, 1.0 / step)
     if step % 3 == 0:
       progress.evaluating()
@@ -199,7 +202,8 @@ def test_progress_bar_on_a_terminal_plain_lines_elsewhere_nothing_when_quiet():
     assert set(progress.history[0]) == {"step", "train_loss", "train_accuracy", "eval_loss",
                                         "eval_accuracy", "epsilon", "seconds"}
   for text in (terminal.getvalue(), pipe.getvalue()):
-    assert "Compiling the train step" in text and "Train step compiled in" in text
+    assert text.count("Compiling the train step for batch shape 64 ...") == 1
+    assert "Train step compiled for batch shape 64 in" in text
     assert "Evaluating on the test set (100 examples) every 3 steps" in text
     assert "step     6/6  train loss 0.1667 acc 0.5000  test loss 0.1667 acc 0.6000  " \
            "epsilon 0.6" in text
@@ -207,6 +211,72 @@ def test_progress_bar_on_a_terminal_plain_lines_elsewhere_nothing_when_quiet():
   assert "\r" not in pipe.getvalue() and "%|" not in pipe.getvalue()
   assert "step     2/6  loss 0.5000" in pipe.getvalue()   # a progress line between evaluations
   assert quiet.getvalue() == ""
+
+
+def test_each_new_batch_shape_is_announced_once_and_its_compile_kept_out_of_the_eta():
+  # Issue 31 (point 11): a Poisson run's second padding size compiled the
+  # train step again unannounced, and the bar's ETA jumped (2/200
+  # [00:06<21:25]). Each new size is announced once, with its padding
+  # bucket, and its compile's time is left out of the bar's rate.
+  terminal, pipe, quiet = _Terminal(), io.StringIO(), io.StringIO()
+  compile_seconds = 0.3
+  for stream in (terminal, pipe, quiet):
+    args = argparse.Namespace(quiet=stream is quiet, eval_every=100)
+    progress = _cli_common.Progress(args, total=6, stream=stream, plain_every=0.0,
+                                    shapes=(32, 64, 80))
+    seen = set()
+    for step, size in enumerate([64, 64, 32, 64, 80, 32], start=1):
+      progress.batch(size)
+      time.sleep(compile_seconds if size not in seen else 0.01)   # a compile, or a step
+      seen.add(size)
+      progress.step(step, 1.0)
+    if stream is terminal:
+      # The bar started after the first compile; the two later ones (1 s)
+      # are not in its elapsed time, from which its rate and ETA come.
+      assert progress.bar.format_dict["elapsed"] < 2 * compile_seconds - 0.2
+    assert progress._excluded >= 2 * compile_seconds  # pylint: disable=protected-access
+    progress.close()
+  for text in (terminal.getvalue(), pipe.getvalue()):
+    announced = [line for line in text.splitlines() if line.startswith("Compiling")]
+    assert announced == [
+        "Compiling the train step for batch shape 64 (padding bucket 2 of 3) ...",
+        "Compiling the train step for batch shape 32 (padding bucket 1 of 3) ...",
+        "Compiling the train step for batch shape 80 (padding bucket 3 of 3) ..."]
+    assert text.count("Train step compiled for batch shape") == 3
+    assert text.count("(left out of the time left)") == 2
+  assert quiet.getvalue() == ""
+
+
+def test_batch_shapes_are_the_physical_padding_sizes():
+  sampler = optax_dp.PoissonSampler(60000, 32, pad_to_multiple_of=32)
+  assert _cli_common.batch_shapes(sampler, 3) == sampler.padding_sizes(3)
+  # With accumulation, each logical size splits into k physical batches,
+  # rounded up to the multiple.
+  sizes = sampler.padding_sizes(3)
+  assert _cli_common.batch_shapes(sampler, 3, 2) == tuple(dict.fromkeys(
+      32 * math.ceil(math.ceil(size / 2) / 32) for size in sizes))
+  assert _cli_common.batch_shapes(optax_dp.make_sampler(
+      "fixed", dataset_size=60000, batch_size=64), 3) is None
+
+
+@pytest.mark.slow
+def test_a_run_announces_the_compile_of_each_new_padding_size(tmp_path):
+  # 3 steps at batch 32 draw batches of two of the three padding sizes
+  # (the sampler's, recomputed here); the run says so before each compile.
+  steps, batch_size = 3, 32
+  sampler = optax_dp.PoissonSampler(
+      60000, batch_size, optax_dp.poisson_max_batch_size(60000, batch_size, steps),
+      pad_to_multiple_of=32)
+  buckets = sampler.padding_sizes(steps)
+  sizes = list(dict.fromkeys(len(b.indices) for b in sampler.batches(0, steps=steps)))
+  assert len(sizes) >= 2
+  _, stdout = _run(tmp_path, "--steps", str(steps), "--batch-size", str(batch_size),
+                   "--eval-every", str(steps), "--accountant", "rdp")
+  announced = [line for line in stdout.splitlines() if line.startswith("Compiling the train")]
+  assert announced == [
+      f"Compiling the train step for batch shape {size} (padding bucket "
+      f"{buckets.index(size) + 1} of {len(buckets)}) ..." for size in sizes]
+  assert stdout.count("Train step compiled for batch shape") == len(sizes)
 
 
 def test_format_epsilon_keeps_significant_digits():
