@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -431,7 +432,11 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
   # on the realised batch size), so an all-zero row is not an example here.
   # A real example with an exactly zero gradient then counts 0, not +1/2:
   # one example still moves the count by at most 1/2.
-  nonzero = sum(leaf_sq) != 0
+  # (Exactly zero entries, not a zero squared norm, which underflows for a
+  # real gradient of ~1e-23.)
+  nonzero = functools.reduce(jnp.logical_or, [
+      jnp.any(g != 0, axis=tuple(range(1, g.ndim)))
+      for g in jax.tree.leaves(per_example_grads)])
   rows = clip_rows(leaf_sq, _clip_norms.leaf_groups(clip, per_example_grads), norms,
                    nonzero)
   return ClippedGrads(

@@ -109,7 +109,7 @@ def test_tfds_path_without_tensorflow_datasets_is_a_clear_error(monkeypatch):
   # The optional tfds extra is not installed in CI: the example must say how to
   # get it instead of crashing, and the default (--data idx) needs neither.
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
-  with pytest.raises(SystemExit, match=r"optax_dp\[tfds\]"):
+  with pytest.raises(SystemExit, match=r"pip install -e '\.\[tfds\]'"):
     mnist_data.load_mnist_tfds()
 
 
