@@ -164,7 +164,7 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
     unclipped = ()
     if current is not None:   # every physical batch clipped with the state's norm
       _checks.raise_if(
-          updates.clip_norm != current, _aggregate.AdaptiveClipMismatchError,
+          updates.clip_norm != current, _checks.AdaptiveClipMismatchError,
           "dp_accumulate: a physical batch was clipped with another clip norm than "
           "the adaptive one of the optimizer state. Pass "
           "l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state) every step.")

@@ -7,50 +7,24 @@ constant: the Gaussian mechanism at the heart of DP-SGD (Abadi et al. 2016,
 
 from __future__ import annotations
 
-import typing
 from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_dp import _checks
 from optax_dp import _clip_norms
+from optax_dp import _clip_policy
 from optax_dp import _clipping
 from optax_dp import _composition
-from optax_dp import _correlated
 from optax_dp import _keys
-
-
-class PrivacyBudgetExceededError(RuntimeError):
-  """A noisy update past the budget's `max_steps` was refused."""
-
-
-@typing.runtime_checkable
-class _Budget(typing.Protocol):
-  """What dp_aggregate reads of an `optax_dp.PrivacyBudget` (defined above
-  this module, in the lifecycle layer, which imports this one). Read-only
-  properties: a frozen dataclass's fields are read-only, and a type checker
-  refuses it for a protocol whose attributes are writable."""
-
-  @property
-  def noise_multiplier(self) -> float: ...
-
-  @property
-  def target_delta(self) -> float: ...
-
-  @property
-  def max_steps(self) -> int: ...
-
-  @property
-  def sampler(self) -> Any: ...
-
-  def epsilon(self, steps: Optional[int] = None) -> float: ...
-
-
-class NoiseReplayError(RuntimeError):
-  """The optimizer state's noise key does not belong to this run at its step."""
+from optax_dp import _noise
+from optax_dp import _release
+from optax_dp._checks import AdaptiveClipMismatchError  # re-exported
+from optax_dp._checks import NoiseReplayError  # re-exported
+from optax_dp._checks import PrivacyBudgetExceededError  # re-exported
+from optax_dp._release import Budget as _Budget
 
 
 class DPAggregateState(NamedTuple):
@@ -82,11 +56,6 @@ class DPAggregateState(NamedTuple):
   nonfinite_examples: jax.Array
   noise_state: Any = ()
   clip_norm: Any = ()
-
-
-class AdaptiveClipMismatchError(ValueError):
-  """A clipped sum made with another clip norm than the adaptive one of the
-  optimizer state it updates."""
 
 
 def adaptive_clip_norm(opt_state: Any) -> Any:
@@ -134,132 +103,6 @@ def l2_norm_clip_of(opt_state: Any) -> Any:
         "not an adaptive one (optax_dp.AdaptiveClip); its gradient function "
         "takes no l2_norm_clip= at call time.")
   return clip
-
-
-def _resolve_budget(noise_multiplier, expected_batch_size, budget, allow_budget_overrun):
-  """(noise_multiplier, expected_batch_size, max_steps or None) from the args."""
-  if not isinstance(allow_budget_overrun, bool):
-    raise ValueError(f"allow_budget_overrun must be a bool, got {allow_budget_overrun!r}.")
-  if budget is None:
-    if allow_budget_overrun:
-      raise ValueError("allow_budget_overrun=True needs a budget= to overrun.")
-    if noise_multiplier is None:
-      raise ValueError(
-          "dp_aggregate needs noise_multiplier= (or budget=optax_dp.privacy_budget"
-          "(...), which calibrates it from a target epsilon).")
-    return noise_multiplier, expected_batch_size, None
-  if not isinstance(budget, _Budget):
-    raise ValueError(
-        f"budget must be an optax_dp.PrivacyBudget, got {type(budget).__name__}.")
-  if noise_multiplier is not None and float(noise_multiplier) != budget.noise_multiplier:
-    raise ValueError(
-        f"dp_aggregate got noise_multiplier={noise_multiplier} and a budget "
-        f"calibrated for {budget.noise_multiplier}: pass only the budget.")
-  normaliser = budget.sampler.expected_batch_size
-  if expected_batch_size is not None and expected_batch_size != normaliser:
-    raise ValueError(
-        f"dp_aggregate got expected_batch_size={expected_batch_size}, but the "
-        f"budget's sampler has expected batch size {normaliser}: pass only the "
-        "budget.")
-  return budget.noise_multiplier, normaliser, (
-      None if allow_budget_overrun else budget.max_steps)
-
-
-def _resolve_noise_strategy(noise_strategy, budget, allow_budget_overrun):
-  """The DP-BandMF strategy of the run, or None for DP-SGD's i.i.d. noise.
-
-  A budget whose sampler has bands (`CyclicPoissonSampler`) decides it: the
-  strategy for its `max_steps` and bands, the mechanism its accounting is
-  about. A strategy with any other budget is refused: the budget's epsilon
-  would not be that of the noise that runs."""
-  bands = getattr(getattr(budget, "sampler", None), "bands", None)
-  if noise_strategy is not None and not all(
-      hasattr(noise_strategy, a) for a in ("n", "bands", "inverse_as_streaming_matrix")):
-    raise ValueError(
-        "noise_strategy must be a DP-BandMF strategy from optax_dp.bandmf_strategy"
-        f"(steps, bands), got {type(noise_strategy).__name__}.")
-  if budget is None or bands is None:
-    if budget is not None and noise_strategy is not None:
-      raise ValueError(
-          "dp_aggregate got a noise_strategy (DP-BandMF) and a budget whose sampler "
-          f"({type(budget.sampler).__name__}) is accounted for DP-SGD's independent "
-          "noise: that epsilon would not be the run's. Build the budget with "
-          "sampler=optax_dp.CyclicPoissonSampler(..., bands=B) and omit noise_strategy.")
-    return noise_strategy
-  if allow_budget_overrun:
-    raise ValueError(
-        "allow_budget_overrun=True with DP-BandMF (a CyclicPoissonSampler budget): "
-        f"the noise strategy is built for the budget's {budget.max_steps} steps and "
-        "has no rows past them. Build the budget for the steps you will run.")
-  strategy = noise_strategy or _correlated.bandmf_strategy(budget.max_steps, bands)
-  if (strategy.n, strategy.bands) != (budget.max_steps, bands):
-    raise ValueError(
-        f"dp_aggregate got a noise_strategy for {strategy.n} steps and "
-        f"{strategy.bands} bands, but the budget is for {budget.max_steps} steps of "
-        f"a {bands}-band cyclic sampler: omit noise_strategy (the budget builds it).")
-  return strategy
-
-
-def _as_clipped(updates, params, clip, current):
-  """`(ClippedGrads, output dtypes)` from per-example gradients or a ClippedGrads.
-
-  `current`: an adaptive clip's norm from the state (None for a fixed clip).
-  Output dtypes: the gradients' (bf16 in, bf16 out), or the params' for a
-  ClippedGrads (whose sum is float32 or wider).
-  """
-  updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
-  if not isinstance(updates, _clipping.ClippedGrads):
-    _composition.refuse_params_shaped(updates, params)
-    _clipping.batch_size_of(updates)
-    if params is not None:
-      _composition.check_against_params(updates, params)
-    return (_clipping.clip_and_sum(updates, clip, current_l2_norm_clip=current),
-            jax.tree.map(lambda g: g.dtype, updates))
-  if not jnp.issubdtype(jnp.result_type(updates.nonfinite_examples), jnp.integer):
-    # Its integer count became a float: a transformation (optax.sgd, a
-    # scale) mapped over the ClippedGrads before the DP step.
-    raise ValueError(
-        "dp_aggregate got a ClippedGrads that a transformation before it has "
-        "already changed (its integer count of non-finite examples became "
-        f"{jnp.result_type(updates.nonfinite_examples)}): the DP step must come "
-        "first in the chain, optax.chain(optax_dp.dp_aggregate(...), "
-        "optax.sgd(...)), so that nothing sees the clipped sum before its noise.")
-  if updates.unreduced_axis is not None:
-    raise ValueError(
-        "dp_aggregate got the per-device clipped sums of sharded_clipped_grads("
-        f"..., reduce=False), not yet summed over mesh axis "
-        f"{updates.unreduced_axis!r}: noise on them would not be the mechanism. "
-        "Feed them to optax_dp.dp_accumulate(tx, k, mesh=mesh), which sums them "
-        "across devices once per logical batch, or use reduce=True (the default).")
-  if not _clip_norms.same_clip(updates.l2_norm_clip, clip):
-    raise ValueError(
-        f"dp_aggregate(l2_norm_clip={clip}) got a clipped sum made "
-        f"with l2_norm_clip={updates.l2_norm_clip}: the noise would not match "
-        "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
-        "dp_aggregate.")
-  summed = updates.clipped_sum
-  if params is not None:
-    if jax.tree.structure(summed) != jax.tree.structure(params):
-      raise ValueError("dp_aggregate: the clipped sum's tree does not match params.")
-    for s, p in zip(jax.tree.leaves(summed), jax.tree.leaves(params)):
-      if jnp.shape(s) != jnp.shape(p):
-        raise ValueError(
-            f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
-            f"parameter of shape {jnp.shape(p)}.")
-    # Group-wise: the groups must cover these params as they covered the
-    # ones clipped (raises for a prefix that does not fit them).
-    _clip_norms.leaf_groups(clip, params)
-  return updates, jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
-
-
-def _normaliser(expected_batch_size: Optional[int], batch_size: Optional[int]) -> int:
-  """The public normaliser: `expected_batch_size`, else the static batch size."""
-  if expected_batch_size is None and batch_size is None:
-    raise ValueError(
-        "dp_aggregate under dp_accumulate needs expected_batch_size= (the "
-        "expected LOGICAL batch size, a public constant) or budget=: the "
-        "accumulated batch has no static size to fall back on.")
-  return expected_batch_size or batch_size
 
 
 def dp_aggregate(
@@ -424,145 +267,55 @@ def dp_aggregate(
                         noise_multiplier=noise_multiplier,
                         expected_batch_size=expected_batch_size)
   clip = _clip_norms.as_clip_norm(l2_norm_clip)
-  adaptive = isinstance(clip, _clip_norms.AdaptiveClip)
-  noise_multiplier, expected_batch_size, max_steps = _resolve_budget(
-      noise_multiplier, expected_batch_size, budget, allow_budget_overrun)
-  strategy = _resolve_noise_strategy(noise_strategy, budget, allow_budget_overrun)
-  noise_multiplier = _checks.check_noise_multiplier(noise_multiplier, warn_if_zero=True)
-  expected_batch_size = _checks.check_expected_batch_size(expected_batch_size)
-  if key is None:
-    raise ValueError(
-        "dp_aggregate needs key=: the PRNG key of the noise (a jax.random.key or "
-        "an int seed that nothing else uses).")
-  with jax.ensure_compile_time_eval():  # concrete even when built inside jit
-    key = _keys.as_typed_key(key)
-  if adaptive:
-    if strategy is not None:
-      raise ValueError(
-          "dp_aggregate: adaptive clipping (optax_dp.AdaptiveClip) with DP-BandMF "
-          "noise is not accounted here (the correlated noise's scale would change "
-          "with the clip norm). Use a fixed l2_norm_clip with BandMF.")
-    grad_multiplier, count_std = clip.noise_split(noise_multiplier, expected_batch_size)
-    noise_std = grad_multiplier   # times the state's clip norm, each step
-  else:
-    noise_std = noise_multiplier * _clip_norms.sensitivity(clip)
+  noise_multiplier, expected_batch_size, max_steps, strategy = _release.resolve(
+      noise_multiplier, expected_batch_size, budget, allow_budget_overrun,
+      noise_strategy)
+  key = _release.typed_key(key)
+  # The three parts, each chosen once here: the clip, the noise, the ledger.
+  policy = _clip_policy.clip_policy(clip, noise_multiplier, expected_batch_size,
+                                    correlated=strategy is not None)
+  source = _noise.noise_source(strategy, noise_multiplier)
+  budget_checks = _release.budget_checks(max_steps, budget)
   # NoiseKeyReuseWarning if another live transform built from this key has
   # released updates when this one releases (see _keys.py for the rule).
-  stream = (_keys.noise_stream(key, f"dp_aggregate(l2_norm_clip={clip}, "
-                               f"noise_multiplier={noise_multiplier:g})")
-            if noise_std > 0 else None)
-
-  def key_data_at(step):
-    return jax.random.key_data(jax.random.fold_in(key, step))
-
-  def keys_at(step):
-    """`fold_in(key, step)` and `fold_in(key, step + 1)` in one call (one
-    random-number kernel to compile, not two)."""
-    both = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.stack([step, step + 1]))
-    return both[0], jax.random.key_data(both[1])
-
-  if noise_std == 0:
-    strategy = None   # no noise to correlate (a non-private run, which warned)
+  stream = _keys.noise_stream(key, (
+      f"dp_aggregate(l2_norm_clip={clip}, noise_multiplier={noise_multiplier:g})"
+  )) if noise_multiplier > 0 else None
 
   def init_fn(params):
     step = jnp.zeros([], jnp.int32)
-    noise_state = () if strategy is None else _correlated.init_noise_state(
-        strategy, jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p), _clipping.compute_dtype(jnp.result_type(p))),
-            params))
-    if params is not None and not adaptive:
-      _clip_norms.leaf_groups(clip, params)   # the groups must fit the params
     return DPAggregateState(
-        noise_key=key_data_at(step), step=step,
-        nonfinite_examples=jnp.zeros([], jnp.int32), noise_state=noise_state,
-        clip_norm=(jnp.asarray(clip.initial_l2_norm_clip, jnp.float32) if adaptive
-                   else ()))
-
-  def guard(state, expected_key_data, clipped):
-    """Checks the ledger before releasing update number `state.step`, whose
-    key data must be `expected_key_data` (that of `fold_in(key, step)`)."""
-    key_ok = jnp.all(jnp.asarray(state.noise_key) == expected_key_data)
-    _checks.raise_if(
-        ~key_ok, NoiseReplayError,
-        "dp_aggregate: the optimizer state's noise key does not match this "
-        "transformation's key at the state's step counter. The state comes "
-        "from another run (a different key or seed), or its key and step were "
-        "restored from different points. Continuing would replay or mix noise "
-        "streams, which breaks the privacy guarantee. Restore the whole "
-        "optimizer state of this run, and build dp_aggregate with that run's key.")
-    ok = key_ok
-    if adaptive:
-      same = clipped.clip_norm == state.clip_norm
-      _checks.raise_if(
-          ~same, AdaptiveClipMismatchError,
-          "dp_aggregate: the clipped sum was clipped with another clip norm than "
-          "the adaptive one in the optimizer state; the noise would not match its "
-          "sensitivity. Pass l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state) of "
-          "the state being updated to the gradient function, every step.")
-      ok = ok & same
-    if max_steps is not None:
-      within = state.step < max_steps
-      _checks.raise_if(
-          ~within, PrivacyBudgetExceededError,
-          f"dp_aggregate: the privacy budget allows {max_steps} noisy steps "
-          f"(epsilon {budget.epsilon():.4g} at delta {budget.target_delta:g}); "
-          f"refusing step {max_steps + 1} and later ones. Stop training, or pass allow_budget_overrun=True to dp_aggregate to "
-          "continue and report the larger epsilon (budget.epsilon_spent(state)).")
-      ok = ok & within
-    if strategy is not None:
-      within = state.step < strategy.n
-      _checks.raise_if(
-          ~within, PrivacyBudgetExceededError,
-          f"dp_aggregate: the DP-BandMF noise strategy covers {strategy.n} steps; "
-          f"refusing step {strategy.n + 1} and later ones (it has no rows past them).")
-      in_step = _correlated.noise_index(state.noise_state) == state.step
-      _checks.raise_if(
-          ~in_step, NoiseReplayError,
-          "dp_aggregate: the DP-BandMF noise buffers of the optimizer state are not "
-          "at its step counter (restored from a different point, or another run). "
-          "Restore the whole optimizer state of this run.")
-      ok = ok & within & in_step
-    return ok
+        noise_key=_keys.step_key_data(key, step), step=step,
+        nonfinite_examples=jnp.zeros([], jnp.int32),
+        noise_state=source.init(params), clip_norm=policy.init(params))
 
   def update_fn(updates, state, params=None):
     if stream is not None:
       _keys.note_release(stream, stacklevel=2)
     _composition.check_composition(updates)
     # One path: raw per-example gradients become a ClippedGrads on entry.
-    clipped, dtypes = _as_clipped(updates, params, clip,
-                                  state.clip_norm if adaptive else None)
-    summed = jax.tree.map(lambda s: s.astype(_clipping.compute_dtype(s.dtype)),
-                          clipped.clipped_sum)
-    step_key, next_key_data = keys_at(state.step)
-    ok = guard(state, jax.random.key_data(step_key), clipped)
-    if adaptive:   # the gradients' and the count's noise from separate keys
-      step_key, count_key = jax.random.split(step_key)
-      std, unit = noise_std * state.clip_norm, state.clip_norm
-    else:
-      std, unit = noise_std, _clip_norms.sensitivity(clip)
-    normaliser = _normaliser(expected_batch_size, clipped.batch_size) * (
-        unit if rescale_to_unit_norm else 1.0)
-    if strategy is None:
-      noised, noise_state = _clipping.add_gaussian_noise(summed, step_key, std), ()
-    else:   # DP-BandMF: this step's i.i.d. draws, correlated through C^{-1}
-      correlated, noise_state = _correlated.correlate(
-          strategy, _clipping.gaussian_noise(summed, step_key, std),
-          state.noise_state)
-      noised = jax.tree.map(jnp.add, summed, correlated)
-    out = jax.tree.map(
-        lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d), noised, dtypes)
-    clip_norm = ()
-    if adaptive:   # Andrew et al. 2021, Algorithm 1 (geometric update)
-      noisy_count = clipped.unclipped_count + count_std * jax.random.normal(count_key, ())
-      unclipped_fraction = noisy_count / expected_batch_size + 0.5
-      clip_norm = (state.clip_norm * jnp.exp(
-          -clip.learning_rate * (unclipped_fraction - clip.target_quantile))
-                   ).astype(jnp.float32)
-    step = state.step + 1
-    return out, DPAggregateState(
-        noise_key=next_key_data, step=step,
-        nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples,
-        noise_state=noise_state, clip_norm=clip_norm)
+    clipped, dtypes = _release.as_clipped(updates, params, clip,
+                                          policy.current(state.clip_norm))
+    step_key, next_key_data = _keys.step_keys(key, state.step)
+    ok = _release.guard(   # the ledger, walked before the release
+        _release.replay_check(state, jax.random.key_data(step_key))
+        + policy.checks(state.clip_norm, clipped)
+        + budget_checks(state.step)
+        + source.checks(state.step, state.noise_state))
+    grad_key, count_key = policy.split(step_key)
+    noised, noise_state = source.add(
+        jax.tree.map(lambda s: s.astype(_clipping.compute_dtype(s.dtype)),
+                     clipped.clipped_sum),
+        grad_key, policy.noise_std(state.clip_norm), state.noise_state)
+    normaliser = _release.normaliser(expected_batch_size, clipped.batch_size) * (
+        policy.unit(state.clip_norm) if rescale_to_unit_norm else 1.0)
+    return jax.tree.map(
+        lambda s, d: jnp.where(ok, s / normaliser, jnp.nan).astype(d),
+        noised, dtypes), DPAggregateState(
+            noise_key=next_key_data, step=state.step + 1,
+            nonfinite_examples=state.nonfinite_examples + clipped.nonfinite_examples,
+            noise_state=noise_state,
+            clip_norm=policy.next(state.clip_norm, clipped, count_key))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -581,12 +334,15 @@ def dpsgd(
     rescale_to_unit_norm: bool = False,
     budget: Optional[_Budget] = None,
     allow_budget_overrun: bool = False,
+    noise_strategy: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   """DP-SGD: `optax.chain(dp_aggregate(...), optax.sgd(...))`.
 
   See `dp_aggregate` for the privacy contract and the arguments it shares
   (`l2_norm_clip`, `noise_multiplier`, `key`, `expected_batch_size`,
-  `rescale_to_unit_norm`, `budget`, `allow_budget_overrun`); `learning_rate`, `momentum` and `nesterov` are
+  `rescale_to_unit_norm`, `budget`, `allow_budget_overrun`,
+  `noise_strategy`: every keyword it takes); `learning_rate`, `momentum` and
+  `nesterov` are
   those of `optax.sgd` (the SGD step after the noise is post-processing: it
   costs no privacy).
 
@@ -607,5 +363,6 @@ def dpsgd(
       dp_aggregate(l2_norm_clip, noise_multiplier, key,
                    expected_batch_size=expected_batch_size,
                    rescale_to_unit_norm=rescale_to_unit_norm, budget=budget,
-                   allow_budget_overrun=allow_budget_overrun),
+                   allow_budget_overrun=allow_budget_overrun,
+                   noise_strategy=noise_strategy),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))

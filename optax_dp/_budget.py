@@ -24,7 +24,7 @@ from optax_dp import _sampling
 
 
 # Raised by dp_aggregate's guard, which lives in the aggregation layer below.
-PrivacyBudgetExceededError = _aggregate.PrivacyBudgetExceededError
+PrivacyBudgetExceededError = _checks.PrivacyBudgetExceededError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -159,6 +159,19 @@ def check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
   return int(expected_batch_size)
 
 
+class PrivacyBudgetExceededError(RuntimeError):
+  """A noisy update past the budget's `max_steps` was refused."""
+
+
+class NoiseReplayError(RuntimeError):
+  """The optimizer state's noise key does not belong to this run at its step."""
+
+
+class AdaptiveClipMismatchError(ValueError):
+  """A clipped sum made with another clip norm than the adaptive one of the
+  optimizer state it updates."""
+
+
 def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
   """Raises `error(message)` if `predicate` holds, also inside `jax.jit`.
 

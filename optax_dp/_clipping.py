@@ -1,4 +1,4 @@
-"""Per-example clipping rules, framework-neutral: norms, factors, sums, noise.
+"""Per-example clipping rules, framework-neutral: norms, factors, sums.
 
 The one home of the arithmetic every clipping path shares (per-example
 gradients in `dp_aggregate` and `clip_and_sum`, the book-keeping rules of
@@ -7,9 +7,9 @@ optax or Flax.
 
 Complex parameters: `C^n` is treated as `R^2n` (the real and imaginary parts
 are separate coordinates). An example's squared norm is `sum |z|^2`, its clip
-bounds that norm, and the Gaussian noise gives the real and the imaginary part
-of every coordinate each `N(0, stddev^2)`: exactly the real Gaussian mechanism
-on `R^2n`, so the privacy analysis and accounting are unchanged.
+bounds that norm (and `_noise` gives the real and the imaginary part of every
+coordinate each its own Gaussian draw): exactly the real Gaussian mechanism on
+`R^2n`, so the privacy analysis and accounting are unchanged.
 
 References:
   Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar & Zhang 2016, "Deep
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -321,52 +320,6 @@ def clip_rows(leaf_sq: list, groups: tuple[int, ...], norms: tuple,
   return RowClip(factors=[group_factors[g] for g in groups], keep=keep,
                  nonfinite_examples=jnp.sum(~finite & mask, dtype=jnp.int32),
                  unclipped_count=count)
-
-
-def gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float) -> chex.ArrayTree:
-  """Independent N(0, stddev^2) for every (real) coordinate of `tree`: a tree
-  of `tree`'s structure, shapes and dtypes (`stddev > 0`).
-
-  One draw of `N(0, 1)` per real dtype (from `fold_in(key, j)` for the j-th
-  dtype, all those keys derived in one call), as long as all coordinates of
-  that dtype together, cut into disjoint pieces, one per leaf (a complex leaf
-  takes two: its real and imaginary parts): no two coordinates, leaves or
-  steps share noise (the mistake of jax#3646), and XLA compiles one
-  random-number kernel instead of one per leaf (which cost seconds of compile
-  time). Noise is drawn in the leaf's dtype (callers pass the compute dtype,
-  float32 or wider). `key` is only read, never returned: the caller derives a
-  fresh one for every release.
-  """
-  leaves, treedef = jax.tree.flatten(tree)
-  reals = [jnp.real(leaf).dtype if jnp.iscomplexobj(leaf) else jnp.result_type(leaf)
-           for leaf in leaves]
-  parts = [2 if jnp.iscomplexobj(leaf) else 1 for leaf in leaves]
-  dtypes = list(dict.fromkeys(reals))
-  draw_keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(len(dtypes)))
-  noises = [None] * len(leaves)
-  for j, dtype in enumerate(dtypes):
-    members = [i for i, d in enumerate(reals) if d == dtype]
-    total = sum(parts[i] * math.prod(jnp.shape(leaves[i])) for i in members)
-    draw = stddev * jax.random.normal(draw_keys[j], (total,), dtype)
-    start = 0
-    for i in members:
-      shape, size = jnp.shape(leaves[i]), math.prod(jnp.shape(leaves[i]))
-      noise = draw[start:start + size].reshape(shape)
-      if parts[i] == 2:
-        noise = noise + 1j * draw[start + size:start + 2 * size].reshape(shape)
-      start += parts[i] * size
-      noises[i] = noise.astype(jnp.result_type(leaves[i]))
-  return jax.tree.unflatten(treedef, noises)
-
-
-def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
-                       ) -> chex.ArrayTree:
-  """`tree` plus `gaussian_noise(tree, key, stddev)`: independent
-  N(0, stddev^2) added to every (real) coordinate; `tree` itself when
-  `stddev` is the number 0 (a traced `stddev` always draws)."""
-  if isinstance(stddev, (int, float)) and stddev == 0:
-    return tree
-  return jax.tree.map(jnp.add, tree, gaussian_noise(tree, key, stddev))
 
 
 def clip_norms_now(clip: Any, current: Any = None) -> tuple[tuple, Any]:

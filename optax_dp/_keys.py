@@ -1,4 +1,6 @@
-"""Turning what users pass as a PRNG key into a typed JAX key."""
+"""Noise keys: what users pass as a PRNG key made a typed JAX key, the key of
+each release (`step_keys`), and the process-wide registry that warns when two
+live noisy transforms release from the same key (`NoiseKeyReuseWarning`)."""
 
 from __future__ import annotations
 
@@ -194,3 +196,17 @@ def _reset_noise_key_registry() -> None:
   """Forgets every registered noise key (for tests; see the note above)."""
   with _REGISTRY_LOCK:
     _NOISE_KEY_REGISTRY.clear()
+
+
+def step_key_data(key: jax.Array, step: Any) -> jax.Array:
+  """The key data of `fold_in(key, step)`: what a noisy transform's state
+  holds as the key of its release number `step`."""
+  return jax.random.key_data(jax.random.fold_in(key, step))
+
+
+def step_keys(key: jax.Array, step: Any) -> tuple[jax.Array, jax.Array]:
+  """`fold_in(key, step)` (this release's key) and the key data of
+  `fold_in(key, step + 1)` (the next one's), in one call: one random-number
+  kernel to compile, not two."""
+  both = jax.vmap(lambda s: jax.random.fold_in(key, s))(jnp.stack([step, step + 1]))
+  return both[0], jax.random.key_data(both[1])

@@ -12,6 +12,7 @@ import optax
 
 import optax_dp
 from optax_dp import _clipping
+from optax_dp import _noise
 
 
 def _noisy(summed, key, std):
@@ -102,7 +103,7 @@ def complex_square_norm(l2_norm_clip, noise_multiplier, key, expected_batch_size
              for g in jax.tree.leaves(grads))
     sq = jnp.abs(sq)  # (the NaN of a negative one would only hide the bug)
     summed = _clipping.clipped_sum(grads, _clipping.clip_factors(sq, l2_norm_clip))
-    noised = _clipping.add_gaussian_noise(summed, sub, noise_multiplier * l2_norm_clip)
+    noised = _noise.add_gaussian_noise(summed, sub, noise_multiplier * l2_norm_clip)
     return jax.tree.map(lambda x: x / expected_batch_size, noised), state
 
   return optax.GradientTransformation(init, update)

@@ -340,3 +340,36 @@ def test_nnx_transformation_before_the_dp_step_is_refused():
   grads = optax_dp.clipped_grads(loss, 1.0)(model, jnp.ones((4, 3)))
   with pytest.raises(ValueError, match=r"put the DP step FIRST"):
     optimizer.update(model, grads)
+
+
+def test_dpsgd_takes_every_keyword_of_dp_aggregate():
+  import inspect   # pylint: disable=import-outside-toplevel
+  aggregate = inspect.signature(optax_dp.dp_aggregate).parameters
+  sgd = inspect.signature(optax_dp.dpsgd).parameters
+  missing = [name for name in aggregate if name not in sgd]
+  assert not missing, f"dpsgd lacks dp_aggregate's {missing}"
+  for name, p in aggregate.items():
+    assert sgd[name].default == p.default, name
+
+
+def test_dpsgd_with_a_noise_strategy_is_the_chain_with_it():
+  strategy = optax_dp.bandmf_strategy(3, 2)
+  per_example = _per_example_tree(batch=4)
+  params = _params_like(per_example)
+  ref = optax.chain(
+      optax_dp.dp_aggregate(1.0, 1.1, key=3, expected_batch_size=4,
+                            noise_strategy=strategy), optax.sgd(0.1))
+  tx = optax_dp.dpsgd(0.1, 1.0, 1.1, key=3, expected_batch_size=4,
+                      noise_strategy=strategy)
+  s_ref, s_tx = ref.init(params), tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", optax_dp.NoiseKeyReuseWarning)
+    for _ in range(3):
+      u_ref, s_ref = ref.update(per_example, s_ref, params)
+      u_tx, s_tx = tx.update(per_example, s_tx, params)
+      for a, b in zip(jax.tree.leaves(u_ref), jax.tree.leaves(u_tx)):
+        np.testing.assert_array_equal(a, b)
+  # Step 4 is past the strategy's rows: refused, as with dp_aggregate.
+  with pytest.raises(optax_dp.PrivacyBudgetExceededError, match="covers 3 steps"):
+    tx.update(per_example, s_tx, params)
+

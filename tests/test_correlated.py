@@ -17,6 +17,7 @@ from scipy import stats
 
 import optax_dp
 from optax_dp import _clipping
+from optax_dp import _noise
 from optax_dp import _correlated
 
 jax_privacy = pytest.importorskip("jax_privacy")
@@ -90,7 +91,7 @@ def test_noise_is_the_inverse_strategy_applied_to_dpsgd_draws():
   bandmf, _ = _noise_stream(optax_dp.dp_aggregate(
       C, SIGMA, key, expected_batch_size=E, noise_strategy=strategy), steps)
   dpsgd, _ = _noise_stream(optax_dp.dp_aggregate(C, SIGMA, key, expected_batch_size=E), steps)
-  draws = np.stack([_flat(_clipping.gaussian_noise(PARAMS, jax.random.fold_in(key, t),
+  draws = np.stack([_flat(_noise.gaussian_noise(PARAMS, jax.random.fold_in(key, t),
                                                    SIGMA * C)) for t in range(steps)])
   np.testing.assert_allclose(dpsgd, draws, rtol=1e-6, atol=1e-6)
   mixed = np.asarray(strategy.materialize(), np.float64) @ bandmf

@@ -23,6 +23,7 @@ import griffe
 # looked up in the `optax_dp` package.
 PUBLIC_NAMES = {
     "optax_dp._aggregate._Budget": "PrivacyBudget",
+    "optax_dp._release.Budget": "PrivacyBudget",
 }
 
 
