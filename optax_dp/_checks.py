@@ -159,6 +159,50 @@ def check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
   return int(expected_batch_size)
 
 
+def find_states(tree: Any, cls: type) -> list:
+  """Every instance of the state class `cls` in `tree`, in leaf order.
+
+  `tree` is an optimizer state as the user holds it: a chain's, one nested
+  in wrappers (`optax.MultiSteps`, `dp_accumulate`), a Linen `TrainState`
+  or an `nnx.Optimizer.opt_state` (whose Variables wrap the states' arrays,
+  not the states). Matched by type: `optax.tree_utils.tree_get_all_with_path`
+  matches a NamedTuple by its class *name*, which another library's class
+  of the same name would also match.
+
+  >>> import collections
+  >>> Point = collections.namedtuple("Point", "x y")
+  >>> find_states({"a": Point(1, 2), "b": [Point(3, 4), 5]}, Point)
+  [Point(x=1, y=2), Point(x=3, y=4)]
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls))
+  return [x for x in leaves if isinstance(x, cls)]
+
+
+def find_one(tree: Any, cls: type, made_by: str) -> Any:
+  """The one `cls` state in `tree` (as `find_states`), or ValueError.
+
+  The error names the class, `made_by` (the function whose state it is) and
+  how many were found: with none there is nothing to read, with several the
+  answer would depend on which one was meant.
+
+  >>> import collections
+  >>> Point = collections.namedtuple("Point", "x y")
+  >>> find_one([Point(1, 2), 3], Point, "make_point")
+  Point(x=1, y=2)
+  >>> find_one([3], Point, "make_point")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ValueError: Expected exactly one Point (from make_point) in the ... found 0.
+  """
+  found = find_states(tree, cls)
+  if len(found) != 1:
+    raise ValueError(
+        f"Expected exactly one {cls.__name__} (from {made_by}) in the "
+        f"optimizer state, found {len(found)}.")
+  return found[0]
+
+
 def raise_if(predicate: Any, error: type[Exception], message: str) -> None:
   """Raises `error(message)` if `predicate` holds, also inside `jax.jit`.
 
