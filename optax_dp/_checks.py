@@ -159,6 +159,24 @@ def check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
   return int(expected_batch_size)
 
 
+def missing_expected_batch_size(where: str, why: str) -> ValueError:
+  """The error for a `dp_aggregate` that needs `expected_batch_size` and has
+  neither it nor a budget (whose sampler gives it); the caller raises it.
+
+  The one message for every place that needs the public normaliser: the
+  realised batch size would leak the batch (Poisson sampling), so there is
+  no fallback. `where` says which `dp_aggregate` (e.g. "under
+  dp_accumulate"), `why` what the constant normalises there.
+
+  >>> str(missing_expected_batch_size("under dp_accumulate", "why"))[:64]
+  'dp_aggregate under dp_accumulate needs expected_batch_size= (the'
+  """
+  return ValueError(
+      f"dp_aggregate {where} needs expected_batch_size= (the expected batch "
+      "size, a public constant; under dp_accumulate the LOGICAL one) or "
+      f"budget= (its sampler's): {why}.")
+
+
 def find_states(tree: Any, cls: type) -> list:
   """Every instance of the state class `cls` in `tree`, in leaf order.
 
