@@ -8,7 +8,7 @@ import math
 import numbers
 import threading
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -157,6 +157,42 @@ def check_expected_batch_size(expected_batch_size: Any) -> Optional[int]:
         "expected_batch_size must be a positive integer (a public constant, "
         f"e.g. q * dataset_size for Poisson sampling), got {expected_batch_size!r}.")
   return int(expected_batch_size)
+
+
+def leading_size(tree: Any, *, empty: str,
+                 scalar: Callable[[str, list], str],
+                 differ: Callable[[list], str]) -> int:
+  """The leading (batch) dimension that every leaf of `tree` shares.
+
+  The one batch-axis rule, for a batch and for per-example gradients: one
+  row per example on every leaf, so a tree without leaves, a scalar leaf or
+  leaves of different leading sizes are refused (ValueError); without it the
+  rows are not "one example each" and no clip bounds an example. The
+  callers word the errors: `empty` is the message for no leaves,
+  `scalar(path, shapes)` for a scalar leaf at `path` (`shapes`: every leaf's
+  shape), `differ(dims)` for `dims`, the `(path, leading size)` of each leaf.
+
+  >>> import numpy as np
+  >>> leading_size({"a": np.zeros((4, 2)), "b": np.zeros(4)}, empty="",
+  ...              scalar=None, differ=None)
+  4
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not flat:
+    raise ValueError(empty)
+  dims = []
+  for path, leaf in flat:
+    shape = jnp.shape(leaf)
+    if not shape:
+      raise ValueError(scalar(jax.tree_util.keystr(path),
+                              [jnp.shape(x) for _, x in flat]))
+    dims.append((jax.tree_util.keystr(path), shape[0]))
+  sizes = {d for _, d in dims}
+  if len(sizes) != 1:
+    raise ValueError(differ(dims))
+  return sizes.pop()
 
 
 def missing_expected_batch_size(where: str, why: str) -> ValueError:
