@@ -288,12 +288,7 @@ def value_and_per_example_grads(
           lambda pure: value_and_per_example_grads(
               pure, has_aux=has_aux, microbatch_size=microbatch_size),
           loss_fn, params, batch, mask, wrt, "per_example_grads", rngs=rngs)
-    if rngs is not None:
-      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
-                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
-    if wrt is not None:
-      raise ValueError("per_example_grads(wrt=...) selects the variables of a "
-                       "Flax NNX model; these params are a plain pytree.")
+    _nnx.refuse_nnx_options("per_example_grads", wrt=wrt, rngs=rngs)
     route = _devices.batch_route(batch)
     if route is not None:
       return on_devices(fn, route)(params, batch, mask)
