@@ -102,6 +102,8 @@ def dpsgd_event(noise_multiplier: float, *, steps: int,
   other mechanisms in a dp-accounting accountant of your own.
 
   Privacy contract: as `compute_epsilon`'s, which accounts for this event.
+  Its arguments are validated as `compute_epsilon`'s (`noise_multiplier`
+  finite and >= 0, not a bool: a ValueError otherwise).
 
   Examples:
     >>> import optax_dp
@@ -109,9 +111,10 @@ def dpsgd_event(noise_multiplier: float, *, steps: int,
     >>> event.count, event.event.sampling_probability
     (10, 0.01)
   """
+  noise_multiplier = _checks.check_noise_multiplier(noise_multiplier)
   sampler = resolve_sampler(sampler, dataset_size, batch_size)
   steps = _checks.check_int("steps", steps, 1)
-  return sampler.dp_event(float(noise_multiplier), steps)
+  return sampler.dp_event(noise_multiplier, steps)
 
 
 def _make_accountant(accountant: str, sampler: _sampling.Sampler, *,

@@ -61,11 +61,10 @@ class DPAggregateState(NamedTuple):
 def adaptive_clip_norm(opt_state: Any) -> Any:
   """The adaptive clip norm of the `DPAggregateState`s in `opt_state` (the
   first found), or None if none clips adaptively."""
-  for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DPAggregateState)):
-    if isinstance(s, DPAggregateState):
-      clip = getattr(s.clip_norm, "value", s.clip_norm)   # nnx.Optimizer's wrapping
-      if not (isinstance(clip, tuple) and not clip):
-        return clip
+  for s in _checks.find_states(opt_state, DPAggregateState):
+    clip = getattr(s.clip_norm, "value", s.clip_norm)   # nnx.Optimizer's wrapping
+    if not (isinstance(clip, tuple) and not clip):
+      return clip
   return None
 
 
@@ -90,8 +89,7 @@ def l2_norm_clip_of(opt_state: Any) -> Any:
     >>> float(optax_dp.l2_norm_clip_of(tx.init({"w": jnp.zeros(2)})))
     2.0
   """
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, DPAggregateState))
-           if isinstance(s, DPAggregateState)]
+  found = _checks.find_states(opt_state, DPAggregateState)
   if len(found) != 1:
     raise ValueError(
         f"l2_norm_clip_of: the optimizer state holds {len(found)} dp_aggregate "

@@ -148,11 +148,6 @@ def averaged_params(opt_state: Any) -> Any:
   Raises:
     ValueError: unless exactly one averaging state is found.
   """
-  found = [x for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, AveragedParamsState))
-           if isinstance(x, AveragedParamsState)]
-  if len(found) != 1:
-    raise ValueError(
-        "Expected exactly one AveragedParamsState (from optax_dp.ema_params or "
-        f"optax_dp.polyak_params) in the optimizer state, found {len(found)}.")
-  return found[0].averaged
+  return _checks.find_one(
+      opt_state, AveragedParamsState,
+      "optax_dp.ema_params or optax_dp.polyak_params").averaged

@@ -40,13 +40,6 @@ def compute_dtype_of(x):
   return _clipping.compute_dtype(_clipping.leaf_dtype(x))
 
 
-def finish(l2_norm_clip, sq_norms, mask):
-  """`(factors, keep, nonfinite count)` of one clip norm on the global norms
-  (`_clipping.clip_rows` with a single group)."""
-  rows = _clipping.clip_rows([sq_norms], (0,), (l2_norm_clip,), mask)
-  return rows.factors[0], rows.keep, rows.nonfinite_examples
-
-
 def mask_values(values, mask, has_aux):
   if has_aux:
     return (_per_example.zero_masked(values[0], mask), values[1])

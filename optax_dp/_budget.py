@@ -195,15 +195,8 @@ def _max_steps(noise_multiplier, target_delta, sampler, accountant, target_epsil
 
 def find_dp_state(tree: Any):
   """The single `DPAggregateState` inside an optimizer state or TrainState."""
-
-  found = [x for x in jax.tree.leaves(
-      tree, is_leaf=lambda x: isinstance(x, _aggregate.DPAggregateState))
-           if isinstance(x, _aggregate.DPAggregateState)]
-  if len(found) != 1:
-    raise ValueError(
-        f"Expected exactly one DPAggregateState (from optax_dp.dp_aggregate) in "
-        f"the optimizer state, found {len(found)}.")
-  return found[0]
+  return _checks.find_one(tree, _aggregate.DPAggregateState,
+                          "optax_dp.dp_aggregate")
 
 
 def privacy_statement(

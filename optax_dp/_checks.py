@@ -8,7 +8,7 @@ import math
 import numbers
 import threading
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -170,6 +170,104 @@ class NoiseReplayError(RuntimeError):
 class AdaptiveClipMismatchError(ValueError):
   """A clipped sum made with another clip norm than the adaptive one of the
   optimizer state it updates."""
+
+
+def leading_size(tree: Any, *, empty: str,
+                 scalar: Callable[[str, list], str],
+                 differ: Callable[[list], str]) -> int:
+  """The leading (batch) dimension that every leaf of `tree` shares.
+
+  The one batch-axis rule, for a batch and for per-example gradients: one
+  row per example on every leaf, so a tree without leaves, a scalar leaf or
+  leaves of different leading sizes are refused (ValueError); without it the
+  rows are not "one example each" and no clip bounds an example. The
+  callers word the errors: `empty` is the message for no leaves,
+  `scalar(path, shapes)` for a scalar leaf at `path` (`shapes`: every leaf's
+  shape), `differ(dims)` for `dims`, the `(path, leading size)` of each leaf.
+
+  >>> import numpy as np
+  >>> leading_size({"a": np.zeros((4, 2)), "b": np.zeros(4)}, empty="",
+  ...              scalar=None, differ=None)
+  4
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not flat:
+    raise ValueError(empty)
+  dims = []
+  for path, leaf in flat:
+    shape = jnp.shape(leaf)
+    if not shape:
+      raise ValueError(scalar(jax.tree_util.keystr(path),
+                              [jnp.shape(x) for _, x in flat]))
+    dims.append((jax.tree_util.keystr(path), shape[0]))
+  sizes = {d for _, d in dims}
+  if len(sizes) != 1:
+    raise ValueError(differ(dims))
+  return sizes.pop()
+
+
+def missing_expected_batch_size(where: str, why: str) -> ValueError:
+  """The error for a `dp_aggregate` that needs `expected_batch_size` and has
+  neither it nor a budget (whose sampler gives it); the caller raises it.
+
+  The one message for every place that needs the public normaliser: the
+  realised batch size would leak the batch (Poisson sampling), so there is
+  no fallback. `where` says which `dp_aggregate` (e.g. "under
+  dp_accumulate"), `why` what the constant normalises there.
+
+  >>> str(missing_expected_batch_size("under dp_accumulate", "why"))[:64]
+  'dp_aggregate under dp_accumulate needs expected_batch_size= (the'
+  """
+  return ValueError(
+      f"dp_aggregate {where} needs expected_batch_size= (the expected batch "
+      "size, a public constant; under dp_accumulate the LOGICAL one) or "
+      f"budget= (its sampler's): {why}.")
+
+
+def find_states(tree: Any, cls: type) -> list:
+  """Every instance of the state class `cls` in `tree`, in leaf order.
+
+  `tree` is an optimizer state as the user holds it: a chain's, one nested
+  in wrappers (`optax.MultiSteps`, `dp_accumulate`), a Linen `TrainState`
+  or an `nnx.Optimizer.opt_state` (whose Variables wrap the states' arrays,
+  not the states). Matched by type: `optax.tree_utils.tree_get_all_with_path`
+  matches a NamedTuple by its class *name*, which another library's class
+  of the same name would also match.
+
+  >>> import collections
+  >>> Point = collections.namedtuple("Point", "x y")
+  >>> find_states({"a": Point(1, 2), "b": [Point(3, 4), 5]}, Point)
+  [Point(x=1, y=2), Point(x=3, y=4)]
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls))
+  return [x for x in leaves if isinstance(x, cls)]
+
+
+def find_one(tree: Any, cls: type, made_by: str) -> Any:
+  """The one `cls` state in `tree` (as `find_states`), or ValueError.
+
+  The error names the class, `made_by` (the function whose state it is) and
+  how many were found: with none there is nothing to read, with several the
+  answer would depend on which one was meant.
+
+  >>> import collections
+  >>> Point = collections.namedtuple("Point", "x y")
+  >>> find_one([Point(1, 2), 3], Point, "make_point")
+  Point(x=1, y=2)
+  >>> find_one([3], Point, "make_point")  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ...
+  ValueError: Expected exactly one Point (from make_point) in the ... found 0.
+  """
+  found = find_states(tree, cls)
+  if len(found) != 1:
+    raise ValueError(
+        f"Expected exactly one {cls.__name__} (from {made_by}) in the "
+        f"optimizer state, found {len(found)}.")
+  return found[0]
 
 
 def raise_if(predicate: Any, error: type[Exception], message: str) -> None:

@@ -122,10 +122,9 @@ class AdaptiveClip:
     (1.000764, 12.8)
     """
     if expected_batch_size is None:
-      raise ValueError(
-          "dp_aggregate with an adaptive clip (optax_dp.AdaptiveClip) needs "
-          "expected_batch_size= or budget=: the count of unclipped examples is "
-          "normalised by that public constant.")
+      raise _checks.missing_expected_batch_size(
+          "with an adaptive clip (optax_dp.AdaptiveClip)",
+          "the count of unclipped examples is normalised by it")
     count_std = (self.count_noise_stddev if self.count_noise_stddev is not None
                  else expected_batch_size / 20)
     if noise_multiplier == 0:

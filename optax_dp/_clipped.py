@@ -143,12 +143,7 @@ def value_and_clipped_grads(
               microbatch_size=microbatch_size), l2_norm_clip=current),
           loss_fn, params, batch, mask, wrt, "clipped_grads", rngs=rngs)
       return values, _nnx.as_optimizer_grads(clipped)
-    if rngs is not None:
-      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
-                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
-    if wrt is not None:
-      raise ValueError("clipped_grads(wrt=...) selects the variables of a Flax "
-                       "NNX model; these params are a plain pytree.")
+    _nnx.refuse_nnx_options("clipped_grads", wrt=wrt, rngs=rngs)
     route = _devices.batch_route(batch)
     if route is not None:
       return on_devices(fn, route)(params, batch, mask, l2_norm_clip=current)

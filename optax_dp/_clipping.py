@@ -26,6 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from optax_dp import _checks
 from optax_dp import _clip_norms
 
 
@@ -149,29 +150,28 @@ def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
 
   Raises:
     ValueError: if the tree is empty, a leaf has no leading axis, or the
-      leaves' leading axes differ: these are not per-example gradients.
+      leaves' leading axes differ: these are not per-example gradients
+      (`_checks.leading_size`, in `dp_aggregate`'s words).
   """
-  leaves = jax.tree.leaves(per_example_grads)
-  if not leaves:
-    raise ValueError("dp_aggregate got an empty gradient tree." + _empty_hint(per_example_grads))
-  dims = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(per_example_grads)[0]:
-    shape = jnp.shape(leaf)
-    if len(shape) == 0:
-      raise ValueError(
-          f"dp_aggregate needs per-example gradients, with a leading batch axis on "
-          f"every leaf, but leaf {jax.tree_util.keystr(path)} is a scalar. Compute "
-          "them with optax_dp.per_example_grads(loss_fn) instead of jax.grad(loss_fn).")
-    dims.append((jax.tree_util.keystr(path), shape[0]))
-  sizes = {d for _, d in dims}
-  if len(sizes) != 1:
+  def scalar(path, _):
+    return (
+        "dp_aggregate needs per-example gradients, with a leading batch axis "
+        f"on every leaf, but leaf {path} is a scalar. Compute them with "
+        "optax_dp.per_example_grads(loss_fn) instead of jax.grad(loss_fn).")
+
+  def differ(dims):
     listing = ", ".join(f"{p}: {d}" for p, d in dims[:6])
-    raise ValueError(
+    return (
         "dp_aggregate needs per-example gradients whose leaves all share the "
         f"same leading batch axis; got leading dims {listing}. These look like "
         "ordinary (batch-averaged) gradients: compute per-example gradients "
         "with optax_dp.per_example_grads(loss_fn).")
-  return sizes.pop()
+
+  return _checks.leading_size(
+      per_example_grads,
+      empty=("dp_aggregate got an empty gradient tree."
+             + _empty_hint(per_example_grads)),
+      scalar=scalar, differ=differ)
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:

@@ -162,9 +162,14 @@ def _is_nnx_state(tree) -> bool:
 _NNX_STRIPPED = (
     "nnx.Optimizer.update(model, grads) stripped the ClippedGrads to a plain "
     "nnx.State of its arrays (it calls nnx.state(grads, wrt)), losing the clip "
-    "norm and the batch size dp_aggregate needs. Until NNX is supported "
-    "natively, either pass per-example gradients (optax_dp.per_example_grads, "
-    "which nnx.Optimizer passes through intact), or update by hand: params = "
+    "norm and the batch size dp_aggregate needs. It happens to a ClippedGrads "
+    "computed on the split-off parameters (a pure loss of params): give the "
+    "model itself to the gradient function instead, "
+    "optax_dp.clipped_grads(loss_fn, l2_norm_clip)(model, batch) with "
+    "loss_fn(model, batch), whose nnx.State of per-variable clipped sums "
+    "nnx.Optimizer passes intact. Or pass per-example gradients "
+    "(optax_dp.per_example_grads, also passed intact), or update by hand: "
+    "params = "
     "nnx.state(model, nnx.Param); updates, opt_state = tx.update(clipped, "
     "opt_state, params); nnx.update(model, optax.apply_updates(params, "
     "updates)).")

@@ -1,6 +1,21 @@
-"""Device-placement checks for per-example gradients (see `_sharding`).
+"""Per-example gradients of a batch split across devices: routing, checks
+and the one all-reduce (the public entry points are in `_sharding`).
 
-Kept apart from `_sharding` so that `_per_example` and `_clipped` can use them
+* Routing: `batch_route` decides at trace time whether a batch placed on a
+  mesh runs per device (`jax.shard_map` over the axes that split its rows)
+  or as on one device; `on_route` places a tree (a mask, the params) as an
+  explicit-sharding mesh's `shard_map` needs it.
+* Refusal: `local_params` refuses, outside `shard_map`, a batch partitioned
+  across devices (trap 1 of docs/multi_device.md: XLA's per-example
+  convolution gradients are wrong there, so no clip would bound an example;
+  under `jax.jit` at compile time, for free) and, inside `shard_map`,
+  makes the params device-varying so their cotangents stay per device
+  (trap 2); `varying_axes`/`make_varying` read and set that.
+* Reduction: `psum_clipped` (inside `shard_map`) and `reduce_clipped_grads`
+  (after it, for `reduce=False`) sum the per-device `ClippedGrads` in ONE
+  all-reduce.
+
+Kept apart from `_sharding` so that `_per_example` and `_clipped` can use it
 without an import cycle.
 """
 

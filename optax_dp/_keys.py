@@ -1,6 +1,21 @@
-"""Noise keys: what users pass as a PRNG key made a typed JAX key, the key of
-each release (`step_keys`), and the process-wide registry that warns when two
-live noisy transforms release from the same key (`NoiseKeyReuseWarning`)."""
+"""Noise keys: what users pass as a PRNG key, as a typed JAX key; the key of
+each release (`step_key_data`, `step_keys`); and the process-wide registry
+that warns when two transforms share one.
+
+`as_typed_key` accepts a typed key, a legacy raw `uint32[2]` key or an int
+seed in `[0, 2**32)`, and refuses anything ambiguous.
+
+The registry is this module's one piece of process-wide state (optax keeps
+none). It exists because two `dp_aggregate` transforms built from the same
+key add IDENTICAL noise: releasing both cancels it, which no accountant can
+see and no single transform can notice on its own. Each noisy transform
+holds a `NoiseStream` token; `note_release` records its first release and
+warns (`NoiseKeyReuseWarning`, never an error) if another transform from
+the same key bits releases side by side with it. It keeps sha256 digests
+and weak references only: no key material, and a dropped transform is
+forgotten. The rules are in the note above `NoiseKeyReuseWarning`; tests
+clear it with `_reset_noise_key_registry` (tests/conftest.py, every test).
+"""
 
 from __future__ import annotations
 

@@ -69,6 +69,21 @@ def is_module(x: Any) -> bool:
   return nnx is not None and isinstance(x, nnx.Module)
 
 
+def refuse_nnx_options(caller: str, *, wrt: Any = None,
+                       rngs: Any = None) -> None:
+  """For params that are a plain pytree, not an NNX module: ValueError if
+  the NNX-only options were given (`rngs=`, then `wrt=`), which would
+  otherwise be ignored. The entry points call `call` for a module and this
+  for anything else, so each says the same thing."""
+  if rngs is not None:
+    raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
+                     "(loss_fn(model, batch, rngs)); these params are a plain "
+                     "pytree.")
+  if wrt is not None:
+    raise ValueError(f"{caller}(wrt=...) selects the variables of a Flax NNX "
+                     "model; these params are a plain pytree.")
+
+
 def _streams(model) -> list:
   """The model's `nnx.RngStream`s, each once, in graph order."""
   nnx = _nnx()

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from optax_dp import _batches
+from optax_dp import _checks
 from optax_dp import _devices
 from optax_dp import _nnx
 
@@ -61,23 +62,18 @@ class ClippedGradFn(Protocol[_Out]):
 
 
 def batch_rows(batch: chex.ArrayTree) -> int:
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
-    raise ValueError("per_example_grads: the batch is empty (no array leaves).")
-  sizes = set()
-  for leaf in leaves:
-    shape = jnp.shape(leaf)
-    if len(shape) == 0:
-      raise ValueError(
+  """The number of examples in `batch`: its leaves' common leading size
+  (`_checks.leading_size`, in `per_example_grads`' words)."""
+  return _checks.leading_size(
+      batch,
+      empty="per_example_grads: the batch is empty (no array leaves).",
+      scalar=lambda _, shapes: (
           "per_example_grads: every leaf of the batch needs a leading batch "
-          f"axis, got a scalar leaf. Batch leaf shapes: "
-          f"{[jnp.shape(x) for x in leaves]}.")
-    sizes.add(shape[0])
-  if len(sizes) != 1:
-    raise ValueError(
-        "per_example_grads: batch leaves have different leading dimensions "
-        f"{sorted(sizes)}; every leaf must hold one row per example.")
-  return sizes.pop()
+          f"axis, got a scalar leaf. Batch leaf shapes: {shapes}."),
+      differ=lambda dims: (
+          "per_example_grads: batch leaves have different leading dimensions "
+          f"{sorted({d for _, d in dims})}; every leaf must hold one row per "
+          "example."))
 
 
 def check_mask(mask, batch_size: int) -> jax.Array:
@@ -292,12 +288,7 @@ def value_and_per_example_grads(
           lambda pure: value_and_per_example_grads(
               pure, has_aux=has_aux, microbatch_size=microbatch_size),
           loss_fn, params, batch, mask, wrt, "per_example_grads", rngs=rngs)
-    if rngs is not None:
-      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
-                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
-    if wrt is not None:
-      raise ValueError("per_example_grads(wrt=...) selects the variables of a "
-                       "Flax NNX model; these params are a plain pytree.")
+    _nnx.refuse_nnx_options("per_example_grads", wrt=wrt, rngs=rngs)
     route = _devices.batch_route(batch)
     if route is not None:
       return on_devices(fn, route)(params, batch, mask)

@@ -184,10 +184,9 @@ def as_clipped(updates, params, clip, current):
 def normaliser(expected_batch_size: Optional[int], batch_size: Optional[int]) -> int:
   """The public normaliser: `expected_batch_size`, else the static batch size."""
   if expected_batch_size is None and batch_size is None:
-    raise ValueError(
-        "dp_aggregate under dp_accumulate needs expected_batch_size= (the "
-        "expected LOGICAL batch size, a public constant) or budget=: the "
-        "accumulated batch has no static size to fall back on.")
+    raise _checks.missing_expected_batch_size(
+        "under dp_accumulate",
+        "the accumulated batch has no static size to fall back on")
   return expected_batch_size or batch_size
 
 

@@ -482,12 +482,15 @@ SAMPLERS = {"poisson": PoissonSampler, "fixed": FixedBatchSampler,
 
 def make_sampler(name: str, *, dataset_size: int, batch_size: int,
                  **kwargs: Any) -> Sampler:
-  """The sampler called `name` ("poisson", "fixed" or "shuffle"); `batch_size`
-  is the expected batch size for Poisson, the exact one for the others.
+  """The sampler called `name`, a key of `SAMPLERS`: "poisson"
+  (`PoissonSampler`), "cyclic_poisson" (`CyclicPoissonSampler`), "fixed"
+  (`FixedBatchSampler`) or "shuffle" (`ShuffleSampler`). `batch_size` is the
+  expected batch size for the two Poisson ones, the exact one for the others.
 
-  `kwargs` go to the sampler (`max_batch_size`, `truncate`,
-  `pad_to_multiple_of`: Poisson only). The name decides the mechanism the
-  accounting analyses: the privacy contract is the chosen sampler's.
+  `kwargs` go to the sampler (`max_batch_size`, `pad_to_multiple_of`,
+  `padding_buckets`: the Poisson ones; `truncate`: "poisson" only; `bands`:
+  "cyclic_poisson" only). The name decides the mechanism the accounting
+  analyses: the privacy contract is the chosen sampler's.
 
   Examples:
     >>> import optax_dp

@@ -148,9 +148,8 @@ def sharded_value_and_clipped_grads(
               **options), **current),
           loss_fn, params, batch, mask, wrt, "sharded_clipped_grads", rngs=rngs)
       return values, _nnx.as_optimizer_grads(clipped)
-    if rngs is not None:
-      raise ValueError("rngs= passes an nnx.Rngs to the loss of a Flax NNX model "
-                       "(loss_fn(model, batch, rngs)); these params are a plain pytree.")
+    # Plain params with wrt= are not refused here (as before).
+    _nnx.refuse_nnx_options("sharded_clipped_grads", rngs=rngs)
     _check_divisible(batch, mesh, axis_name, "sharded_clipped_grads")
     return on_devices(params, batch, mask, **current)
 

@@ -480,8 +480,9 @@ def test_bad_l2_norm_clip(fn, clip):
     call()
 
 
-@pytest.mark.parametrize("sigma", [-0.1, np.nan, np.inf, "a"])
-@pytest.mark.parametrize("fn", ["dp_aggregate", "compute_epsilon", "privacy_budget"])
+@pytest.mark.parametrize("sigma", [-0.1, np.nan, np.inf, "a", True])
+@pytest.mark.parametrize(
+    "fn", ["dp_aggregate", "compute_epsilon", "privacy_budget", "dpsgd_event"])
 def test_bad_noise_multiplier(fn, sigma):
   sampler = optax_dp.PoissonSampler(1000, 10)
   call = {
@@ -489,6 +490,7 @@ def test_bad_noise_multiplier(fn, sigma):
       "compute_epsilon": lambda: optax_dp.compute_epsilon(sigma, DELTA, sampler=sampler, steps=10),
       "privacy_budget": lambda: optax_dp.privacy_budget(
           sampler=sampler, target_delta=DELTA, noise_multiplier=sigma, steps=10),
+      "dpsgd_event": lambda: optax_dp.dpsgd_event(sigma, sampler=sampler, steps=10),
   }[fn]
   with pytest.raises(ValueError, match="noise_multiplier"):
     call()

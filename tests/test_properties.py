@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from scipy import stats
 
 import optax_dp
-from optax_dp import _bookkeeping, _clipping
+from optax_dp import _clipping
 
 U32 = 2.0 ** -24          # float32 unit roundoff
 SUB32 = 2.0 ** -149       # float32 smallest subnormal
@@ -270,7 +270,7 @@ def test_clip_factors_bound_each_contribution(log_clip, count, regime, seed, spe
   norm = fl(sqrt(s)), f = min(1, fl(C32 / norm)), so f ||g|| is within C [lo, hi],
   lo = (1-u)^2/(1+u), hi = (1+u)^2/(1-u) when clipping; hence 0 <= f <= 1, f ||g|| <= C hi,
   f = 1 exactly below C lo, f ||g|| >= C lo above C hi; f = 0 exactly for non-finite
-  (or, in _bookkeeping.finish, masked) examples. 4 u64 covers the float64 check itself."""
+  (or, in _clipping.clip_rows, masked) examples. 4 u64 covers the float64 check itself."""
   clip = 10.0 ** log_clip
   log_norms = np.clip(log_clip + _log_offsets(np.random.default_rng(seed), count, regime),
                       -25, 19)
@@ -289,11 +289,12 @@ def test_clip_factors_bound_each_contribution(log_clip, count, regime, seed, spe
   assert np.all(f[finite & (norm <= clip * lo)] == 1)
   assert np.all(f[finite & (norm >= clip * hi)] * norm[finite & (norm >= clip * hi)]
                 >= clip * lo)
-  # The masked variant clipped_grads uses.
-  factors, keep, nonfinite = _bookkeeping.finish(clip, jnp.asarray(sq), jnp.asarray(mask))
-  np.testing.assert_array_equal(np.asarray(keep), finite & mask)
-  np.testing.assert_array_equal(np.asarray(factors), np.where(finite & mask, f, 0.0))
-  assert int(nonfinite) == int(np.sum(~finite & mask))
+  # The masked variant clipped_grads uses (clip_rows, one group).
+  rows = _clipping.clip_rows([jnp.asarray(sq)], (0,), (clip,), jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(rows.keep), finite & mask)
+  np.testing.assert_array_equal(np.asarray(rows.factors[0]),
+                                np.where(finite & mask, f, 0.0))
+  assert int(rows.nonfinite_examples) == int(np.sum(~finite & mask))
 
 
 @_settings(25)
