@@ -21,10 +21,10 @@ import math
 import sys
 from typing import Optional, Sequence
 
-from optax_dp import _accounting
-from optax_dp import _budget
-from optax_dp import _checks
-from optax_dp import _sampling
+from optax_dp._sample import _accounting
+from optax_dp._lifecycle import _budget
+from optax_dp._core import _checks
+from optax_dp._sample import _sampling
 from optax_dp._version import __version__
 
 # `calibrate` refuses smaller target epsilons: the PLD accountant discretises

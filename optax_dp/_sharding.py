@@ -39,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_dp import _batches
-from optax_dp import _clip_norms
-from optax_dp import _clipped
-from optax_dp import _devices
-from optax_dp import _nnx
-from optax_dp import _per_example
+from optax_dp._sample import _batches
+from optax_dp._clip import _clip_norms
+from optax_dp._grads import _clipped
+from optax_dp._core import _devices
+from optax_dp._flax import _nnx
+from optax_dp._grads import _per_example
 
 
 def _check_divisible(batch, mesh, axis_name, caller):

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,7 +220,7 @@ def audit_transformation(
   shapes = [jnp.shape(x) for x in leaves]
   dtypes = [jnp.result_type(x) for x in leaves]
   complex_leaf = [jnp.issubdtype(d, jnp.complexfloating) for d in dtypes]
-  # C^n as R^2n (optax_dp._clipping): a complex leaf takes two real
+  # C^n as R^2n (optax_dp._clip._clipping): a complex leaf takes two real
   # coordinates per entry, real parts first, so the canaries and the scores
   # live in the same real space as the mechanism's sensitivity and noise.
   sizes = [int(np.prod(s)) * (2 if c else 1) for s, c in zip(shapes, complex_leaf)]

@@ -103,7 +103,7 @@ def main(argv=None):
 
   import models  # pylint: disable=import-outside-toplevel  (tests/models.py)
   import optax_dp  # pylint: disable=import-outside-toplevel
-  from optax_dp import _batches  # pylint: disable=import-outside-toplevel
+  from optax_dp._sample import _batches  # pylint: disable=import-outside-toplevel
 
   t0 = time.time()
   devices = jax.devices()

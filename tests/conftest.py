@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from optax_dp import _keys
+from optax_dp._core import _keys
 
 # tests/models.py (the shared test models) is imported as `models`. Imported
 # here, before any test module, the name is that file's for the whole session:
@@ -81,4 +81,4 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if (item.path.name, getattr(item, "originalname", None)) in _DELIBERATE_KEY_REUSE:
       item.add_marker(pytest.mark.filterwarnings(
-          "ignore::optax_dp._keys.NoiseKeyReuseWarning"))
+          "ignore::optax_dp._core._keys.NoiseKeyReuseWarning"))

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 import optax_dp
-from optax_dp import _clipping
-from optax_dp import _noise
+from optax_dp._clip import _clipping
+from optax_dp._aggregation import _noise
 
 
 def _noisy(summed, key, std):

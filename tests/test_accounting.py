@@ -1,4 +1,4 @@
-"""Tests for optax_dp._accounting: compute_epsilon, calibrate_noise_multiplier,
+"""Tests for optax_dp._sample._accounting: compute_epsilon, calibrate_noise_multiplier,
 dpsgd_event.
 
 Reference values come from /work/shared/research/results.md section B (rows
@@ -14,7 +14,7 @@ from dp_accounting import rdp
 import pytest
 
 import optax_dp
-from optax_dp import _accounting
+from optax_dp._sample import _accounting
 
 # MNIST-sized dataset used by most reference rows.
 N_MNIST = 60000

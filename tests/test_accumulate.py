@@ -53,7 +53,7 @@ def _make_step(tx):
 
 
 def _dp_state(state):
-  from optax_dp import _budget
+  from optax_dp._lifecycle import _budget
   return _budget.find_dp_state(state)
 
 
@@ -364,7 +364,7 @@ def test_accumulated_batch_needs_a_public_normaliser():
 
 
 # Both runs build dp_aggregate from one key on purpose (the same noise).
-@pytest.mark.filterwarnings("ignore::optax_dp._keys.NoiseKeyReuseWarning")
+@pytest.mark.filterwarnings("ignore::optax_dp._core._keys.NoiseKeyReuseWarning")
 def test_adaptive_clip_accumulates_each_logical_batch_on_its_own():
   """Adaptive clipping through dp_accumulate over 3 logical batches of 16
   rows (k = 2 physical batches of 8; one padding row in each of the first

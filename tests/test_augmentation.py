@@ -1,4 +1,4 @@
-"""Tests for optax_dp._augmentation: augmentation multiplicity equals
+"""Tests for optax_dp._lifecycle._augmentation: augmentation multiplicity equals
 explicit averaging of the view gradients, then clipping."""
 
 import warnings

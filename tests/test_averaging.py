@@ -1,4 +1,4 @@
-"""Tests for optax_dp._averaging: ema_params, polyak_params, averaged_params."""
+"""Tests for optax_dp._lifecycle._averaging: ema_params, polyak_params, averaged_params."""
 
 import jax
 import jax.numpy as jnp

@@ -19,8 +19,8 @@ import pytest
 from scipy import stats
 
 import optax_dp
-from optax_dp import _clipping
-from optax_dp import _keys
+from optax_dp._clip import _clipping
+from optax_dp._core import _keys
 
 import models
 

@@ -1,4 +1,4 @@
-"""optax_dp._bookkeeping: the adapter choice, clipping_plan, and when auto's
+"""optax_dp._grads._bookkeeping: the adapter choice, clipping_plan, and when auto's
 per-example fallback is said (PerExampleFallbackWarning)."""
 
 import warnings

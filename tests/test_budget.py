@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 import optax_dp
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 DELTA = 1e-5
 # q = 50 / 1000 = 0.05.

@@ -1,4 +1,4 @@
-"""optax_dp._checks: the validators every public function uses, one rule each.
+"""optax_dp._core._checks: the validators every public function uses, one rule each.
 
 The public entry points are tested with the same bad values in
 test_bad_inputs.py (one row of docs/bad_inputs.md each); this module pins the
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 
 @pytest.mark.parametrize("value", [0.5, 1, np.float32(2.0)])

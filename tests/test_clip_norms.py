@@ -1,4 +1,4 @@
-"""optax_dp._clip_norms: group-wise clipping (a pytree prefix of the params)
+"""optax_dp._clip._clip_norms: group-wise clipping (a pytree prefix of the params)
 and adaptive quantile clipping (Andrew et al. 2021), through every path that
 clips: per-example gradients into dp_aggregate, clip_and_sum, clipped_grads
 (vmap, auto, ghost, microbatched), NNX, accumulation, the accounting and the
@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 import optax_dp
-from optax_dp import _clip_norms
+from optax_dp._clip import _clip_norms
 
 import models
 

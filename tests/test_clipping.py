@@ -1,4 +1,4 @@
-"""Tests for optax_dp._clipping: complex parameters (C^n as R^2n) and Python
+"""Tests for optax_dp._clip._clipping: complex parameters (C^n as R^2n) and Python
 scalar leaves, through every clipping path (issue 10, points 1 and 2)."""
 
 import math
@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import optax_dp
-from optax_dp import _clipping
+from optax_dp._clip import _clipping
 
 C64 = jnp.complex64
 
@@ -70,7 +70,7 @@ class ComplexMLP(nn.Module):
 
 class ComplexSeqDense(nn.Module):
   """Dense over a sequence: the ghost-norm formula for T=4, d=p=16, and the
-  materialised per-example kernel for T=16, d=p=4 (see optax_dp._layer_rules)."""
+  materialised per-example kernel for T=16, d=p=4 (see optax_dp._clip._layer_rules)."""
   features: int
 
   @nn.compact

@@ -14,7 +14,7 @@ import pytest
 from flax.training import train_state
 
 import optax_dp
-from optax_dp import _keys
+from optax_dp._core import _keys
 
 import models
 

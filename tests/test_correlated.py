@@ -16,9 +16,9 @@ import pytest
 from scipy import stats
 
 import optax_dp
-from optax_dp import _clipping
-from optax_dp import _noise
-from optax_dp import _correlated
+from optax_dp._clip import _clipping
+from optax_dp._aggregation import _noise
+from optax_dp._aggregation import _correlated
 
 jax_privacy = pytest.importorskip("jax_privacy")
 from jax_privacy import noise_addition  # noqa: E402  pylint: disable=g-import-not-at-top

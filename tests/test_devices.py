@@ -1,4 +1,4 @@
-"""Tests for optax_dp._devices: device-varying casts (trap 2 of _sharding).
+"""Tests for optax_dp._core._devices: device-varying casts (trap 2 of _sharding).
 
 One-device mesh only: the varying/invariant types inside `shard_map` do not
 depend on the device count. (Eight simulated devices: test_multi_device.py.)
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from optax_dp import _devices
+from optax_dp._core import _devices
 
 
 def _mesh():

@@ -1,4 +1,4 @@
-"""Tests for optax_dp._keys.as_typed_key: the key forms users may pass.
+"""Tests for optax_dp._core._keys.as_typed_key: the key forms users may pass.
 
 (The noise-key reuse warning is tested in test_bad_inputs.py.)
 """
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_dp import _keys
+from optax_dp._core import _keys
 
 
 def _bits(key):

@@ -1,4 +1,4 @@
-"""optax_dp._layer_rules: each framework-neutral book-keeping rule against the
+"""optax_dp._clip._layer_rules: each framework-neutral book-keeping rule against the
 per-example gradients it replaces, computed directly with jax.vjp per example
 (float64 numpy reference), on plain arrays: no Flax involved."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optax_dp import _layer_rules
+from optax_dp._clip import _layer_rules
 
 B = 4
 

@@ -1,4 +1,4 @@
-"""Flax NNX through optax_dp._nnx: the swap through nnx.Optimizer, wrt filters
+"""Flax NNX through optax_dp._flax._nnx: the swap through nnx.Optimizer, wrt filters
 (LoRA), random streams per example, BatchNorm refusal, the auto fallback.
 
 The reference for every update is computed by hand from per-example gradients

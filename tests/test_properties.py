@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from scipy import stats
 
 import optax_dp
-from optax_dp import _clipping
+from optax_dp._clip import _clipping
 
 U32 = 2.0 ** -24          # float32 unit roundoff
 SUB32 = 2.0 ** -149       # float32 smallest subnormal

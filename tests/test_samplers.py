@@ -1,4 +1,4 @@
-"""Tests for the samplers of optax_dp._sampling: FixedBatchSampler,
+"""Tests for the samplers of optax_dp._sample._sampling: FixedBatchSampler,
 ShuffleSampler, PoissonSampler(truncate=True), and what all samplers share
 (resumption, accumulation chunks, validation, dp_event).
 

@@ -1,4 +1,4 @@
-"""Tests for optax_dp._sampling: poisson_batches, poisson_max_batch_size,
+"""Tests for optax_dp._sample._sampling: poisson_batches, poisson_max_batch_size,
 gather_batch.
 
 Statistical tests use fixed seeds. Each tolerance is chosen so that a correct

@@ -22,8 +22,8 @@ import griffe
 # Private annotation (its canonical path) -> the public name shown instead,
 # looked up in the `optax_dp` package.
 PUBLIC_NAMES = {
-    "optax_dp._aggregate._Budget": "PrivacyBudget",
-    "optax_dp._release.Budget": "PrivacyBudget",
+    "optax_dp._aggregation._aggregate._Budget": "PrivacyBudget",
+    "optax_dp._aggregation._release.Budget": "PrivacyBudget",
 }
 
 

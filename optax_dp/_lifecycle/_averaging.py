@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 
 class AveragedParamsState(NamedTuple):

@@ -21,7 +21,7 @@ without materialising per-example gradients where a cheaper form exists:
 
 Every per-example quantity depends on its own row only (a NaN stays in that
 example's norm), and rows with `keep` False are zeroed with `where` before the
-sums. Complex parameters follow `optax_dp._clipping` (C^n as R^2n). The
+sums. Complex parameters follow `optax_dp._clip._clipping` (C^n as R^2n). The
 framework adapters (`_linen` for Flax Linen) find the layers and call these.
 
 References:
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from optax_dp import _clipping
+from optax_dp._clip import _clipping
 
 Terms = tuple  # ({name: per-example squared norms (B,)}, sums(c, keep) -> {name: array})
 

@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 import jax
 
-from optax_dp import _accounting
-from optax_dp import _aggregate
-from optax_dp import _checks
-from optax_dp import _sampling
+from optax_dp._sample import _accounting
+from optax_dp._aggregation import _aggregate
+from optax_dp._core import _checks
+from optax_dp._sample import _sampling
 
 
 # Raised by dp_aggregate's guard, which lives in the aggregation layer below.

@@ -17,12 +17,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _clipping
-from optax_dp import _devices
-from optax_dp import _layer_rules
-from optax_dp import _linen
-from optax_dp import _nnx
-from optax_dp import _per_example
+from optax_dp._clip import _clipping
+from optax_dp._core import _devices
+from optax_dp._clip import _layer_rules
+from optax_dp._flax import _linen
+from optax_dp._flax import _nnx
+from optax_dp._grads import _per_example
 
 
 class PerExampleFallbackWarning(UserWarning):

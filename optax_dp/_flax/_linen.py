@@ -51,7 +51,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _layer_rules
+from optax_dp._clip import _layer_rules
 
 try:  # flax is optional: without it everything is "uncovered" (vmap path).
   import flax.linen as nn

@@ -26,8 +26,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _checks
-from optax_dp import _clip_norms
+from optax_dp._core import _checks
+from optax_dp._clip import _clip_norms
 
 
 class _ClippedGradsType(type):

@@ -29,8 +29,8 @@ from dp_accounting import mechanism_calibration
 from dp_accounting import pld
 from dp_accounting import rdp
 
-from optax_dp import _checks
-from optax_dp import _sampling
+from optax_dp._core import _checks
+from optax_dp._sample import _sampling
 
 ACCOUNTANTS = ("pld", "rdp")
 """The accountants `compute_epsilon`, `calibrate_noise_multiplier` and

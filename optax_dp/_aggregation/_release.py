@@ -20,12 +20,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _checks
-from optax_dp import _clip_norms
-from optax_dp import _clipping
-from optax_dp import _composition
-from optax_dp import _correlated
-from optax_dp import _keys
+from optax_dp._core import _checks
+from optax_dp._clip import _clip_norms
+from optax_dp._clip import _clipping
+from optax_dp._core import _composition
+from optax_dp._aggregation import _correlated
+from optax_dp._core import _keys
 
 # One ledger entry: (refuse when this holds, the error, its message).
 Check = tuple[Any, type, str]

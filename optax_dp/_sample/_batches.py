@@ -2,7 +2,7 @@
 yields, the random draws that fill them, and gathering the rows they name.
 
 What a sampler *is* as a mechanism (its parameters, accounting event and
-neighbouring relation) lives in `optax_dp._sampling`; this module holds how
+neighbouring relation) lives in `optax_dp._sample._sampling`; this module holds how
 its batches are drawn and laid out. A batch's shape never depends on the
 data: the realised size of a Poisson batch is hidden behind padding rows
 (index -1, mask False) up to a static maximum. Batch t of a run is a function
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 # Default bound on the probability that any batch of a run overflows the static
 # maximum batch size (the sampler then raises instead of dropping examples).

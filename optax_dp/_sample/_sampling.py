@@ -3,7 +3,7 @@
 One object decides both. `PoissonSampler` (the default; what DP-SGD's
 amplification analysis assumes), `FixedBatchSampler` (fixed-size batches drawn
 independently each step) and `ShuffleSampler` (epoch shuffling, accounted
-without amplification) each yield masked batches of indices (`optax_dp._batches`:
+without amplification) each yield masked batches of indices (`optax_dp._sample._batches`:
 format, draws, gathering) and give the `dp_accounting.DpEvent` of their run.
 
 Privacy contract of every sampler: the epsilon is right only if each noisy
@@ -21,10 +21,10 @@ from typing import Any, ClassVar, Iterator, Optional, Union
 import dp_accounting
 import numpy as np
 
-from optax_dp import _batches
-from optax_dp import _checks
-from optax_dp._batches import Batch
-from optax_dp._batches import poisson_max_batch_size
+from optax_dp._sample import _batches
+from optax_dp._core import _checks
+from optax_dp._sample._batches import Batch
+from optax_dp._sample._batches import poisson_max_batch_size
 
 # Poisson batches are padded to at most this many static sizes, multiples of
 # DEFAULT_BUCKET_MULTIPLE (see PoissonSampler.padding_buckets).

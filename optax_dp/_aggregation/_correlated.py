@@ -49,7 +49,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 
 def _jax_privacy(what: str):

@@ -33,8 +33,8 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _checks
-from optax_dp import _clip_norms
+from optax_dp._core import _checks
+from optax_dp._clip import _clip_norms
 
 # One ledger entry: (refuse when this holds, the error, its message).
 Check = tuple[Any, type, str]

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from optax_dp import _bookkeeping
-from optax_dp import _clip_norms
-from optax_dp import _clipping
-from optax_dp import _devices
-from optax_dp import _nnx
-from optax_dp import _per_example
+from optax_dp._grads import _bookkeeping
+from optax_dp._clip import _clip_norms
+from optax_dp._clip import _clipping
+from optax_dp._core import _devices
+from optax_dp._flax import _nnx
+from optax_dp._grads import _per_example
 
 
 ClippedGrads = _clipping.ClippedGrads  # defined with the clipping rules
@@ -74,7 +74,7 @@ def value_and_clipped_grads(
     * `"vmap"`: per-example gradients of every parameter (`per_example_grads`),
       then clip and sum. Always works; memory B x params.
     * `"ghost"`: book-keeping for Flax Linen models (Bu et al. 2023, arXiv
-      2210.00038; see `optax_dp._layer_rules` and its Linen adapter `optax_dp._linen`): no per-example gradients of Dense or
+      2210.00038; see `optax_dp._clip._layer_rules` and its Linen adapter `optax_dp._flax._linen`): no per-example gradients of Dense or
       Conv kernels are materialised (Conv via im2col, per-example kernel
       gradients when that is cheaper), nor of `nn.RNN` cells (GRU, LSTM, simple,
       MGU: per-step inputs and output gradients of their Dense sub-layers, one
@@ -102,7 +102,7 @@ def value_and_clipped_grads(
   `optimizer.update(model, clipped_grads(loss_fn, C)(model, batch, mask))`.
   Random streams and `nnx.BatchNorm` as in `value_and_per_example_grads`.
   Book-keeping covers `nnx.Linear`, `nnx.Conv`, `nnx.Embed` and `nnx.RNN`
-  over `nnx.GRUCell`/`LSTMCell`/`SimpleCell` (see `optax_dp._nnx`); `"auto"` computes per-example gradients for the other
+  over `nnx.GRUCell`/`LSTMCell`/`SimpleCell` (see `optax_dp._flax._nnx`); `"auto"` computes per-example gradients for the other
   parameters (norms, attention, a Param used directly, shared layers) and
   says which, once (`PerExampleFallbackWarning`); `"ghost"` raises naming
   them.

@@ -13,18 +13,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_dp import _checks
-from optax_dp import _clip_norms
-from optax_dp import _clip_policy
-from optax_dp import _clipping
-from optax_dp import _composition
-from optax_dp import _keys
-from optax_dp import _noise
-from optax_dp import _release
-from optax_dp._checks import AdaptiveClipMismatchError  # re-exported
-from optax_dp._checks import NoiseReplayError  # re-exported
-from optax_dp._checks import PrivacyBudgetExceededError  # re-exported
-from optax_dp._release import Budget as _Budget
+from optax_dp._core import _checks
+from optax_dp._clip import _clip_norms
+from optax_dp._clip import _clip_policy
+from optax_dp._clip import _clipping
+from optax_dp._core import _composition
+from optax_dp._core import _keys
+from optax_dp._aggregation import _noise
+from optax_dp._aggregation import _release
+from optax_dp._core._checks import AdaptiveClipMismatchError  # re-exported
+from optax_dp._core._checks import NoiseReplayError  # re-exported
+from optax_dp._core._checks import PrivacyBudgetExceededError  # re-exported
+from optax_dp._aggregation._release import Budget as _Budget
 
 
 class DPAggregateState(NamedTuple):
@@ -45,7 +45,7 @@ class DPAggregateState(NamedTuple):
       the data: it is a debugging aid, not something to publish.
     noise_state: DP-BandMF only (`()` for DP-SGD): per parameter leaf, the
       streaming state of the correlated noise, `(index, buffers)` with
-      `bands` buffers of the leaf's shape (`optax_dp._correlated`). A
+      `bands` buffers of the leaf's shape (`optax_dp._aggregation._correlated`). A
       function of the key and the steps so far; its index must equal `step`.
     clip_norm: adaptive clipping only (`()` otherwise): float32, the clip
       norm of the next update (`optax_dp.l2_norm_clip_of(opt_state)` reads

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from optax_dp import _aggregate
-from optax_dp import _checks
-from optax_dp import _clipping
-from optax_dp import _devices
+from optax_dp._aggregation import _aggregate
+from optax_dp._core import _checks
+from optax_dp._clip import _clipping
+from optax_dp._core import _devices
 
 
 class DPAccumulateState(NamedTuple):

@@ -30,7 +30,7 @@ instead, they call this adapter, which
   `ClippedGrads` of its own array (the clip norm, batch size and non-finite
   count ride along, as `nnx.Optimizer` keeps only the `wrt` variables of what
   it is given); `dp_aggregate` and `dp_accumulate` gather them back into one
-  `ClippedGrads` (`optax_dp._clipping.gather_clipped_leaves`).
+  `ClippedGrads` (`optax_dp._clip._clipping.gather_clipped_leaves`).
 
 Other variables that the model writes while it runs (a call counter, batch
 statistics) are not written back: each example's evaluation is a function of
@@ -49,8 +49,8 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _clipping
-from optax_dp import _layer_rules
+from optax_dp._clip import _clipping
+from optax_dp._clip import _layer_rules
 
 
 def _nnx():

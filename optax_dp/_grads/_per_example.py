@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from optax_dp import _batches
-from optax_dp import _checks
-from optax_dp import _devices
-from optax_dp import _nnx
+from optax_dp._sample import _batches
+from optax_dp._core import _checks
+from optax_dp._core import _devices
+from optax_dp._flax import _nnx
 
 # loss_fn(params, batch) -> scalar loss, or (loss, aux) with has_aux. Any
 # function of two positional arguments: `params` is a pytree of parameters or a
@@ -236,7 +236,7 @@ def value_and_per_example_grads(
   `nnx.State` of the `wrt` variables (what `nnx.Optimizer.update(model,
   grads)` takes); other variables are read, not trained; every example gets
   its own random streams (independent dropout masks, new ones each call);
-  `nnx.BatchNorm` in training mode raises `ValueError`. See `optax_dp._nnx`.
+  `nnx.BatchNorm` in training mode raises `ValueError`. See `optax_dp._flax._nnx`.
 
   Returns:
     `fn(params, batch, mask=None)` returning `(losses, grads)`, or

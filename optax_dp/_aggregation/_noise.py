@@ -7,7 +7,7 @@ once when the transformation is built:
   every step (Abadi et al. 2016);
 * `bandmf(strategy)`: DP-BandMF's `(C^{-1} z)_t`, the same i.i.d. draws `z`
   correlated across steps through a banded strategy matrix `C`
-  (`optax_dp._correlated`; Choquette-Choo et al. 2023).
+  (`optax_dp._aggregation._correlated`; Choquette-Choo et al. 2023).
 
 Both are the same shape, as jax_privacy's privatizers are: i.i.d. noise is the
 correlated noise of the identity strategy. A source has `init(params)` (its
@@ -37,9 +37,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from optax_dp import _checks
-from optax_dp import _clipping
-from optax_dp import _correlated
+from optax_dp._core import _checks
+from optax_dp._clip import _clipping
+from optax_dp._aggregation import _correlated
 
 
 def gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float) -> chex.ArrayTree:

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import jax
 
-from optax_dp import _checks
+from optax_dp._core import _checks
 
 
 def augmentation_multiplicity(
