@@ -27,7 +27,7 @@ from optax_dp._lifecycle._averaging import ema_params
 from optax_dp._lifecycle._averaging import polyak_params
 from optax_dp._sample._accounting import ACCOUNTANTS
 from optax_dp._sample._accounting import SamplingArgs
-from optax_dp._sample._accounting import calibrate_noise_multiplier
+from optax_dp._sample._calibration import calibrate_noise_multiplier
 from optax_dp._sample._accounting import compute_epsilon
 from optax_dp._sample._accounting import dpsgd_event
 from optax_dp._core._checks import AdaptiveClipMismatchError
@@ -62,15 +62,15 @@ from optax_dp._sharding import sharded_clipped_grads
 from optax_dp._sharding import sharded_per_example_grads
 from optax_dp._sharding import sharded_value_and_clipped_grads
 from optax_dp._sample._batches import Batch
-from optax_dp._sample._sampling import CyclicPoissonSampler
+from optax_dp._sample._poisson import CyclicPoissonSampler
 from optax_dp._sample._sampling import FixedBatchSampler
 from optax_dp._sample._batches import PoissonBatch
-from optax_dp._sample._sampling import PoissonSampler
+from optax_dp._sample._poisson import PoissonSampler
 from optax_dp._sample._sampling import ShuffleSampler
 from optax_dp._sample._sampling import make_sampler
 from optax_dp._sample._batches import MaskedBatch
 from optax_dp._sample._batches import gather_batch
-from optax_dp._sample._sampling import poisson_batches
+from optax_dp._sample._poisson import poisson_batches
 from optax_dp._sample._batches import poisson_max_batch_size
 from optax_dp._sample._batches import poisson_padding_buckets
 

@@ -22,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from optax_dp._sample import _accounting
+from optax_dp._sample import _calibration
 from optax_dp._lifecycle import _budget
 from optax_dp._core import _checks
 from optax_dp._sample import _sampling
@@ -113,7 +114,7 @@ def _calibrate(args, sampler, steps: int, accountant: str) -> float:
         f"{MIN_TARGET_EPSILON:g}, or compute the epsilon of a given noise "
         "multiplier with `optax-dp epsilon`.")
   try:
-    sigma = _accounting.calibrate_noise_multiplier(
+    sigma = _calibration.calibrate_noise_multiplier(
         target, args.delta, sampler=sampler, steps=steps, accountant=accountant)
   except (ArithmeticError, RuntimeError, ValueError) as e:
     raise ValueError(f"no noise multiplier found for --epsilon {target:g} {where}: "

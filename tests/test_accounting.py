@@ -15,6 +15,7 @@ import pytest
 
 import optax_dp
 from optax_dp._sample import _accounting
+from optax_dp._sample import _calibration
 
 # MNIST-sized dataset used by most reference rows.
 N_MNIST = 60000
@@ -259,10 +260,10 @@ def test_round_up_never_rounds_down(x):
   value itself), and the verification's step `round_up(sigma * (1 + 1e-4))`
   from a 4-digit sigma strictly increases it (a rounding that went down would
   leave it stuck: the loop never ended)."""
-  got = _accounting._round_up(x)  # pylint: disable=protected-access
+  got = _calibration._round_up(x)  # pylint: disable=protected-access
   assert x - 1e-9 * _unit(x) <= got < x + _unit(x), got
   assert float(f"{got:.4g}") == got
-  stepped = _accounting._round_up(got * (1 + 1e-4))  # pylint: disable=protected-access
+  stepped = _calibration._round_up(got * (1 + 1e-4))  # pylint: disable=protected-access
   assert got < stepped <= got + _unit(got) * (1 + 1e-9), (got, stepped)
 
 
@@ -282,7 +283,7 @@ def test_budget_verification_is_bounded(monkeypatch):
   with pytest.raises(RuntimeError, match="calibration bug"):
     optax_dp.calibrate_noise_multiplier(1.0, 1e-5, dataset_size=1000, batch_size=10,
                                         steps=7, accountant="rdp")
-  assert len(calls) == _accounting._MAX_VERIFY_STEPS + 1  # pylint: disable=protected-access
+  assert len(calls) == _calibration._MAX_VERIFY_STEPS + 1  # pylint: disable=protected-access
   assert all(a < b for a, b in zip(calls, calls[1:]))      # each step strictly up
 
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import jax
 
 from optax_dp._sample import _accounting
+from optax_dp._sample import _calibration
 from optax_dp._aggregation import _aggregate
 from optax_dp._core import _checks
 from optax_dp._sample import _sampling
@@ -150,7 +151,7 @@ def privacy_budget(
   accountant = _accounting.resolve_accountant(accountant, sampler)
   if noise_multiplier is None:
     steps = _checks.check_int("steps", steps, 1)
-    noise_multiplier = _accounting.calibrate_noise_multiplier(
+    noise_multiplier = _calibration.calibrate_noise_multiplier(
         target_epsilon, target_delta, sampler=sampler, steps=steps,
         accountant=accountant)
     return PrivacyBudget(sampler, noise_multiplier, target_delta, steps, accountant,
