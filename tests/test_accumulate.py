@@ -114,7 +114,8 @@ def _per_device(clipped):
 @pytest.mark.parametrize("per_device", [False, True])
 def test_noise_is_added_once_per_logical_batch(per_device):
   """`per_device`: per-device sums accumulated by dp_accumulate(mesh=) (one
-  device here; 8 in test_multi_device.py, point 3)."""
+  device here; 8 in test_multi_device.py's
+  test_noise_of_accumulated_per_device_sums_is_added_once_per_logical_batch)."""
   k, normaliser, n_a, n_b = 4, 16, 60_000, 40_000
   params = {"a": jnp.zeros((n_a,)), "b": jnp.zeros((n_b,))}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)) if per_device else None

@@ -194,7 +194,7 @@ def library_runs(tmp_path_factory):
 
 # Float tolerance of "2 processes == 8 devices == 1 device". The three runs add
 # bitwise the same noise (same key and step: the noise is computed from the
-# replicated state on every device, see test_multi_device.py point 3), so they
+# replicated state on every device, see test_multi_device.py's noise tests), so they
 # differ only by float32 rounding: the clipped sum is added up in another
 # order (8 per-device sums of ~16 rows, then the all-reduce, against one sum
 # of ~120 rows), and XLA vectorises the per-example work over 16 rows instead
