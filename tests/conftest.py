@@ -53,8 +53,7 @@ _DELIBERATE_KEY_REUSE = {
     ("test_audit.py", "test_the_score_sign_does_not_matter"),
     ("test_properties.py", "test_masked_rows_never_matter"),
     ("test_clip_norms.py", "test_groupwise_noise_is_the_flat_noise_at_the_total_sensitivity"),
-    ("test_clip_norms.py", "test_groupwise_accumulation_equals_one_logical_batch"),
-    ("test_clip_norms.py", "test_adaptive_resumes_bitwise_and_accumulates_as_one_batch"),
+    ("test_clip_norms.py", "test_adaptive_resumes_bitwise"),
 }
 
 

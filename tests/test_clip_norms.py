@@ -1,8 +1,10 @@
 """optax_dp._clip_norms: group-wise clipping (a pytree prefix of the params)
 and adaptive quantile clipping (Andrew et al. 2021), through every path that
 clips: per-example gradients into dp_aggregate, clip_and_sum, clipped_grads
-(vmap, auto, ghost, microbatched), NNX, accumulation, the accounting and the
-one-run audit."""
+(vmap, auto, ghost, microbatched), NNX, the accounting and the one-run audit.
+Accumulation with either (k physical batches = one logical batch) is
+test_accumulate.py's test_k_physical_batches_equal_one_logical_batch, for
+every clip kind and noise kind."""
 
 import math
 
@@ -201,21 +203,6 @@ def test_groupwise_refuses_a_mismatch():
     tx.update(flat, tx.init(params), params)
   with pytest.raises(ValueError, match="no clip norm to parameters"):
     optax_dp.dp_aggregate({"Conv_0": 1.0}, 1.0, key=0, expected_batch_size=6).init(params)
-
-
-def test_groupwise_accumulation_equals_one_logical_batch():
-  """dp_accumulate over 2 physical batches of group-clipped sums equals one
-  dp_aggregate step on the whole logical batch (same key)."""
-  loss_fn, params, (x, y) = _setup(batch=8)
-  grad_fn = jax.jit(optax_dp.clipped_grads(loss_fn, GROUPS))
-  make = lambda: optax_dp.dp_aggregate(GROUPS, 1.0, key=21, expected_batch_size=8)  # noqa: E731
-  acc = optax_dp.dp_accumulate(make(), 2)
-  state = acc.init(params)
-  _, state = acc.update(grad_fn(params, (x[:4], y[:4])), state, params)
-  got, state = acc.update(grad_fn(params, (x[4:], y[4:])), state, params)
-  one = make()
-  want, _ = one.update(grad_fn(params, (x, y)), one.init(params), params)
-  _assert_tree_close(got, [np.asarray(w) for w in jax.tree.leaves(want)])
 
 
 def test_per_layer_clip_norms_keeps_the_total_sensitivity():
@@ -459,11 +446,11 @@ def test_adaptive_epsilon_is_the_composition_of_both_mechanisms():
   assert measured == pytest.approx(sigma, rel=6 * math.sqrt(1 / (2 * 20000)))
 
 
-def test_adaptive_resumes_bitwise_and_accumulates_as_one_batch():
+def test_adaptive_resumes_bitwise():
   """The clip norm is optimizer state: 4 steps equal 2 steps, a numpy round
   trip of the whole state and a rebuilt transform, then 2 more (updates and
-  clip bit for bit); and dp_accumulate over 2 physical batches equals the
-  logical batch (updates and the next clip)."""
+  clip bit for bit). (dp_accumulate with an adaptive clip: test_accumulate.py,
+  test_k_physical_batches_equal_one_logical_batch.)"""
   clip = optax_dp.AdaptiveClip(0.5, target_quantile=0.5)
   make = lambda: optax.chain(optax_dp.dp_aggregate(clip, 1.0, key=4, expected_batch_size=64),  # noqa: E731
                              optax.sgd(0.1))
@@ -488,17 +475,6 @@ def test_adaptive_resumes_bitwise_and_accumulates_as_one_batch():
   np.testing.assert_array_equal(w_straight, w_resumed)
   assert float(optax_dp.l2_norm_clip_of(straight)) == float(optax_dp.l2_norm_clip_of(resumed))
   assert float(optax_dp.l2_norm_clip_of(straight)) != 0.5
-
-  acc = optax_dp.dp_accumulate(make(), 2)
-  state = acc.init(w0)
-  for rows in (data[0][:32], data[0][32:]):
-    u_acc, state = acc.update(
-        grad_fn(w0, rows, l2_norm_clip=optax_dp.l2_norm_clip_of(state)), state, w0)
-  one = make()
-  u_one, one_state = one.update(grad_fn(w0, data[0], l2_norm_clip=0.5), one.init(w0), w0)
-  np.testing.assert_allclose(u_acc, u_one, rtol=1e-5, atol=1e-7)
-  assert float(optax_dp.l2_norm_clip_of(state)) == pytest.approx(
-      float(optax_dp.l2_norm_clip_of(one_state)), rel=1e-6)
 
 
 def test_adaptive_refusals():
