@@ -147,6 +147,7 @@ def test_groupwise_nnx_optimizer_equals_by_hand():
     np.testing.assert_allclose(np.asarray(b) - np.asarray(a), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_groupwise_sensitivity_bound_holds_and_is_attained():
   """Removing one example moves the clipped sum by at most sqrt(sum_g C_g^2)
   (the noise's scale), for random examples and for adversarial ones whose
@@ -167,6 +168,7 @@ def test_groupwise_sensitivity_bound_holds_and_is_attained():
   assert moved(adversarial, 2) == pytest.approx(SENSITIVITY, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_groupwise_noise_is_the_flat_noise_at_the_total_sensitivity():
   """dp_aggregate with groups adds exactly the noise of a flat clip at
   C = sqrt(sum_g C_g^2) (same key): std noise_multiplier * sensitivity; and
@@ -413,6 +415,7 @@ def test_adaptive_noise_follows_the_current_clip_as_it_grows():
   assert clips[4] > 20 * c0, clips
 
 
+@pytest.mark.slow
 def test_adaptive_epsilon_is_the_composition_of_both_mechanisms():
   """A budget's epsilon for the effective z equals, computed here with
   dp_accounting, the PLD of T Poisson-subsampled Gaussian mechanisms whose
@@ -506,6 +509,7 @@ def test_adaptive_refusals():
                           noise_strategy=optax_dp.bandmf_strategy(5, 3))
 
 
+@pytest.mark.slow
 def test_audit_stays_consistent_with_adaptive_and_group_clipping():
   """The one-run canary audit (one canary per step, 400 steps) finds no
   violation of the per-step Gaussian claim for an adaptive clip (its norm

@@ -122,6 +122,7 @@ def test_streaming_multiply_equals_jax_privacys(bands):
   assert int(_correlated.noise_index(ours)) == 12
 
 
+@pytest.mark.slow
 def test_noise_covariance_is_jax_privacy_privatizers():
   """Over d = 40,000 coordinates (each an independent stream of n = 6 steps),
   the empirical step-by-step covariance S of our BandMF noise and of
@@ -289,6 +290,7 @@ def test_strategy_without_budget_refuses_steps_past_it():
     tx.update(_zero_grads(), state, PARAMS)
 
 
+@pytest.mark.slow
 def test_audit_stays_consistent_on_bandmf():
   """The one-run canary audit of dp_aggregate with BandMF noise (one canary
   per step, 400 steps, 4 bands) finds no violation of the per-step Gaussian
@@ -305,6 +307,7 @@ def test_audit_stays_consistent_on_bandmf():
   assert math.isfinite(report.epsilon_lower_bound)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_with_a_bandmf_budget_equals_the_plain_pytree_run():
   """nnx.Optimizer(model, chain(dp_aggregate(budget of a cyclic sampler), sgd)):
   its noise state lives in the optimizer's own variables; 3 steps give the

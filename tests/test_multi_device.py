@@ -643,6 +643,7 @@ def _assert_same_params(got, want, names):
 # ---------------------------------------------------------------- train
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1", "auto_k2"])
 def test_train_8_device_trainstate_steps_equal_1_device(results, run):
   """3 (logical) TrainState steps of chain(dp_aggregate(sigma=1), sgd(momentum
@@ -662,6 +663,7 @@ def test_train_8_device_trainstate_steps_equal_1_device(results, run):
                       _leaves(arrays, f"train/{run}/1", names), names)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1", "auto_k2"])
 def test_train_jit_sharded_trainstate_steps_equal_1_device(results, run):
   """The same runs with the ONE-device builder, `clipped_grads(loss_fn, C,
@@ -679,6 +681,7 @@ def test_train_jit_sharded_trainstate_steps_equal_1_device(results, run):
     _assert_same_params(_leaves(arrays, f"train/{run}/{path}", names), want, names)
 
 
+@pytest.mark.subprocess
 def test_train_jit_sharded_per_example_grads_into_dp_aggregate_equal_1_device(results):
   """per_example_grads (vmap, materialised) in a plain jax.jit step on the
   sharded batch and mask, clipped and noised by dp_aggregate: 3 steps equal
@@ -706,6 +709,7 @@ def _rel_err(got, ref):
   return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
+@pytest.mark.subprocess
 def test_per_example_sharded_grads_equal_single_example_loop(results):
   pe, arrays = _section(results, "per_example")
   names = pe["leaf_names"]
@@ -723,6 +727,7 @@ def test_per_example_sharded_grads_equal_single_example_loop(results):
                                atol=PE_RTOL * scale, err_msg=name)
 
 
+@pytest.mark.subprocess
 def test_per_example_jit_sharded_grads_equal_single_example_loop(results):
   """per_example_grads(loss_fn), the one-device builder, on the batch placed
   with NamedSharding(mesh, P("data")): under jax.jit, eagerly, and on a mesh in
@@ -746,6 +751,7 @@ def test_per_example_jit_sharded_grads_equal_single_example_loop(results):
                                atol=PE_RTOL * np.max(np.abs(ref)), err_msg=name)
 
 
+@pytest.mark.subprocess
 def test_per_example_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(results):
   """jit(vmap(grad(loss))) on a batch placed with NamedSharding(mesh, P("data"))
   gets the conv kernel's per-example gradients wrong; the same function on an
@@ -769,6 +775,7 @@ def test_per_example_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(resul
   assert err > LARGE, err
 
 
+@pytest.mark.subprocess
 def test_per_example_trap2_vmap_grad_in_shard_map_needs_pcast(results):
   """Inside shard_map, vmap(grad) w.r.t. replicated params (no pcast) sums the
   cotangents across devices: wrong per-example gradients. per_example_grads
@@ -783,6 +790,7 @@ def test_per_example_trap2_vmap_grad_in_shard_map_needs_pcast(results):
                                atol=PE_RTOL * np.max(np.abs(ref)), err_msg=n)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["jit", "eager"])
 @pytest.mark.parametrize("fn", ["per_example_grads", "clipped_grads"])
 def test_per_example_guard_refuses_a_partitioned_batch_it_cannot_route(results, fn, mode):
@@ -800,6 +808,7 @@ def test_per_example_guard_refuses_a_partitioned_batch_it_cannot_route(results, 
   assert "sharded_clipped_grads" in guard["message"]       # it says what to use
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("method", ["vmap", "auto"])
 def test_nnx_jit_sharded_clipped_grads_equal_1_device(results, method):
   """Flax NNX (a conv, dropout, a dense layer): clipped_grads under nnx.jit on
@@ -817,6 +826,7 @@ def test_nnx_jit_sharded_clipped_grads_equal_1_device(results, method):
 # ---------------------------------------------------------- clip_norms, noise
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("clip", ["groups", "adaptive"])
 @pytest.mark.parametrize("path", ["sharded8", "jit8"])
 def test_clip_norms_group_wise_and_adaptive_on_8_devices_equal_1_device(results, clip, path):
@@ -835,6 +845,7 @@ def test_clip_norms_group_wise_and_adaptive_on_8_devices_equal_1_device(results,
     assert float(arrays[f"clip_norms/{clip}/{path}/clip"]) == pytest.approx(one, rel=1e-6)
 
 
+@pytest.mark.subprocess
 def test_noise_is_added_once_and_equals_1_device_noise(results):
   """Zero-gradient examples (a loss constant in the params), so the update of
   dp_aggregate is pure noise / E. With noise std sigma*C on the sum,
@@ -863,6 +874,7 @@ def test_noise_is_added_once_and_equals_1_device_noise(results):
     np.testing.assert_array_equal(out8, out1)
 
 
+@pytest.mark.subprocess
 def test_noise_of_bandmf_is_drawn_once_and_equals_1_device(results):
   """DP-BandMF noise (3 bands) on the jit-sharded path: the 8-device updates
   equal the 1-device ones bit for bit (noise correlated once, on the global
@@ -876,6 +888,7 @@ def test_noise_of_bandmf_is_drawn_once_and_equals_1_device(results):
   assert not np.allclose(bandmf8[1:], arrays["noise/1"][1:], atol=1e-3)
 
 
+@pytest.mark.subprocess
 def test_noise_of_accumulated_per_device_sums_is_added_once_per_logical_batch(results):
   """As above, with gradient accumulation: 16 physical batches of zero
   gradients, k = 4, the per-device sums (reduce=False) accumulated by
@@ -930,6 +943,7 @@ def test_all_reduce_shape_parser():
   assert _all_reduce_shapes(line) == [("f32", (4,)), ("f32", (3, 3, 1, 4)), ("f32", ())]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1"])
 def test_train_compiled_step_has_one_all_reduce_of_all_parameters(results, run):
   """The compiled 8-device train step (sharded_clipped_grads + dp_aggregate +
@@ -991,6 +1005,7 @@ def test_sampler_pad_batch_for_devices_keeps_examples_and_spreads_them(devices):
   assert checked == 5 + 5 + 15 + 5
 
 
+@pytest.mark.subprocess
 def test_sampler_gather_sharded_batch_equals_gather_batch(results):
   """On 8 devices, for 3 Poisson batches padded with pad_batch_for_devices:
   gather_sharded_batch returns gather_batch's rows and the batch's mask,
@@ -1004,6 +1019,7 @@ def test_sampler_gather_sharded_batch_equals_gather_batch(results):
     assert padded % 8 == 0 and padded >= raw > real   # padding really happened
 
 
+@pytest.mark.subprocess
 def test_sampler_poisson_batches_padded_for_8_devices_train_like_1_device(results):
   """3 steps on 8 devices (Poisson batches padded to 40 rows, interleaved,
   loaded with gather_sharded_batch) == 3 steps on 1 device with the
@@ -1020,6 +1036,7 @@ def test_sampler_poisson_batches_padded_for_8_devices_train_like_1_device(result
 # ---------------------------------------------------------------- divisible
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("fn", ["sharded_clipped_grads", "sharded_per_example_grads"])
 @pytest.mark.parametrize("jit", [False, True])
 def test_divisible_batch_not_multiple_of_devices_is_refused(results, fn, jit):
@@ -1033,6 +1050,7 @@ def test_divisible_batch_not_multiple_of_devices_is_refused(results, fn, jit):
 # ---------------------------------------------------------------- normaliser
 
 
+@pytest.mark.subprocess
 def test_normaliser_sharded_batch_size_is_global_and_default_matches_1_device(results):
   """sharded_clipped_grads on 8 devices reports batch_size = the global 16
   rows (padding included, like clipped_grads on one device), not the 2 rows
@@ -1056,6 +1074,7 @@ def test_normaliser_sharded_batch_size_is_global_and_default_matches_1_device(re
                       _leaves(arrays, "normaliser/1", names), names)
 
 
+@pytest.mark.subprocess
 def test_normaliser_jit_sharded_clipped_grads_batch_size_is_global(results):
   """The one-device clipped_grads under jax.jit on a batch split over the 8
   devices (Auto and explicit sharding) reports batch_size = the global 16
@@ -1078,6 +1097,7 @@ def test_normaliser_jit_sharded_clipped_grads_batch_size_is_global(results):
 # logical batch.
 
 
+@pytest.mark.subprocess
 def test_accumulate_per_device_equals_per_batch_all_reduce_and_1_device(results):
   """2 logical steps of k = 4 physical 16-row batches (3 padding rows each,
   and a real example with a NaN input in physical batch 1) through
@@ -1213,6 +1233,7 @@ def test_hlo_computation_parser():
   assert _elements(branches[0][1][0]) == 4
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model", ["", "tutorial_"])
 def test_accumulate_one_gradient_sized_all_reduce_per_logical_batch(results, model):
   """How the count is made: the train step (sharded_clipped_grads + TrainState
