@@ -565,6 +565,7 @@ SAMPLER_CALIBRATION = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,accountant,eps,steps", SAMPLER_CALIBRATION,
                          ids=[f"{s.name}-{a}" for s, a, _, _ in SAMPLER_CALIBRATION])
 def test_calibration_with_samplers(sampler, accountant, eps, steps):

@@ -43,65 +43,141 @@ def _inner(key, expected_batch_size):
       optax.sgd(0.1, momentum=0.9))
 
 
-def _make_step(tx):
-  @jax.jit
-  def step(params, state, batch):
-    clipped = optax_dp.clip_and_sum(_per_example(params, batch), CLIP)
-    updates, state = tx.update(clipped, state, params)
-    return optax.apply_updates(params, updates), state, updates
-  return step
-
-
 def _dp_state(state):
   from optax_dp._lifecycle import _budget
   return _budget.find_dp_state(state)
 
 
-LOGICAL_SIZE, LOGICAL_STEPS = 8, 4
+# ---------------------------------------------------------------------------
+# k physical batches = one logical batch: the property written once, for every
+# clip kind (fixed, groups, adaptive) and noise kind (i.i.d., BandMF).
+#
+# dp_accumulate(tx, k) fed the clipped sums of k physical batches must release,
+# at each k-th update, exactly what tx releases on their logical batch: the
+# same clipped sum (one sensitivity), the same noise (one draw per logical
+# batch, the same key and step), the same inner optimizer state (momentum
+# 0.9: held updates may not reach it), and for an adaptive clip the same clip
+# norm after each step (the privatised count holds the examples of that
+# logical batch only). The noise is shared, so only float32 summation order
+# separates the runs: rtol 1e-5 / atol 1e-6 on the updates (updates of size
+# ~0.1; the summation error is ~16 * 6e-8 relative), rel 1e-6 on the clip (the
+# count itself is a sum of halves, exact). A misaligned noise stream, noise
+# added per physical batch, or a count carried into the next logical batch
+# moves them far more (checked below: another key moves the parameters by
+# > 1e-3; the adaptive counts are >= 2 in size).
+
+ROWS, STEPS = 16, 3       # the logical batch (also the normaliser) and the logical steps
+# The per-example norms of _data(48, seed=7) at _params() are 2.2 to 42 (w: 2
+# to 39, b: 0.8 to 14): every clip below (the adaptive one from its start)
+# clips some examples and not others, in each group.
+CLIP_KINDS = {
+    "fixed": 12.0,
+    "groups": {"w": 10.0, "b": 5.0},     # a layer's kernel and bias in two groups
+    "adaptive": optax_dp.AdaptiveClip(8.0, target_quantile=0.5, learning_rate=0.2),
+}
+# (clip, noise, k, route): every clip x noise kind at k = 2 through
+# clipped_grads (but adaptive x BandMF, which dp_aggregate refuses:
+# test_clip_norms.py's test_adaptive_refusals); fixed i.i.d. also at k = 1
+# and 4 through per_example_grads + clip_and_sum.
+ACCUMULATION_CASES = (
+    [("fixed", "iid", k, "clip_and_sum") for k in (1, 2, 4)]
+    + [(clip, noise, 2, "clipped_grads") for clip in CLIP_KINDS for noise in ("iid", "bandmf")
+       if (clip, noise) != ("adaptive", "bandmf")])
 
 
-def _logical_batches():
-  x, y = _data(LOGICAL_SIZE * LOGICAL_STEPS)
-  return [(x[i * LOGICAL_SIZE:(i + 1) * LOGICAL_SIZE], y[i * LOGICAL_SIZE:(i + 1) * LOGICAL_SIZE])
-          for i in range(LOGICAL_STEPS)]
+def _logical_data():
+  """48 rows (3 logical batches of 16), rows 5 and 30 padding (mask False)."""
+  x, y = _data(ROWS * STEPS, seed=7)
+  mask = np.ones(ROWS * STEPS, bool)
+  mask[[5, 30]] = False
+  return x, y, mask
+
+
+def _clip_noise_tx(clip, noise, key):
+  strategy = None
+  if noise == "bandmf":
+    pytest.importorskip("jax_privacy")
+    # 6 steps, 3 of them run: each logical batch's noise is correlated with the last.
+    strategy = optax_dp.bandmf_strategy(6, 3)
+  return optax.chain(optax_dp.dp_aggregate(CLIP_KINDS[clip], SIGMA, key, expected_batch_size=ROWS,
+                                           noise_strategy=strategy),
+                     optax.sgd(0.1, momentum=0.9))
+
+
+def _clip_noise_step(tx, clip, route):
+  """A jitted step: (params, state, batch, mask) -> (params, state, updates, clipped)."""
+  if route == "clip_and_sum":
+    grad_fn = lambda p, batch, mask: optax_dp.clip_and_sum(  # noqa: E731
+        optax_dp.per_example_grads(_loss)(p, batch, mask), CLIP_KINDS[clip])
+  else:
+    grad_fn = optax_dp.clipped_grads(_loss, CLIP_KINDS[clip])
+
+  @jax.jit
+  def step(params, state, batch, mask):
+    if clip == "adaptive":
+      clipped = grad_fn(params, batch, mask, l2_norm_clip=optax_dp.l2_norm_clip_of(state))
+    else:
+      clipped = grad_fn(params, batch, mask)
+    updates, state = tx.update(clipped, state, params)
+    return optax.apply_updates(params, updates), state, updates, clipped
+  return step
 
 
 @functools.lru_cache(maxsize=None)
-def _logical_run(seed):
-  """Parameters after LOGICAL_STEPS plain (unaccumulated) steps, noise key `seed`."""
-  tx = _inner(jax.random.key(seed), expected_batch_size=LOGICAL_SIZE)
-  step = _make_step(tx)
+def _logical_run(clip, noise, route, key):
+  """STEPS plain (unaccumulated) steps on the logical batches: the updates,
+  the clip norm after each step (adaptive), the unclipped counts, the params."""
+  x, y, mask = _logical_data()
+  tx = _clip_noise_tx(clip, noise, key)
+  step = _clip_noise_step(tx, clip, route)
   params, state = _params(), tx.init(_params())
-  for batch in _logical_batches():
-    params, state, _ = step(params, state, batch)
-  return params
+  updates, clips, counts = [], [], []
+  for t in range(STEPS):
+    rows = slice(ROWS * t, ROWS * (t + 1))
+    params, state, u, clipped = step(params, state, (x[rows], y[rows]), mask[rows])
+    updates.append(u)
+    if clip == "adaptive":
+      clips.append(float(optax_dp.l2_norm_clip_of(state)))
+      counts.append(float(clipped.unclipped_count))
+  return updates, clips, counts, params
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_k_physical_batches_equal_one_logical_batch(k):
-  logical_size, steps = LOGICAL_SIZE, LOGICAL_STEPS
-  logical = _logical_batches()
-  want = _logical_run(3)
-
-  tx = optax_dp.dp_accumulate(_inner(jax.random.key(3), expected_batch_size=8), k)
-  step = _make_step(tx)
+@pytest.mark.parametrize("clip,noise,k,route", [   # BandMF (jax_privacy's optimisation): slow
+    pytest.param(*case, id="{}-{}-k{}-{}".format(*case),
+                 marks=pytest.mark.slow if case[1] == "bandmf" else ())
+    for case in ACCUMULATION_CASES])
+def test_k_physical_batches_equal_one_logical_batch(clip, noise, k, route):
+  want_updates, want_clips, counts, want = _logical_run(clip, noise, route, 3)
+  x, y, mask = _logical_data()
+  tx = optax_dp.dp_accumulate(_clip_noise_tx(clip, noise, 3), k)
+  step = _clip_noise_step(tx, clip, route)
   params, state = _params(), tx.init(_params())
-  phys = logical_size // k
-  for bx, by in logical:
+  phys = ROWS // k
+  for t in range(STEPS):
     for j in range(k):
-      params, state, _ = step(params, state, (bx[j * phys:(j + 1) * phys],
-                                              by[j * phys:(j + 1) * phys]))
-  assert int(_dp_state(state).step) == steps
-  # Same mechanism, same noise: only the float32 summation order differs.
+      rows = slice(ROWS * t + phys * j, ROWS * t + phys * (j + 1))
+      params, state, u, _ = step(params, state, (x[rows], y[rows]), mask[rows])
+      if j < k - 1:                       # held: exactly zero, nothing released
+        for leaf in jax.tree.leaves(u):
+          assert not np.any(np.asarray(leaf)), f"logical step {t + 1}, physical {j + 1}"
+    for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want_updates[t])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"logical step {t + 1}")
+    if clip == "adaptive":
+      assert float(optax_dp.l2_norm_clip_of(state)) == pytest.approx(
+          want_clips[t], rel=1e-6), f"logical step {t + 1}"
+      assert float(state.unclipped_count) == 0.0     # the count starts afresh
+  assert int(_dp_state(state).step) == STEPS and int(state.micro_step) == 0
   for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
-  # The noise is what dominates the difference between runs (std sigma*C/L =
-  # 0.0625 per coordinate and step): a misaligned noise stream cannot pass.
-  other = _logical_run(4)
+  # The noise dominates the difference between runs: a misaligned noise stream
+  # cannot pass the comparisons above.
+  other = _logical_run(clip, noise, route, 4)[3]
   gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in
             zip(jax.tree.leaves(other), jax.tree.leaves(want)))
   assert gap > 1e-3
+  if clip == "adaptive":   # a count carried over into the next logical batch would show
+    assert all(abs(c) >= 2 for c in counts[:2]), counts
 
 
 def _per_device(clipped):
@@ -114,7 +190,8 @@ def _per_device(clipped):
 @pytest.mark.parametrize("per_device", [False, True])
 def test_noise_is_added_once_per_logical_batch(per_device):
   """`per_device`: per-device sums accumulated by dp_accumulate(mesh=) (one
-  device here; 8 in test_multi_device.py, point 3)."""
+  device here; 8 in test_multi_device.py's
+  test_noise_of_accumulated_per_device_sums_is_added_once_per_logical_batch)."""
   k, normaliser, n_a, n_b = 4, 16, 60_000, 40_000
   params = {"a": jnp.zeros((n_a,)), "b": jnp.zeros((n_b,))}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",)) if per_device else None
@@ -361,49 +438,3 @@ def test_accumulated_batch_needs_a_public_normaliser():
   for update in (tx.update, jax.jit(tx.update)):
     with pytest.raises(ValueError, match="expected_batch_size"):
       update(chunk, tx.init(params), params)
-
-
-# Both runs build dp_aggregate from one key on purpose (the same noise).
-@pytest.mark.filterwarnings("ignore::optax_dp._core._keys.NoiseKeyReuseWarning")
-def test_adaptive_clip_accumulates_each_logical_batch_on_its_own():
-  """Adaptive clipping through dp_accumulate over 3 logical batches of 16
-  rows (k = 2 physical batches of 8; one padding row in each of the first
-  two): each logical step equals dp_aggregate on that logical batch's 16
-  rows with the same key (the updates, and the clip norm after every step),
-  so the privatised count of step t holds the examples of logical batch t
-  only, and the accumulated count is 0 again after each release. The noise
-  is shared, so only float32 summation order separates the runs: the clip
-  norms agree to 1e-6 (the count itself is a sum of halves, exact), the
-  updates as in test_k_physical_batches_equal_one_logical_batch. C starts at
-  8, inside the per-example norms (2 to 42): the counts are -4.5, -2.5, -4,
-  so a count carried over into the next logical batch moves its clip update
-  by exp(0.2 * 4.5 / 16) ~ 6%."""
-  clip = optax_dp.AdaptiveClip(8.0, target_quantile=0.5, learning_rate=0.2)
-  make = lambda: optax.chain(optax_dp.dp_aggregate(clip, SIGMA, 9, expected_batch_size=16),  # noqa: E731
-                             optax.sgd(0.1))
-  grad_fn = jax.jit(optax_dp.clipped_grads(_loss, clip))
-  acc, one = optax_dp.dp_accumulate(make(), 2), make()
-  p_acc, p_one = _params(), _params()
-  s_acc, s_one = acc.init(p_acc), one.init(p_one)
-  x, y = _data(48, seed=7)
-  mask = np.ones(48, bool)
-  mask[[5, 30]] = False
-  counts = []
-  for t in range(3):
-    rows = slice(16 * t, 16 * (t + 1))
-    batch, m = (x[rows], y[rows]), mask[rows]
-    for half in (slice(0, 8), slice(8, 16)):
-      clipped = grad_fn(p_acc, (batch[0][half], batch[1][half]), m[half],
-                        l2_norm_clip=optax_dp.l2_norm_clip_of(s_acc))
-      u_acc, s_acc = acc.update(clipped, s_acc, p_acc)
-      p_acc = optax.apply_updates(p_acc, u_acc)
-    clipped = grad_fn(p_one, batch, m, l2_norm_clip=optax_dp.l2_norm_clip_of(s_one))
-    counts.append(float(clipped.unclipped_count))
-    u_one, s_one = one.update(clipped, s_one, p_one)
-    p_one = optax.apply_updates(p_one, u_one)
-    for a, b in zip(jax.tree.leaves(u_acc), jax.tree.leaves(u_one)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"logical step {t + 1}")
-    assert float(optax_dp.l2_norm_clip_of(s_acc)) == pytest.approx(
-        float(optax_dp.l2_norm_clip_of(s_one)), rel=1e-6), f"logical step {t + 1}"
-    assert float(s_acc.unclipped_count) == 0.0
-  assert all(abs(c) >= 2 for c in counts[:2]), counts   # a carried-over count would show

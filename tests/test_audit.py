@@ -36,6 +36,7 @@ REAL = [i for i, row in enumerate(planted_bugs.SETTINGS) if row[0] == "dp_aggreg
 BUGS = [i for i, row in enumerate(planted_bugs.SETTINGS) if row[0] != "dp_aggregate"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", REAL)
 def test_real_transform_stays_below_its_claim(reports, index):
   _, _, sigma, m, _ = planted_bugs.SETTINGS[index]
@@ -51,6 +52,7 @@ def test_real_transform_stays_below_its_claim(reports, index):
     assert report.tightness > 0.3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", BUGS)
 def test_each_planted_bug_is_caught(reports, index):
   report = reports[index]
@@ -66,6 +68,7 @@ def clip_reports():
             for row in planted_bugs.CLIP_SETTINGS}
 
 
+@pytest.mark.slow
 def test_unscaled_noise_is_caught_at_clip_4(clip_reports):
   """Noise std sigma instead of sigma * C, at C = 4 (invisible at C = 1, where
   every other audit runs): the effective noise multiplier is sigma / 4, and
@@ -77,6 +80,7 @@ def test_unscaled_noise_is_caught_at_clip_4(clip_reports):
   assert report.epsilon_lower_bound > report.claimed_epsilon
 
 
+@pytest.mark.slow
 def test_real_transform_at_clip_4_stays_below_its_claim(clip_reports):
   """No false alarm at C = 4: the canaries (norm 10 C), the fillers (C / 2)
   and the noise (sigma C) all scale with C, so the real dp_aggregate audits
@@ -90,6 +94,7 @@ def test_real_transform_at_clip_4_stays_below_its_claim(clip_reports):
   assert report.tightness > 0.3
 
 
+@pytest.mark.slow
 def test_the_score_sign_does_not_matter():
   # A descent step after the aggregate flips the updates' sign: the negated
   # inner-product score sees it, with the same bound as the plain aggregate.
@@ -131,6 +136,7 @@ def complex_reports():
             for row in planted_bugs.COMPLEX_SETTINGS}
 
 
+@pytest.mark.slow
 def test_complex_parameters_audit_as_r2n(complex_reports):
   """Complex params (C^n as R^2n): the real dp_aggregate is consistent and not
   vacuous (measured 1.48 against 4.38 with 2000 canaries), and the norm bug of

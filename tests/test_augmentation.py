@@ -60,7 +60,8 @@ def _by_hand(loss_fn, params, batch, keys, mask):
 
 
 @pytest.mark.parametrize("method,microbatch_size", [
-    ("auto", None), ("ghost", None), ("vmap", None), ("auto", 4)])
+    pytest.param("auto", None, marks=pytest.mark.slow), ("ghost", None), ("vmap", None),
+    pytest.param("auto", 4, marks=pytest.mark.slow)])
 def test_multiplicity_equals_averaging_then_clipping(method, microbatch_size):
   loss_fn, params, batch, keys = _setup()
   expected, norms = _by_hand(loss_fn, params, batch, keys, MASK)
@@ -75,6 +76,7 @@ def test_multiplicity_equals_averaging_then_clipping(method, microbatch_size):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7 * C)
 
 
+@pytest.mark.slow
 def test_per_example_gradients_are_the_view_means():
   loss_fn, params, batch, keys = _setup()
   loss = optax_dp.augmentation_multiplicity(loss_fn, _augment, K)
@@ -89,6 +91,7 @@ def test_per_example_gradients_are_the_view_means():
   assert not np.allclose(jax.tree.leaves(single)[0], jax.tree.leaves(per_example)[0])
 
 
+@pytest.mark.slow
 def test_nnx_module_auto_equals_vmap():
   from flax import nnx  # pylint: disable=import-outside-toplevel
 

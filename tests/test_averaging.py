@@ -53,6 +53,7 @@ def test_polyak_is_the_mean_of_the_iterates_after_start():
     np.testing.assert_allclose(got[k], mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_averaging_leaves_the_private_updates_and_the_budget_alone():
   """Post-processing: the same trained parameters, the same DP state."""
   sampler = optax_dp.PoissonSampler(1000, 10)

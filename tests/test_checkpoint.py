@@ -142,6 +142,7 @@ def _assert_same_state(module, got_flat, straight):
     assert np.array_equal(got_flat[name], leaf), name
 
 
+@pytest.mark.subprocess
 def test_orbax_resume_in_a_fresh_process_is_bitwise_the_straight_run(run, tmp_path):
   module, script, straight, first_half, directory, half = run
   # The two halves are different points of the run (the test is not vacuous).

@@ -53,6 +53,7 @@ def _subprocess(args, executable=None):
 # ---------------------------------------------------------------------------
 # Real entry points.
 
+@pytest.mark.subprocess
 def test_module_entry_point_epsilon_json():
   proc = _subprocess(["epsilon", *POISSON, "--steps", "1000",
                       "--noise-multiplier", "1.1", "--delta", "1e-5", "--json"])
@@ -66,6 +67,7 @@ def test_module_entry_point_epsilon_json():
       "poisson", "pld", 1000)
 
 
+@pytest.mark.subprocess
 def test_module_entry_point_bad_input_exits_2():
   proc = _subprocess(["epsilon", *POISSON, "--steps", "100",
                       "--noise-multiplier", "-1", "--delta", "1e-5"])
@@ -74,6 +76,7 @@ def test_module_entry_point_bad_input_exits_2():
   assert "noise_multiplier" in proc.stderr and "error" in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_console_script():
   if not os.path.exists(CONSOLE_SCRIPT):
     pytest.skip(f"console script not installed at {CONSOLE_SCRIPT} "
@@ -141,6 +144,7 @@ def test_zero_noise_is_reported_as_not_private(capsys):
   assert "infinite (NOT private)" in result["statement"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,sampler,accountant,target", [
     ([], optax_dp.PoissonSampler(10000, 1000), "pld", 2.0),
     (["--accountant", "rdp"], optax_dp.PoissonSampler(10000, 1000), "rdp", 2.0),

@@ -1,8 +1,10 @@
 """optax_dp._clip._clip_norms: group-wise clipping (a pytree prefix of the params)
 and adaptive quantile clipping (Andrew et al. 2021), through every path that
 clips: per-example gradients into dp_aggregate, clip_and_sum, clipped_grads
-(vmap, auto, ghost, microbatched), NNX, accumulation, the accounting and the
-one-run audit."""
+(vmap, auto, ghost, microbatched), NNX, the accounting and the one-run audit.
+Accumulation with either (k physical batches = one logical batch) is
+test_accumulate.py's test_k_physical_batches_equal_one_logical_batch, for
+every clip kind and noise kind."""
 
 import math
 
@@ -145,6 +147,7 @@ def test_groupwise_nnx_optimizer_equals_by_hand():
     np.testing.assert_allclose(np.asarray(b) - np.asarray(a), w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_groupwise_sensitivity_bound_holds_and_is_attained():
   """Removing one example moves the clipped sum by at most sqrt(sum_g C_g^2)
   (the noise's scale), for random examples and for adversarial ones whose
@@ -165,6 +168,7 @@ def test_groupwise_sensitivity_bound_holds_and_is_attained():
   assert moved(adversarial, 2) == pytest.approx(SENSITIVITY, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_groupwise_noise_is_the_flat_noise_at_the_total_sensitivity():
   """dp_aggregate with groups adds exactly the noise of a flat clip at
   C = sqrt(sum_g C_g^2) (same key): std noise_multiplier * sensitivity; and
@@ -201,21 +205,6 @@ def test_groupwise_refuses_a_mismatch():
     tx.update(flat, tx.init(params), params)
   with pytest.raises(ValueError, match="no clip norm to parameters"):
     optax_dp.dp_aggregate({"Conv_0": 1.0}, 1.0, key=0, expected_batch_size=6).init(params)
-
-
-def test_groupwise_accumulation_equals_one_logical_batch():
-  """dp_accumulate over 2 physical batches of group-clipped sums equals one
-  dp_aggregate step on the whole logical batch (same key)."""
-  loss_fn, params, (x, y) = _setup(batch=8)
-  grad_fn = jax.jit(optax_dp.clipped_grads(loss_fn, GROUPS))
-  make = lambda: optax_dp.dp_aggregate(GROUPS, 1.0, key=21, expected_batch_size=8)  # noqa: E731
-  acc = optax_dp.dp_accumulate(make(), 2)
-  state = acc.init(params)
-  _, state = acc.update(grad_fn(params, (x[:4], y[:4])), state, params)
-  got, state = acc.update(grad_fn(params, (x[4:], y[4:])), state, params)
-  one = make()
-  want, _ = one.update(grad_fn(params, (x, y)), one.init(params), params)
-  _assert_tree_close(got, [np.asarray(w) for w in jax.tree.leaves(want)])
 
 
 def test_per_layer_clip_norms_keeps_the_total_sensitivity():
@@ -426,6 +415,7 @@ def test_adaptive_noise_follows_the_current_clip_as_it_grows():
   assert clips[4] > 20 * c0, clips
 
 
+@pytest.mark.slow
 def test_adaptive_epsilon_is_the_composition_of_both_mechanisms():
   """A budget's epsilon for the effective z equals, computed here with
   dp_accounting, the PLD of T Poisson-subsampled Gaussian mechanisms whose
@@ -459,11 +449,11 @@ def test_adaptive_epsilon_is_the_composition_of_both_mechanisms():
   assert measured == pytest.approx(sigma, rel=6 * math.sqrt(1 / (2 * 20000)))
 
 
-def test_adaptive_resumes_bitwise_and_accumulates_as_one_batch():
+def test_adaptive_resumes_bitwise():
   """The clip norm is optimizer state: 4 steps equal 2 steps, a numpy round
   trip of the whole state and a rebuilt transform, then 2 more (updates and
-  clip bit for bit); and dp_accumulate over 2 physical batches equals the
-  logical batch (updates and the next clip)."""
+  clip bit for bit). (dp_accumulate with an adaptive clip: test_accumulate.py,
+  test_k_physical_batches_equal_one_logical_batch.)"""
   clip = optax_dp.AdaptiveClip(0.5, target_quantile=0.5)
   make = lambda: optax.chain(optax_dp.dp_aggregate(clip, 1.0, key=4, expected_batch_size=64),  # noqa: E731
                              optax.sgd(0.1))
@@ -488,17 +478,6 @@ def test_adaptive_resumes_bitwise_and_accumulates_as_one_batch():
   np.testing.assert_array_equal(w_straight, w_resumed)
   assert float(optax_dp.l2_norm_clip_of(straight)) == float(optax_dp.l2_norm_clip_of(resumed))
   assert float(optax_dp.l2_norm_clip_of(straight)) != 0.5
-
-  acc = optax_dp.dp_accumulate(make(), 2)
-  state = acc.init(w0)
-  for rows in (data[0][:32], data[0][32:]):
-    u_acc, state = acc.update(
-        grad_fn(w0, rows, l2_norm_clip=optax_dp.l2_norm_clip_of(state)), state, w0)
-  one = make()
-  u_one, one_state = one.update(grad_fn(w0, data[0], l2_norm_clip=0.5), one.init(w0), w0)
-  np.testing.assert_allclose(u_acc, u_one, rtol=1e-5, atol=1e-7)
-  assert float(optax_dp.l2_norm_clip_of(state)) == pytest.approx(
-      float(optax_dp.l2_norm_clip_of(one_state)), rel=1e-6)
 
 
 def test_adaptive_refusals():
@@ -530,6 +509,7 @@ def test_adaptive_refusals():
                           noise_strategy=optax_dp.bandmf_strategy(5, 3))
 
 
+@pytest.mark.slow
 def test_audit_stays_consistent_with_adaptive_and_group_clipping():
   """The one-run canary audit (one canary per step, 400 steps) finds no
   violation of the per-step Gaussian claim for an adaptive clip (its norm

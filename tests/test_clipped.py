@@ -1,5 +1,6 @@
 """clipped_grads: the ghost / book-keeping path equals the vmap reference."""
 
+import math
 
 import flax.linen as nn
 import jax
@@ -83,6 +84,7 @@ class SeqDense(nn.Module):
     return nn.Dense(2, use_bias=False)(nn.relu(h))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq,features", [(9, 4), (2, 64), (16, 3)])
 def test_dense_with_sequence_dims_both_norm_formulas(seq, features):
   # (T=2, p=64) takes the ghost formula, (T=9/16, small p) the materialised one.
@@ -106,9 +108,10 @@ class ConvNet(nn.Module):
 
 @pytest.mark.parametrize("kw", [
     dict(),
-    dict(kernel=(3, 2), strides=(2, 1), padding="VALID"),
-    dict(kernel=(2, 2), strides=(2, 2), padding=((1, 0), (0, 2))),
-    dict(kernel=(3, 3), dilation=(2, 1), padding=1),
+    pytest.param(dict(kernel=(3, 2), strides=(2, 1), padding="VALID"), marks=pytest.mark.slow),
+    pytest.param(dict(kernel=(2, 2), strides=(2, 2), padding=((1, 0), (0, 2))),
+                 marks=pytest.mark.slow),
+    pytest.param(dict(kernel=(3, 3), dilation=(2, 1), padding=1), marks=pytest.mark.slow),
     dict(kernel=(1, 1)),
     dict(groups=2),                      # grouped: generic per-layer VJP
 ])
@@ -127,6 +130,7 @@ class Conv1D3D(nn.Module):
     return nn.Dense(2)(nn.relu(h).reshape((x.shape[0], -1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims,shape", [(1, (6, 9, 2)), (3, (6, 4, 5, 3, 2))])
 def test_conv_1d_and_3d(dims, shape):
   _check_model(Conv1D3D(dims=dims), _x(shape), method="ghost")
@@ -147,6 +151,7 @@ class Mixed(nn.Module):
     return nn.Dense(5)(h)
 
 
+@pytest.mark.slow
 def test_mixed_layer_types_generic_path():
   tokens = jax.random.randint(jax.random.key(5), (6, 5), 0, 11)
   labels = jax.random.randint(jax.random.key(6), (6, 10), 0, 5)
@@ -202,6 +207,7 @@ def test_plain_jax_loss_without_flax_goes_vmap_in_auto():
   np.testing.assert_allclose(got.clipped_sum["w"], want[0], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["vmap", "auto"])
 def test_microbatching_gives_the_same_sum(method):
   model = ConvNet()
@@ -246,6 +252,7 @@ def test_values_and_aux_match_per_example_path():
   np.testing.assert_allclose(a1, a2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_dp_aggregate_accepts_clipped_and_matches_per_example_path():
   model = ConvNet()
   x = _x((8, 7, 6, 2))
@@ -320,6 +327,7 @@ class ScanMLP(nn.Module):
     return nn.Dense(3)(carry)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [RematMLP(), ScanMLP()])
 def test_lifted_transforms_fall_back_exactly(model):
   # Layers inside nn.remat / nn.scan are not intercepted: "auto" gives their
@@ -348,7 +356,9 @@ def test_embed_ghost_path_with_repeated_tokens(vocab, seq):
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+# 6 examples in the full suite, 2 in the fast tier (hypothesis profile "dev": tests/conftest.py).
+@settings(max_examples=max(2, math.ceil(6 * settings.default.max_examples / 100)), deadline=None,
+          derandomize=True)
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        strides=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        padding=st.sampled_from(["SAME", "VALID", 1]),
@@ -428,11 +438,11 @@ def _plan_rules(model, x):
 
 
 @pytest.mark.parametrize("cell,options,carry_from_input", [
-    ("gru", (), False),
-    ("lstm", (("reverse", True),), True),
+    pytest.param("gru", (), False, marks=pytest.mark.slow),
+    pytest.param("lstm", (("reverse", True),), True, marks=pytest.mark.slow),
     ("simple", (("reverse", True), ("keep_order", True), ("return_carry", True)), False),
     ("mgu", (("time_major", True),), False),
-    ("gru", (("return_carry", True),), True),
+    pytest.param("gru", (("return_carry", True),), True, marks=pytest.mark.slow),
 ])
 def test_recurrent_layers_are_book_kept_through_the_scan(cell, options, carry_from_input):
   model = RecurrentNet(cell, options, carry_from_input)
@@ -443,6 +453,7 @@ def test_recurrent_layers_are_book_kept_through_the_scan(cell, options, carry_fr
   _check_model(model, x, method="ghost")   # every parameter book-kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("microbatch_size", [4, 6])
 def test_recurrent_rule_with_microbatches(microbatch_size):
   model = RecurrentNet("lstm", (("return_carry", True),))
@@ -482,6 +493,7 @@ class SharedCellRNN(nn.Module):
     return nn.Dense(2)((nn.RNN(cell)(x) + nn.RNN(cell, reverse=True)(x)).mean(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [SeqLengthRNN(), CustomCellRNN(), SharedCellRNN()])
 def test_recurrent_calls_the_rule_does_not_cover_fall_back_exactly(model):
   x = _x((6, 5, 3))

@@ -124,7 +124,7 @@ def _reference(params, x, loss_fn, clip):
 
 
 @pytest.mark.parametrize("case", sorted(_CASES))
-@pytest.mark.parametrize("method", ["auto", "ghost", "vmap"])
+@pytest.mark.parametrize("method", [pytest.param("auto", marks=pytest.mark.slow), "ghost", "vmap"])
 def test_complex_models_clip_each_example_to_c_on_every_method(case, method):
   params, x, loss_fn = _setup(case)
   clip = 0.05
@@ -143,6 +143,7 @@ def test_complex_models_clip_each_example_to_c_on_every_method(case, method):
     assert _np_norm(one.clipped_sum) >= clip * (1 - 1e-5)
 
 
+@pytest.mark.slow
 def test_complex_microbatched_sharded_and_accumulated_paths_match():
   params, x, loss_fn = _setup("conv_embed_layernorm")
   clip = 0.05

@@ -123,6 +123,7 @@ def test_streaming_multiply_equals_jax_privacys(bands):
   assert int(_correlated.noise_index(ours)) == 12
 
 
+@pytest.mark.slow
 def test_noise_covariance_is_jax_privacy_privatizers():
   """Over d = 40,000 coordinates (each an independent stream of n = 6 steps),
   the empirical step-by-step covariance S of our BandMF noise and of
@@ -290,29 +291,7 @@ def test_strategy_without_budget_refuses_steps_past_it():
     tx.update(_zero_grads(), state, PARAMS)
 
 
-def test_accumulation_noises_once_per_logical_batch():
-  """dp_accumulate(k=2) around BandMF: the update of each logical batch equals
-  BandMF on the logical batch (the same key, one noise step per logical
-  batch). The strategy covers 6 steps (the covariance test's, cached), 3 of
-  them run: each logical batch's noise is still correlated with the last."""
-  strategy = optax_dp.bandmf_strategy(6, 3)
-  rng = np.random.default_rng(1)
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(4,) + p.shape), jnp.float32),
-                        PARAMS) for _ in range(6)]
-  make = lambda: optax_dp.dp_aggregate(C, SIGMA, 8, expected_batch_size=8,  # noqa: E731
-                                       noise_strategy=strategy)
-  acc = optax_dp.dp_accumulate(make(), 2)
-  one = make()
-  sa, so = acc.init(PARAMS), one.init(PARAMS)
-  for i in range(3):
-    _, sa = acc.update(optax_dp.clip_and_sum(grads[2 * i], C), sa, PARAMS)
-    out_acc, sa = acc.update(optax_dp.clip_and_sum(grads[2 * i + 1], C), sa, PARAMS)
-    logical = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), grads[2 * i], grads[2 * i + 1])
-    out_one, so = one.update(logical, so, PARAMS)
-    np.testing.assert_allclose(_flat(out_acc), _flat(out_one), rtol=1e-5, atol=1e-6)
-  assert int(sa.inner_state.step) == 3
-
-
+@pytest.mark.slow
 def test_audit_stays_consistent_on_bandmf():
   """The one-run canary audit of dp_aggregate with BandMF noise (one canary
   per step, 400 steps, 4 bands) finds no violation of the per-step Gaussian
@@ -329,6 +308,7 @@ def test_audit_stays_consistent_on_bandmf():
   assert math.isfinite(report.epsilon_lower_bound)
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_with_a_bandmf_budget_equals_the_plain_pytree_run():
   """nnx.Optimizer(model, chain(dp_aggregate(budget of a cyclic sampler), sgd)):
   its noise state lives in the optimizer's own variables; 3 steps give the

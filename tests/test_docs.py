@@ -107,6 +107,7 @@ def site(built_site):
   return folder
 
 
+@pytest.mark.browser
 def test_mkdocs_build_strict(built_site):
   returncode, output, folder = built_site
   assert returncode == 0, f"`mkdocs build --strict` failed:\n{output}"
@@ -145,6 +146,7 @@ def _target_file(site, url_path):
   return path if path.is_file() else None
 
 
+@pytest.mark.browser
 def test_every_internal_link_of_the_built_site_resolves(site):
   pages = {}
   for page in sorted(site.rglob("*.html")):
@@ -302,6 +304,7 @@ def _png_dpi(path):
   raise AssertionError(f"{path} records no resolution (pHYs)")
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("name", list(BROWSER_PAGES))
 def test_page_renders_in_headless_chromium(name, browser, site, served_site, screenshot_dir):
   url = served_site + BROWSER_PAGES[name]
@@ -455,6 +458,7 @@ def _code_block_problems(driver, url, *, require_fit):
   return problems
 
 
+@pytest.mark.browser
 def test_no_code_block_hides_content_past_the_column(browser, site, served_site):
   """On every page, no code block's content passes its visible width or the
   column (it wraps: docs/stylesheets/extra.css), and the Python and shell
@@ -477,6 +481,7 @@ def test_no_code_block_hides_content_past_the_column(browser, site, served_site)
   assert not problems, "code cut off or wider than the column:\n" + "\n".join(problems)
 
 
+@pytest.mark.browser
 def test_signatures_name_no_private_type(site):
   """The API page's signatures show public names only (the budget parameter's
   PrivacyBudget, not the library's private protocol: docs/_griffe/public_types.py)."""

@@ -117,6 +117,7 @@ def _is_optax_dp_warning(w: warnings.WarningMessage) -> bool:
           or "differentially private" in str(w.message))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", sorted(PAGES))
 def test_every_runnable_block_runs(page, tmp_path, monkeypatch):
   blocks = [b for b in extract_blocks(page) if b.runnable]

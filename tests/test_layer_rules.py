@@ -48,6 +48,7 @@ def _check(terms, per_example, keep=None):
     np.testing.assert_allclose(np.reshape(got[name], want.shape), want, rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
 @pytest.mark.parametrize("positions, d, p", [
     (1, 5, 3),     # |a|^2 |g|^2

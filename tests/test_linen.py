@@ -147,7 +147,8 @@ def _contribution_norms(model_name, dtype):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("model_name", [   # the conv model compiles for seconds: slow
+    pytest.param(m, marks=pytest.mark.slow) if m == "conv" else m for m in sorted(MODELS)])
 def test_each_clipped_contribution_has_norm_c_in_low_precision(model_name, dtype, path):
   """Each example's clipped contribution has norm C: at most C(1 + 2^-16).
 

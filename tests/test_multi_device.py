@@ -7,33 +7,37 @@ fresh subprocess started with XLA_FLAGS=--xla_force_host_platform_device_count=8
 script (`_SCRIPT`, below) runs all the multi-device sections in one process
 (each process pays the jax import and its compilations, ~45 s here) and writes
 raw results (a JSON of scalars/strings, an .npz of arrays); the tests below
-only compare numbers, so each acceptance point fails on its own. A section
+only compare numbers, so each check fails on its own. A section
 that raises records its traceback and fails only the tests reading it.
 
-Acceptance points (the multi-device issue):
-  1. 8-device TrainState steps == 1-device ones (vmap path, fast path,
-     padding, accumulation with dp_accumulate).
-  2. sharded per-example gradients == a single-example loop; trap 1 (XLA's
-     partitioner) and trap 2 (vmap(grad) inside shard_map without pcast) are
-     real in this jax; the guard refuses a partitioned batch it cannot route.
-  1-4 also hold for the jit-sharded path: the one-device builders
-     (clipped_grads, per_example_grads) in a plain jax.jit step, fed a batch
-     on NamedSharding(mesh, P("data")) or on an explicit-sharding mesh, route
-     themselves to the per-device path.
-  3. the noise of the 8-device update has variance (sigma*C/E)^2 (added once)
-     and equals the 1-device noise bitwise.
-  4. the compiled step has exactly one all-reduce, carrying every parameter.
-  5. pad_batch_for_devices / gather_sharded_batch, and Poisson batches padded
-     for 8 devices train exactly like the unpadded 1-device run.
-  6. a batch not divisible by the device count is refused.
-  7. the sharded ClippedGrads reports the GLOBAL batch size, so dp_aggregate
-     without expected_batch_size (which falls back on it) normalises as on
-     one device.
-  8. gradient accumulation with per-device sums (sharded_clipped_grads(...,
-     reduce=False) + dp_accumulate(..., mesh=mesh)) equals the default path
-     and 1 device, and its compiled step all-reduces once per logical batch
-     (the default: once per physical batch); its noise is added once per
-     logical batch (point 3).
+The sections of the script (`_SECTIONS`), and the tests that read them (each
+test is named after its section: test_<section>_...):
+  train: 8-device TrainState steps == 1-device ones (vmap path, fast path,
+     padding, accumulation with dp_accumulate), also on the jit-sharded path
+     (the one-device builders, clipped_grads and per_example_grads, in a plain
+     jax.jit step, fed a batch on NamedSharding(mesh, P("data")) or on an
+     explicit-sharding mesh, route themselves to the per-device path); the
+     compiled step has exactly one all-reduce, carrying every parameter.
+  per_example: sharded per-example gradients == a single-example loop, also
+     jit-sharded; trap 1 (XLA's partitioner) and trap 2 (vmap(grad) inside
+     shard_map without pcast) are real in this jax; the guard refuses a
+     partitioned batch it cannot route.
+  nnx: the jit-sharded NNX clipped gradients equal 1 device.
+  clip_norms: group-wise and adaptive clipping on 8 devices equal 1 device.
+  noise: the noise of the 8-device update has variance (sigma*C/E)^2 (added
+     once) and equals the 1-device noise bitwise (i.i.d., BandMF, and the
+     per-device sums of dp_accumulate: once per logical batch).
+  sampler: pad_batch_for_devices / gather_sharded_batch, and Poisson batches
+     padded for 8 devices train exactly like the unpadded 1-device run.
+  divisible: a batch not divisible by the device count is refused.
+  normaliser, normaliser_jit: the sharded ClippedGrads reports the GLOBAL
+     batch size, so dp_aggregate without expected_batch_size (which falls
+     back on it) normalises as on one device.
+  accumulate: gradient accumulation with per-device sums
+     (sharded_clipped_grads(..., reduce=False) + dp_accumulate(..., mesh=mesh))
+     equals the default path and 1 device, and its compiled step all-reduces
+     once per logical batch (the default: once per physical batch); its noise
+     is added once per logical batch (the noise section).
 """
 
 import json
@@ -150,7 +154,7 @@ def physical_batches(count, size=16, pad=3, seed=5):
 
 
 def section_train():
-  """Point 1: 8-device TrainState runs equal 1-device runs."""
+  """8-device TrainState runs equal 1-device runs."""
   E = 13
   res = {}
   batches = physical_batches(6)
@@ -193,7 +197,7 @@ def section_train():
                      for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(params0))),
     }
     if k == 1:
-      # Point 4: the compiled step of this run, as text.
+      # The compiled step of this run, as text (its all-reduces).
       batch, mask = batches[0]
       hlo = step8.lower(s8, jax.device_put(batch, SHARD), jax.device_put(mask, SHARD)
                         ).compile().as_text()
@@ -222,7 +226,7 @@ def section_train():
 
 
 def section_per_example():
-  """Point 2: sharded per-example grads equal a loop; the traps; the guard."""
+  """Sharded per-example grads equal a loop; the traps; the guard."""
   res = {"leaf_names": leaf_names(params0)}
   x, y = DATA[0][:16], DATA[1][:16]
   grad1 = jax.jit(jax.grad(single_loss))
@@ -280,7 +284,7 @@ def section_per_example():
 
 
 def section_noise():
-  """Point 3: zero-gradient examples, noise only: variance and 1-vs-8 equality."""
+  """Zero-gradient examples, noise only: variance and 1-vs-8 equality."""
   E, sigma, steps = 12, 1.3, 8
   params = {"a": jnp.zeros((64, 64)), "b": jnp.zeros((1024,))}
   def const_loss(p, batch):  # constant in p: every per-example gradient is 0
@@ -336,7 +340,7 @@ def section_noise():
 
 
 def section_sampler():
-  """Point 5: gather_sharded_batch; Poisson batches padded for 8 devices."""
+  """gather_sharded_batch; Poisson batches padded for 8 devices."""
   E, steps = 12, 3
   sampler = optax_dp.PoissonSampler(dataset_size=N, expected_batch_size=E)
   tx = lambda: optax.chain(optax_dp.dp_aggregate(C, SIGMA, 3, expected_batch_size=E),
@@ -369,7 +373,7 @@ def section_sampler():
 
 
 def section_divisible():
-  """Point 6: a batch of 12 rows on 8 devices is refused."""
+  """A batch of 12 rows on 8 devices is refused."""
   res = {}
   batch = (DATA[0][:12], DATA[1][:12])
   fns = {"sharded_clipped_grads": optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh),
@@ -385,7 +389,7 @@ def section_divisible():
 
 
 def section_normaliser():
-  """Point 7: the static batch size of the sharded ClippedGrads, and the
+  """The static batch size of the sharded ClippedGrads, and the
   update of a dp_aggregate that falls back on it (no expected_batch_size)."""
   (batch, mask), = physical_batches(1, seed=13)
   c8 = jax.jit(optax_dp.sharded_clipped_grads(loss_fn, C, mesh=mesh))(
@@ -406,7 +410,7 @@ def section_normaliser():
 
 
 def section_normaliser_jit():
-  """Point 7 on the jit-sharded path: the one-device clipped_grads under
+  """section_normaliser on the jit-sharded path: the one-device clipped_grads under
   jax.jit, fed the batch on NamedSharding(mesh, P("data")) (Auto axes) and on
   an explicit-sharding mesh (routed to the per-device path), reports the
   global batch size; a dp_aggregate without expected_batch_size (which falls
@@ -615,8 +619,8 @@ def _leaves(arrays, prefix, names):
   return [arrays[prefix + n] for n in names]
 
 
-# Float tolerance of "8 devices == 1 device" (points 1 and 5). The two runs add
-# bitwise the same noise (same key, same step; checked in point 3), so they
+# Float tolerance of "8 devices == 1 device" (train, sampler). The two runs add
+# bitwise the same noise (same key, same step; checked by the noise tests), so they
 # differ only in float32 rounding: the clipped sum is added up in another
 # order (8 local sums of 2 rows, then the psum, against one sum of 16 rows),
 # and XLA vectorises the per-example conv/dense over 2 rows instead of 16.
@@ -636,11 +640,12 @@ def _assert_same_params(got, want, names):
     np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
-# ---------------------------------------------------------------- point 1
+# ---------------------------------------------------------------- train
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1", "auto_k2"])
-def test_point1_8_device_trainstate_steps_equal_1_device(results, run):
+def test_train_8_device_trainstate_steps_equal_1_device(results, run):
   """3 (logical) TrainState steps of chain(dp_aggregate(sigma=1), sgd(momentum
   0.9)) on 16-row batches with 3 padding rows each: sharded_clipped_grads on 8
   devices == clipped_grads on 1 device. `auto_k2`: dp_accumulate with k=2,
@@ -658,8 +663,9 @@ def test_point1_8_device_trainstate_steps_equal_1_device(results, run):
                       _leaves(arrays, f"train/{run}/1", names), names)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1", "auto_k2"])
-def test_point1_jit_sharded_trainstate_steps_equal_1_device(results, run):
+def test_train_jit_sharded_trainstate_steps_equal_1_device(results, run):
   """The same runs with the ONE-device builder, `clipped_grads(loss_fn, C,
   method=...)` in a plain jax.jit step, fed the batch and mask placed on
   NamedSharding(mesh, P("data")) (Auto axes: XLA's partitioner would split
@@ -675,7 +681,8 @@ def test_point1_jit_sharded_trainstate_steps_equal_1_device(results, run):
     _assert_same_params(_leaves(arrays, f"train/{run}/{path}", names), want, names)
 
 
-def test_point1_jit_sharded_per_example_grads_into_dp_aggregate_equal_1_device(results):
+@pytest.mark.subprocess
+def test_train_jit_sharded_per_example_grads_into_dp_aggregate_equal_1_device(results):
   """per_example_grads (vmap, materialised) in a plain jax.jit step on the
   sharded batch and mask, clipped and noised by dp_aggregate: 3 steps equal
   the 1-device run."""
@@ -687,7 +694,7 @@ def test_point1_jit_sharded_per_example_grads_into_dp_aggregate_equal_1_device(r
                       _leaves(arrays, "train/per_example_k1/1", names), names)
 
 
-# ---------------------------------------------------------------- point 2
+# ---------------------------------------------------------- per_example, nnx
 
 # Per-example gradients: the sharded ones and the loop's differ by float32
 # rounding of the same conv/dense arithmetic batched differently (measured
@@ -702,7 +709,8 @@ def _rel_err(got, ref):
   return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
-def test_point2_sharded_per_example_grads_equal_single_example_loop(results):
+@pytest.mark.subprocess
+def test_per_example_sharded_grads_equal_single_example_loop(results):
   pe, arrays = _section(results, "per_example")
   names = pe["leaf_names"]
   assert pe["sharded_devices"] == 8
@@ -719,7 +727,8 @@ def test_point2_sharded_per_example_grads_equal_single_example_loop(results):
                                atol=PE_RTOL * scale, err_msg=name)
 
 
-def test_point2_jit_sharded_per_example_grads_equal_single_example_loop(results):
+@pytest.mark.subprocess
+def test_per_example_jit_sharded_grads_equal_single_example_loop(results):
   """per_example_grads(loss_fn), the one-device builder, on the batch placed
   with NamedSharding(mesh, P("data")): under jax.jit, eagerly, and on a mesh in
   explicit-sharding mode, it routes itself to the per-device path and equals
@@ -742,7 +751,8 @@ def test_point2_jit_sharded_per_example_grads_equal_single_example_loop(results)
                                atol=PE_RTOL * np.max(np.abs(ref)), err_msg=name)
 
 
-def test_point2_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(results):
+@pytest.mark.subprocess
+def test_per_example_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(results):
   """jit(vmap(grad(loss))) on a batch placed with NamedSharding(mesh, P("data"))
   gets the conv kernel's per-example gradients wrong; the same function on an
   unsharded batch, and every other leaf, are right. This is why optax_dp does
@@ -765,7 +775,8 @@ def test_point2_trap1_partitioned_vmap_grad_is_wrong_for_conv_kernels(results):
   assert err > LARGE, err
 
 
-def test_point2_trap2_vmap_grad_in_shard_map_needs_pcast(results):
+@pytest.mark.subprocess
+def test_per_example_trap2_vmap_grad_in_shard_map_needs_pcast(results):
   """Inside shard_map, vmap(grad) w.r.t. replicated params (no pcast) sums the
   cotangents across devices: wrong per-example gradients. per_example_grads
   in the same shard_map casts the params to varying and is right."""
@@ -779,9 +790,10 @@ def test_point2_trap2_vmap_grad_in_shard_map_needs_pcast(results):
                                atol=PE_RTOL * np.max(np.abs(ref)), err_msg=n)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("mode", ["jit", "eager"])
 @pytest.mark.parametrize("fn", ["per_example_grads", "clipped_grads"])
-def test_point2_guard_refuses_a_partitioned_batch_it_cannot_route(results, fn, mode):
+def test_per_example_guard_refuses_a_partitioned_batch_it_cannot_route(results, fn, mode):
   """optax_dp.<fn>(loss_fn) on a batch it cannot route raises: under jax.jit,
   a batch on a 4 x 2 mesh of two Auto axes, which the partitioner splits
   (refused at compile time from the inspect_array_sharding callback; JAX
@@ -796,8 +808,9 @@ def test_point2_guard_refuses_a_partitioned_batch_it_cannot_route(results, fn, m
   assert "sharded_clipped_grads" in guard["message"]       # it says what to use
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("method", ["vmap", "auto"])
-def test_point1_jit_sharded_nnx_clipped_grads_equal_1_device(results, method):
+def test_nnx_jit_sharded_clipped_grads_equal_1_device(results, method):
   """Flax NNX (a conv, dropout, a dense layer): clipped_grads under nnx.jit on
   the sharded batch and mask (Auto axes, and explicit sharding) equals the
   1-device call, dropout masks included: each example's random stream is
@@ -810,12 +823,13 @@ def test_point1_jit_sharded_nnx_clipped_grads_equal_1_device(results, method):
     _assert_same_params(_leaves(arrays, f"nnx/{method}/{path}", names), want, names)
 
 
-# ---------------------------------------------------------------- point 3
+# ---------------------------------------------------------- clip_norms, noise
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("clip", ["groups", "adaptive"])
 @pytest.mark.parametrize("path", ["sharded8", "jit8"])
-def test_group_wise_and_adaptive_clipping_on_8_devices_equal_1_device(results, clip, path):
+def test_clip_norms_group_wise_and_adaptive_on_8_devices_equal_1_device(results, clip, path):
   """Issue 18: group-wise clipping (a Dense layer's kernel and bias in
   different groups) and adaptive clipping (the clip norm read from the state
   each step) through sharded_clipped_grads and the jit-sharded one-device
@@ -831,7 +845,8 @@ def test_group_wise_and_adaptive_clipping_on_8_devices_equal_1_device(results, c
     assert float(arrays[f"clip_norms/{clip}/{path}/clip"]) == pytest.approx(one, rel=1e-6)
 
 
-def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
+@pytest.mark.subprocess
+def test_noise_is_added_once_and_equals_1_device_noise(results):
   """Zero-gradient examples (a loss constant in the params), so the update of
   dp_aggregate is pure noise / E. With noise std sigma*C on the sum,
   z = update * E / (sigma * C) should be i.i.d. N(0, 1) over the n = 5120
@@ -859,7 +874,8 @@ def test_point3_noise_is_added_once_and_equals_1_device_noise(results):
     np.testing.assert_array_equal(out8, out1)
 
 
-def test_point3_bandmf_noise_is_drawn_once_and_equals_1_device(results):
+@pytest.mark.subprocess
+def test_noise_of_bandmf_is_drawn_once_and_equals_1_device(results):
   """DP-BandMF noise (3 bands) on the jit-sharded path: the 8-device updates
   equal the 1-device ones bit for bit (noise correlated once, on the global
   sum, from the same key), and differ from DP-SGD's i.i.d. noise of the same
@@ -872,7 +888,8 @@ def test_point3_bandmf_noise_is_drawn_once_and_equals_1_device(results):
   assert not np.allclose(bandmf8[1:], arrays["noise/1"][1:], atol=1e-3)
 
 
-def test_point3_accumulated_per_device_sums_are_noised_once_per_logical_batch(results):
+@pytest.mark.subprocess
+def test_noise_of_accumulated_per_device_sums_is_added_once_per_logical_batch(results):
   """As above, with gradient accumulation: 16 physical batches of zero
   gradients, k = 4, the per-device sums (reduce=False) accumulated by
   dp_accumulate(mesh=) on 8 devices. The k - 1 held updates of each logical
@@ -907,7 +924,7 @@ def _check_accumulated_noise(acc8, acc1, k, noise):
   np.testing.assert_array_equal(acc8, acc1)
 
 
-# ---------------------------------------------------------------- point 4
+# ---------------------------------------------------------------- train: all-reduces
 
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]")
 
@@ -926,8 +943,9 @@ def test_all_reduce_shape_parser():
   assert _all_reduce_shapes(line) == [("f32", (4,)), ("f32", (3, 3, 1, 4)), ("f32", ())]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("run", ["vmap_k1", "auto_k1"])
-def test_point4_compiled_step_has_one_all_reduce_of_all_parameters(results, run):
+def test_train_compiled_step_has_one_all_reduce_of_all_parameters(results, run):
   """The compiled 8-device train step (sharded_clipped_grads + dp_aggregate +
   sgd with momentum, in TrainState.apply_gradients; and the same step with
   the one-device clipped_grads fed the sharded batch, routed) communicates
@@ -948,7 +966,7 @@ def _check_one_all_reduce_of_all_parameters(lines, train):
   assert all(dims == () for _, dims in (carried - params).elements()), lines[0]
 
 
-# ---------------------------------------------------------------- point 5
+# ---------------------------------------------------------------- sampler
 
 
 def _padded_batches():
@@ -966,7 +984,7 @@ def _padded_batches():
 
 
 @pytest.mark.parametrize("devices", [8, 3, 1])
-def test_point5_pad_batch_for_devices_keeps_examples_and_spreads_them(devices):
+def test_sampler_pad_batch_for_devices_keeps_examples_and_spreads_them(devices):
   """Same real indices (as a multiset), length the next multiple of the
   device count, padding rows are (-1, False), and each device's contiguous
   slice (what PartitionSpec("data") gives it) has the same number of real
@@ -987,7 +1005,8 @@ def test_point5_pad_batch_for_devices_keeps_examples_and_spreads_them(devices):
   assert checked == 5 + 5 + 15 + 5
 
 
-def test_point5_gather_sharded_batch_equals_gather_batch(results):
+@pytest.mark.subprocess
+def test_sampler_gather_sharded_batch_equals_gather_batch(results):
   """On 8 devices, for 3 Poisson batches padded with pad_batch_for_devices:
   gather_sharded_batch returns gather_batch's rows and the batch's mask,
   placed with the requested NamedSharding(mesh, P("data"))."""
@@ -1000,7 +1019,8 @@ def test_point5_gather_sharded_batch_equals_gather_batch(results):
     assert padded % 8 == 0 and padded >= raw > real   # padding really happened
 
 
-def test_point5_poisson_batches_padded_for_8_devices_train_like_1_device(results):
+@pytest.mark.subprocess
+def test_sampler_poisson_batches_padded_for_8_devices_train_like_1_device(results):
   """3 steps on 8 devices (Poisson batches padded to 40 rows, interleaved,
   loaded with gather_sharded_batch) == 3 steps on 1 device with the
   sampler's unpadded 38-row batches (same key): padding and row order do not
@@ -1013,12 +1033,13 @@ def test_point5_poisson_batches_padded_for_8_devices_train_like_1_device(results
                       _leaves(arrays, "sampler/1", names), names)
 
 
-# ---------------------------------------------------------------- point 6
+# ---------------------------------------------------------------- divisible
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("fn", ["sharded_clipped_grads", "sharded_per_example_grads"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_point6_batch_not_multiple_of_devices_is_refused(results, fn, jit):
+def test_divisible_batch_not_multiple_of_devices_is_refused(results, fn, jit):
   divisible, _ = _section(results, "divisible")
   outcome = divisible[f"{fn}/jit={jit}"]
   assert outcome["raised"], f"{fn} accepted a 12-row batch on 8 devices"
@@ -1026,16 +1047,17 @@ def test_point6_batch_not_multiple_of_devices_is_refused(results, fn, jit):
   assert "pad_batch_for_devices" in outcome["message"], outcome["message"]
 
 
-# ---------------------------------------------------------------- point 7
+# ---------------------------------------------------------------- normaliser
 
 
-def test_point7_sharded_batch_size_is_global_and_default_normaliser_matches_1_device(results):
+@pytest.mark.subprocess
+def test_normaliser_sharded_batch_size_is_global_and_default_matches_1_device(results):
   """sharded_clipped_grads on 8 devices reports batch_size = the global 16
   rows (padding included, like clipped_grads on one device), not the 2 rows
   of each device. dp_aggregate without expected_batch_size divides by it: the
   8-device update equals the 1-device one. Reporting the per-device size
   would make it 8x too large, which no test passing an explicit normaliser
-  sees. Tolerance: the noise is bitwise the same (point 3); the clipped sums
+  sees. Tolerance: the noise is bitwise the same (the noise tests); the clipped sums
   differ by float32 summation order, ~B eps_f32 ~ 1e-6 of their coordinates
   (<= 6 here), i.e. <= ~4e-7 on the update after / 16. |diff| <= 1e-6 + 1e-5
   |want| is >= 2.5x that; an 8x normaliser error moves the update by 7x its
@@ -1052,7 +1074,8 @@ def test_point7_sharded_batch_size_is_global_and_default_normaliser_matches_1_de
                       _leaves(arrays, "normaliser/1", names), names)
 
 
-def test_point7_jit_sharded_clipped_grads_batch_size_is_global(results):
+@pytest.mark.subprocess
+def test_normaliser_jit_sharded_clipped_grads_batch_size_is_global(results):
   """The one-device clipped_grads under jax.jit on a batch split over the 8
   devices (Auto and explicit sharding) reports batch_size = the global 16
   rows, as on one device, and dp_aggregate without expected_batch_size then
@@ -1068,13 +1091,14 @@ def test_point7_jit_sharded_clipped_grads_batch_size_is_global(results):
                         _leaves(arrays, "normaliser_jit/1", names), names)
 
 
-# ---------------------------------------------------------------- point 8
+# ---------------------------------------------------------------- accumulate
 # Gradient accumulation on 8 devices: per-device sums (sharded_clipped_grads
 # with reduce=False) accumulated by dp_accumulate(mesh=), one all-reduce per
 # logical batch.
 
 
-def test_point8_per_device_accumulation_equals_per_batch_all_reduce_and_1_device(results):
+@pytest.mark.subprocess
+def test_accumulate_per_device_equals_per_batch_all_reduce_and_1_device(results):
   """2 logical steps of k = 4 physical 16-row batches (3 padding rows each,
   and a real example with a NaN input in physical batch 1) through
   TrainState + dp_accumulate(chain(dp_aggregate, sgd momentum)): the
@@ -1209,8 +1233,9 @@ def test_hlo_computation_parser():
   assert _elements(branches[0][1][0]) == 4
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("model", ["", "tutorial_"])
-def test_point8_one_gradient_sized_all_reduce_per_logical_batch(results, model):
+def test_accumulate_one_gradient_sized_all_reduce_per_logical_batch(results, model):
   """How the count is made: the train step (sharded_clipped_grads + TrainState
   .apply_gradients through dp_accumulate(chain(dp_aggregate, sgd)), k = 4) is
   ONE compiled function for all k physical batches; dp_accumulate's

@@ -142,6 +142,7 @@ def _two_processes(argv, port):
           for i in range(2)}
 
 
+@pytest.mark.subprocess
 def test_run_together_kills_every_process_on_failure(tmp_path):
   """The harness itself: one run fails at once, the other would sleep for a
   minute (and has started a child of its own): both groups are killed within
@@ -158,6 +159,7 @@ def test_run_together_kills_every_process_on_failure(tmp_path):
   assert outcome["seconds"] < 20
 
 
+@pytest.mark.subprocess
 def test_run_together_enforces_its_deadline(tmp_path):
   outcome = run_together({"sleeps": ([sys.executable, "-c", "import time; time.sleep(60)"],
                                      None)}, tmp_path, deadline_s=2)
@@ -194,7 +196,7 @@ def library_runs(tmp_path_factory):
 
 # Float tolerance of "2 processes == 8 devices == 1 device". The three runs add
 # bitwise the same noise (same key and step: the noise is computed from the
-# replicated state on every device, see test_multi_device.py point 3), so they
+# replicated state on every device, see test_multi_device.py's noise tests), so they
 # differ only by float32 rounding: the clipped sum is added up in another
 # order (8 per-device sums of ~16 rows, then the all-reduce, against one sum
 # of ~120 rows), and XLA vectorises the per-example work over 16 rows instead
@@ -216,6 +218,7 @@ def _assert_same_params(got, want):
     np.testing.assert_allclose(got[name], want[name], rtol=RTOL, atol=ATOL, err_msg=name)
 
 
+@pytest.mark.subprocess
 def test_library_runs_exit_cleanly_in_time(library_runs):
   outcome, results = library_runs
   assert outcome["seconds"] < _DEADLINE_S and not outcome["survivors"]
@@ -223,6 +226,7 @@ def test_library_runs_exit_cleanly_in_time(library_runs):
   assert list(results["eight"]) == list(results["one"]) == [0]
 
 
+@pytest.mark.subprocess
 def test_two_processes_span_eight_devices(library_runs):
   _, results = library_runs
   for index, (result, _) in results["two"].items():
@@ -236,6 +240,7 @@ def test_two_processes_span_eight_devices(library_runs):
   assert (one["process_count"], one["device_count"]) == (1, 1)
 
 
+@pytest.mark.subprocess
 def test_two_processes_train_the_8_device_and_1_device_model(library_runs):
   _, results = library_runs
   assert NOISE_SCALE > 1000 * ATOL
@@ -251,6 +256,7 @@ def test_two_processes_train_the_8_device_and_1_device_model(library_runs):
   assert 0 < result["epsilon"] < 10
 
 
+@pytest.mark.subprocess
 def test_both_processes_hold_the_same_parameters(library_runs):
   """The replicated state is the same on both processes, bit for bit: the
   noise was drawn from the same key on both (differing noise would leave two
@@ -263,6 +269,7 @@ def test_both_processes_hold_the_same_parameters(library_runs):
   assert r0["epsilon"] == r1["epsilon"]
 
 
+@pytest.mark.subprocess
 def test_each_process_loads_only_its_own_rows(library_runs):
   """Per step, each process read exactly the real rows of its 4 devices'
   slices of the padded batch (once per device and data leaf: images,
@@ -287,6 +294,7 @@ _EXAMPLE_ARGS = ("--steps", "4", "--batch-size", "64", "--eval-every", "4",
                  "--clipping", "auto", "--accountant", "rdp")
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_example_on_two_processes_trains_the_1_device_model(tmp_path):
   """examples/mnist_linen.py on 2 processes x 4 devices (the multi-process

@@ -355,9 +355,10 @@ def _vmap_reference(family):
 
 
 # Every family with one chunk and microbatched (chunks of 4 of 6 rows, the
-# last one padded).
+# last one padded); the fast tier runs the microbatched ones.
 @pytest.mark.parametrize("family,microbatch_size", [
-    (family, size) for family in COVERED for size in (None, 4)])
+    pytest.param(family, size, marks=pytest.mark.slow if size is None else ())
+    for family in COVERED for size in (None, 4)])
 def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size):
   model, x = _families()[family]
   batch = (x, jnp.arange(B) % 3)
@@ -383,6 +384,7 @@ def test_book_keeping_equals_vmap_for_each_layer_family(family, microbatch_size)
     assert f"({total - COVERED[family]} of {total})" in str(fallback[0].message)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["linear", "conv", "embed", "attention", "general",
                                     "recurrent"])
 def test_ghost_equals_vmap_where_every_parameter_is_covered(family):
@@ -435,6 +437,7 @@ def test_dp_accumulate_takes_nnx_clipped_sums():
   assert _max_diff(_pure(model_a), _pure(model_b)) < 1e-6
 
 
+@pytest.mark.slow
 def test_dp_accumulate_takes_nnx_per_device_sums():
   """sharded_clipped_grads(reduce=False) of an NNX model (one-device mesh)
   through nnx.Optimizer and dp_accumulate(mesh=): the same update as the
@@ -504,6 +507,7 @@ for family in [f for f in T.COVERED if f != "recurrent"]:
 '''
 
 
+@pytest.mark.subprocess
 def test_sharded_clipped_grads_over_eight_devices_equals_vmap(tmp_path):
   """An nnx.Module through sharded_clipped_grads on 8 simulated CPU devices
   (a subprocess: the device count is fixed at JAX start-up): every family,
@@ -621,6 +625,7 @@ def _tutorial_run(padded: bool):
           budget.steps_taken(optimizer.opt_state))
 
 
+@pytest.mark.slow
 def test_flax_nnx_tutorial_idioms_train_privately():
   """20 private steps of the tutorial's loop on padded Poisson batches: the
   masked train metrics (from the aux logits, shaped (B, 10) as for a batch)

@@ -92,6 +92,7 @@ def _wheel_metadata(wheel):
     return _metadata(z.read(name).decode())
 
 
+@pytest.mark.subprocess
 def test_version_flag():
   with pytest.raises(SystemExit) as exit_info:
     _cli.build_parser().parse_args(["--version"])
@@ -100,11 +101,13 @@ def test_version_flag():
   assert result.stdout.strip() == f"optax-dp {optax_dp.__version__}"
 
 
+@pytest.mark.subprocess
 def test_twine_check_strict(dist):
   result = _run([sys.executable, "-m", "twine", "check", "--strict", *dist], timeout=300)
   assert result.stdout.count("PASSED") == 2, result.stdout
 
 
+@pytest.mark.subprocess
 def test_wheel_license_types_metadata(dist):
   wheel, _ = dist
   with zipfile.ZipFile(wheel) as z:
@@ -134,6 +137,7 @@ def test_wheel_license_types_metadata(dist):
   assert required == CORE
 
 
+@pytest.mark.subprocess
 def test_sdist_has_license_typing_marker_and_metadata(dist):
   _, sdist = dist
   with tarfile.open(sdist) as t:
@@ -177,6 +181,7 @@ def test_changelog_and_versioning_policy():
   assert "versioning.md" in (REPO / "mkdocs.yml").read_text()
 
 
+@pytest.mark.subprocess
 @pytest.mark.timeout(600)
 def test_wheel_in_a_core_only_venv(dist, tmp_path):
   """Issue 31: the wheel in an empty venv with the core dependencies only."""

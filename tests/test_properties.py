@@ -45,7 +45,11 @@ FALSE_ALARM = 1e-9        # per hypothesis example, for the statistical properti
 
 
 def _settings(n):
-  return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+  """`n` examples in the full suite (hypothesis profile "ci"), a quarter (at
+  least 2) in the fast tier (profile "dev"; tests/conftest.py)."""
+  scale = settings.default.max_examples / 100
+  return settings(max_examples=max(2, math.ceil(n * scale)),
+                  deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                          HealthCheck.filter_too_much])
 

@@ -1,14 +1,22 @@
-"""Tests for optax_dp._sample._sampling: poisson_batches, poisson_max_batch_size,
-gather_batch.
+"""Tests for optax_dp._sample._sampling: the samplers as mechanisms (what the
+accounting assumes of them) -- poisson_batches / PoissonSampler (untruncated
+and truncated), FixedBatchSampler, ShuffleSampler -- their validation,
+make_sampler, and their dp_event and description.
+
+How batches are laid out, padded, resumed and split into accumulation chunks
+(optax_dp._sample._batches) is tested in test_batches.py.
 
 Statistical tests use fixed seeds. Each tolerance is chosen so that a correct
-Poisson sampler would fail it with probability at most ~1e-6 over the choice of
-seed (stated per test), while a wrong sampling rate, a fixed-size or shuffling
-sampler, or correlated steps fail by many standard errors.
+sampler would fail it with probability at most ALPHA = 1e-6 over the choice of
+seed (derivation next to each test), while the plausible bugs (a wrong rate, a
+fixed-size or shuffling sampler where Poisson is claimed, correlated steps, a
+repeated permutation, untruncated or wrongly truncated sizes) fail by many
+standard errors.
 """
 
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
 from scipy import stats
@@ -17,9 +25,18 @@ import optax_dp
 
 # Family-wise false-alarm probability of each statistical test.
 ALPHA = 1e-6
+
+
 # Two-sided normal quantile for ALPHA: 4.89 sigma.
 Z = stats.norm.isf(ALPHA / 2)
 
+
+def _as_lists(batches):
+  return [(b.indices.tolist(), b.mask.tolist()) for b in batches]
+
+
+# ---------------------------------------------------------------------------
+# Poisson sampling (poisson_batches, untruncated).
 
 def _inclusion_matrix(seed, n, b, steps, **kwargs):
   """(steps, n) bool matrix: example i included at step t."""
@@ -32,6 +49,8 @@ def _inclusion_matrix(seed, n, b, steps, **kwargs):
 
 # N=200, expected batch 20 (q=0.1), 2000 steps.
 N, B, T = 200, 20, 2000
+
+
 Q = B / N
 
 
@@ -102,75 +121,6 @@ def test_batch_sizes_uncorrelated_across_steps(inclusions):
   assert abs(r) <= Z / math.sqrt(T), r
 
 
-# ---------------------------------------------------------------------------
-# Batch structure.
-
-@pytest.mark.parametrize("n,b,steps,max_batch_size", [
-    (100, 10, 300, None),
-    (100, 10, 300, 40),
-    (7, 7, 5, None),      # q = 1: every example every step
-    (1000, 1, 300, None),  # many empty batches
-])
-def test_batch_structure(n, b, steps, max_batch_size):
-  expected_max = (max_batch_size if max_batch_size is not None
-                  else optax_dp.poisson_max_batch_size(n, b, steps))
-  buckets = optax_dp.PoissonSampler(n, b, max_batch_size).padding_sizes(steps)
-  assert buckets[-1] == expected_max and len(buckets) <= 4
-  batches = list(optax_dp.poisson_batches(
-      0, dataset_size=n, expected_batch_size=b, steps=steps,
-      max_batch_size=max_batch_size))
-  assert len(batches) == steps
-  for batch in batches:
-    idx, mask = batch.indices, batch.mask
-    assert isinstance(batch, optax_dp.PoissonBatch)
-    size = batch.size
-    padded = min(x for x in buckets if x >= max(size, 1))  # one of the static shapes
-    assert idx.shape == mask.shape == (padded,)
-    assert idx.dtype == np.int64 and mask.dtype == np.bool_
-    assert size == mask.sum() == np.count_nonzero(idx >= 0)
-    # Real examples first, then padding with index -1.
-    np.testing.assert_array_equal(mask, np.arange(padded) < size)
-    assert np.all(idx[size:] == -1)
-    real = idx[:size]
-    assert np.all((real >= 0) & (real < n))
-    assert len(np.unique(real)) == size
-  if b == n:
-    assert all(batch.size == n for batch in batches)
-  if b == 1:
-    assert any(batch.size == 0 for batch in batches)  # P(empty) = 0.999^1000
-
-
-@pytest.mark.parametrize("k", [1, 4, 7, 16])
-def test_pad_to_multiple_of(k):
-  max_batch_size = 64
-  shapes = set()
-  for batch in optax_dp.poisson_batches(
-      3, dataset_size=400, expected_batch_size=20, steps=300,
-      max_batch_size=max_batch_size, pad_to_multiple_of=k, padding_buckets=None):
-    padded = batch.indices.shape[0]
-    assert batch.mask.shape == (padded,)
-    shapes.add(padded)
-    assert padded >= max(batch.size, 1)
-    # A multiple of k unless capped at max_batch_size, and no more than k-1
-    # rows of padding beyond the realised size (at least one row in total).
-    assert padded % k == 0 or padded == max_batch_size
-    assert padded <= max(batch.size, 1) + k - 1
-    assert padded <= max_batch_size
-    np.testing.assert_array_equal(batch.mask, np.arange(padded) < batch.size)
-    assert np.all(batch.indices[batch.size:] == -1)
-  assert len(shapes) > 1  # shapes follow the realised size, not max_batch_size
-
-
-def test_pad_to_multiple_capped_at_max_batch_size():
-  for batch in optax_dp.poisson_batches(
-      0, dataset_size=100, expected_batch_size=5, steps=50,
-      max_batch_size=30, pad_to_multiple_of=32):
-    assert batch.indices.shape == (30,)
-
-
-# ---------------------------------------------------------------------------
-# Seeding.
-
 def _as_tuples(seed, **kwargs):
   return [(b.indices.tolist(), b.mask.tolist())
           for b in optax_dp.poisson_batches(seed, **kwargs)]
@@ -187,41 +137,7 @@ def test_deterministic_per_seed():
 
 
 # ---------------------------------------------------------------------------
-# poisson_max_batch_size.
-
-MAX_BATCH_CASES = [
-    (60000, 256, 14063, 1e-12),
-    (200, 20, 2000, 1e-12),
-    (1000, 10, 1, 1e-12),
-    (50000, 500, 1000, 1e-12),
-    (1000, 100, 100, 1e-3),
-    (100, 100, 10, 1e-12),   # q = 1: the whole dataset
-    # Regression: scipy's binom.isf saturates at N for tails below ~5.6e-17.
-    (60000, 256, 100000, 1e-12),
-]
-
-
-@pytest.mark.parametrize("n,b,steps,p", MAX_BATCH_CASES)
-def test_poisson_max_batch_size(n, b, steps, p):
-  m = optax_dp.poisson_max_batch_size(n, b, steps, overflow_probability=p)
-  q = b / n
-  assert b <= m <= n
-  # Union bound over steps: overflow probability at most p ...
-  assert stats.binom.sf(m, n, q) * steps <= p
-  # ... and m is the smallest such size (or the expected size itself).
-  assert m == b or stats.binom.sf(m - 1, n, q) * steps > p
-
-
-def test_default_max_batch_size_used_by_sampler():
-  top = optax_dp.poisson_max_batch_size(60000, 256, 14063)
-  batch = next(optax_dp.poisson_batches(
-      0, dataset_size=60000, expected_batch_size=256, steps=14063, padding_buckets=None))
-  assert batch.indices.shape == (top,)
-  assert optax_dp.PoissonSampler(60000, 256).padding_sizes(14063)[-1] == top
-
-
-# ---------------------------------------------------------------------------
-# Overflow.
+# Overflow: never a silently cut batch.
 
 def test_overflow_raises_runtime_error():
   # Batch sizes ~ Binomial(100, 0.5); P(size <= 1) ~ 8e-29 per step.
@@ -244,34 +160,273 @@ def test_overflow_raises_midway_without_dropping_examples():
 
 
 # ---------------------------------------------------------------------------
-# gather_batch.
+# FixedBatchSampler.
 
-def test_gather_batch_pytree():
-  n = 50
-  rng = np.random.default_rng(0)
-  data = {
-      "x": rng.normal(size=(n, 3, 2)).astype(np.float32) + 10.0,  # never 0
-      "y": np.arange(1, n + 1, dtype=np.int32),                     # never 0
-      "nested": {"w": np.arange(n, dtype=np.float64) + 0.5},
-  }
-  checked_padding = False
-  for batch in optax_dp.poisson_batches(
-      1, dataset_size=n, expected_batch_size=10, steps=20):
-    masked = optax_dp.gather_batch(data, batch)
-    np.testing.assert_array_equal(masked.mask, batch.mask)
-    out = masked.data
-    assert set(out) == {"x", "y", "nested"} and set(out["nested"]) == {"w"}
-    size, m = batch.size, batch.indices.shape[0]
+FN, FB, FT = 200, 20, 2000  # q = B/N = 0.1
+
+
+@pytest.fixture(scope="module")
+def fixed_batches():
+  return list(optax_dp.FixedBatchSampler(FN, FB).batches(2024, steps=FT))
+
+
+def test_fixed_batch_structure(fixed_batches):
+  assert len(fixed_batches) == FT
+  for batch in fixed_batches:
+    assert isinstance(batch, optax_dp.Batch)
+    assert batch.indices.shape == batch.mask.shape == (FB,)
+    assert batch.indices.dtype == np.int64 and batch.mask.dtype == np.bool_
+    assert batch.mask.all() and batch.size == FB
+    assert np.all((batch.indices >= 0) & (batch.indices < FN))
+    assert len(np.unique(batch.indices)) == FB  # without replacement
+    assert np.all(np.diff(batch.indices) > 0)   # documented: sorted
+
+
+def test_fixed_inclusion_frequency(fixed_batches):
+  # Each step includes example i with probability B/N (a uniform B-subset), and
+  # steps are independent, so i's count over T steps is Binomial(T, B/N)
+  # (mean 200, sd 13.4). Bonferroni over the N examples, each two-sided at
+  # ALPHA/N with exact binomial quantiles.
+  counts = np.zeros(FN, dtype=np.int64)
+  for batch in fixed_batches:
+    counts[batch.indices] += 1
+  assert counts.sum() == FT * FB  # exact: every batch is full
+  q = FB / FN
+  lo = stats.binom.ppf(ALPHA / (2 * FN), FT, q)
+  hi = stats.binom.isf(ALPHA / (2 * FN), FT, q)
+  assert counts.min() >= lo and counts.max() <= hi, (counts.min(), counts.max(), lo, hi)
+  # Pearson dispersion. Per step the inclusion indicators of a uniform
+  # B-subset have variance q(1-q) and pairwise covariance -q(1-q)/(N-1), so the
+  # count vector has covariance T q(1-q) N/(N-1) (I - 11'/N): in the normal
+  # approximation (Tq = 200 per example), (N-1)/N * sum_i (c_i - Tq)^2 /
+  # (Tq(1-q)) is chi^2(N-1). Two-sided ALPHA. A shuffling sampler (every
+  # example exactly T*B/N times) gives 0, far below the lower bound (116).
+  stat = (FN - 1) / FN * np.sum((counts - FT * q) ** 2) / (FT * q * (1 - q))
+  lo_chi, hi_chi = stats.chi2.ppf(ALPHA / 2, FN - 1), stats.chi2.isf(ALPHA / 2, FN - 1)
+  assert lo_chi <= stat <= hi_chi, (stat, lo_chi, hi_chi)
+
+
+def test_fixed_consecutive_overlap_is_hypergeometric(fixed_batches):
+  # Independent uniform B-subsets S_t: X_t = |S_t & S_{t+1}| is
+  # Hypergeometric(N, B, B), mean B^2/N = 2, variance
+  # B (B/N) ((N-B)/N) ((N-B)/(N-1)) = 1.628. Given S_{t+1}, X_t and X_{t+1} are
+  # independent with a law that does not depend on S_{t+1}, so the X_t are
+  # i.i.d. and their sum over T-1 pairs has mean (T-1) B^2/N = 3998 and sd 57.
+  # Normal approximation (1999 i.i.d. terms), two-sided ALPHA (4.9 sd). A
+  # shuffling sampler gives ~0, a repeated batch gives B per pair.
+  sets = [set(b.indices.tolist()) for b in fixed_batches]
+  overlap = sum(len(a & b) for a, b in zip(sets, sets[1:]))
+  mean1 = FB * FB / FN
+  var1 = FB * (FB / FN) * ((FN - FB) / FN) * ((FN - FB) / (FN - 1))
+  mean, sd = (FT - 1) * mean1, math.sqrt((FT - 1) * var1)
+  assert abs(overlap - mean) <= Z * sd, (overlap, mean, sd)
+  # Also exactly hypergeometric per pair: no pair ever exceeds B.
+  assert max(len(a & b) for a, b in zip(sets, sets[1:])) < FB
+
+
+def test_fixed_deterministic_per_seed():
+  sampler = optax_dp.FixedBatchSampler(500, 25)
+  a = _as_lists(sampler.batches(7, steps=40))
+  assert a == _as_lists(sampler.batches(7, steps=40))
+  b = _as_lists(sampler.batches(8, steps=40))
+  # Two independent uniform 25-subsets of 500 coincide with probability
+  # 1/C(500, 25) ~ 1e-42: every step differs.
+  assert all(x != y for x, y in zip(a, b))
+  # An equal sampler object (frozen dataclass) gives the same batches.
+  assert _as_lists(optax_dp.FixedBatchSampler(500, 25).batches(7, steps=40)) == a
+
+
+def test_fixed_full_dataset_batch():
+  # B = N: every batch is the whole dataset.
+  for batch in optax_dp.FixedBatchSampler(13, 13).batches(0, steps=5):
+    np.testing.assert_array_equal(batch.indices, np.arange(13))
+    assert batch.mask.all()
+
+
+# ---------------------------------------------------------------------------
+# ShuffleSampler.
+
+SN, SB = 103, 10          # 10 batches per epoch, 3 examples left out per epoch
+
+
+SPE = SN // SB
+
+
+SE = 600                  # epochs in the statistical test
+
+
+@pytest.fixture(scope="module")
+def shuffle_batches():
+  return list(optax_dp.ShuffleSampler(SN, SB).batches(99, steps=SE * SPE))
+
+
+def test_shuffle_steps_per_epoch():
+  for n, b in [(103, 10), (100, 10), (10, 10), (60000, 256), (7, 1), (19, 10)]:
+    sampler = optax_dp.ShuffleSampler(n, b)
+    assert sampler.steps_per_epoch == n // b
+    spe = n // b
+    assert sampler.epochs(1) == 1
+    assert sampler.epochs(spe) == 1
+    assert sampler.epochs(spe + 1) == 2
+    assert sampler.epochs(3 * spe) == 3
+
+
+def test_shuffle_batch_structure_and_epochs(shuffle_batches):
+  assert len(shuffle_batches) == SE * SPE
+  previous = None
+  for e in range(SE):
+    epoch = shuffle_batches[e * SPE:(e + 1) * SPE]
+    for batch in epoch:
+      assert batch.indices.shape == batch.mask.shape == (SB,)
+      assert batch.mask.all()
+      assert np.all((batch.indices >= 0) & (batch.indices < SN))
+    seen = np.concatenate([b.indices for b in epoch])
+    # No example twice in an epoch; exactly steps_per_epoch * B distinct ones.
+    assert len(np.unique(seen)) == len(seen) == SPE * SB
+    # A fresh permutation every epoch: two uniform permutations of 103 cut the
+    # same way agree with probability ~ (10!)^10 3! / 103! < 1e-97.
+    order = [tuple(b.indices.tolist()) for b in epoch]
+    assert order != previous
+    previous = order
+
+
+def test_shuffle_left_out_examples_vary_across_epochs(shuffle_batches):
+  # With independent uniform permutations per epoch, example i is in some
+  # batch of an epoch with probability (N - N mod B)/N = 100/103, independently
+  # across epochs: its count over E epochs is Binomial(E, 100/103) (mean 582.5,
+  # sd 4.1). Bonferroni over N, exact binomial quantiles, two-sided ALPHA/N
+  # each. One permutation reused every epoch gives counts E or 0.
+  counts = np.zeros(SN, dtype=np.int64)
+  for batch in shuffle_batches:
+    counts[batch.indices] += 1
+  p = SPE * SB / SN
+  lo = stats.binom.ppf(ALPHA / (2 * SN), SE, p)
+  hi = stats.binom.isf(ALPHA / (2 * SN), SE, p)
+  assert counts.min() >= lo and counts.max() <= hi, (counts.min(), counts.max(), lo, hi)
+
+
+def test_shuffle_partial_last_epoch():
+  sampler = optax_dp.ShuffleSampler(SN, SB)
+  full = list(sampler.batches(5, steps=3 * SPE))
+  partial = list(sampler.batches(5, steps=2 * SPE + 4))
+  assert len(partial) == 2 * SPE + 4
+  # The partial epoch is the start of epoch 2's permutation, as in a longer run.
+  assert _as_lists(partial) == _as_lists(full[:2 * SPE + 4])
+  tail = np.concatenate([b.indices for b in partial[2 * SPE:]])
+  assert len(np.unique(tail)) == 4 * SB
+
+
+def test_shuffle_deterministic_per_seed():
+  sampler = optax_dp.ShuffleSampler(SN, SB)
+  a = _as_lists(sampler.batches(3, steps=2 * SPE))
+  assert a == _as_lists(sampler.batches(3, steps=2 * SPE))
+  b = _as_lists(sampler.batches(4, steps=2 * SPE))
+  # Each batch is 10 of 103 examples; two independent permutations put the
+  # same 10 (in sorted order) at one position with probability 1/C(103, 10)
+  # = 4e-14: < 1e-12 over the 20 positions.
+  assert all(x != y for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# PoissonSampler(truncate=True).
+
+TN, TB, TM, TT = 200, 20, 24, 3000  # sizes ~ min(Binomial(200, 0.1), 24)
+
+
+TQ = TB / TN
+
+
+@pytest.fixture(scope="module")
+def truncated_batches():
+  sampler = optax_dp.PoissonSampler(TN, TB, max_batch_size=TM, truncate=True)
+  return list(sampler.batches(31, steps=TT))
+
+
+def _truncated_size_pmf():
+  """The law of min(Binomial(N, q), M), from scipy."""
+  pmf = stats.binom.pmf(np.arange(TM + 1), TN, TQ)
+  pmf[TM] = stats.binom.sf(TM - 1, TN, TQ)  # P(X >= M)
+  return pmf
+
+
+def test_truncated_batch_structure(truncated_batches):
+  assert len(truncated_batches) == TT
+  buckets = optax_dp.PoissonSampler(TN, TB, max_batch_size=TM, truncate=True).padding_sizes(TT)
+  assert buckets[-1] == TM and len(buckets) <= 4
+  for batch in truncated_batches:
+    size = batch.size
+    assert size <= TM
+    padded = min(x for x in buckets if x >= max(size, 1))   # the bucket that holds it
+    assert batch.indices.shape == batch.mask.shape == (padded,)
+    np.testing.assert_array_equal(batch.mask, np.arange(padded) < size)
+    assert np.all(batch.indices[size:] == -1)
     real = batch.indices[:size]
-    for got, src in [(out["x"], data["x"]), (out["y"], data["y"]),
-                     (out["nested"]["w"], data["nested"]["w"])]:
-      got = np.asarray(got)
-      assert got.shape == (m,) + src.shape[1:]
-      assert got.dtype == src.dtype
-      np.testing.assert_array_equal(got[:size], src[real])
-      np.testing.assert_array_equal(got[size:], np.zeros_like(got[size:]))
-      checked_padding |= m > size
-  assert checked_padding
+    assert np.all((real >= 0) & (real < TN)) and len(np.unique(real)) == size
+
+
+def test_truncated_size_at_cap_matches_binomial_tail(truncated_batches):
+  # P(size == M) = P(Binomial(N, q) >= M) = 0.2017; the number of capped
+  # batches over T independent steps is Binomial(T, that): mean 605, sd 22.
+  # Exact two-sided binomial quantiles at ALPHA. Capping at M-1 or M+1 instead
+  # moves the mean by ~T P(X = M or M-1) = 170..208, 8-9 sd; counting only
+  # P(X == M) (no truncation) gives 170, 20 sd off.
+  sizes = np.array([b.size for b in truncated_batches])
+  p_cap = stats.binom.sf(TM - 1, TN, TQ)
+  at_cap = int(np.sum(sizes == TM))
+  lo = stats.binom.ppf(ALPHA / 2, TT, p_cap)
+  hi = stats.binom.isf(ALPHA / 2, TT, p_cap)
+  assert lo <= at_cap <= hi, (at_cap, lo, hi, TT * p_cap)
+
+
+def test_truncated_size_mean_and_distribution(truncated_batches):
+  sizes = np.array([b.size for b in truncated_batches])
+  pmf = _truncated_size_pmf()
+  support = np.arange(TM + 1)
+  mean = np.sum(support * pmf)            # 19.58 (vs 20 untruncated)
+  var = np.sum((support - mean) ** 2 * pmf)
+  # Sample mean of T i.i.d. sizes: sd sqrt(var / T) = 0.065 (var 12.6); the
+  # untruncated mean is 6.5 sd away. Two-sided ALPHA.
+  assert abs(sizes.mean() - mean) <= Z * math.sqrt(var / TT), (sizes.mean(), mean)
+  # Pearson goodness of fit to min(Binomial(N, q), M), sizes <= 13 pooled so
+  # that every bin expects >= 100 batches (chi^2 approximation good), 12 bins:
+  # chi^2(11) upper ALPHA quantile.
+  bins = [pmf[:14].sum()] + list(pmf[14:])
+  observed = [np.sum(sizes <= 13)] + [np.sum(sizes == s) for s in range(14, TM + 1)]
+  expected = TT * np.array(bins)
+  assert expected.min() >= 100
+  chi2 = np.sum((np.array(observed) - expected) ** 2 / expected)
+  assert chi2 <= stats.chi2.isf(ALPHA, len(bins) - 1), chi2
+
+
+def test_truncated_inclusion_frequency(truncated_batches):
+  # The truncated sample is a uniform subset, so each example is included with
+  # probability E[min(X, M)] / N per step, independently across steps:
+  # Binomial(T, E[size]/N) per example. Bonferroni over N, exact quantiles.
+  pmf = _truncated_size_pmf()
+  p = np.sum(np.arange(TM + 1) * pmf) / TN
+  counts = np.zeros(TN, dtype=np.int64)
+  for batch in truncated_batches:
+    counts[batch.indices[batch.mask]] += 1
+  lo = stats.binom.ppf(ALPHA / (2 * TN), TT, p)
+  hi = stats.binom.isf(ALPHA / (2 * TN), TT, p)
+  assert counts.min() >= lo and counts.max() <= hi, (counts.min(), counts.max(), lo, hi)
+
+
+def test_truncation_caps_every_batch():
+  # Binomial(100, 0.5) sizes with cap 10: P(X < 10) = 1.7e-18 per step, so
+  # every truncated batch is exactly 10 distinct examples.
+  sampler = optax_dp.PoissonSampler(100, 50, max_batch_size=10, truncate=True)
+  for batch in sampler.batches(0, steps=50):
+    assert batch.indices.shape == (10,) and batch.mask.all()
+    assert len(np.unique(batch.indices)) == 10
+
+
+def test_untruncated_overflow_raises():
+  # Same setting without truncate: the first batch overflows (P = 1 - 1.7e-18).
+  sampler = optax_dp.PoissonSampler(100, 50, max_batch_size=10)
+  batches = sampler.batches(0, steps=50)
+  with pytest.raises(RuntimeError, match="max_batch_size"):
+    next(batches)
 
 
 # ---------------------------------------------------------------------------
@@ -302,93 +457,112 @@ def test_poisson_batches_rejects_bad_inputs(kwargs):
     optax_dp.poisson_batches(0, **kwargs)
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, True, "0"])
-def test_poisson_batches_rejects_bad_seed(seed):
-  with pytest.raises(ValueError, match="seed"):
-    optax_dp.poisson_batches(seed, dataset_size=10, expected_batch_size=2, steps=3)
-
-
-@pytest.mark.parametrize("args,kwargs", [
-    ((0, 1, 1), {}),
-    ((10, 0, 1), {}),
-    ((10, 11, 1), {}),
-    ((10, 2, 0), {}),
-    ((10, 2, 1.5), {}),
-    ((10, 2, 1), dict(overflow_probability=0.0)),
-    ((10, 2, 1), dict(overflow_probability=1.0)),
-    ((10, 2, 1), dict(overflow_probability=-0.1)),
-    ((10, 2, 1), dict(overflow_probability=math.nan)),
-])
-def test_poisson_max_batch_size_rejects_bad_inputs(args, kwargs):
+@pytest.mark.parametrize("cls", [optax_dp.FixedBatchSampler, optax_dp.ShuffleSampler,
+                                 optax_dp.PoissonSampler])
+@pytest.mark.parametrize("n,b", [(10, 11), (0, 1), (-5, 1), (10, 0), (10, -2),
+                                 (10, 2.5), (10.5, 2), (True, 1), (10, "2"),
+                                 (10, None)])
+def test_sampler_rejects_bad_sizes(cls, n, b):
   with pytest.raises(ValueError):
-    optax_dp.poisson_max_batch_size(*args, **kwargs)
+    cls(n, b)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(truncate=True),                          # no max_batch_size
+    dict(truncate=True, max_batch_size=None),
+    dict(truncate="yes", max_batch_size=5),
+    dict(max_batch_size=0),
+    dict(max_batch_size=-1),
+    dict(pad_to_multiple_of=0),
+])
+def test_poisson_sampler_rejects_bad_options(kwargs):
+  with pytest.raises(ValueError):
+    optax_dp.PoissonSampler(100, 10, **kwargs)
+
+
+def test_make_sampler():
+  p = optax_dp.make_sampler("poisson", dataset_size=100, batch_size=10,
+                            max_batch_size=20, truncate=True)
+  assert p == optax_dp.PoissonSampler(100, 10, max_batch_size=20, truncate=True)
+  assert optax_dp.make_sampler("fixed", dataset_size=100, batch_size=10) == (
+      optax_dp.FixedBatchSampler(100, 10))
+  assert optax_dp.make_sampler("shuffle", dataset_size=100, batch_size=10) == (
+      optax_dp.ShuffleSampler(100, 10))
+  for name in ("poisson", "fixed", "shuffle"):
+    sampler = optax_dp.make_sampler(name, dataset_size=100, batch_size=10)
+    assert sampler.name == name and sampler.expected_batch_size == 10
+
+
+@pytest.mark.parametrize("name", ["uniform", "Poisson", "", "balls_and_bins"])
+def test_make_sampler_rejects_unknown_name(name):
+  with pytest.raises(ValueError, match="sampler"):
+    optax_dp.make_sampler(name, dataset_size=100, batch_size=10)
 
 
 # ---------------------------------------------------------------------------
-# Padding buckets: a bounded number of static shapes, the same batches.
+# dp_event and accounting metadata.
 
-def _expected_padded(buckets, dataset_size, expected_batch_size):
-  """E[the padded size] of one Poisson batch: sum_s P(s) * (bucket of s)."""
-  q = expected_batch_size / dataset_size
-  sizes = np.arange(0, buckets[-1] + 1)
-  pmf = stats.binom.pmf(sizes, dataset_size, q)
-  padded = np.array([next(b for b in buckets if b >= max(s, 1)) for s in sizes])
-  return float(np.sum(pmf * padded) / np.sum(pmf))
-
-
-def test_padding_buckets_minimise_the_expected_padded_size():
-  """The dynamic programme against brute force over every choice of at most
-  3 buckets among the multiples of 4 up to the maximum (which is always one)."""
-  import itertools  # pylint: disable=import-outside-toplevel
-  n, b, top, m = 200, 30, 60, 4
-  candidates = [c for c in range(m, top, m)]
-  best = min((_expected_padded(tuple(sorted(chosen)) + (top,), n, b), chosen)
-             for r in range(0, 3) for chosen in itertools.combinations(candidates, r))
-  buckets = optax_dp.poisson_padding_buckets(n, b, top, num_buckets=3, multiple_of=m)
-  assert len(buckets) <= 3 and buckets[-1] == top
-  assert all(x % m == 0 for x in buckets[:-1])
-  assert _expected_padded(buckets, n, b) == pytest.approx(best[0], rel=1e-9)
+def test_fixed_dp_event():
+  sampler = optax_dp.FixedBatchSampler(1000, 50)
+  # Replace-one moves the clipped sum by up to 2C: Gaussian at sigma / 2.
+  assert sampler.dp_event(3.0, 17) == dp_accounting.SelfComposedDpEvent(
+      dp_accounting.SampledWithoutReplacementDpEvent(
+          1000, 50, dp_accounting.GaussianDpEvent(1.5)), 17)
+  assert sampler.accountants == ("rdp",)
+  assert sampler.neighboring_relation == "replace one example by another"
+  assert sampler.name == "fixed" and sampler.expected_batch_size == 50
 
 
-def test_default_poisson_batches_have_at_most_four_shapes_and_little_padding():
-  sampler = optax_dp.PoissonSampler(60000, 256)
-  steps = 400
-  top = sampler.logical_batch_size(steps)
-  buckets = sampler.padding_sizes(steps)
-  assert len(buckets) <= 4 and buckets[-1] == top
-  shapes = set()
-  for batch in sampler.batches(0, steps=steps):
-    padded = batch.indices.shape[0]
-    shapes.add(padded)
-    assert padded == min(x for x in buckets if x >= max(batch.size, 1))
-    np.testing.assert_array_equal(batch.mask, np.arange(padded) < batch.size)
-    assert np.all(batch.indices[batch.size:] == -1)
-  assert shapes <= set(buckets)
-  # Padding to the maximum alone computes on top = 256 + 8.75 standard
-  # deviations (16) rows per step; the buckets on at most ~1.07x the mean.
-  assert _expected_padded(buckets, 60000, 256) <= 1.07 * 256 < top
+def test_fixed_dp_event_matches_jax_privacy():
+  jpa = pytest.importorskip("jax_privacy.experimental.accounting")
+  sampler = optax_dp.FixedBatchSampler(1000, 50)
+  # jax_privacy's noise multiplier is relative to the replace-one sensitivity.
+  assert sampler.dp_event(3.0, 17) == jpa.fixed_dpsgd_event(
+      1.5, 17, dataset_size=1000, batch_size=50)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_padding_buckets_keep_the_batches_and_the_accounting(k):
-  """Bucketed or padded to the maximum: the same examples at every step (so
-  the same mechanism, and the same epsilon), only fewer padding rows."""
-  bucketed = optax_dp.PoissonSampler(2000, 40)
-  flat = optax_dp.PoissonSampler(2000, 40, padding_buckets=None)
-  a = list(bucketed.batches(5, steps=60, accumulation_steps=k))
-  b = list(flat.batches(5, steps=60, accumulation_steps=k))
-  assert len(a) == len(b) == 60 * k
-  for t in range(60):
-    real_a = np.concatenate([c.indices[c.mask] for c in a[t * k:(t + 1) * k]])
-    real_b = np.concatenate([c.indices[c.mask] for c in b[t * k:(t + 1) * k]])
-    np.testing.assert_array_equal(real_a, real_b)
-    assert len({c.indices.shape for c in a[t * k:(t + 1) * k]}) == 1  # static in a step
-  assert len({c.indices.shape for c in a}) <= 4
-  assert {c.indices.shape for c in b} == {(math.ceil(flat.logical_batch_size(60) / k),)}
-  assert bucketed.dp_event(1.0, 60) == flat.dp_event(1.0, 60)
+@pytest.mark.parametrize("steps,epochs", [(1, 1), (10, 1), (11, 2), (30, 3), (31, 4)])
+def test_shuffle_dp_event(steps, epochs):
+  sampler = optax_dp.ShuffleSampler(105, 10)  # 10 steps per epoch
+  # One Gaussian (sensitivity C, zero-out) per epoch started; no amplification.
+  assert sampler.dp_event(1.3, steps) == dp_accounting.SelfComposedDpEvent(
+      dp_accounting.GaussianDpEvent(1.3), epochs)
+  assert sampler.accountants[0] == "pld" and set(sampler.accountants) == {"pld", "rdp"}
+  assert "zero out" in sampler.neighboring_relation
+  assert sampler.name == "shuffle"
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "4"])
-def test_padding_buckets_must_be_a_positive_int(bad):
-  with pytest.raises(ValueError, match="padding_buckets"):
-    optax_dp.PoissonSampler(100, 10, padding_buckets=bad)
+def test_poisson_dp_events():
+  plain = optax_dp.PoissonSampler(1000, 50)
+  assert plain.dp_event(1.1, 9) == dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1)), 9)
+  assert plain.accountants[0] == "pld" and "rdp" in plain.accountants
+  truncated = optax_dp.PoissonSampler(1000, 50, max_batch_size=70, truncate=True)
+  assert truncated.dp_event(1.1, 9) == dp_accounting.SelfComposedDpEvent(
+      dp_accounting.TruncatedSubsampledGaussianDpEvent(
+          dataset_size=1000, sampling_probability=0.05, truncated_batch_size=70,
+          noise_multiplier=1.1), 9)
+  assert truncated.accountants == ("pld",)
+  assert plain.neighboring_relation == "add or remove one example"
+  # The truncated event's analysis fixes the dataset size: zero-out adjacency
+  # (a zeroed example keeps its place in the truncation), as jax_privacy says.
+  assert "zero out" in truncated.neighboring_relation
+  for sampler in (plain, truncated):
+    assert sampler.name == "poisson"
+
+
+def test_truncated_dp_event_matches_jax_privacy():
+  jpa = pytest.importorskip("jax_privacy.experimental.accounting")
+  sampler = optax_dp.PoissonSampler(1000, 50, max_batch_size=70, truncate=True)
+  assert sampler.dp_event(1.1, 9) == jpa.truncated_dpsgd_event(
+      1.1, 9, sampling_prob=0.05, num_examples=1000, truncated_batch_size=70)
+
+
+def test_describe_names_the_sampler():
+  assert "Poisson" in optax_dp.PoissonSampler(1000, 50).describe()
+  assert "truncated" in optax_dp.PoissonSampler(
+      1000, 50, max_batch_size=70, truncate=True).describe()
+  assert "truncated" not in optax_dp.PoissonSampler(1000, 50).describe()
+  assert "without replacement" in optax_dp.FixedBatchSampler(1000, 50).describe()
+  text = optax_dp.ShuffleSampler(1000, 50).describe()
+  assert "permutation" in text and "20 batches" in text

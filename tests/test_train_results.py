@@ -168,6 +168,7 @@ def test_figures_are_readable_at_the_docs_column_width(tmp_path):
 RESULTS = os.path.join(example_runs.EXAMPLES, "results")
 
 
+@pytest.mark.slow
 def test_the_published_records_claim_the_epsilon_of_what_ran():
   # The README's recipe table comes from these records (plot_results.py):
   # each one's epsilon, recomputed here with dp_accounting's PLD accountant

@@ -68,6 +68,9 @@ from test_docs_examples import PAGES as RUN_PAGES  # pylint: disable=wrong-impor
 from test_docs_examples import _chunks  # pylint: disable=wrong-import-order
 from test_docs_examples import extract_blocks  # pylint: disable=wrong-import-order
 
+# pyright and mypy run as subprocesses (tens of seconds): the full suite only.
+pytestmark = pytest.mark.subprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 
