@@ -1,0 +1,230 @@
+"""The structure of optax_dp, read from its code (nothing of it is run).
+
+    python docs/_structure.py            # the layer table of docs/architecture.md
+    python docs/_structure.py --write    # ... written into that page
+    python docs/_structure.py walk optax_dp/_grads/_clipped.py:clipped_grads:l2_norm_clip
+
+`layers()` lists each layer (a private sub-package, bottom up) with its
+modules, their lines and what each imports; `walk` follows one parameter from
+a function through the calls that pass it on (by name, statically: a call
+whose argument mentions the parameter or a name assigned from it), and counts
+the *re-entries*: a call into a module the walk had already entered and left.
+tests/test_structure.py checks the rules of docs/architecture.md with it.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "optax_dp")
+# Bottom up; "" is the top (the package's own modules).
+LAYERS = ("_core", "_sample", "_clip", "_flax", "_grads", "_aggregation",
+          "_lifecycle", "")
+
+
+def modules() -> dict[str, str]:
+  """{dotted module name: path} of every module of optax_dp."""
+  out = {}
+  for dirpath, _, files in os.walk(PACKAGE):
+    for f in sorted(files):
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = path
+  return out
+
+
+def layer_of(module: str) -> str:
+  parts = module.split(".")
+  return parts[1] if len(parts) > 2 else ""
+
+
+def imports(path: str) -> dict[str, str]:
+  """{local name: dotted module} of the optax_dp modules `path` imports."""
+  out = {}
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("optax_dp"):
+      for alias in node.names:
+        target = f"{node.module}.{alias.name}"
+        out[alias.asname or alias.name] = target if target in modules() else node.module
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("optax_dp."):
+          out[alias.asname or alias.name] = alias.name
+  return out
+
+
+def graph() -> dict[str, set[str]]:
+  """{module: the optax_dp modules it imports}, package __init__s left out
+  (they re-export)."""
+  mods = modules()
+  return {m: {t for t in imports(p).values() if t != m and t in mods
+              and not t.endswith("__init__") and t != "optax_dp"}
+          for m, p in mods.items()}
+
+
+def cycles() -> list[list[str]]:
+  """Import circles between modules (strongly connected components > 1)."""
+  g, index, low, stack, on, out = graph(), {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on.add(v)
+    for w in g.get(v, ()):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      comp = []
+      while True:
+        w = stack.pop()
+        on.discard(w)
+        comp.append(w)
+        if w == v:
+          break
+      if len(comp) > 1:
+        out.append(sorted(comp))
+
+  for v in g:
+    if v not in index:
+      visit(v)
+  return out
+
+
+def upward_imports() -> list[tuple[str, str]]:
+  """(importer, imported) pairs where a lower layer imports a higher one."""
+  rank = {layer: i for i, layer in enumerate(LAYERS)}
+  return [(m, t) for m, ts in graph().items() for t in sorted(ts)
+          if rank[layer_of(t)] > rank[layer_of(m)]]
+
+
+def line_counts() -> dict[str, int]:
+  return {m: sum(1 for _ in open(p)) for m, p in modules().items()}
+
+
+def table() -> str:
+  """The layer table of docs/architecture.md (Markdown)."""
+  counts, g = line_counts(), graph()
+  rows = ["| layer | module | lines | imports |", "|---|---|---|---|"]
+  for layer in reversed(LAYERS):
+    for m in sorted(modules()):
+      if layer_of(m) != layer or modules()[m].endswith("__init__.py"):
+        continue
+      short = lambda t: t.split(".")[-1]
+      rows.append(f"| `{layer or 'top'}` | `{short(m)}` | {counts[m]} | "
+                  + ", ".join(f"`{short(t)}`" for t in sorted(g[m])) + " |")
+  return "\n".join(rows)
+
+
+# --- walking one parameter ---------------------------------------------------
+
+def _functions(path: str) -> dict[str, ast.FunctionDef]:
+  tree = ast.parse(open(path).read())
+  out = {}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.FunctionDef):
+      out.setdefault(node.name, node)
+  return out
+
+
+def _names(expr) -> set[str]:
+  return {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)}
+
+
+def _callee(call, module, imported):
+  """(module, function name) a call goes to, or None outside optax_dp."""
+  f = call.func
+  if isinstance(f, ast.Name):
+    if f.id in imported and imported[f.id] not in modules():
+      return imported[f.id], f.id            # from optax_dp.x._y import name
+    return module, f.id
+  if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+    target = imported.get(f.value.id)
+    if target in modules():
+      return target, f.attr
+  return None
+
+
+def walk_report(spec: str) -> tuple[list[str], list[str]]:
+  path, function, param = spec.split(":")
+  module = os.path.relpath(os.path.join(ROOT, path), ROOT)[:-3].replace(os.sep, ".")
+  calls = _call_route(module, function, param)
+  return calls, reentries_of_calls(calls)
+
+
+def _call_route(module, function, param):
+  """The sequence of modules *called into*, depth first (no returns)."""
+  route = []
+  mods = modules()
+  seen = set()
+
+  def go(module, function, param):
+    if (module, function, param) in seen:
+      return
+    seen.add((module, function, param))
+    fn = _functions(mods[module]).get(function)
+    if fn is None:
+      return
+    imported = imports(mods[module])
+    carried = {param}
+    for node in ast.walk(fn):
+      if isinstance(node, ast.Assign) and _names(node.value) & carried:
+        for t in node.targets:
+          carried |= _names(t)
+    for call in sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)),
+                       key=lambda n: (n.lineno, n.col_offset)):
+      target = _callee(call, module, imported)
+      if target is None or target[0] not in mods:
+        continue
+      callee = _functions(mods[target[0]]).get(target[1])
+      if callee is None:
+        continue
+      params = [a.arg for a in callee.args.posonlyargs + callee.args.args]
+      passed = [params[i] for i, a in enumerate(call.args)
+                if i < len(params) and _names(a) & carried]
+      passed += [k.arg for k in call.keywords
+                 if k.arg and _names(k.value) & carried]
+      for p in passed:
+        if target[0] != module:
+          route.append((module, target[0]))
+        go(target[0], target[1], p)
+
+  go(module, function, param)
+  return route
+
+
+def reentries_of_calls(calls: list[tuple[str, str]]) -> list[int]:
+  """The indices of the calls that re-enter a module: one the walk had
+  entered before and has been in another module since (a row of calls from
+  one caller into one callee is one stay; coming back to a caller is not a
+  re-entry)."""
+  entered, out, last = set(), [], None
+  for i, call in enumerate(calls):
+    if call[1] in entered and call != last:
+      out.append(i)
+    entered.add(call[1])
+    last = call
+  return out
+
+
+if __name__ == "__main__":
+  if len(sys.argv) > 2 and sys.argv[1] == "walk":
+    calls, again = walk_report(sys.argv[2])
+    for i, (caller, callee) in enumerate(calls):
+      print(f"{caller} -> {callee}" + ("   (re-entry)" if i in again else ""))
+    print(f"{len(set(c for _, c in calls))} modules entered, {len(again)} re-entries")
+  elif sys.argv[1:] == ["--write"]:   # refresh docs/architecture.md's table
+    page = os.path.join(ROOT, "docs", "architecture.md")
+    text = open(page).read()
+    begin, end = "<!-- structure:begin -->\n", "<!-- structure:end -->"
+    head, rest = text.split(begin)
+    open(page, "w").write(head + begin + table() + "\n" + end + rest.split(end)[1])
+  else:
+    print(table())
