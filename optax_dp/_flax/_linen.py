@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import jax
 
+from optax_dp._flax import _adapter
+
 try:  # flax is optional: without it everything is "uncovered" (vmap path).
   import flax.linen as nn
 except ImportError:  # tested in a core-only environment (tests/core_only)
@@ -50,11 +52,7 @@ def _batchnorm_trains(module, args, kwargs) -> bool:
   attr = module.use_running_average
   if (call is None) == (attr is None):
     return False
-  value = attr if call is None else call
-  try:
-    return not bool(value)
-  except Exception:  # pylint: disable=broad-except
-    return False
+  return _adapter.batchnorm_trains(attr if call is None else call)
 
 
 @contextlib.contextmanager
@@ -87,15 +85,7 @@ def no_cross_example_layers(caller: str):
     if (context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
         and _batchnorm_trains(module, args, kwargs)):
       where = "/".join(str(p) for p in module.path) or type(module).__name__
-      raise ValueError(
-          f"{caller}: the model calls flax.linen.BatchNorm ({where}) in training "
-          "mode (use_running_average=False). Per-example gradients evaluate "
-          "each example as a batch of one, so BatchNorm's statistics would be "
-          "that one example's: a different model from the one trained without "
-          "privacy, where BatchNorm mixes the examples of a batch (which "
-          "per-example clipping cannot bound). Use nn.GroupNorm or nn.LayerNorm "
-          "instead, or BatchNorm with use_running_average=True (frozen "
-          "statistics).")
+      raise _adapter.batchnorm_error(caller, "linen", where)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):

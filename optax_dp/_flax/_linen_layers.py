@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from optax_dp._clip import _layer_rules
+from optax_dp._flax import _adapter
 
 from optax_dp._flax._linen import nn
 
@@ -96,7 +96,8 @@ def _kind(module) -> str:
     return "dense"
   if (type(module) is nn.Conv and module.feature_group_count == 1 and module.mask is None
       and module.conv_general_dilated is None and module.conv_general_dilated_cls is None
-      and _is_unit(module.input_dilation) and _conv_padding_supported(module.padding)):
+      and _adapter.is_unit(module.input_dilation)
+      and _adapter.conv_padding_supported(module.padding)):
     return "conv"
   if (type(module) is nn.DenseGeneral and module.axis in (-1, (-1,)) and not module.batch_dims
       and module.dot_general is None and module.dot_general_cls is None):
@@ -104,20 +105,6 @@ def _kind(module) -> str:
   if type(module) is nn.Embed:
     return "embed"
   return "generic"
-
-
-def _is_unit(x) -> bool:
-  if x is None:
-    return True
-  if isinstance(x, int):
-    return x == 1
-  return all(v == 1 for v in x)
-
-
-def _conv_padding_supported(padding) -> bool:
-  if isinstance(padding, str):
-    return padding in ("SAME", "VALID")
-  return True
 
 
 def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
@@ -150,7 +137,7 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
       return loss_fn(params, jax.tree.map(lambda x: x[None], example))
 
   jax.eval_shape(run, params, example)
-  layers, owners = [], {}
+  layers = []
   for path, entries in calls.items():
     method, module, index, out_struct, (args, kwargs) = entries[0]
     if (len(entries) != 1 or method != "__call__" or path in exclude
@@ -166,27 +153,15 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
         len(args) == 1 and not kwargs and _layer_rules.is_array(args[0])):
       layer.kind = "generic"
     if layer.kind == "embed":
-      ids_shape = jnp.shape(args[0])
-      positions = math.prod(ids_shape)
       table = direct["embedding"].shape if (direct := _direct_params(module)) else (0, 0)
-      # Ghost with token equality costs T^2 per example; the generic VJP
-      # materialises vocab x features per example: take the smaller.
-      if (not jnp.issubdtype(jnp.result_type(args[0]), jnp.integer)
-          or positions * positions > table[0] * table[1]):
+      if not _adapter.embed_is_ghost(args[0], *table):
         layer.kind = "generic"
     layers.append(layer)
   layers += [entries[0] for path, entries in recurrent.items()
              if len(entries) == 1 and entries[0] is not None and path not in exclude]
-  # A leaf owned by two layers (shared parameters) is not covered. The call
-  # count above cannot see this case: two modules at different paths, each
-  # called once, that the loss hands the same array (weight tying outside the
-  # model, `apply({"params": {"a": p["w"], "b": p["w"]}}, x)`); covering both
-  # would lose one layer's clipped sum and mis-add their norms
-  # (tests/test_linen.py::test_shared_parameters_are_not_covered_and_auto_is_exact).
-  for layer in layers:
-    for i in layer.leaf_index.values():
-      owners[i] = owners.get(i, 0) + 1
-  return [l for l in layers if all(owners[i] == 1 for i in l.leaf_index.values())]
+  # The call count above cannot see a parameter shared by two modules at
+  # different paths (`apply({"params": {"a": p["w"], "b": p["w"]}}, x)`).
+  return _adapter.unshared(layers)
 
 
 # Cells whose every parameter belongs to an nn.Dense sub-layer applied once a
@@ -335,9 +310,7 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
     with _intercept(interceptor):
       result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
     loss, aux = result if has_aux else (result, None)
-    if any(x is None for x in inputs):
-      missing = [layers[k].path for k, x in enumerate(inputs) if x is None]
-      raise RuntimeError(f"optax_dp ghost clipping: layers {missing} were not called.")
+    _adapter.check_called(layers, inputs, lambda missing: f"layers {missing} were")
     return loss, (aux, inputs)
 
   return example_loss, covered, uncovered
@@ -345,25 +318,16 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
 
 def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
   """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)
-  of one covered Linen layer, by the framework-neutral rule of its kind."""
-  use_bias = "bias" in layer.leaf_index
-  if layer.kind == "dense":
-    return _layer_rules.dense_terms(inputs[0], out_grad, use_bias)
-  if layer.kind == "conv":
-    m = layer.module
-    return _layer_rules.conv_terms(
-        inputs[0], out_grad, kernel_size=m.kernel_size, strides=m.strides,
-        kernel_dilation=m.kernel_dilation, padding=m.padding, use_bias=use_bias)
-  if layer.kind == "embed":
-    return _layer_rules.embed_terms(inputs[0], out_grad,
-                                    layer_params["embedding"].shape[0])
-  if layer.kind == "recurrent":
-    return _layer_rules.recurrent_terms(
-        inputs, out_grad, {sub: f"{sub}/bias" in layer.leaf_index for sub in out_grad},
-        layer.groups)
+  of one covered Linen layer, by the framework-neutral rule of its kind
+  (`_adapter.layer_terms`)."""
+  m = layer.module
 
   def apply_fn(params, arrays):
     args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)
     return layer.module.apply({"params": params}, *args, **kwargs)
 
-  return _layer_rules.vjp_terms(apply_fn, layer_params, inputs, out_grad)
+  return _adapter.layer_terms(
+      layer, layer_params, inputs, out_grad,
+      conv=lambda: dict(kernel_size=m.kernel_size, strides=m.strides,
+                        kernel_dilation=m.kernel_dilation, padding=m.padding),
+      vocab=lambda: (layer_params["embedding"].shape[0],), apply_fn=apply_fn)

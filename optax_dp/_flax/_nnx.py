@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp._clip import _clipping
+from optax_dp._flax import _adapter
 
 
 def _nnx():
@@ -94,12 +95,8 @@ def _streams(model) -> list:
 
 
 def _batchnorm_trains(module, use_running_average) -> bool:
-  value = (module.use_running_average if use_running_average is None
-           else use_running_average)
-  try:
-    return not bool(value)
-  except Exception:  # pylint: disable=broad-except  (a tracer: cannot judge)
-    return False
+  return _adapter.batchnorm_trains(module.use_running_average if use_running_average is None
+                                   else use_running_average)
 
 
 @contextlib.contextmanager
@@ -115,15 +112,8 @@ def no_batchnorm_in_training(caller: str):
 
   def checked(self, x, use_running_average=None, **kwargs):
     if _batchnorm_trains(self, use_running_average):
-      raise ValueError(
-          f"{caller}: the model calls flax.nnx.BatchNorm in training mode "
-          "(use_running_average=False). Per-example gradients evaluate each "
-          "example as a batch of one, so BatchNorm's statistics would be that "
-          "one example's: a different model from the one trained without "
-          "privacy, where BatchNorm mixes the examples of a batch (which "
-          "per-example clipping cannot bound). Use nnx.GroupNorm or "
-          "nnx.LayerNorm instead, or BatchNorm with use_running_average=True "
-          "(frozen statistics; e.g. model.eval() for the norm layers).")
+      raise _adapter.batchnorm_error(
+          caller, "nnx", hint="; e.g. model.eval() for the norm layers")
     return original(self, x, use_running_average=use_running_average, **kwargs)
 
   nnx.BatchNorm.__call__ = checked
@@ -222,7 +212,8 @@ def as_optimizer_grads(clipped: _clipping.ClippedGrads):
 
 # The pure loss that `call` builds carries the module classes of the model's
 # graph under this attribute: `_bookkeeping` picks the NNX book-keeping
-# (`_nnx_layers`) by it, which patches `__call__` of those classes.
+# (`_nnx_layers`) by it, which patches `__call__` of those classes
+# (`intercept`: NNX's hook, where Linen has `nn.intercept_methods`).
 NNX_ADAPTER = "optax_dp_nnx_module_classes"
 
 
@@ -234,3 +225,31 @@ def module_classes(model) -> tuple:
     if isinstance(node, nnx.Module):
       classes.setdefault(type(node), None)
   return tuple(classes)
+
+
+@contextlib.contextmanager
+def intercept(classes, handler):
+  """Routes `__call__` of instances of `classes` (exact type) through
+  `handler(module, original, args, kwargs)`."""
+  originals = {cls: cls.__call__ for cls in classes}
+  defined = {cls for cls in classes if "__call__" in vars(cls)}
+
+  def patched(cls):
+    original = originals[cls]
+
+    def call_(self, *args, **kwargs):
+      if type(self) is not cls:
+        return original(self, *args, **kwargs)
+      return handler(self, original, args, kwargs)
+    return call_
+
+  for cls in classes:
+    cls.__call__ = patched(cls)
+  try:
+    yield
+  finally:
+    for cls, original in originals.items():
+      if cls in defined:
+        cls.__call__ = original
+      else:
+        del cls.__call__

@@ -7,7 +7,6 @@ rules (`_layer_rules`). flax is imported lazily (`_nnx._nnx`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any, Optional
@@ -16,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp._clip import _layer_rules
+from optax_dp._flax import _adapter
 from optax_dp._flax._nnx import NNX_ADAPTER
+from optax_dp._flax._nnx import intercept
 from optax_dp._flax._nnx import _nnx
 
 # Book-keeping for NNX layers: the NNX twin of `_linen_layers`' discovery, feeding
@@ -93,10 +94,6 @@ def _own_variables(module) -> Optional[dict]:
   return own or None
 
 
-def _unit(x) -> bool:
-  return x is None or (x == 1 if isinstance(x, int) else all(v == 1 for v in x))
-
-
 def _plain_call(args, kwargs) -> bool:
   """One array argument (an `out_sharding=None` keyword allowed)."""
   return (len(args) == 1 and _layer_rules.is_array(args[0])
@@ -133,15 +130,14 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
       return dict(kind="dense", contracted_axes=axes)
   if (plain and cls is nnx.Conv and module.feature_group_count == 1 and module.mask is None
       and module.conv_general_dilated is jax.lax.conv_general_dilated
-      and module.preferred_element_type is None and _unit(module.input_dilation)
-      and (not isinstance(module.padding, str) or module.padding in ("SAME", "VALID"))):
+      and module.preferred_element_type is None and _adapter.is_unit(module.input_dilation)
+      and _adapter.conv_padding_supported(module.padding)):
     return dict(kind="conv", conv=dict(
         kernel_size=module.kernel_size, strides=module.strides,
         kernel_dilation=module.kernel_dilation, padding=module.padding))
-  if plain and cls is nnx.Embed and jnp.issubdtype(jnp.result_type(args[0]), jnp.integer):
+  if plain and cls is nnx.Embed:
     vocab, features = module.embedding[...].shape
-    positions = math.prod(jnp.shape(args[0]))
-    if positions * positions <= vocab * features:   # else the VJP is cheaper
+    if _adapter.embed_is_ghost(args[0], vocab, features):
       return dict(kind="embed", vocab=vocab)
   leaves = jax.tree.leaves((args, kwargs), is_leaf=nnx.graph.is_graph_node)
   if not all(_layer_rules.is_array(x) or isinstance(x, _STATIC_TYPES) for x in leaves):
@@ -231,7 +227,7 @@ def _recurrent_rule(rnn, args, kwargs, ids) -> Optional[dict]:
         outs.setdefault(linears[id(module)], []).append(out)
         taps.append((linears[id(module)], args[0]))
       return out
-    with _intercept((_nnx().Linear,), handler):
+    with intercept((_nnx().Linear,), handler):
       return rnn.cell(carry, x)
 
   try:
@@ -272,34 +268,6 @@ def _run_rnn(rnn, flat, layer, layer_params, args, kwargs, zs, tapping):
       v[...] = saved[name]
 
 
-@contextlib.contextmanager
-def _intercept(classes, handler):
-  """Routes `__call__` of instances of `classes` (exact type) through
-  `handler(module, original, args, kwargs)`."""
-  originals = {cls: cls.__call__ for cls in classes}
-  defined = {cls for cls in classes if "__call__" in vars(cls)}
-
-  def patched(cls):
-    original = originals[cls]
-
-    def call_(self, *args, **kwargs):
-      if type(self) is not cls:
-        return original(self, *args, **kwargs)
-      return handler(self, original, args, kwargs)
-    return call_
-
-  for cls in classes:
-    cls.__call__ = patched(cls)
-  try:
-    yield
-  finally:
-    for cls, original in originals.items():
-      if cls in defined:
-        cls.__call__ = original
-      else:
-        del cls.__call__
-
-
 def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
   """Finds the covered NNX layers (shape-only trace of one example)."""
   del has_aux
@@ -333,7 +301,7 @@ def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
               lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out)
       return out
 
-    with _intercept(classes, handler):
+    with intercept(classes, handler):
       return loss_fn(params, jax.tree.map(lambda x: x[None], example))
 
   jax.eval_shape(run, params, example)
@@ -346,11 +314,7 @@ def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
     if None in index.values() or path in exclude:
       continue
     layers.append(Layer(path=path, leaf_index=index, out_struct=entry["out"], **entry["rule"]))
-  owners: dict = {}
-  for layer in layers:
-    for i in layer.leaf_index.values():
-      owners[i] = owners.get(i, 0) + 1
-  return [l for l in layers if all(owners[i] == 1 for i in l.leaf_index.values())]
+  return _adapter.unshared(layers)
 
 
 def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
@@ -402,39 +366,29 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
       return jax.tree.map(jnp.add, out, zs[k])
 
     params = jax.tree.unflatten(params_treedef, leaves)
-    with _intercept(classes, handler):
+    with intercept(classes, handler):
       result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
     loss, aux = result if has_aux else (result, None)
-    if any(x is None for x in inputs):
-      raise RuntimeError("optax_dp ghost clipping: a covered NNX layer was not called.")
+    _adapter.check_called(layers, inputs, lambda _: "a covered NNX layer was")
     return loss, (aux, inputs)
 
   return example_loss, covered, uncovered
 
 
 def layer_terms(layer: Layer, layer_params, inputs, out_grad):
-  """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer."""
-  use_bias = "bias" in layer.leaf_index
-  if layer.kind == "dense":
-    x = inputs[0]
+  """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer
+  (`_adapter.layer_terms`)."""
+  def dense_input(x):   # the contracted trailing axes flattened into one
     n = layer.contracted_axes
-    x = x.reshape(x.shape[:x.ndim - n] + (math.prod(x.shape[x.ndim - n:]),))
-    return _layer_rules.dense_terms(x, out_grad, use_bias)
-  if layer.kind == "conv":
-    return _layer_rules.conv_terms(inputs[0], out_grad, use_bias=use_bias, **layer.conv)
-  if layer.kind == "embed":
-    name, = layer.leaf_index
-    return _layer_rules.embed_terms(inputs[0], out_grad, layer.vocab, name)
-  if layer.kind == "recurrent":
-    return _layer_rules.recurrent_terms(
-        inputs, out_grad, {sub: f"{sub}/bias" in layer.leaf_index for sub in out_grad},
-        layer.groups)
-  nnx = _nnx()
+    return x.reshape(x.shape[:x.ndim - n] + (math.prod(x.shape[x.ndim - n:]),))
 
   def apply_fn(params, arrays):
     args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)
     state = jax.tree.unflatten(layer.state_treedef,
                                [params[name] for name in layer.state_names])
-    return nnx.merge(layer.graphdef, state)(*args, **kwargs)
+    return _nnx().merge(layer.graphdef, state)(*args, **kwargs)
 
-  return _layer_rules.vjp_terms(apply_fn, layer_params, inputs, out_grad)
+  return _adapter.layer_terms(
+      layer, layer_params, inputs, out_grad, dense_input=dense_input,
+      conv=lambda: layer.conv, vocab=lambda: (layer.vocab, *layer.leaf_index),
+      apply_fn=apply_fn)
