@@ -253,3 +253,66 @@ def intercept(classes, handler):
         cls.__call__ = original
       else:
         del cls.__call__
+
+
+# ---------------------------------------------------------------------------
+# What dp_aggregate says of an nnx.State it cannot take: the NNX cases of
+# `_release.refuse_params_shaped` (the first two) and of the empty-tree error
+# of `_clipping.batch_size_of` (registered there on import, below).
+
+def is_state(tree) -> bool:
+  return type(tree).__module__.startswith("flax.nnx")
+
+
+STRIPPED = (
+    "nnx.Optimizer.update(model, grads) stripped the ClippedGrads to a plain "
+    "nnx.State of its arrays (it calls nnx.state(grads, wrt)), losing the clip "
+    "norm and the batch size dp_aggregate needs. It happens to a ClippedGrads "
+    "computed on the split-off parameters (a pure loss of params): give the "
+    "model itself to the gradient function instead, "
+    "optax_dp.clipped_grads(loss_fn, l2_norm_clip)(model, batch) with "
+    "loss_fn(model, batch), whose nnx.State of per-variable clipped sums "
+    "nnx.Optimizer passes intact. Or pass per-example gradients "
+    "(optax_dp.per_example_grads, also passed intact), or update by hand: "
+    "params = "
+    "nnx.state(model, nnx.Param); updates, opt_state = tx.update(clipped, "
+    "opt_state, params); nnx.update(model, optax.apply_updates(params, "
+    "updates)).")
+
+
+def _has_clipped_sum_key(tree) -> bool:
+  try:
+    return "clipped_sum" in tree.keys()
+  except (AttributeError, TypeError):
+    return False
+
+
+def refuse_stripped_state(updates) -> None:
+  """ValueError if `updates` is an nnx.State with a `clipped_sum` entry: a
+  `ClippedGrads` that `nnx.state` flattened."""
+  if is_state(updates) and _has_clipped_sum_key(updates):
+    raise ValueError(
+        "dp_aggregate got an nnx.State holding 'clipped_sum': a ClippedGrads "
+        "from optax_dp.clipped_grads that nnx turned into a State. " + STRIPPED)
+
+
+def params_shaped_origin(updates) -> Optional[str]:
+  """`_release.refuse_params_shaped`'s account of a params-shaped
+  nnx.State (None for any other tree)."""
+  if not is_state(updates):
+    return None
+  return ("It is an nnx.State: if it came from optax_dp.clipped_grads, "
+          + STRIPPED + " If it came from nnx.grad, those are batch-averaged "
+          "gradients: use per-example gradients instead.")
+
+
+def empty_state_hint(tree) -> str:
+  """What `_clipping.batch_size_of` adds for an empty nnx.State."""
+  if is_state(tree):
+    return (" It is an empty nnx.State: nnx.Optimizer.update(model, grads) "
+            "strips a ClippedGrads to the nnx.Param arrays it holds (see the "
+            "error dp_aggregate gives for a non-empty one).")
+  return ""
+
+
+_clipping.register_empty_hint(empty_state_hint)
