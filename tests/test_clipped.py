@@ -384,7 +384,7 @@ def test_dense_general_takes_the_dense_path():
   model = GeneralDense()
   x = _x((6, 4, 5))
   params = model.init(jax.random.key(0), x[:1])["params"]
-  layers = optax_dp._flax._linen.discover(
+  layers = optax_dp._flax._linen_layers.discover(
       lambda p, b: jnp.sum(model.apply({"params": p}, b)), params, x[0], False)
   assert sorted(l.kind for l in layers) == ["dense", "dense"]
   _check_model(model, x, method="ghost")

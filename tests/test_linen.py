@@ -1,4 +1,4 @@
-"""optax_dp._flax._linen (the book-keeping path of clipped_grads): the clip bound of
+"""optax_dp._flax._linen_layers (the book-keeping path of clipped_grads): the clip bound of
 every clipping path in bfloat16 and float16, and shared parameters.
 
 The clip bound is the whole sensitivity argument of DP-SGD: each example's
@@ -62,7 +62,7 @@ class CNN(nn.Module):
 
   On 6x6x2 inputs the first conv (36 positions, im2col kernel 8 x 8) takes
   the materialised per-example kernel gradients, the second (stride 2: 9
-  positions, 32 x 16) the ghost norm <A A^T, G G^T> (`_linen.layer_terms`
+  positions, 32 x 16) the ghost norm <A A^T, G G^T> (`_linen_layers.layer_terms`
   picks the cheaper: T^2 (d + p) against T d p).
   """
   dtype: object = jnp.bfloat16
@@ -254,4 +254,4 @@ def test_shared_parameters_are_not_covered_and_auto_is_exact(problem):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(w))))
   with pytest.raises(ValueError, match="not owned by a layer"):
     jax.jit(optax_dp.clipped_grads(loss_fn, clip, method="ghost"))(params, x)
-  assert optax_dp._flax._linen.discover(loss_fn, params, x[0], False) == []  # pylint: disable=protected-access
+  assert optax_dp._flax._linen_layers.discover(loss_fn, params, x[0], False) == []  # pylint: disable=protected-access

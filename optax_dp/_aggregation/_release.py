@@ -25,6 +25,7 @@ from optax_dp._clip import _clip_norms
 from optax_dp._clip import _clipping
 from optax_dp._core import _composition
 from optax_dp._aggregation import _correlated
+from optax_dp._flax import _nnx
 from optax_dp._core import _keys
 
 # One ledger entry: (refuse when this holds, the error, its message).
@@ -129,6 +130,40 @@ def resolve(noise_multiplier, expected_batch_size, budget, allow_budget_overrun,
           strategy)
 
 
+def refuse_params_shaped(updates, params) -> None:
+  """ValueError if `updates` is not per-example but a stripped or averaged tree.
+
+  A tree shaped exactly like `params` (no batch axis) is either batch-averaged
+  gradients or the arrays of a `ClippedGrads` whose wrapper was stripped on
+  the way here (a tree_map, nnx.Optimizer); an nnx.State with a
+  `clipped_sum` entry is a `ClippedGrads` that `nnx.state` flattened
+  (`_nnx.refuse_stripped_state`). The message says what happened and what
+  to do (for an nnx.State, `_nnx.params_shaped_origin`).
+  """
+  _nnx.refuse_stripped_state(updates)
+  if params is None:
+    return
+  if jax.tree.structure(updates) != jax.tree.structure(params) or any(
+      jnp.shape(u) != jnp.shape(p)
+      for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params))):
+    return
+  said = _nnx.params_shaped_origin(updates)
+  if said is None:
+    said = (
+        "Either (a) they are ordinary batch-averaged gradients (jax.grad of the "
+        "mean loss), which clipping cannot make private: compute the clipped sum "
+        "with optax_dp.clipped_grads(loss_fn, l2_norm_clip) or per-example "
+        "gradients with optax_dp.per_example_grads(loss_fn); or (b) they are "
+        "the arrays of a ClippedGrads from clipped_grads whose wrapper was "
+        "removed on the way here (a jax.tree.map or tree_util round trip over "
+        "the gradients, an nnx.state, a wrapper that rebuilds the tree): pass "
+        "the ClippedGrads to tx.update unchanged, and accumulate with "
+        "optax_dp.dp_accumulate.")
+  raise ValueError(
+      "dp_aggregate got gradients shaped exactly like the parameters, with no "
+      "batch axis: not per-example gradients, and not a ClippedGrads. " + said)
+
+
 def as_clipped(updates, params, clip, current):
   """`(ClippedGrads, output dtypes)` from per-example gradients or a ClippedGrads.
 
@@ -138,7 +173,7 @@ def as_clipped(updates, params, clip, current):
   """
   updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
   if not isinstance(updates, _clipping.ClippedGrads):
-    _composition.refuse_params_shaped(updates, params)
+    refuse_params_shaped(updates, params)
     _clipping.batch_size_of(updates)
     if params is not None:
       _composition.check_against_params(updates, params)

@@ -9,8 +9,8 @@ a norm that adapts to a quantile of the per-example norms.
   clipped sum by at most `sqrt(sum_g C_g^2)` in L2 norm: the sensitivity the
   noise is calibrated to (McMahan, Ramage, Talwar & Zhang 2018, per-layer
   clipping). Groups are matched to parameters by their key names, so one
-  prefix serves a Linen params dict, an NNX `nnx.State` and the trees optax
-  hands around.
+  prefix serves a params dict, a framework's state of variables and the trees
+  optax hands around.
 * An `AdaptiveClip`: one norm, living in the optimizer state, moved after each
   step towards a target quantile of the per-example norms by a privatised
   count of unclipped examples (Andrew, Thakkar, McMahan & Ramaswamy 2021).
@@ -257,8 +257,8 @@ def per_layer_clip_norms(params: Any, l2_norm_clip: float) -> dict:
   """One group per layer (the parameters that share a parent key path, e.g. a
   Dense layer's kernel and bias), each of norm `l2_norm_clip / sqrt(L)` for L
   layers: the total sensitivity stays `l2_norm_clip`. A nested dict prefix of
-  the params for `l2_norm_clip=` (Linen params, or an NNX model's
-  `nnx.state(model, nnx.Param)`).
+  the params for `l2_norm_clip=` (a params dict, or a framework's state of
+  the trained variables).
 
   Examples:
     >>> params = {"Dense_0": {"kernel": 0, "bias": 0}, "Dense_1": {"kernel": 0}}
@@ -269,7 +269,7 @@ def per_layer_clip_norms(params: Any, l2_norm_clip: float) -> dict:
   layers = []
   for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = path_names(path)
-    if names and names[-1] == "value":   # an NNX Variable's array
+    if names and names[-1] == "value":   # a variable box's array, not a name
       names = names[:-1]
     layer = names[:-1]
     if layer not in layers:

@@ -3,7 +3,7 @@
 The one home of the arithmetic every clipping path shares (per-example
 gradients in `dp_aggregate` and `clip_and_sum`, the book-keeping rules of
 `_layer_rules`, `clipped_grads`, accumulation, sharding). Nothing here knows about
-optax or Flax.
+optax or any framework.
 
 Complex parameters: `C^n` is treated as `R^2n` (the real and imaginary parts
 are separate coordinates). An example's squared norm is `sum |z|^2`, its clip
@@ -34,7 +34,7 @@ class _ClippedGradsType(type):
   """The class of `ClippedGrads`, whose name says where it belongs.
 
   A transformation placed before optax_dp's DP step in `optax.chain` gets a
-  `ClippedGrads` (or an `nnx.State` of them) in place of gradients shaped like
+  `ClippedGrads` (or a framework's tree of them) in place of gradients shaped like
   the params; optax then fails on a pytree-structure mismatch whose message
   names the type it found. This `repr` makes that message say the fix.
   """
@@ -92,7 +92,7 @@ class ClippedGrads(metaclass=_ClippedGradsType):
   unclipped_count: Any = None
 
   def __contains__(self, key) -> bool:
-    # flax's TrainState.apply_gradients asks `OVERWRITE_WITH_GRADIENT in grads`:
+    # a train state's apply_gradients may ask `OVERWRITE_WITH_GRADIENT in grads`:
     # a clipped sum is never a dict of raw gradients, so the answer is no.
     del key
     return False
@@ -111,9 +111,9 @@ def _is_clipped(x: Any) -> bool:
 def gather_clipped_leaves(updates: Any) -> Any:
   """One `ClippedGrads` from a tree whose every leaf is a `ClippedGrads`.
 
-  The NNX adapter hands `nnx.Optimizer` the clipped sum as one `ClippedGrads`
-  per parameter (each of one array: the optimizer keeps only its `wrt`
-  variables); this gathers them back. A `ClippedGrads`, or a tree with no
+  A framework adapter may hand its optimizer the clipped sum as one
+  `ClippedGrads` per parameter (each of one array, when the optimizer keeps
+  only its trained variables); this gathers them back. A `ClippedGrads`, or a tree with no
   `ClippedGrads` leaf, is returned as it is.
 
   Raises:
@@ -137,12 +137,12 @@ def gather_clipped_leaves(updates: Any) -> Any:
       clipped_sum=jax.tree.map(lambda c: c.clipped_sum, updates, is_leaf=_is_clipped))
 
 
-def _empty_hint(tree) -> str:
-  if type(tree).__module__.startswith("flax.nnx"):
-    return (" It is an empty nnx.State: nnx.Optimizer.update(model, grads) "
-            "strips a ClippedGrads to the nnx.Param arrays it holds (see the "
-            "error dp_aggregate gives for a non-empty one).")
-  return ""
+_EMPTY_HINTS: list = []   # hint(tree) -> str: a framework adapter's, for its trees
+
+
+def register_empty_hint(hint) -> None:
+  """Adds `hint(tree) -> str` to `batch_size_of`'s empty-tree message."""
+  _EMPTY_HINTS.append(hint)
 
 
 def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
@@ -170,7 +170,7 @@ def batch_size_of(per_example_grads: chex.ArrayTree) -> int:
   return _checks.leading_size(
       per_example_grads,
       empty=("dp_aggregate got an empty gradient tree."
-             + _empty_hint(per_example_grads)),
+             + "".join(hint(per_example_grads) for hint in _EMPTY_HINTS)),
       scalar=scalar, differ=differ)
 
 

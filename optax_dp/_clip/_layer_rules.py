@@ -22,7 +22,7 @@ without materialising per-example gradients where a cheaper form exists:
 Every per-example quantity depends on its own row only (a NaN stays in that
 example's norm), and rows with `keep` False are zeroed with `where` before the
 sums. Complex parameters follow `optax_dp._clip._clipping` (C^n as R^2n). The
-framework adapters (`_linen` for Flax Linen) find the layers and call these.
+framework adapters, a layer above, find the layers and call these.
 
 References:
   Bu, Wang, Zha & Karypis 2023, "Differentially Private Optimization on Large
@@ -55,7 +55,7 @@ _sq = _clipping.squared_abs  # |x|^2 elementwise, real (complex-safe)
 
 def _compute(x):
   """In the compute dtype (float32 or wider): in bf16 the norms would round
-  the clip bound away (a sensitivity breach, tested in tests/test_linen.py)."""
+  the clip bound away (a sensitivity breach, tested through the adapters)."""
   return x.astype(_clipping.compute_dtype(x.dtype))
 
 
@@ -218,13 +218,13 @@ def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: A
 
 
 def recurrence_time_axis(ndim: int, time_major: bool, num_feature_axes: int) -> int:
-  """The time axis of a Flax `RNN`'s inputs (Linen and NNX alike)."""
+  """The time axis of a framework's `RNN` inputs (every adapter's alike)."""
   return 0 if time_major else ndim - (num_feature_axes + 1)
 
 
 def rnn_option(rnn: Any, kwargs: dict, name: str) -> Any:
-  """A Flax `RNN` call's option: the call's keyword, else the module's field
-  (Linen and NNX name them alike: time_major, reverse, keep_order, ...)."""
+  """A framework's `RNN` call's option: the call's keyword, else the module's
+  field (the adapters' RNNs name them alike: time_major, reverse, keep_order, ...)."""
   value = kwargs.get(name)
   return getattr(rnn, name) if value is None else value
 
@@ -232,10 +232,10 @@ def rnn_option(rnn: Any, kwargs: dict, name: str) -> Any:
 def run_recurrence(rnn: Any, kwargs: dict, cell_step: Callable, inputs: jax.Array,
                    initial_carry: Any, zs: dict, groups: dict, time_axis: int
                    ) -> tuple[Any, dict]:
-  """A Flax `RNN` call (`rnn`, its keyword arguments `kwargs`) run as a scan
+  """A framework's `RNN` call (`rnn`, its keyword arguments `kwargs`) run as a scan
   over time, with its sub-layers' taps.
 
-  The semantics of Flax's `RNN` (Linen and NNX) without sequence lengths:
+  The semantics of the adapters' `RNN` (one for both) without sequence lengths:
   `inputs` scanned along `time_axis` (reversed first if `reverse`; outputs
   flipped back if also `keep_order`), outputs stacked on the same axis,
   `(final carry, outputs)` returned if `return_carry`, else the outputs.

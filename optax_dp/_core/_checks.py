@@ -230,8 +230,8 @@ def find_states(tree: Any, cls: type) -> list:
   """Every instance of the state class `cls` in `tree`, in leaf order.
 
   `tree` is an optimizer state as the user holds it: a chain's, one nested
-  in wrappers (`optax.MultiSteps`, `dp_accumulate`), a Linen `TrainState`
-  or an `nnx.Optimizer.opt_state` (whose Variables wrap the states' arrays,
+  in wrappers (`optax.MultiSteps`, `dp_accumulate`), a framework's train
+  state or its optimizer's state (whose variables wrap the states' arrays,
   not the states). Matched by type: `optax.tree_utils.tree_get_all_with_path`
   matches a NamedTuple by its class *name*, which another library's class
   of the same name would also match.

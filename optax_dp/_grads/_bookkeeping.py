@@ -2,8 +2,8 @@
 layers are covered (after the exactness guard), and the clipped sum from the
 framework-neutral layer rules; `clipping_plan` shows the choice.
 
-Adapters: `_linen` (Flax Linen, `nn.intercept_methods`) and `_nnx` (Flax NNX,
-for the pure loss `_nnx.call` builds). Both expose `discover`,
+Adapters: `_linen_layers` (Flax Linen, `nn.intercept_methods`) and
+`_nnx_layers` (Flax NNX, for the pure loss `_nnx.call` builds). Both expose `discover`,
 `make_example_loss` and `layer_terms`; `_layer_rules` holds the rules and the
 guard. References: Bu, Wang, Zha & Karypis 2023, "Differentially Private
 Optimization on Large Model at Small Cost", https://arxiv.org/abs/2210.00038.
@@ -21,7 +21,9 @@ from optax_dp._clip import _clipping
 from optax_dp._core import _devices
 from optax_dp._clip import _layer_rules
 from optax_dp._flax import _linen
+from optax_dp._flax import _linen_layers
 from optax_dp._flax import _nnx
+from optax_dp._flax import _nnx_layers
 from optax_dp._grads import _per_example
 
 
@@ -52,7 +54,7 @@ def settle(loss_fn, has_aux, params, example0):
   params. Shape-only traces: runs at trace time, nothing is compiled."""
   leaves, treedef = jax.tree.flatten(params)
   # The framework adapter: NNX for the pure loss of an nnx.Module, else Linen.
-  adapter = _nnx if getattr(loss_fn, _nnx.NNX_ADAPTER, False) else _linen
+  adapter = _nnx_layers if getattr(loss_fn, _nnx.NNX_ADAPTER, False) else _linen_layers
   exclude = frozenset()
   # Each pass that finds a leaky layer excludes at least one more layer, and
   # each layer owns at least one leaf: at most len(leaves) + 1 passes.
@@ -148,7 +150,7 @@ def ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):
           "for those) or 'vmap'.")
     # Said for a Flax model (some layer ran, or an NNX module); a loss of
     # plain arrays, with no layers at all, is the vmap path by definition.
-    flax_model = bool(layers) or adapter is _nnx or _linen.calls_modules(
+    flax_model = bool(layers) or adapter is _nnx_layers or _linen.calls_modules(
         loss_fn, params, example0)
   if uncovered and flax_model:
     warnings.warn(

@@ -15,6 +15,7 @@ from optax_dp._grads import _bookkeeping
 from optax_dp._clip import _clip_norms
 from optax_dp._clip import _clipping
 from optax_dp._core import _devices
+from optax_dp._flax import _linen
 from optax_dp._flax import _nnx
 from optax_dp._grads import _per_example
 
@@ -74,7 +75,7 @@ def value_and_clipped_grads(
     * `"vmap"`: per-example gradients of every parameter (`per_example_grads`),
       then clip and sum. Always works; memory B x params.
     * `"ghost"`: book-keeping for Flax Linen models (Bu et al. 2023, arXiv
-      2210.00038; see `optax_dp._clip._layer_rules` and its Linen adapter `optax_dp._flax._linen`): no per-example gradients of Dense or
+      2210.00038; see `optax_dp._clip._layer_rules` and its Linen adapter `optax_dp._flax._linen_layers`): no per-example gradients of Dense or
       Conv kernels are materialised (Conv via im2col, per-example kernel
       gradients when that is cheaper), nor of `nn.RNN` cells (GRU, LSTM, simple,
       MGU: per-step inputs and output gradients of their Dense sub-layers, one
@@ -102,7 +103,7 @@ def value_and_clipped_grads(
   `optimizer.update(model, clipped_grads(loss_fn, C)(model, batch, mask))`.
   Random streams and `nnx.BatchNorm` as in `value_and_per_example_grads`.
   Book-keeping covers `nnx.Linear`, `nnx.Conv`, `nnx.Embed` and `nnx.RNN`
-  over `nnx.GRUCell`/`LSTMCell`/`SimpleCell` (see `optax_dp._flax._nnx`); `"auto"` computes per-example gradients for the other
+  over `nnx.GRUCell`/`LSTMCell`/`SimpleCell` (see `optax_dp._flax._nnx_layers`); `"auto"` computes per-example gradients for the other
   parameters (norms, attention, a Param used directly, shared layers) and
   says which, once (`PerExampleFallbackWarning`); `"ghost"` raises naming
   them.
@@ -160,9 +161,9 @@ def value_and_clipped_grads(
                                       batch, mask)
 
     # Trace-time check: a Linen BatchNorm in training mode is not per-example
-    # (see _per_example.no_cross_example_layers). It covers every method,
+    # (see _linen.no_cross_example_layers). It covers every method,
     # including the ghost path's discovery trace, which runs first.
-    with _per_example.no_cross_example_layers("clipped_grads"):
+    with _linen.no_cross_example_layers("clipped_grads"):
       if microbatch_size is None or microbatch_size >= batch_size:
         values, summed, nonfinite, unclipped = chunk_fn(params, batch, mask)
       else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import chex
@@ -13,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from optax_dp._sample import _batches
 from optax_dp._core import _checks
 from optax_dp._core import _devices
+from optax_dp._flax import _linen
 from optax_dp._flax import _nnx
 
 # loss_fn(params, batch) -> scalar loss, or (loss, aux) with has_aux. Any
@@ -122,80 +122,6 @@ def zero_masked(tree: chex.ArrayTree, mask: jax.Array) -> chex.ArrayTree:
   return jax.tree.map(zero, tree)
 
 
-def _flax_linen():
-  """`flax.linen`, or None: flax is optional for the core (lazy import)."""
-  try:
-    import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  except ImportError:  # no flax: tests/core_only, in a core-only venv
-    return None
-  return nn
-
-
-def _batchnorm_trains(module, args, kwargs) -> bool:
-  """Whether a Linen BatchNorm call normalises with the batch's statistics.
-
-  `BatchNorm.__call__(x, use_running_average=None)` merges the call argument
-  with the module attribute (`nn.merge_param`). When both or neither are set,
-  flax raises its own error, so this returns False and lets it. A value that
-  is not a concrete bool (a tracer) cannot be judged at trace time and passes.
-  """
-  call = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-  attr = module.use_running_average
-  if (call is None) == (attr is None):
-    return False
-  value = attr if call is None else call
-  try:
-    return not bool(value)
-  except Exception:  # pylint: disable=broad-except
-    return False
-
-
-@contextlib.contextmanager
-def no_cross_example_layers(caller: str):
-  """Raises ValueError if a Flax Linen BatchNorm in training mode runs inside.
-
-  Per-example gradients (and clipped sums) evaluate each example as a batch of
-  one. A BatchNorm that normalises with batch statistics then sees a batch of
-  one: its statistics are that example's own, so the function differentiated
-  is a different model from the one trained without privacy, where BatchNorm
-  mixes the examples of a batch (one example's output depends on the others,
-  so clipping "its" gradient would not bound its influence). Either way the
-  result is not what the user meant; the fix is a per-example normalisation
-  (GroupNorm, LayerNorm) or frozen statistics (`use_running_average=True`,
-  a per-example function, which passes).
-
-  Implemented with `flax.linen.intercept_methods` around the traced loss, so it
-  runs only while the loss is traced (once per compilation under `jax.jit`),
-  never inside the compiled step. Without flax nothing is checked (a model
-  without flax has no Linen BatchNorm). `nnx.BatchNorm` in training mode is
-  refused by the NNX adapter (`_nnx`). Other cross-example operations
-  (in-batch negatives, hand-written batch statistics) are not detected.
-  """
-  nn = _flax_linen()
-  if nn is None:  # no flax: tests/core_only, in a core-only venv
-    yield
-    return
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name == "__call__" and isinstance(module, nn.BatchNorm)
-        and _batchnorm_trains(module, args, kwargs)):
-      where = "/".join(str(p) for p in module.path) or type(module).__name__
-      raise ValueError(
-          f"{caller}: the model calls flax.linen.BatchNorm ({where}) in training "
-          "mode (use_running_average=False). Per-example gradients evaluate "
-          "each example as a batch of one, so BatchNorm's statistics would be "
-          "that one example's: a different model from the one trained without "
-          "privacy, where BatchNorm mixes the examples of a batch (which "
-          "per-example clipping cannot bound). Use nn.GroupNorm or nn.LayerNorm "
-          "instead, or BatchNorm with use_running_average=True (frozen "
-          "statistics).")
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    yield
-
-
 def value_and_per_example_grads(
     loss_fn: LossFn,
     *,
@@ -294,7 +220,7 @@ def value_and_per_example_grads(
       return on_devices(fn, route)(params, batch, mask)
     batch_size = batch_rows(batch)
     params = _devices.local_params(params, batch, "per_example_grads")
-    with no_cross_example_layers("per_example_grads"):
+    with _linen.no_cross_example_layers("per_example_grads"):
       if microbatch_size is None or microbatch_size >= batch_size:
         values, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)
       else:

@@ -1,0 +1,394 @@
+"""Book-keeping for Flax NNX layers: the NNX twin of `_linen_layers`.
+
+The layer discovery, per-example loss and per-layer terms that `_bookkeeping`
+runs on the pure loss `_nnx.call` builds, feeding the same framework-neutral
+rules (`_layer_rules`). flax is imported lazily (`_nnx._nnx`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from optax_dp._clip import _layer_rules
+from optax_dp._flax import _adapter
+from optax_dp._flax._nnx import NNX_ADAPTER
+from optax_dp._flax._nnx import intercept
+from optax_dp._flax._nnx import _nnx
+
+# Book-keeping for NNX layers: the NNX twin of `_linen_layers`' discovery, feeding
+# the same framework-neutral rules (`_layer_rules`). `_clipped` calls these
+# on the pure loss that `call` builds (marked `NNX_ADAPTER`, which holds the
+# module classes of the model's graph).
+#
+# A *layer* is a module whose variables are all its own (attributes holding
+# `nnx.Variable`s, no submodules, no random streams), all of them trained,
+# called exactly once through `__call__` with arrays and static Python
+# values, returning arrays, whose parameters no other layer owns. Its rule:
+#
+# * "dense": `nnx.Linear`, and `nnx.LinearGeneral` contracting the trailing
+#   axes without batch axes (so the projections of `nnx.MultiHeadAttention`),
+#   with the default dot_general;
+# * "conv": `nnx.Conv` (one feature group, no mask, no input dilation,
+#   SAME/VALID or explicit padding);
+# * "embed": `nnx.Embed` looked up with integer ids, when the ghost form is
+#   the cheaper;
+# * "recurrent": `nnx.RNN` over an `nnx.GRUCell`, `LSTMCell` or `SimpleCell`
+#   (exact types, every variable in a plain `nnx.Linear` applied once a
+#   step), default state axes, no `seq_lengths`: the recurrence is run by
+#   `_layer_rules.run_recurrence` with the Linears tapped, each then a Dense
+#   over T positions (the RNN module itself holds no parameters: it is
+#   matched by its cell's);
+# * "generic": any other layer (`nnx.LayerNorm`, `nnx.RMSNorm`,
+#   `nnx.GroupNorm`, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
+#   module using its `nnx.Param` directly in `__call__`): a vmapped VJP of
+#   that layer alone, rebuilt from its graph definition.
+#
+# Calls are intercepted by patching `__call__` of the model's module classes
+# while the loss is traced (each class for its exact type). The exactness
+# guard (`_layer_rules.check_covered_unused`) then drops any layer whose
+# parameters reach the loss some other way (weight tying through
+# `Embed.attend`, a direct use by a parent). Everything else falls back per
+# parameter to per-example gradients.
+
+_STATIC_TYPES = (bool, int, float, complex, str, type(None))
+
+
+@dataclasses.dataclass
+class Layer:
+  """A covered NNX layer call, found by the shape-only trace."""
+  path: tuple            # its leaf indices: the same layer in every trace
+  leaf_index: dict       # variable attribute name -> leaf index
+  out_struct: Any
+  kind: str              # "dense", "conv", "embed", "recurrent" or "generic"
+  conv: Optional[dict] = None
+  contracted_axes: int = 1   # "dense": trailing input axes contracted
+  vocab: int = 0             # "embed": table rows
+  graphdef: Any = None       # "generic": the layer alone, rebuilt by nnx.merge
+  state_treedef: Any = None
+  state_names: tuple = ()
+  arg_treedef: Any = None
+  arg_statics: Any = None
+  groups: Any = None         # "recurrent": sub-layers sharing an input
+
+
+def _own_variables(module) -> Optional[dict]:
+  """{attribute name: array} of the module's variables if all are its own
+  (no submodule, container or random stream holds state); else None."""
+  nnx = _nnx()
+  own = {}
+  for name, value in vars(module).items():
+    if isinstance(value, nnx.Variable):
+      if not isinstance(value, nnx.RngState):
+        own[name] = value[...]
+        continue
+      return None
+    if any(isinstance(x, (nnx.Variable, jax.Array, jax.core.Tracer))
+           or nnx.graph.is_graph_node(x)
+           for x in jax.tree.leaves(value, is_leaf=nnx.graph.is_graph_node)):
+      return None
+  return own or None
+
+
+def _plain_call(args, kwargs) -> bool:
+  """One array argument (an `out_sharding=None` keyword allowed)."""
+  return (len(args) == 1 and _layer_rules.is_array(args[0])
+          and all(k == "out_sharding" and v is None for k, v in kwargs.items()))
+
+
+def _default_dot(module) -> bool:
+  return (getattr(module, "dot_general", None) in (None, jax.lax.dot_general)
+          and getattr(module, "dot_general_cls", None) is None
+          and module.preferred_element_type is None)
+
+
+def _contracted_axes(module, ndim) -> Optional[int]:
+  """How many trailing axes an nnx.LinearGeneral contracts, or None."""
+  axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+  axes = sorted(a % ndim for a in axes)
+  if module.batch_axis or axes != list(range(ndim - len(axes), ndim)):
+    return None
+  return len(axes)
+
+
+def _rule(module, own, args, kwargs, out) -> Optional[dict]:
+  """The Layer fields of a layer call's rule, or None if not a layer."""
+  nnx = _nnx()
+  if not all(_layer_rules.is_array(o) for o in jax.tree.leaves(out)):
+    return None
+  plain = _plain_call(args, kwargs)
+  cls = type(module)
+  if plain and cls is nnx.Linear and _default_dot(module):
+    return dict(kind="dense")
+  if plain and cls is nnx.LinearGeneral and _default_dot(module):
+    axes = _contracted_axes(module, jnp.ndim(args[0]))
+    if axes is not None:
+      return dict(kind="dense", contracted_axes=axes)
+  if (plain and cls is nnx.Conv and module.feature_group_count == 1 and module.mask is None
+      and module.conv_general_dilated is jax.lax.conv_general_dilated
+      and module.preferred_element_type is None and _adapter.is_unit(module.input_dilation)
+      and _adapter.conv_padding_supported(module.padding)):
+    return dict(kind="conv", conv=dict(
+        kernel_size=module.kernel_size, strides=module.strides,
+        kernel_dilation=module.kernel_dilation, padding=module.padding))
+  if plain and cls is nnx.Embed:
+    vocab, features = module.embedding[...].shape
+    if _adapter.embed_is_ghost(args[0], vocab, features):
+      return dict(kind="embed", vocab=vocab)
+  leaves = jax.tree.leaves((args, kwargs), is_leaf=nnx.graph.is_graph_node)
+  if not all(_layer_rules.is_array(x) or isinstance(x, _STATIC_TYPES) for x in leaves):
+    return None
+  _, arg_treedef, arg_statics = _layer_rules.split_call(args, kwargs)
+  graphdef, state = nnx.split(module)
+  names = tuple(path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(state)[0])
+  if sorted(names) != sorted(own):
+    return None
+  return dict(kind="generic", graphdef=graphdef, state_treedef=jax.tree.structure(state),
+              state_names=names, arg_treedef=arg_treedef, arg_statics=arg_statics)
+
+
+# The "recurrent" rule: `nnx.RNN` over a cell of these types (exact), whose
+# every variable belongs to a plain `nnx.Linear` applied once a step (checked
+# again on a shape trace of one step of each call).
+_RNN_KEYWORDS = frozenset({"initial_carry", "seq_lengths", "return_carry", "time_major",
+                           "reverse", "keep_order", "rngs"})
+
+
+def _recurrent_cells() -> tuple:
+  nnx = _nnx()
+  return (nnx.GRUCell, nnx.LSTMCell, nnx.SimpleCell)
+
+
+def _cell_variables(cell) -> Optional[dict]:
+  """{"sub/variable": nnx.Variable} of a covered cell's Linear sub-layers, or None."""
+  nnx = _nnx()
+  if type(cell) not in _recurrent_cells():
+    return None
+  flat = {}
+  for name, value in vars(cell).items():
+    if isinstance(value, nnx.Variable):
+      return None
+    if not nnx.graph.is_graph_node(value):
+      if any(isinstance(x, (nnx.Variable, jax.Array, jax.core.Tracer))
+             or nnx.graph.is_graph_node(x)
+             for x in jax.tree.leaves(value, is_leaf=nnx.graph.is_graph_node)):
+        return None
+      continue
+    if type(value) is not nnx.Linear or not _default_dot(value):
+      return None
+    own = _own_variables(value)
+    if own is None or "kernel" not in own or set(own) - {"kernel", "bias"}:
+      return None
+    flat.update({f"{name}/{var}": getattr(value, var) for var in own})
+  return flat or None
+
+
+def _rnn_setup(rnn, args, kwargs):
+  """(inputs, initial carry, time axis) of an nnx.RNN call, as nnx.RNN makes them."""
+  nnx = _nnx()
+  inputs = args[0]
+  time_axis = _layer_rules.recurrence_time_axis(
+      inputs.ndim, _layer_rules.rnn_option(rnn, kwargs, "time_major"),
+      rnn.cell.num_feature_axes)
+  carry = kwargs.get("initial_carry")
+  if carry is None:
+    rngs = _layer_rules.rnn_option(rnn, kwargs, "rngs")
+    if isinstance(rngs, nnx.Rngs):
+      rngs = rngs.carry.fork()
+    carry = rnn.cell.initialize_carry(
+        inputs.shape[:time_axis] + inputs.shape[time_axis + 1:], rngs)
+  return inputs, carry, time_axis
+
+
+def _recurrent_rule(rnn, args, kwargs, ids) -> Optional[dict]:
+  """The entry fields of an `nnx.RNN` call the "recurrent" rule covers, or None."""
+  flat = _cell_variables(rnn.cell)
+  state_axes = rnn.state_axes
+  if (flat is None or rnn.broadcast_rngs is not None
+      or tuple(state_axes.filters) != (...,) or len(state_axes.axes) != 1
+      or len(args) != 1 or not _layer_rules.is_array(args[0])
+      or set(kwargs) - _RNN_KEYWORDS or kwargs.get("seq_lengths") is not None):
+    return None
+  subs = {name.split("/")[0] for name in flat}
+  linears = {id(getattr(rnn.cell, sub)): sub for sub in subs}
+  inputs, carry, time_axis = _rnn_setup(rnn, args, kwargs)
+  x0 = jnp.take(inputs, 0, axis=time_axis)
+  outs: dict = {}
+  taps: list = []
+
+  def step(carry, x):
+    def handler(module, original, args, kwargs):
+      out = original(module, *args, **kwargs)
+      if id(module) in linears:
+        outs.setdefault(linears[id(module)], []).append(out)
+        taps.append((linears[id(module)], args[0]))
+      return out
+    with intercept((_nnx().Linear,), handler):
+      return rnn.cell(carry, x)
+
+  try:
+    jax.eval_shape(step, carry, x0)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if set(outs) != subs or any(len(v) != 1 for v in outs.values()):
+    return None
+  steps = inputs.shape[time_axis]
+  return {"index": {name: ids.get(id(v[...])) for name, v in flat.items()},
+          "rule": dict(kind="recurrent", groups=_layer_rules.recurrent_groups(taps)),
+          "out": {sub: jax.ShapeDtypeStruct((steps,) + o.shape, o.dtype)
+                  for sub, (o,) in outs.items()}}
+
+
+def _run_rnn(rnn, flat, layer, layer_params, args, kwargs, zs, tapping):
+  """An nnx.RNN call computed from the layer's own params (`run_recurrence`),
+  its Linear sub-layers tapped: (what nnx.RNN returns, {sub: per-step inputs})."""
+  inputs, carry, time_axis = _rnn_setup(rnn, args, kwargs)
+  saved = {name: v[...] for name, v in flat.items()}
+  subs = {name.split("/")[0] for name in flat}
+
+  def cell_step(carry, x, tap):
+    for sub in subs:
+      tapping[id(getattr(rnn.cell, sub))] = (sub, tap)
+    try:
+      return rnn.cell(carry, x)
+    finally:
+      tapping.clear()
+
+  for name, v in flat.items():
+    v[...] = layer_params[name]
+  try:
+    return _layer_rules.run_recurrence(rnn, kwargs, cell_step, inputs, carry, zs,
+                                       layer.groups, time_axis)
+  finally:
+    for name, v in flat.items():
+      v[...] = saved[name]
+
+
+def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
+  """Finds the covered NNX layers (shape-only trace of one example)."""
+  del has_aux
+  nnx = _nnx()
+  classes = getattr(loss_fn, NNX_ADAPTER)
+  calls: dict = {}
+  probing: list = []   # non-empty while a recurrent layer's step is probed
+
+  def run(params, example):
+    ids = {id(leaf): i for i, leaf in enumerate(jax.tree.leaves(params))}
+
+    def handler(module, original, args, kwargs):
+      if probing:
+        return original(module, *args, **kwargs)
+      if type(module) is nnx.RNN and id(module) not in calls:
+        probing.append(True)
+        try:
+          found = _recurrent_rule(module, args, kwargs, ids)
+        finally:
+          probing.pop()
+        calls[id(module)] = {"count": 0, **(found or {})}
+      out = original(module, *args, **kwargs)
+      entry = calls.setdefault(id(module), {"count": 0})
+      entry["count"] += 1
+      if entry["count"] == 1 and type(module) is not nnx.RNN:
+        own = _own_variables(module)
+        if own is not None:
+          entry["index"] = {name: ids.get(id(v)) for name, v in own.items()}
+          entry["rule"] = _rule(module, own, args, kwargs, out)
+          entry["out"] = jax.tree.map(
+              lambda o: jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)), out)
+      return out
+
+    with intercept(classes, handler):
+      return loss_fn(params, jax.tree.map(lambda x: x[None], example))
+
+  jax.eval_shape(run, params, example)
+  layers = []
+  for entry in calls.values():
+    if entry["count"] != 1 or entry.get("rule") is None:
+      continue
+    index = entry["index"]
+    path = tuple(sorted(i for i in index.values() if i is not None))
+    if None in index.values() or path in exclude:
+      continue
+    layers.append(Layer(path=path, leaf_index=index, out_struct=entry["out"], **entry["rule"]))
+  return _adapter.unshared(layers)
+
+
+def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
+  """`_linen_layers.make_example_loss`'s NNX twin: covered layers computed from their
+  own parameters (`layer_params`), their inputs recorded, a zero perturbation
+  `zs` added to their outputs (whose gradient is the output gradient)."""
+  nnx = _nnx()
+  classes = getattr(loss_fn, NNX_ADAPTER)
+  by_path = {layer.path: k for k, layer in enumerate(layers)}
+  covered, uncovered = _layer_rules.split_leaf_indices(layers, num_leaves)
+  tapping: dict = {}   # id(sub-layer) -> (name, tap) while a recurrence runs
+
+  def example_loss(uncovered_leaves, covered_leaves, layer_params, zs, example):
+    leaves = _layer_rules.merge_leaves(num_leaves, (uncovered, uncovered_leaves),
+                                       (covered, covered_leaves))
+    ids = {id(leaf): i for i, leaf in enumerate(leaves)}
+    inputs: list = [None] * len(layers)
+
+    def handler(module, original, args, kwargs):
+      if id(module) in tapping:
+        name, tap = tapping[id(module)]
+        return tap(name, args[0], original(module, *args, **kwargs))
+      if type(module) is nnx.RNN:
+        flat = _cell_variables(module.cell) or {}
+        k = by_path.get(tuple(sorted(ids.get(id(v[...]), -1) for v in flat.values())))
+        if k is None or inputs[k] is not None:
+          return original(module, *args, **kwargs)
+        out, inputs[k] = _run_rnn(module, flat, layers[k], layer_params[k], args, kwargs,
+                                  zs[k], tapping)
+        return out
+      own = _own_variables(module)
+      k = None if own is None else by_path.get(
+          tuple(sorted(ids.get(id(v), -1) for v in own.values())))
+      if k is None or inputs[k] is not None:
+        return original(module, *args, **kwargs)
+      layer = layers[k]
+      inputs[k] = ([args[0]] if layer.kind != "generic"
+                   else _layer_rules.split_call(args, kwargs)[0])
+      # Computed from the layer's own copy of its parameters, then put back:
+      # any other use of the variables sees the covered leaves, which the
+      # exactness guard then finds in the jaxpr.
+      for name in own:
+        getattr(module, name)[...] = layer_params[k][name]
+      try:
+        out = original(module, *args, **kwargs)
+      finally:
+        for name, value in own.items():
+          getattr(module, name)[...] = value
+      return jax.tree.map(jnp.add, out, zs[k])
+
+    params = jax.tree.unflatten(params_treedef, leaves)
+    with intercept(classes, handler):
+      result = loss_fn(params, jax.tree.map(lambda x: x[None], example))
+    loss, aux = result if has_aux else (result, None)
+    _adapter.check_called(layers, inputs, lambda _: "a covered NNX layer was")
+    return loss, (aux, inputs)
+
+  return example_loss, covered, uncovered
+
+
+def layer_terms(layer: Layer, layer_params, inputs, out_grad):
+  """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer
+  (`_adapter.layer_terms`)."""
+  def dense_input(x):   # the contracted trailing axes flattened into one
+    n = layer.contracted_axes
+    return x.reshape(x.shape[:x.ndim - n] + (math.prod(x.shape[x.ndim - n:]),))
+
+  def apply_fn(params, arrays):
+    args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)
+    state = jax.tree.unflatten(layer.state_treedef,
+                               [params[name] for name in layer.state_names])
+    return _nnx().merge(layer.graphdef, state)(*args, **kwargs)
+
+  return _adapter.layer_terms(
+      layer, layer_params, inputs, out_grad, dense_input=dense_input,
+      conv=lambda: layer.conv, vocab=lambda: (layer.vocab, *layer.leaf_index),
+      apply_fn=apply_fn)
