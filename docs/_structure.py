@@ -8,7 +8,8 @@
 modules, their lines and what each imports; `walk` follows one parameter from
 a function through the calls that pass it on (by name, statically: a call
 whose argument mentions the parameter or a name assigned from it), and counts
-the *re-entries*: a call into a module the walk had already entered and left.
+the *re-entries*: a call into a module the walk had already visited and
+left (`reentries_of_calls` says exactly what counts).
 tests/test_structure.py checks the rules of docs/architecture.md with it.
 """
 
@@ -152,20 +153,25 @@ def _callee(call, module, imported):
   return None
 
 
-def walk_report(spec: str) -> tuple[list[str], list[str]]:
+def walk_report(spec: str) -> tuple[list[tuple[str, str]], list[int]]:
+  """`(calls, indices of the calls that re-enter a module)` of one walk."""
   path, function, param = spec.split(":")
   module = os.path.relpath(os.path.join(ROOT, path), ROOT)[:-3].replace(os.sep, ".")
-  calls = _call_route(module, function, param)
-  return calls, reentries_of_calls(calls)
+  events = _call_route(module, function, param)
+  return [(c, m) for c, m, _, _ in events], reentries_of_calls(events)
 
 
 def _call_route(module, function, param):
-  """The sequence of modules *called into*, depth first (no returns)."""
+  """The calls from one module into another that pass the parameter on,
+  depth first in the order of the code: `(caller module, callee module,
+  depth, the caller's stay)`, a stay being one visit of a module."""
   route = []
   mods = modules()
   seen = set()
+  walked = set()   # call sites: a nested function's calls are walked once,
+                   # where it is called, or else in the order of the code
 
-  def go(module, function, param):
+  def go(module, function, param, depth, stay, closure=frozenset()):
     if (module, function, param) in seen:
       return
     seen.add((module, function, param))
@@ -173,13 +179,16 @@ def _call_route(module, function, param):
     if fn is None:
       return
     imported = imports(mods[module])
-    carried = {param}
+    carried = {param} | closure   # a nested function sees its maker's names
     for node in ast.walk(fn):
       if isinstance(node, ast.Assign) and _names(node.value) & carried:
         for t in node.targets:
           carried |= _names(t)
     for call in sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)),
                        key=lambda n: (n.lineno, n.col_offset)):
+      if (module, call.lineno, call.col_offset) in walked:
+        continue
+      walked.add((module, call.lineno, call.col_offset))
       target = _callee(call, module, imported)
       if target is None or target[0] not in mods:
         continue
@@ -192,25 +201,45 @@ def _call_route(module, function, param):
       passed += [k.arg for k in call.keywords
                  if k.arg and _names(k.value) & carried]
       for p in passed:
-        if target[0] != module:
-          route.append((module, target[0]))
-        go(target[0], target[1], p)
+        if target[0] == module:
+          nested = any(isinstance(n, ast.FunctionDef) and n.lineno == callee.lineno
+                       for n in ast.walk(fn))
+          go(module, target[1], p, depth, stay,
+             frozenset(carried) if nested else frozenset())
+        else:
+          route.append((module, target[0], depth, stay))
+          go(target[0], target[1], p, depth + 1, len(route) - 1)
 
-  go(module, function, param)
+  go(module, function, param, 0, -1)
   return route
 
 
-def reentries_of_calls(calls: list[tuple[str, str]]) -> list[int]:
+def reentries_of_calls(events) -> list[int]:
   """The indices of the calls that re-enter a module: one the walk had
-  entered before and has been in another module since (a row of calls from
-  one caller into one callee is one stay; coming back to a caller is not a
-  re-entry)."""
-  entered, out, last = set(), [], None
-  for i, call in enumerate(calls):
-    if call[1] in entered and call != last:
+  visited before and had left (returned from, to a caller that then called
+  elsewhere). Calls from one visit of a caller into one callee, one after
+  the other, are one visit of the callee, even where the callee called
+  further down in between (reading a helper and coming back is not leaving).
+
+  `events`: `(caller, callee, depth, caller's visit)` as `_call_route`
+  makes them, or `(caller, callee)` pairs of one depth and one visit."""
+  events = [e if len(e) == 4 else (e[0], e[1], 0, -1) for e in events]
+  visited, out = set(), []
+  open_at = {}        # depth -> (caller's visit, callee, this visit)
+  visit_of = {-1: -1}  # call index -> the visit it opened or continued
+  for i, (_, callee, depth, caller_call) in enumerate(events):
+    caller_visit = visit_of[caller_call]
+    here = open_at.get(depth)
+    if here is not None and here[:2] == (caller_visit, callee):
+      visit_of[i] = here[2]   # the same visit goes on, and so do its own
+      continue
+    for d in [d for d in open_at if d > depth]:
+      del open_at[d]
+    open_at[depth] = (caller_visit, callee, i)
+    visit_of[i] = i
+    if callee in visited:
       out.append(i)
-    entered.add(call[1])
-    last = call
+    visited.add(callee)
   return out
 
 

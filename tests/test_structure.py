@@ -80,12 +80,25 @@ def test_the_architecture_page_has_the_layer_table_of_the_code():
 
 
 @pytest.mark.parametrize("route", [
-    [("a", "b"), ("b", "c"), ("a", "c")],      # c again after leaving it
-    [("a", "b"), ("a", "c"), ("a", "b")],      # b again after c
+    # (caller, callee, depth, index of the call that brought the caller)
+    [("a", "b", 0, -1), ("b", "c", 1, 0), ("a", "c", 0, -1)],  # c, left, again
+    [("a", "b", 0, -1), ("a", "c", 0, -1), ("a", "b", 0, -1)],  # b again after c
 ])
 def test_the_walk_counts_a_return_to_a_module_left(route):
   assert _structure.reentries_of_calls(route) == [2]
 
 
 def test_the_walk_does_not_count_a_row_of_calls_into_one_module():
-  assert _structure.reentries_of_calls([("a", "b"), ("a", "b"), ("b", "c")]) == []
+  # a calls b twice in a row; b calls c each time: one visit of b, one of c.
+  route = [("a", "b", 0, -1), ("b", "c", 1, 0), ("a", "b", 0, -1), ("b", "c", 1, 2)]
+  assert _structure.reentries_of_calls(route) == []
+
+
+@pytest.mark.parametrize("start", [
+    "optax_dp/_aggregation/_aggregate.py:dp_aggregate:l2_norm_clip",
+    "optax_dp/_grads/_clipped.py:clipped_grads:l2_norm_clip",
+])
+def test_l2_norm_clip_goes_down_without_reentering_a_module(start):
+  calls, again = _structure.walk_report(start)
+  assert len({callee for _, callee in calls}) >= 4   # the walk does follow it
+  assert [calls[i] for i in again] == []

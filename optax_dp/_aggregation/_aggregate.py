@@ -261,23 +261,22 @@ def dp_aggregate(
   """
   # The key may be traced (it only seeds the noise); the parameters the noise
   # scale and the accounting depend on may not.
-  _checks.refuse_traced("dp_aggregate", l2_norm_clip=l2_norm_clip,
-                        noise_multiplier=noise_multiplier,
+  # (The clip norm is checked, once, by its policy.)
+  _checks.refuse_traced("dp_aggregate", noise_multiplier=noise_multiplier,
                         expected_batch_size=expected_batch_size)
-  clip = _clip_norms.as_clip_norm(l2_norm_clip)
   noise_multiplier, expected_batch_size, max_steps, strategy = _release.resolve(
       noise_multiplier, expected_batch_size, budget, allow_budget_overrun,
       noise_strategy)
   key = _release.typed_key(key)
   # The three parts, each chosen once here: the clip, the noise, the ledger.
-  policy = _clip_policy.clip_policy(clip, noise_multiplier, expected_batch_size,
+  policy = _clip_policy.clip_policy(l2_norm_clip, noise_multiplier, expected_batch_size,
                                     correlated=strategy is not None)
   source = _noise.noise_source(strategy, noise_multiplier)
   budget_checks = _release.budget_checks(max_steps, budget)
   # NoiseKeyReuseWarning if another live transform built from this key has
   # released updates when this one releases (see _keys.py for the rule).
   stream = _keys.noise_stream(key, (
-      f"dp_aggregate(l2_norm_clip={clip}, noise_multiplier={noise_multiplier:g})"
+      f"dp_aggregate(l2_norm_clip={policy.clip}, noise_multiplier={noise_multiplier:g})"
   )) if noise_multiplier > 0 else None
 
   def init_fn(params):
@@ -292,8 +291,8 @@ def dp_aggregate(
       _keys.note_release(stream, stacklevel=2)
     _composition.check_composition(updates)
     # One path: raw per-example gradients become a ClippedGrads on entry.
-    clipped, dtypes = _release.as_clipped(updates, params, clip,
-                                          policy.current(state.clip_norm))
+    updates, dtypes = _release.incoming(updates, params)
+    clipped = policy.take(updates, params, state.clip_norm)
     step_key, next_key_data = _keys.step_keys(key, state.step)
     ok = _release.guard(   # the ledger, walked before the release
         _release.replay_check(state, jax.random.key_data(step_key))

@@ -8,7 +8,7 @@ source's own checks).
 Privacy contract: `guard` refuses (raises, also under `jax.jit`, and poisons
 the update) a release whose noise would replay or mix another run's stream,
 whose clipped sum was made for another sensitivity, or that the budget does
-not cover; `as_clipped` refuses an input that a transformation before the DP
+not cover; `incoming` refuses an input that a transformation before the DP
 step has already changed.
 """
 
@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp._core import _checks
-from optax_dp._clip import _clip_norms
 from optax_dp._clip import _clipping
 from optax_dp._core import _composition
 from optax_dp._aggregation import _correlated
@@ -164,10 +163,12 @@ def refuse_params_shaped(updates, params) -> None:
       "batch axis: not per-example gradients, and not a ClippedGrads. " + said)
 
 
-def as_clipped(updates, params, clip, current):
-  """`(ClippedGrads, output dtypes)` from per-example gradients or a ClippedGrads.
+def incoming(updates, params):
+  """`(updates, output dtypes)`: per-example gradients or a `ClippedGrads`
+  (NNX's per-variable ones gathered into one), refused where something
+  before the DP step changed them or they do not fit `params`. The clip
+  policy then clips them or checks their clip (`ClipPolicy.take`).
 
-  `current`: an adaptive clip's norm from the state (None for a fixed clip).
   Output dtypes: the gradients' (bf16 in, bf16 out), or the params' for a
   ClippedGrads (whose sum is float32 or wider).
   """
@@ -177,8 +178,7 @@ def as_clipped(updates, params, clip, current):
     _clipping.batch_size_of(updates)
     if params is not None:
       _composition.check_against_params(updates, params)
-    return (_clipping.clip_and_sum(updates, clip, current_l2_norm_clip=current),
-            jax.tree.map(lambda g: g.dtype, updates))
+    return updates, jax.tree.map(lambda g: g.dtype, updates)
   if not jnp.issubdtype(jnp.result_type(updates.nonfinite_examples), jnp.integer):
     # Its integer count became a float: a transformation (optax.sgd, a
     # scale) mapped over the ClippedGrads before the DP step.
@@ -195,12 +195,6 @@ def as_clipped(updates, params, clip, current):
         f"{updates.unreduced_axis!r}: noise on them would not be the mechanism. "
         "Feed them to optax_dp.dp_accumulate(tx, k, mesh=mesh), which sums them "
         "across devices once per logical batch, or use reduce=True (the default).")
-  if not _clip_norms.same_clip(updates.l2_norm_clip, clip):
-    raise ValueError(
-        f"dp_aggregate(l2_norm_clip={clip}) got a clipped sum made "
-        f"with l2_norm_clip={updates.l2_norm_clip}: the noise would not match "
-        "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
-        "dp_aggregate.")
   summed = updates.clipped_sum
   if params is not None:
     if jax.tree.structure(summed) != jax.tree.structure(params):
@@ -210,9 +204,6 @@ def as_clipped(updates, params, clip, current):
         raise ValueError(
             f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
             f"parameter of shape {jnp.shape(p)}.")
-    # Group-wise: the groups must cover these params as they covered the
-    # ones clipped (raises for a prefix that does not fit them).
-    _clip_norms.leaf_groups(clip, params)
   return updates, jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
 
 

@@ -35,6 +35,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 
 from optax_dp._core import _checks
 
@@ -188,9 +189,12 @@ def clip_groups(prefix: Any) -> ClipGroups:
   return ClipGroups(paths=tuple(paths), norms=tuple(norms))
 
 
-def as_clip_norm(l2_norm_clip: Any) -> ClipNorm:
+def as_clip_norm(l2_norm_clip: Any, caller: Optional[str] = None) -> ClipNorm:
   """The checked clip norm: a float, a `ClipGroups` (a prefix tree given) or
-  an `AdaptiveClip`, unchanged."""
+  an `AdaptiveClip`, unchanged. `caller`: the transformation being built, for
+  which a traced norm (`optax.inject_hyperparams`) is refused by name."""
+  if caller is not None:
+    _checks.refuse_traced(caller, l2_norm_clip=l2_norm_clip)
   if isinstance(l2_norm_clip, (ClipGroups, AdaptiveClip)):
     return l2_norm_clip
   if isinstance(l2_norm_clip, (dict, list, tuple)) or hasattr(l2_norm_clip, "items"):
@@ -251,6 +255,30 @@ def leaf_groups(clip: ClipNorm, tree: Any) -> tuple[int, ...]:
         f"group-wise l2_norm_clip names groups {['/'.join(p) for p in empty]} "
         "that match no parameter (a typo, or not a prefix of the params' tree).")
   return tuple(out)
+
+
+def clip_norms_now(clip: Any, current: Any = None) -> tuple[tuple, Any]:
+  """`(norm of each group, clip_norm data field)` of a checked clip: a
+  float's `(C,)`, groups' norms, or an `AdaptiveClip`'s `current` norm (a
+  scalar, required; read it with `optax_dp.l2_norm_clip_of(opt_state)`)."""
+  if isinstance(clip, AdaptiveClip):
+    if current is None:
+      raise ValueError(
+          f"this gradient function clips adaptively ({clip}): pass the current "
+          "clip norm from the optimizer state each step, "
+          "fn(params, batch, mask, l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state)).")
+    current = jnp.asarray(current, jnp.float32)
+    if current.shape != ():
+      raise ValueError(f"l2_norm_clip= must be a scalar, got shape {current.shape}.")
+    return (current,), current
+  if current is not None:
+    raise ValueError(
+        "l2_norm_clip= at call time is the current norm of an adaptive clip "
+        "(optax_dp.AdaptiveClip); this function was built with the fixed "
+        f"l2_norm_clip {clip}.")
+  if isinstance(clip, ClipGroups):
+    return clip.norms, None
+  return (clip,), None
 
 
 def per_layer_clip_norms(params: Any, l2_norm_clip: float) -> dict:

@@ -2,9 +2,10 @@
 adaptive clip norm, chosen once when the transformation is built.
 
 A `ClipPolicy` answers, from the clip norm field of the optimizer state
-(`()` for a fixed clip, the current norm for an adaptive one): at what norm
-raw per-example gradients are clipped (`current`), the std of the gradients'
-noise (`noise_std`) and the sensitivity it is calibrated to (`unit`), which
+(`()` for a fixed clip, the current norm for an adaptive one): the clipped
+sum of what comes in (`take`: raw per-example gradients clipped at the
+current norm, or a `ClippedGrads` checked to be made with this clip), the
+std of the gradients' noise (`noise_std`) and the sensitivity it is calibrated to (`unit`), which
 keys the release draws from (`split`), what the ledger must check
 (`checks`), and the next clip norm (`next`).
 
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 
 from optax_dp._core import _checks
 from optax_dp._clip import _clip_norms
+from optax_dp._clip import _clipping
 
 # One ledger entry: (refuse when this holds, the error, its message).
 Check = tuple[Any, type, str]
@@ -45,12 +47,34 @@ class ClipPolicy(NamedTuple):
   field `c` (see the module docstring)."""
   clip: _clip_norms.ClipNorm
   init: Callable[[Any], Any]
-  current: Callable[[Any], Any]
+  take: Callable[[Any, Any, Any], Any]
   noise_std: Callable[[Any], Any]
   unit: Callable[[Any], Any]
   split: Callable[[jax.Array], tuple[jax.Array, Optional[jax.Array]]]
   checks: Callable[[Any, Any], list[Check]]
   next: Callable[[Any, Any, Optional[jax.Array]], Any]
+
+
+def _take(clip: _clip_norms.ClipNorm, current: Any, updates: Any,
+          params: Any) -> _clipping.ClippedGrads:
+  """The clipped sum of `updates`: raw per-example gradients clipped at the
+  norms of `clip` now (`current`: an adaptive clip's norm), or a
+  `ClippedGrads`, refused unless made with `clip` for these params."""
+  if isinstance(updates, _clipping.ClippedGrads):
+    if not _clip_norms.same_clip(updates.l2_norm_clip, clip):
+      raise ValueError(
+          f"dp_aggregate(l2_norm_clip={clip}) got a clipped sum made "
+          f"with l2_norm_clip={updates.l2_norm_clip}: the noise would not match "
+          "the sensitivity. Use the same l2_norm_clip in clipped_grads and "
+          "dp_aggregate.")
+    if params is not None:
+      # Group-wise: the groups must cover these params as they covered the
+      # ones clipped (raises for a prefix that does not fit them).
+      _clip_norms.leaf_groups(clip, params)
+    return updates
+  norms, clip_norm = _clip_norms.clip_norms_now(clip, current)
+  groups = _clip_norms.leaf_groups(clip, updates)
+  return _clipping.sum_clipped(updates, clip, groups, norms, clip_norm)
 
 
 def fixed(clip: _clip_norms.ClipNorm, noise_multiplier: float) -> ClipPolicy:
@@ -71,7 +95,9 @@ def fixed(clip: _clip_norms.ClipNorm, noise_multiplier: float) -> ClipPolicy:
     return ()
 
   return ClipPolicy(
-      clip=clip, init=init, current=lambda c: None, noise_std=lambda c: std,
+      clip=clip, init=init,
+      take=lambda updates, params, c: _take(clip, None, updates, params),
+      noise_std=lambda c: std,
       unit=lambda c: unit, split=lambda key: (key, None),
       checks=lambda c, clipped: [], next=lambda c, clipped, key: ())
 
@@ -111,18 +137,21 @@ def adaptive(clip: _clip_norms.AdaptiveClip, noise_multiplier: float,
   return ClipPolicy(
       clip=clip,
       init=lambda params: jnp.asarray(clip.initial_l2_norm_clip, jnp.float32),
-      current=lambda c: c, noise_std=lambda c: grad_multiplier * c,
+      take=lambda updates, params, c: _take(clip, c, updates, params),
+      noise_std=lambda c: grad_multiplier * c,
       unit=lambda c: c, split=split,
       checks=lambda c, clipped: [
           (clipped.clip_norm != c, _checks.AdaptiveClipMismatchError, _MISMATCH)],
       next=next_clip)
 
 
-def clip_policy(clip: _clip_norms.ClipNorm, noise_multiplier: float,
+def clip_policy(l2_norm_clip: Any, noise_multiplier: float,
                 expected_batch_size: Optional[int], *, correlated: bool
                 ) -> ClipPolicy:
-  """The policy of a checked clip norm (`_clip_norms.as_clip_norm`).
+  """The policy of `dp_aggregate`'s `l2_norm_clip`, checked here once
+  (`_clip_norms.as_clip_norm`; a traced norm is refused by name).
   `correlated`: the noise is DP-BandMF's, which an adaptive clip refuses."""
+  clip = _clip_norms.as_clip_norm(l2_norm_clip, caller="dp_aggregate")
   if not isinstance(clip, _clip_norms.AdaptiveClip):
     return fixed(clip, noise_multiplier)
   if correlated:

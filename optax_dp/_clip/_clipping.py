@@ -322,30 +322,6 @@ def clip_rows(leaf_sq: list, groups: tuple[int, ...], norms: tuple,
                  unclipped_count=count)
 
 
-def clip_norms_now(clip: Any, current: Any = None) -> tuple[tuple, Any]:
-  """`(norm of each group, clip_norm data field)` of a checked clip: a
-  float's `(C,)`, groups' norms, or an `AdaptiveClip`'s `current` norm (a
-  scalar, required; read it with `optax_dp.l2_norm_clip_of(opt_state)`)."""
-  if isinstance(clip, _clip_norms.AdaptiveClip):
-    if current is None:
-      raise ValueError(
-          f"this gradient function clips adaptively ({clip}): pass the current "
-          "clip norm from the optimizer state each step, "
-          "fn(params, batch, mask, l2_norm_clip=optax_dp.l2_norm_clip_of(opt_state)).")
-    current = jnp.asarray(current, jnp.float32)
-    if current.shape != ():
-      raise ValueError(f"l2_norm_clip= must be a scalar, got shape {current.shape}.")
-    return (current,), current
-  if current is not None:
-    raise ValueError(
-        "l2_norm_clip= at call time is the current norm of an adaptive clip "
-        "(optax_dp.AdaptiveClip); this function was built with the fixed "
-        f"l2_norm_clip {clip}.")
-  if isinstance(clip, _clip_norms.ClipGroups):
-    return clip.norms, None
-  return (clip,), None
-
-
 def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
                  current_l2_norm_clip: Any = None) -> ClippedGrads:
   """Clips each example's gradient to global norm `l2_norm_clip` and sums.
@@ -376,8 +352,20 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
     ([0.9, 1.2], 2)
   """
   clip = _clip_norms.as_clip_norm(l2_norm_clip)
+  norms, clip_norm = _clip_norms.clip_norms_now(clip, current_l2_norm_clip)
+  return sum_clipped(per_example_grads, clip,
+                     _clip_norms.leaf_groups(clip, per_example_grads), norms,
+                     clip_norm)
+
+
+def sum_clipped(per_example_grads: chex.ArrayTree, clip: Any,
+                groups: tuple[int, ...], norms: tuple, clip_norm: Any
+                ) -> ClippedGrads:
+  """`clip_and_sum` of a checked clip norm, given the group of each leaf and
+  the norm of each group (`_clip_norms.leaf_groups`, `clip_norms_now`):
+  `clip_norm`, an adaptive clip's current norm (None for a fixed one), is
+  recorded in the result."""
   batch_size = batch_size_of(per_example_grads)
-  norms, clip_norm = clip_norms_now(clip, current_l2_norm_clip)
   leaf_sq = per_leaf_sq_norms(per_example_grads)
   # Per-example gradients carry no mask: a padding row arrives as zeros (the
   # mask of per_example_grads). It adds nothing to the sum, and it must add
@@ -390,8 +378,7 @@ def clip_and_sum(per_example_grads: chex.ArrayTree, l2_norm_clip: Any, *,
   nonzero = functools.reduce(jnp.logical_or, [
       jnp.any(g != 0, axis=tuple(range(1, g.ndim)))
       for g in jax.tree.leaves(per_example_grads)])
-  rows = clip_rows(leaf_sq, _clip_norms.leaf_groups(clip, per_example_grads), norms,
-                   nonzero)
+  rows = clip_rows(leaf_sq, groups, norms, nonzero)
   return ClippedGrads(
       clipped_sum=clipped_sum(per_example_grads, rows.factors),
       nonfinite_examples=rows.nonfinite_examples, l2_norm_clip=clip,

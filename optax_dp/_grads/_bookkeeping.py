@@ -1,6 +1,7 @@
-"""The book-keeping path of `clipped_grads`: which framework adapter, which
-layers are covered (after the exactness guard), and the clipped sum from the
-framework-neutral layer rules; `clipping_plan` shows the choice.
+"""The clipped sum of one chunk of `clipped_grads` (`clipped_chunk`): from
+per-example gradients (`"vmap"`), or by book-keeping: which framework adapter,
+which layers are covered (after the exactness guard), and the clipped sum from
+the framework-neutral layer rules; `clipping_plan` shows the choice.
 
 Adapters: `_linen_layers` (Flax Linen, `nn.intercept_methods`) and
 `_nnx_layers` (Flax NNX, for the pure loss `_nnx.call` builds). Both expose `discover`,
@@ -123,6 +124,19 @@ def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
     return _nnx.call(plan, loss_fn, params, batch, None, wrt, "clipping_plan",
                      advance_streams=False)
   return plan(loss_fn)(params, batch)
+
+
+def clipped_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):
+  """`(values, clipped sum, non-finite count, unclipped count)` of one chunk
+  by `method`: `"vmap"` (per-example gradients of every parameter, then clip
+  and sum) or book-keeping (`"auto"`, `"ghost"`: `ghost_chunk`)."""
+  if method == "vmap":
+    values, grads = _per_example.value_and_per_example_grads(
+        loss_fn, has_aux=has_aux)(params, batch)
+    rows = _clipping.clip_rows(_clipping.per_leaf_sq_norms(grads), groups, norms, mask)
+    return (mask_values(values, mask, has_aux), _clipping.clipped_sum(grads, rows.factors),
+            rows.nonfinite_examples, rows.unclipped_count)
+  return ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask)
 
 
 def ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):

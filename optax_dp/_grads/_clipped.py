@@ -136,18 +136,21 @@ def value_and_clipped_grads(
   def fn(params, batch, mask=None, *, l2_norm_clip=None, rngs=None):
     batch, mask = _per_example.unmask(batch, mask)
     current = l2_norm_clip
-    norms, clip_norm = _clipping.clip_norms_now(clip, current)   # checks `current`
-    if _nnx.is_module(params):
-      values, clipped = _nnx.call(
-          lambda pure: functools.partial(value_and_clipped_grads(
-              pure, clip, method=method, has_aux=has_aux,
-              microbatch_size=microbatch_size), l2_norm_clip=current),
-          loss_fn, params, batch, mask, wrt, "clipped_grads", rngs=rngs)
-      return values, _nnx.as_optimizer_grads(clipped)
-    _nnx.refuse_nnx_options("clipped_grads", wrt=wrt, rngs=rngs)
-    route = _devices.batch_route(batch)
-    if route is not None:
-      return on_devices(fn, route)(params, batch, mask, l2_norm_clip=current)
+    norms, clip_norm = _clip_norms.clip_norms_now(clip, current)   # checks `current`
+    if not _nnx.is_module(params):
+      _nnx.refuse_nnx_options("clipped_grads", wrt=wrt, rngs=rngs)
+      route = _devices.batch_route(batch)
+      if route is not None:
+        return on_devices(fn, route)(params, batch, mask, l2_norm_clip=current)
+      return one_device(params, batch, mask, norms, clip_norm)
+    values, clipped = _nnx.call(
+        lambda pure: functools.partial(value_and_clipped_grads(
+            pure, clip, method=method, has_aux=has_aux,
+            microbatch_size=microbatch_size), l2_norm_clip=current),
+        loss_fn, params, batch, mask, wrt, "clipped_grads", rngs=rngs)
+    return values, _nnx.as_optimizer_grads(clipped)
+
+  def one_device(params, batch, mask, norms, clip_norm):
     batch_size = _per_example.batch_rows(batch)
     params = _devices.local_params(params, batch, "clipped_grads")
     mask = (jnp.ones((batch_size,), bool) if mask is None
@@ -155,10 +158,8 @@ def value_and_clipped_grads(
     groups = _clip_norms.leaf_groups(clip, params)
 
     def chunk_fn(params, batch, mask):
-      if method == "vmap":
-        return _vmap_chunk(loss_fn, has_aux, groups, norms, params, batch, mask)
-      return _bookkeeping.ghost_chunk(loss_fn, has_aux, groups, norms, method, params,
-                                      batch, mask)
+      return _bookkeeping.clipped_chunk(loss_fn, has_aux, groups, norms, method,
+                                        params, batch, mask)
 
     # Trace-time check: a Linen BatchNorm in training mode is not per-example
     # (see _linen.no_cross_example_layers). It covers every method,
@@ -258,15 +259,6 @@ def clipped_grads(
     return (clipped, values[1]) if has_aux else clipped
 
   return fn
-
-
-def _vmap_chunk(loss_fn, has_aux, groups, norms, params, batch, mask):
-  values, grads = _per_example.value_and_per_example_grads(loss_fn, has_aux=has_aux)(
-      params, batch)
-  rows = _clipping.clip_rows(_clipping.per_leaf_sq_norms(grads), groups, norms, mask)
-  summed = _clipping.clipped_sum(grads, rows.factors)
-  return (_bookkeeping.mask_values(values, mask, has_aux), summed,
-          rows.nonfinite_examples, rows.unclipped_count)
 
 
 def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
