@@ -60,7 +60,8 @@ def _by_hand(loss_fn, params, batch, keys, mask):
 
 
 @pytest.mark.parametrize("method,microbatch_size", [
-    pytest.param("auto", None, marks=pytest.mark.slow), ("ghost", None), ("vmap", None),
+    pytest.param("auto", None, marks=pytest.mark.slow),
+    pytest.param("ghost", None, marks=pytest.mark.slow), ("vmap", None),
     pytest.param("auto", 4, marks=pytest.mark.slow)])
 def test_multiplicity_equals_averaging_then_clipping(method, microbatch_size):
   loss_fn, params, batch, keys = _setup()

@@ -359,6 +359,7 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 # 6 examples in the full suite, 2 in the fast tier (hypothesis profile "dev": tests/conftest.py).
 @settings(max_examples=max(2, math.ceil(6 * settings.default.max_examples / 100)), deadline=None,
           derandomize=True)
+@pytest.mark.slow   # test_conv2d_variants is the fast tier's conv check
 @given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
        strides=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        padding=st.sampled_from(["SAME", "VALID", 1]),

@@ -58,7 +58,8 @@ def _noise_stream(tx, steps, params=PARAMS):
 # tests: jax_privacy's optimisation takes ~2 s per distinct pair, and
 # bandmf_strategy caches them (lru_cache of 8; this file builds 6 with
 # bands > 1: (10, 3), (12, 2), (12, 5), (6, 3), (5, 3), (400, 4)).
-@pytest.mark.parametrize("steps,bands", [(8, 1), (10, 3), (12, 5)])
+@pytest.mark.parametrize("steps,bands", [(8, 1), (10, 3),
+                                         pytest.param(12, 5, marks=pytest.mark.slow)])
 def test_strategy_is_banded_lower_triangular_with_unit_columns(steps, bands):
   strategy = optax_dp.bandmf_strategy(steps, bands)
   assert (strategy.n, strategy.bands) == (steps, bands)

@@ -301,6 +301,7 @@ def test_clip_factors_bound_each_contribution(log_clip, count, regime, seed, spe
   assert int(rows.nonfinite_examples) == int(np.sum(~finite & mask))
 
 
+@pytest.mark.slow   # fast tier: test_aggregate's test_each_clipped_contribution_has_norm_at_most_clip
 @_settings(25)
 @given(spec=_specs(), log_clip=log_clips, seed=st.integers(0, 2 ** 32 - 1),
        batch=st.integers(1, 4), regime=st.sampled_from(REGIMES),
@@ -369,6 +370,7 @@ def test_clipped_contribution_norm_at_most_clip(spec, log_clip, seed, batch, reg
 # 2. With noise 0, dp_aggregate is the float64 clipped sum / expected_batch_size.
 
 
+@pytest.mark.slow   # fast tier: test_aggregate's clipped-mean and normaliser tests
 @_settings(30)
 @given(data=st.data(), spec=_specs(), log_clip=log_clips, seed=st.integers(0, 2 ** 32 - 1),
        batch=st.integers(1, 8), expected=st.one_of(st.none(), st.integers(1, 64)),
@@ -704,6 +706,7 @@ def test_noise_matches_the_contract(case):
 
 
 @pytest.mark.filterwarnings("ignore:.*same noise key")   # the same key on purpose
+@pytest.mark.slow   # fast tier: test_accumulate's k-physical-batches cases
 @_settings(10)
 @given(data=st.data(), spec=_specs(), seed=st.integers(0, 2 ** 32 - 1), k=st.integers(1, 4),
        log_clip=log_clips, sigma=st.sampled_from([0.0, 0.7, 3.0]),
