@@ -168,13 +168,15 @@ def _call_route(module, function, param):
   route = []
   mods = modules()
   seen = set()
-  walked = set()   # call sites: a nested function's calls are walked once,
-                   # where it is called, or else in the order of the code
 
-  def go(module, function, param, depth, stay, closure=frozenset()):
+  def go(module, function, param, depth, stay, closure=frozenset(), walked=None):
+    # `walked`: the call sites of this function read so far, shared with the
+    # nested functions it calls (whose calls its own reading also lists), so
+    # that each is followed once: where the nested function is called.
     if (module, function, param) in seen:
       return
     seen.add((module, function, param))
+    walked = set() if walked is None else walked
     fn = _functions(mods[module]).get(function)
     if fn is None:
       return
@@ -186,9 +188,9 @@ def _call_route(module, function, param):
           carried |= _names(t)
     for call in sorted((n for n in ast.walk(fn) if isinstance(n, ast.Call)),
                        key=lambda n: (n.lineno, n.col_offset)):
-      if (module, call.lineno, call.col_offset) in walked:
+      if (call.lineno, call.col_offset) in walked:
         continue
-      walked.add((module, call.lineno, call.col_offset))
+      walked.add((call.lineno, call.col_offset))
       target = _callee(call, module, imported)
       if target is None or target[0] not in mods:
         continue
@@ -205,7 +207,8 @@ def _call_route(module, function, param):
           nested = any(isinstance(n, ast.FunctionDef) and n.lineno == callee.lineno
                        for n in ast.walk(fn))
           go(module, target[1], p, depth, stay,
-             frozenset(carried) if nested else frozenset())
+             frozenset(carried) if nested else frozenset(),
+             walked if nested else None)
         else:
           route.append((module, target[0], depth, stay))
           go(target[0], target[1], p, depth + 1, len(route) - 1)
