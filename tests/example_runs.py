@@ -94,6 +94,21 @@ def refusal_in_process(capsys, *args, script="train.py"):
   raise AssertionError(f"{script} {' '.join(args)}: parsed without refusing")
 
 
+def run_refusal_in_process(capsys, tmp_path, *args, script="train.py"):
+  """(the exit status, stderr) of the script's `main(argv)` refusing `args`
+  after it started (a refusal made past the flags, e.g. on reading a
+  checkpoint): `_cli_common.fail` raises SystemExit(2) after writing the
+  message to stderr, the status a process of the script exits with."""
+  module = import_example(os.path.splitext(script)[0])
+  capsys.readouterr()
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      module.main([*args, "--json-out", str(tmp_path / "refused.json")])
+  except SystemExit as e:
+    return e.code, capsys.readouterr().err
+  raise AssertionError(f"{script} {' '.join(args)}: ran without refusing")
+
+
 def rdp_epsilon(record):
   """Epsilon of a run's JSON record, recomputed with dp_accounting's RDP
   accountant from its Poisson rate, noise multiplier and steps."""

@@ -568,7 +568,7 @@ def test_recurrent_calls_the_rule_does_not_cover_fall_back_exactly():
 # call time (model(x, rngs), nnx.Dropout(rate) without rngs), nnx.Optimizer
 # (..., wrt=nnx.Param), nnx.MultiMetric updated from the aux, nnx.jit.
 
-TUTORIAL_N, TUTORIAL_STEPS = 64, 20
+TUTORIAL_N, TUTORIAL_STEPS = 64, 10
 
 
 def _tutorial_loss(model, batch, rngs=None):
@@ -627,7 +627,7 @@ def _tutorial_run(padded: bool):
 
 @pytest.mark.slow
 def test_flax_nnx_tutorial_idioms_train_privately():
-  """20 private steps of the tutorial's loop on padded Poisson batches: the
+  """10 private steps of the tutorial's loop on padded Poisson batches: the
   masked train metrics (from the aux logits, shaped (B, 10) as for a batch)
   and the parameters equal those of the same steps on the real rows alone."""
   with warnings.catch_warnings():
