@@ -98,7 +98,8 @@ def run_refusal_in_process(capsys, tmp_path, *args, script="train.py"):
   """(the exit status, stderr) of the script's `main(argv)` refusing `args`
   after it started (a refusal made past the flags, e.g. on reading a
   checkpoint): `_cli_common.fail` raises SystemExit(2) after writing the
-  message to stderr, the status a process of the script exits with."""
+  message to stderr, the status a process of the script exits with. Its
+  --json-out is tmp_path / "refused.json" (a refused run writes none)."""
   module = import_example(os.path.splitext(script)[0])
   capsys.readouterr()
   try:

@@ -63,7 +63,6 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
 
 _shared_compilation_cache = example_runs.compilation_cache_fixture()
-_run_raw = example_runs.run_raw
 
 
 def _run(tmp_path, *args):
@@ -128,16 +127,18 @@ LEDGER = (*SMALL, "--accountant", "rdp")
 
 
 @pytest.mark.slow
-def test_steps_beyond_the_budget_are_refused_unless_told(tmp_path):
+def test_steps_beyond_the_budget_are_refused_unless_told(tmp_path, capsys):
   sampler = optax_dp.PoissonSampler(60000, 64)
   # sigma 0.81 at epsilon 1 (RDP): the budget allows 5 steps.
   budget = optax_dp.privacy_budget(sampler=sampler, target_epsilon=1.0, target_delta=1e-5,
                                    noise_multiplier=0.81, accountant="rdp")
   steps = budget.max_steps + 2
-  proc, out = _run_raw(tmp_path, "--steps", str(steps), "--noise-multiplier", "0.81",
-                       "--epsilon", "1.0", *LEDGER)
-  assert proc.returncode == 2
-  assert "beyond the privacy budget" in proc.stderr and not out.exists()
+  status, stderr = example_runs.run_refusal_in_process(
+      capsys, tmp_path, "--steps", str(steps), "--noise-multiplier", "0.81", "--epsilon", "1.0",
+      *LEDGER, script="mnist_linen.py")
+  assert status == 2
+  assert "beyond the privacy budget" in stderr
+  assert not (tmp_path / "refused.json").exists()   # the refused run wrote no record
   result, _ = _run(tmp_path, "--steps", str(steps), "--noise-multiplier", "0.81",
                    "--epsilon", "1.0", "--allow-budget-overrun", *LEDGER)
   # The run went past the budget and says so with the larger epsilon.
