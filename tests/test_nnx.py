@@ -127,8 +127,10 @@ def test_has_aux_values_and_mask():
   assert not np.any(np.asarray(nnx.as_pure(per_example)["l1"]["kernel"][-1]))
 
 
-def test_lora_adapters_alone_are_trained():
-  """Private fine-tuning of a frozen model: wrt=nnx.LoRAParam."""
+@pytest.mark.parametrize("method", ["vmap", "auto"])
+def test_lora_adapters_alone_are_trained(method):
+  """Private fine-tuning of a frozen model: wrt=nnx.LoRAParam; "auto"
+  book-keeps the adapters (the "lora" rule), none falls back."""
   model = nnx.Sequential(
       nnx.LoRALinear(4, 8, lora_rank=2, rngs=nnx.Rngs(0)), nnx.relu,
       nnx.LoRALinear(8, 3, lora_rank=2, rngs=nnx.Rngs(1)))
@@ -139,7 +141,10 @@ def test_lora_adapters_alone_are_trained():
   frozen = jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, base)))
   expected = _hand_update(model, _batch(), MASK, wrt=nnx.LoRAParam)
   optimizer = _optimizer(model, wrt=nnx.LoRAParam)
-  grad_fn = optax_dp.clipped_grads(loss_fn, C, method="vmap", wrt=nnx.LoRAParam)
+  grad_fn = optax_dp.clipped_grads(loss_fn, C, method=method, wrt=nnx.LoRAParam)
+  if method == "auto":
+    plan = optax_dp.clipping_plan(loss_fn, model, _batch(), wrt=nnx.LoRAParam)
+    assert set(plan.values()) == {"lora"} and len(plan) == 4, plan
 
   @nnx.jit
   def train_step(model, optimizer, batch, mask):
@@ -313,6 +318,21 @@ class RecurrentNet(nnx.Module):
     return self.head(self.lstm(h + carry[:, None]).mean(1))
 
 
+class LoRANet(nnx.Module):
+  """nnx.LoRA over a Linear, then nnx.LoRALinear, on sequences: the "lora"
+  rule (LoRALinear's own kernel and bias, beside its LoRA submodule, fall
+  back). The adapters' B starts at zero (a zero gradient for A): set here."""
+
+  def __init__(self, rngs):
+    self.a = nnx.LoRA(4, 2, 8, base_module=nnx.Linear(4, 8, rngs=rngs), rngs=rngs)
+    self.b = nnx.LoRALinear(8, 3, lora_rank=2, rngs=rngs)
+    for lora in (self.a, self.b.lora):
+      lora.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(7), lora.lora_b[...].shape)
+
+  def __call__(self, x):
+    return self.b(nnx.relu(self.a(x))).mean(1)
+
+
 def _families():
   ids = jax.random.randint(jax.random.key(1), (B, 5), 0, 11)
   return {
@@ -324,12 +344,13 @@ def _families():
       "attention": (AttentionNet(nnx.Rngs(0)), ids),
       "general": (GeneralNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 8, 8, 2))),
       "recurrent": (RecurrentNet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 7, 4))),
+      "lora": (LoRANet(nnx.Rngs(0)), jax.random.normal(jax.random.key(1), (B, 5, 4))),
   }
 
 
 # Which parameters book-keeping covers in each family; the rest falls back.
 COVERED = {"linear": 4, "conv": 7, "embed": 3, "norm_shared_direct": 6, "tied_embed": 0,
-           "attention": 20, "general": 13, "recurrent": 19}
+           "attention": 20, "general": 13, "recurrent": 19, "lora": 6}
 
 
 def _sums(grads):

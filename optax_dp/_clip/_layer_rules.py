@@ -281,6 +281,24 @@ def run_recurrence(rnn: Any, kwargs: dict, cell_step: Callable, inputs: jax.Arra
   return ((carry, outputs) if rnn_option(rnn, kwargs, "return_carry") else outputs), taken
 
 
+def lora_terms(x: jax.Array, h: jax.Array, h_grad: jax.Array, out_grad: jax.Array) -> Terms:
+  """A low-rank adapter `out = (x @ A) @ B` (LoRA), as two Dense layers
+  without bias: per example grad A = x^T h_grad (h = x @ A) and grad B =
+  h^T out_grad, each by `dense_terms`; keys "lora_a" and "lora_b".
+
+  References:
+    Hu et al. 2021, "LoRA: Low-Rank Adaptation of LLMs" (arXiv:2106.09685).
+  """
+  a_sq, a_sums = dense_terms(x, h_grad, False)
+  b_sq, b_sums = dense_terms(h, out_grad, False)
+
+  def sums(c, keep):
+    return {"lora_a": a_sums({"kernel": c["lora_a"]}, keep)["kernel"],
+            "lora_b": b_sums({"kernel": c["lora_b"]}, keep)["kernel"]}
+
+  return {"lora_a": a_sq["kernel"], "lora_b": b_sq["kernel"]}, sums
+
+
 def recurrent_groups(taps: list) -> dict:
   """`{head: (names...)}` from one step's `(name, input)` taps, in order:
   sub-layers whose input is the very same array form one group."""

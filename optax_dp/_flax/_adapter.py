@@ -83,6 +83,9 @@ def layer_terms(layer, layer_params, inputs, out_grad, *,
     return _layer_rules.conv_terms(inputs[0], out_grad, use_bias=use_bias, **conv())
   if layer.kind == "embed":
     return _layer_rules.embed_terms(inputs[0], out_grad, *vocab())
+  if layer.kind == "lora":
+    return _layer_rules.lora_terms(inputs["lora_a"], inputs["lora_b"], out_grad["lora_a"],
+                                   out_grad["lora_b"])
   if layer.kind == "recurrent":
     return _layer_rules.recurrent_terms(
         inputs, out_grad, {sub: f"{sub}/bias" in layer.leaf_index for sub in out_grad},

@@ -16,6 +16,9 @@ import jax.numpy as jnp
 
 from optax_dp._clip import _layer_rules
 from optax_dp._flax import _adapter
+from optax_dp._flax import _nnx_lora
+from optax_dp._flax import _nnx_modules
+from optax_dp._flax import _nnx_recurrent
 from optax_dp._flax._nnx import NNX_ADAPTER
 from optax_dp._flax._nnx import intercept
 from optax_dp._flax._nnx import _nnx
@@ -43,6 +46,11 @@ from optax_dp._flax._nnx import _nnx
 #   `_layer_rules.run_recurrence` with the Linears tapped, each then a Dense
 #   over T positions (the RNN module itself holds no parameters: it is
 #   matched by its cell's);
+# * "lora": `nnx.LoRA` (exact type, called with one array), its adapters
+#   `lora_a` and `lora_b` (`out = (x @ lora_a) @ lora_b + base_module(x)`):
+#   two Dense layers without bias, `lora_a` from x to h = x @ lora_a,
+#   `lora_b` from h (its base module, an `nnx.Linear`, is a layer of its own,
+#   or frozen with `wrt=nnx.LoRAParam`);
 # * "generic": any other layer (`nnx.LayerNorm`, `nnx.RMSNorm`,
 #   `nnx.GroupNorm`, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
 #   module using its `nnx.Param` directly in `__call__`): a vmapped VJP of
@@ -64,7 +72,7 @@ class Layer:
   path: tuple            # its leaf indices: the same layer in every trace
   leaf_index: dict       # variable attribute name -> leaf index
   out_struct: Any
-  kind: str              # "dense", "conv", "embed", "recurrent" or "generic"
+  kind: str              # "dense", "conv", "embed", "recurrent", "lora" or "generic"
   conv: Optional[dict] = None
   contracted_axes: int = 1   # "dense": trailing input axes contracted
   vocab: int = 0             # "embed": table rows
@@ -76,34 +84,10 @@ class Layer:
   groups: Any = None         # "recurrent": sub-layers sharing an input
 
 
-def _own_variables(module) -> Optional[dict]:
-  """{attribute name: array} of the module's variables if all are its own
-  (no submodule, container or random stream holds state); else None."""
-  nnx = _nnx()
-  own = {}
-  for name, value in vars(module).items():
-    if isinstance(value, nnx.Variable):
-      if not isinstance(value, nnx.RngState):
-        own[name] = value[...]
-        continue
-      return None
-    if any(isinstance(x, (nnx.Variable, jax.Array, jax.core.Tracer))
-           or nnx.graph.is_graph_node(x)
-           for x in jax.tree.leaves(value, is_leaf=nnx.graph.is_graph_node)):
-      return None
-  return own or None
-
-
 def _plain_call(args, kwargs) -> bool:
   """One array argument (an `out_sharding=None` keyword allowed)."""
   return (len(args) == 1 and _layer_rules.is_array(args[0])
           and all(k == "out_sharding" and v is None for k, v in kwargs.items()))
-
-
-def _default_dot(module) -> bool:
-  return (getattr(module, "dot_general", None) in (None, jax.lax.dot_general)
-          and getattr(module, "dot_general_cls", None) is None
-          and module.preferred_element_type is None)
 
 
 def _contracted_axes(module, ndim) -> Optional[int]:
@@ -122,9 +106,9 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
     return None
   plain = _plain_call(args, kwargs)
   cls = type(module)
-  if plain and cls is nnx.Linear and _default_dot(module):
+  if plain and cls is nnx.Linear and _nnx_modules.default_dot(module):
     return dict(kind="dense")
-  if plain and cls is nnx.LinearGeneral and _default_dot(module):
+  if plain and cls is nnx.LinearGeneral and _nnx_modules.default_dot(module):
     axes = _contracted_axes(module, jnp.ndim(args[0]))
     if axes is not None:
       return dict(kind="dense", contracted_axes=axes)
@@ -151,123 +135,6 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
               state_names=names, arg_treedef=arg_treedef, arg_statics=arg_statics)
 
 
-# The "recurrent" rule: `nnx.RNN` over a cell of these types (exact), whose
-# every variable belongs to a plain `nnx.Linear` applied once a step (checked
-# again on a shape trace of one step of each call).
-_RNN_KEYWORDS = frozenset({"initial_carry", "seq_lengths", "return_carry", "time_major",
-                           "reverse", "keep_order", "rngs"})
-
-
-def _recurrent_cells() -> tuple:
-  nnx = _nnx()
-  return (nnx.GRUCell, nnx.LSTMCell, nnx.SimpleCell)
-
-
-def _cell_variables(cell) -> Optional[dict]:
-  """{"sub/variable": nnx.Variable} of a covered cell's Linear sub-layers, or None."""
-  nnx = _nnx()
-  if type(cell) not in _recurrent_cells():
-    return None
-  flat = {}
-  for name, value in vars(cell).items():
-    if isinstance(value, nnx.Variable):
-      return None
-    if not nnx.graph.is_graph_node(value):
-      if any(isinstance(x, (nnx.Variable, jax.Array, jax.core.Tracer))
-             or nnx.graph.is_graph_node(x)
-             for x in jax.tree.leaves(value, is_leaf=nnx.graph.is_graph_node)):
-        return None
-      continue
-    if type(value) is not nnx.Linear or not _default_dot(value):
-      return None
-    own = _own_variables(value)
-    if own is None or "kernel" not in own or set(own) - {"kernel", "bias"}:
-      return None
-    flat.update({f"{name}/{var}": getattr(value, var) for var in own})
-  return flat or None
-
-
-def _rnn_setup(rnn, args, kwargs):
-  """(inputs, initial carry, time axis) of an nnx.RNN call, as nnx.RNN makes them."""
-  nnx = _nnx()
-  inputs = args[0]
-  time_axis = _layer_rules.recurrence_time_axis(
-      inputs.ndim, _layer_rules.rnn_option(rnn, kwargs, "time_major"),
-      rnn.cell.num_feature_axes)
-  carry = kwargs.get("initial_carry")
-  if carry is None:
-    rngs = _layer_rules.rnn_option(rnn, kwargs, "rngs")
-    if isinstance(rngs, nnx.Rngs):
-      rngs = rngs.carry.fork()
-    carry = rnn.cell.initialize_carry(
-        inputs.shape[:time_axis] + inputs.shape[time_axis + 1:], rngs)
-  return inputs, carry, time_axis
-
-
-def _recurrent_rule(rnn, args, kwargs, ids) -> Optional[dict]:
-  """The entry fields of an `nnx.RNN` call the "recurrent" rule covers, or None."""
-  flat = _cell_variables(rnn.cell)
-  state_axes = rnn.state_axes
-  if (flat is None or rnn.broadcast_rngs is not None
-      or tuple(state_axes.filters) != (...,) or len(state_axes.axes) != 1
-      or len(args) != 1 or not _layer_rules.is_array(args[0])
-      or set(kwargs) - _RNN_KEYWORDS or kwargs.get("seq_lengths") is not None):
-    return None
-  subs = {name.split("/")[0] for name in flat}
-  linears = {id(getattr(rnn.cell, sub)): sub for sub in subs}
-  inputs, carry, time_axis = _rnn_setup(rnn, args, kwargs)
-  x0 = jnp.take(inputs, 0, axis=time_axis)
-  outs: dict = {}
-  taps: list = []
-
-  def step(carry, x):
-    def handler(module, original, args, kwargs):
-      out = original(module, *args, **kwargs)
-      if id(module) in linears:
-        outs.setdefault(linears[id(module)], []).append(out)
-        taps.append((linears[id(module)], args[0]))
-      return out
-    with intercept((_nnx().Linear,), handler):
-      return rnn.cell(carry, x)
-
-  try:
-    jax.eval_shape(step, carry, x0)
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if set(outs) != subs or any(len(v) != 1 for v in outs.values()):
-    return None
-  steps = inputs.shape[time_axis]
-  return {"index": {name: ids.get(id(v[...])) for name, v in flat.items()},
-          "rule": dict(kind="recurrent", groups=_layer_rules.recurrent_groups(taps)),
-          "out": {sub: jax.ShapeDtypeStruct((steps,) + o.shape, o.dtype)
-                  for sub, (o,) in outs.items()}}
-
-
-def _run_rnn(rnn, flat, layer, layer_params, args, kwargs, zs, tapping):
-  """An nnx.RNN call computed from the layer's own params (`run_recurrence`),
-  its Linear sub-layers tapped: (what nnx.RNN returns, {sub: per-step inputs})."""
-  inputs, carry, time_axis = _rnn_setup(rnn, args, kwargs)
-  saved = {name: v[...] for name, v in flat.items()}
-  subs = {name.split("/")[0] for name in flat}
-
-  def cell_step(carry, x, tap):
-    for sub in subs:
-      tapping[id(getattr(rnn.cell, sub))] = (sub, tap)
-    try:
-      return rnn.cell(carry, x)
-    finally:
-      tapping.clear()
-
-  for name, v in flat.items():
-    v[...] = layer_params[name]
-  try:
-    return _layer_rules.run_recurrence(rnn, kwargs, cell_step, inputs, carry, zs,
-                                       layer.groups, time_axis)
-  finally:
-    for name, v in flat.items():
-      v[...] = saved[name]
-
-
 def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
   """Finds the covered NNX layers (shape-only trace of one example)."""
   del has_aux
@@ -285,15 +152,17 @@ def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
       if type(module) is nnx.RNN and id(module) not in calls:
         probing.append(True)
         try:
-          found = _recurrent_rule(module, args, kwargs, ids)
+          found = _nnx_recurrent.recurrent_rule(module, args, kwargs, ids)
         finally:
           probing.pop()
         calls[id(module)] = {"count": 0, **(found or {})}
       out = original(module, *args, **kwargs)
       entry = calls.setdefault(id(module), {"count": 0})
       entry["count"] += 1
-      if entry["count"] == 1 and type(module) is not nnx.RNN:
-        own = _own_variables(module)
+      if entry["count"] == 1 and type(module) is nnx.LoRA:
+        entry.update(_nnx_lora.lora_rule(module, args, kwargs, ids) or {})
+      elif entry["count"] == 1 and type(module) is not nnx.RNN:
+        own = _nnx_modules.own_variables(module)
         if own is not None:
           entry["index"] = {name: ids.get(id(v)) for name, v in own.items()}
           entry["rule"] = _rule(module, own, args, kwargs, out)
@@ -338,14 +207,21 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
         name, tap = tapping[id(module)]
         return tap(name, args[0], original(module, *args, **kwargs))
       if type(module) is nnx.RNN:
-        flat = _cell_variables(module.cell) or {}
+        flat = _nnx_recurrent.cell_variables(module.cell) or {}
         k = by_path.get(tuple(sorted(ids.get(id(v[...]), -1) for v in flat.values())))
         if k is None or inputs[k] is not None:
           return original(module, *args, **kwargs)
-        out, inputs[k] = _run_rnn(module, flat, layers[k], layer_params[k], args, kwargs,
+        out, inputs[k] = _nnx_recurrent.run_rnn(module, flat, layers[k], layer_params[k], args, kwargs,
                                   zs[k], tapping)
         return out
-      own = _own_variables(module)
+      if type(module) is nnx.LoRA:
+        k = by_path.get(tuple(sorted(ids.get(id(v[...]), -1)
+                                     for v in (module.lora_a, module.lora_b))))
+        if k is None or inputs[k] is not None or layers[k].kind != "lora":
+          return original(module, *args, **kwargs)
+        out, inputs[k] = _nnx_lora.run_lora(module, layer_params[k], args, zs[k])
+        return out
+      own = _nnx_modules.own_variables(module)
       k = None if own is None else by_path.get(
           tuple(sorted(ids.get(id(v), -1) for v in own.values())))
       if k is None or inputs[k] is not None:
