@@ -2,6 +2,7 @@
 
 Run:  python examples/train.py --recipe mnist-eps1 [--seed 1] [--json-out r.json]
       [--plot run.png] [--quiet]
+      (the shakespeare-* recipes, language models, run examples/train_lm.py)
 List: python examples/train.py --list
 
 A recipe (`recipes.py`) fixes the dataset, model, normalisation, batch size,
@@ -36,7 +37,7 @@ import _cli_common  # pylint: disable=wrong-import-position
 import mnist_data  # pylint: disable=wrong-import-position
 import models  # pylint: disable=wrong-import-position
 import scattering  # pylint: disable=wrong-import-position
-from recipes import NORMALISATION, RECIPES  # pylint: disable=wrong-import-position
+from recipes import LM_RECIPES, NORMALISATION, RECIPES  # pylint: disable=wrong-import-position
 
 MODELS = {"tutorial_cnn": models.CNN, "tanh_cnn": models.TanhCNN,
           "groupnorm_cnn": models.GroupNormCNN, "scatter_linear": models.ScatterLinear,
@@ -91,7 +92,7 @@ def build_parser(recipe=None):
 def parse_args(argv=None):
   known, _ = _recipe_parser().parse_known_args(argv)
   if known.list:
-    for name, recipe in RECIPES.items():
+    for name, recipe in {**RECIPES, **LM_RECIPES}.items():
       print(name, recipe)
     raise SystemExit(0)
   if known.recipe not in RECIPES:
@@ -155,6 +156,10 @@ def random_shift(key, example, pad=2):
 
 
 def main(argv=None):
+  known, _ = _recipe_parser().parse_known_args(argv)
+  if known.recipe in LM_RECIPES:   # the language models: their own script
+    import train_lm  # pylint: disable=import-outside-toplevel
+    return train_lm.main(argv)
   args = parse_args(argv)
   (train_images, train_labels), (eval_images, eval_labels) = load(args)
   dataset_size = len(train_images)

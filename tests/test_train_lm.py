@@ -1,0 +1,71 @@
+"""examples/train_lm.py: every language-model recipe runs 3 steps and reports
+the epsilon of what ran (recomputed from its JSON with dp_accounting), the
+group-privacy reading for speakers, and the non-private reference."""
+
+import math
+import sys
+
+import pytest
+
+import example_runs
+
+sys.path.insert(0, example_runs.EXAMPLES)
+import recipes  # noqa: E402
+
+train_lm = example_runs.import_example("train_lm")
+
+# On a subset of the windows, evaluated once, RDP (PLD calibration would cost
+# each run seconds; the PLD path is the tutorial's, _cli_common.py); the LoRA
+# and full fine-tunes pretrain 2 steps (cached in the test's folder).
+QUICK = ("--steps", "3", "--batch-size", "32", "--eval-every", "3", "--accountant", "rdp",
+         "--subset", "1024", "--eval-windows", "64", "--pretrain-steps", "2",
+         "--pretrain-batch-size", "16", "--length", "16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(recipes.LM_RECIPES))
+def test_each_lm_recipe_runs_and_reports_the_epsilon_of_what_ran(tmp_path, name):
+  recipe = recipes.LM_RECIPES[name]
+  record, stdout = example_runs.run_in_process(
+      tmp_path, "--recipe", name, *QUICK, "--cache-dir", str(tmp_path / "cache"),
+      script="train.py")   # train.py hands the shakespeare-* recipes to train_lm.py
+  assert record["recipe"] == name and record["model"] == recipe["model"]
+  assert record["dataset"] == "shakespeare" and record["steps"] == 3
+  assert record["private"] is True and record["sampler"] == "poisson"
+  assert record["dataset_size"] == 1024 and record["evaluated_on"] == "test"
+  assert record["epsilon"] == pytest.approx(example_runs.rdp_epsilon(record), rel=1e-12)
+  assert record["epsilon"] <= recipe["epsilon"]
+  assert 0.0 <= record["test_accuracy"] <= 1.0 and record["test_loss"] > 0
+  assert "Guarantee" in stdout and "bits per character" in stdout
+  # What the example-level guarantee gives a speaker with m windows.
+  assert "protected as a group of m examples" in stdout
+  assert "user-level DP" in stdout
+  if recipe["finetune"] != "none":
+    assert "Pretraining on the public plays without privacy" in stdout
+
+
+@pytest.mark.slow
+def test_non_private_reference_claims_no_privacy(tmp_path):
+  record, stdout = example_runs.run_in_process(
+      tmp_path, "--recipe", "shakespeare-eps8", "--no-dp", *QUICK, "--cache-dir",
+      str(tmp_path / "cache"), script="train_lm.py")
+  assert record["private"] is False and record["epsilon"] is None
+  assert "NOT private" in stdout and "group" not in stdout
+
+
+def test_group_guarantee_is_the_group_privacy_bound():
+  assert train_lm.group_guarantee(2.0, 1e-5, 1) == (2.0, 1e-5)
+  e, d = train_lm.group_guarantee(2.0, 1e-5, 3)
+  assert e == 6.0 and d == pytest.approx(3 * math.exp(4.0) * 1e-5)
+
+
+def test_bad_lm_flags_are_refused(capsys):
+  status, stderr = example_runs.refusal_in_process(
+      capsys, "--recipe", "shakespeare-lstm-eps8", "--finetune", "lora", script="train_lm.py")
+  assert status == 2 and "--finetune needs a transformer" in stderr
+  status, stderr = example_runs.refusal_in_process(
+      capsys, "--recipe", "shakespeare-eps8", "--sampler", "shuffle", script="train_lm.py")
+  assert status == 2 and "Poisson sampling" in stderr
+  status, stderr = example_runs.refusal_in_process(
+      capsys, "--recipe", "nope", script="train_lm.py")
+  assert status == 2 and "choose from" in stderr
