@@ -8,7 +8,11 @@ Flax Linen and NNX, the rows
   nnx_non_private, nnx_optax_dp_auto, nnx_optax_dp_vmap
 
 at each batch size of --cnn-batch-sizes (256,1024) and
---transformer-batch-sizes (64,256) (--models: both, or one). Three phases:
+--transformer-batch-sizes (64,256); and the Shakespeare language model
+(lm_step.py: its Linen, NNX and LoRA rows, private against non-private) at
+each batch size of --lm-batch-sizes (512) and length --lm-length (64; step
+time only: peak_memory.py has no LM rows). --models: any of cnn,
+transformer, lm. Three phases:
 
   1. device probe, in a subprocess: jax.devices()[0].platform, device_kind and
      whether memory_stats() is available. A CPU backend is refused (exit 2)
@@ -58,7 +62,8 @@ import _common  # pylint: disable=wrong-import-position
 
 ROWS = ("non_private", "optax_dp_auto", "optax_dp_vmap",
         "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap")
-MODELS = ("cnn", "transformer")
+MODELS = ("cnn", "transformer", "lm")
+MEMORY_MODELS = ("cnn", "transformer")   # peak_memory.py's models
 CPU_WARNING = ("WARNING: THE BACKEND IS CPU, NOT AN ACCELERATOR: a validation "
                "run of this script (--allow-cpu); none of these figures is a "
                "GPU figure")
@@ -66,7 +71,9 @@ MIB = 2 ** 20
 
 
 def baseline_of(row: str) -> str:
-  """The same framework's non-private row."""
+  """The same framework's non-private row (LoRA rows: the non-private LoRA row)."""
+  if row.startswith("nnx_lora_"):
+    return "nnx_lora_non_private"
   return "nnx_non_private" if row.startswith("nnx_") else "non_private"
 
 
@@ -135,6 +142,8 @@ def measure_memory(models: dict[str, list[int]], steps: int) -> dict:
   print("\n## Peak device memory: one subprocess per (model, batch, row), "
         f"{steps} steps each", flush=True)
   for model, sizes in models.items():
+    if model not in MEMORY_MODELS:
+      continue
     for b in sizes:
       for row in ("import_only",) + ROWS:
         out, err = _child(["--memory-row", row, "--model", model,
@@ -164,21 +173,26 @@ def measure_memory(models: dict[str, list[int]], steps: int) -> dict:
 
 # ---------------------------------------------------------------- timing
 
-def measure_time(models: dict[str, list[int]], rounds: int) -> dict:
+def measure_time(models: dict[str, list[int]], rounds: int, lm_length: int = 64) -> dict:
   """Phase 3: the scripts' own main(argv), in this process; returns
   {model: {B: their JSON}}."""
   import step_time  # pylint: disable=import-outside-toplevel
   import transformer_step  # pylint: disable=import-outside-toplevel
-  mains = {"cnn": step_time.main, "transformer": transformer_step.main}
+  import lm_step  # pylint: disable=import-outside-toplevel
+  mains = {"cnn": step_time.main, "transformer": transformer_step.main, "lm": lm_step.main}
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     for model, sizes in models.items():
       out[model] = {}
       for i, b in enumerate(sizes):
         path = os.path.join(tmp, f"{model}_{b}.json")
-        argv = ["--rows", ",".join(ROWS), "--rounds", str(rounds),
-                "--batch-size", str(b), "--json-out", path]
-        argv += ["--check"] if i == 0 else []
+        if model == "lm":
+          argv = ["--rounds", str(rounds), "--batch-size", str(b), "--length",
+                  str(lm_length), "--json-out", path]
+        else:
+          argv = ["--rows", ",".join(ROWS), "--rounds", str(rounds),
+                  "--batch-size", str(b), "--json-out", path]
+          argv += ["--check"] if i == 0 else []
         print(f"\n## Step time: {model}, batch {b}: "
               f"{mains[model].__module__}.main({' '.join(argv)})", flush=True)
         mains[model](argv)
@@ -200,7 +214,7 @@ def model_table(model: str, timing: dict, memory: dict) -> str:
   for b, run in timing.items():
     summary = run["rows"]
     mem = memory["results"].get(model, {}).get(b, {})
-    for name in ROWS:
+    for name in summary if model == "lm" else ROWS:
       if name not in summary:
         continue
       s = summary[name]
@@ -241,8 +255,10 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--cnn-batch-sizes", type=_sizes, default=[256, 1024])
   parser.add_argument("--transformer-batch-sizes", type=_sizes, default=[64, 256])
+  parser.add_argument("--lm-batch-sizes", type=_sizes, default=[512])
+  parser.add_argument("--lm-length", type=int, default=64)
   parser.add_argument("--models", default=",".join(MODELS),
-                      help="comma list from cnn,transformer (one per call keeps "
+                      help="comma list from cnn,transformer,lm (one per call keeps "
                       "a call short)")
   parser.add_argument("--rounds", type=int, default=20)
   parser.add_argument("--memory-steps", type=int, default=3,
@@ -290,12 +306,12 @@ def main(argv=None):
     print(CPU_WARNING, flush=True)
 
   sizes = {"cnn": args.cnn_batch_sizes,
-           "transformer": args.transformer_batch_sizes}
+           "transformer": args.transformer_batch_sizes, "lm": args.lm_batch_sizes}
   models = {m: sizes[m] for m in MODELS if m in wanted}
   memory = ({"available": None, "reason": "not measured (--no-memory)",
              "steps": args.memory_steps, "results": {}} if args.no_memory
             else measure_memory(models, args.memory_steps))
-  timing = measure_time(models, args.rounds)
+  timing = measure_time(models, args.rounds, args.lm_length)
   markdown = report(device, timing, memory, args.rounds)
   print("\n" + markdown, flush=True)
   wall = time.perf_counter() - t_start

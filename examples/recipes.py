@@ -67,14 +67,14 @@ RECIPES = {
 # speaking role's dialogue in the private plays; evaluated on the held-out test
 # plays. Adam, flat clipping, Poisson sampling, PLD accounting, delta 1e-5.
 _LM = dict(model="transformer", length=64, features=128, layers=2, heads=4, batch_size=512,
-           steps=300, learning_rate=3e-3, l2_norm_clip=1.0, rescale_to_unit_norm=True,
+           steps=400, learning_rate=3e-3, l2_norm_clip=1.0, rescale_to_unit_norm=True,
            finetune="none", lora_rank=8, pretrain_steps=600, pretrain_batch_size=128,
            pretrain_learning_rate=3e-3)
 
 LM_RECIPES = {
     "shakespeare-eps8": dict(_LM, epsilon=8.0),
     "shakespeare-eps3": dict(_LM, epsilon=3.0),
-    "shakespeare-lora-eps1": dict(_LM, epsilon=1.0, finetune="lora", steps=150),
-    "shakespeare-finetune-eps1": dict(_LM, epsilon=1.0, finetune="full", steps=150),
+    "shakespeare-lora-eps1": dict(_LM, epsilon=1.0, finetune="lora", steps=200),
+    "shakespeare-finetune-eps1": dict(_LM, epsilon=1.0, finetune="full", steps=200),
     "shakespeare-lstm-eps8": dict(_LM, model="lstm", features=256, epsilon=8.0),
 }

@@ -56,6 +56,7 @@ PAGES = {
     "clipping.md": 2,
     "tutorials/checkpoint_resume.md": 3,
     "tutorials/large_data.md": 5,
+    "tutorials/language_model.md": 4,   # a toy model on the Shakespeare corpus
     "migration/jax_privacy.md": 1,
     "migration/optax_contrib.md": 2,
     "migration/opacus.md": 1,

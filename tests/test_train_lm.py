@@ -15,11 +15,13 @@ import recipes  # noqa: E402
 train_lm = example_runs.import_example("train_lm")
 
 # On a subset of the windows, evaluated once, RDP (PLD calibration would cost
-# each run seconds; the PLD path is the tutorial's, _cli_common.py); the LoRA
-# and full fine-tunes pretrain 2 steps (cached in the test's folder).
+# each run seconds; the PLD path is the tutorial's, _cli_common.py), a small
+# model (compiles in a fraction of the recipe's time); the LoRA and full
+# fine-tunes pretrain 2 steps (cached in the test's folder).
 QUICK = ("--steps", "3", "--batch-size", "32", "--eval-every", "3", "--accountant", "rdp",
          "--subset", "1024", "--eval-windows", "64", "--pretrain-steps", "2",
-         "--pretrain-batch-size", "16", "--length", "16")
+         "--pretrain-batch-size", "16", "--length", "16", "--features", "32", "--layers", "1",
+         "--heads", "2")
 
 
 @pytest.mark.slow
