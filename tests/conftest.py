@@ -1,11 +1,32 @@
 """Shared pytest fixtures."""
 
 import importlib.util
+import os
 
-import hypothesis
-import pytest
+# XLA's optimisation passes are off for the tests (JAX's own switch,
+# `jax_disable_most_optimizations`: LLVM at -O0, no expensive passes). The
+# suite is bound by compiling, not by running: `tests/test_nnx.py` alone makes
+# ~1,200 compiles, and the 8-device script ~230. The tests check what the
+# library computes, which must hold at any optimisation level; the switch cut
+# the suite's worker-seconds by about a quarter (1,965 -> ~1,500; issue 32).
+# Set here, before JAX is imported, so that the example scripts and the
+# 8-device and multi-process runs the tests start inherit it. A module that
+# must run XLA's optimised code says `pytestmark = pytest.mark.xla_optimized`
+# (the fixture below): the golden test's recorded bits come from optimised
+# code, and the audit and the MNIST runs are bound by running, not compiling.
+# `JAX_DISABLE_MOST_OPTIMIZATIONS=0 pytest ...` runs everything optimised.
+_FAST_COMPILE = os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-from optax_dp._core import _keys
+import hypothesis  # noqa: E402  pylint: disable=wrong-import-position
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import pytest  # noqa: E402  pylint: disable=wrong-import-position
+
+from optax_dp._core import _keys  # noqa: E402  pylint: disable=wrong-import-position
+
+# JAX may have been imported before this file (a plugin, `-p`); the flag is
+# read at each compile, so setting it here holds either way.
+_FAST_COMPILE_ON = _FAST_COMPILE not in ("0", "", "false", "False")
+jax.config.update("jax_disable_most_optimizations", _FAST_COMPILE_ON)
 
 # tests/models.py (the shared test models) is imported as `models`. Imported
 # here, before any test module, the name is that file's for the whole session:
@@ -31,6 +52,33 @@ def pytest_configure(config):
   if not config.getoption("hypothesis_profile", None):
     fast_tier = "not slow" in (config.option.markexpr or "")
     hypothesis.settings.load_profile("dev" if fast_tier else "ci")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xla_optimized_module(request):
+  """XLA's optimisations on for a module marked `xla_optimized`.
+
+  The flag is not part of JAX's compilation-cache key, so the caches are
+  cleared on the way in and out: nothing compiled at one level runs at the
+  other. The environment variable follows, for the processes the module
+  starts.
+  """
+  if request.node.get_closest_marker("xla_optimized") is None:
+    yield
+    return
+  environ_before = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
+  jax.clear_caches()
+  jax.config.update("jax_disable_most_optimizations", False)
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0"
+  try:
+    yield
+  finally:
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", _FAST_COMPILE_ON)
+    if environ_before is None:
+      os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+      os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = environ_before
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,9 @@ import pytest
 
 import optax_dp
 
+# tests/conftest.py: the recorded bits are those of XLA's optimised code.
+pytestmark = pytest.mark.xla_optimized
+
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dp_aggregate.npz")
 STEPS = 3
 BATCH = 5

@@ -21,6 +21,9 @@ from optax_dp import audit
 
 import planted_bugs
 
+# tests/conftest.py: the audit runs thousands of steps: bound by running, not compiling.
+pytestmark = pytest.mark.xla_optimized
+
 pytest.importorskip("jax_privacy")
 
 

@@ -20,6 +20,9 @@ import _cli_common  # noqa: E402
 import mnist_data  # noqa: E402
 import example_runs  # noqa: E402  (tests/, on sys.path as the test root)
 
+# tests/conftest.py: the MNIST runs are bound by running, not compiling.
+pytestmark = pytest.mark.xla_optimized
+
 
 def test_bundled_files_match_their_checksums():
   folder = mnist_data.DEFAULT_DATA_DIR
