@@ -120,6 +120,18 @@ def rdp_epsilon(record):
   return accountant.get_epsilon(record["delta"])
 
 
+def pld_epsilon(record):
+  """Epsilon of a run's JSON record, recomputed with dp_accounting's PLD
+  accountant (the examples' default) from its Poisson rate, noise multiplier
+  and steps."""
+  from dp_accounting.pld import pld_privacy_accountant  # pylint: disable=import-outside-toplevel
+  accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+  accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      record["batch_size"] / record["dataset_size"],
+      dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
+  return accountant.get_epsilon(record["delta"])
+
+
 def _load(module_name, stem):
   """examples/<stem>.py as the module `module_name` (loaded once)."""
   if module_name not in sys.modules:

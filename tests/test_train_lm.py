@@ -2,7 +2,10 @@
 the epsilon of what ran (recomputed from its JSON with dp_accounting), the
 group-privacy reading for speakers, and the non-private reference."""
 
+import glob
+import json
 import math
+import os
 import sys
 
 import pytest
@@ -71,3 +74,35 @@ def test_bad_lm_flags_are_refused(capsys):
   status, stderr = example_runs.refusal_in_process(
       capsys, "--recipe", "nope", script="train_lm.py")
   assert status == 2 and "choose from" in stderr
+
+
+LM_RESULTS = os.path.join(example_runs.EXAMPLES, "results", "shakespeare")
+
+
+@pytest.mark.slow
+def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
+  # Each record under examples/results/shakespeare/ (the README's language-
+  # model rows) states the epsilon of what ran: recomputed here with
+  # dp_accounting's PLD accountant from its Poisson rate (its batch size over
+  # the training windows, which must be the corpus' count at the recipe's
+  # length), noise multiplier and steps; a non-private reference claims none.
+  import shakespeare_data  # pylint: disable=import-outside-toplevel
+  paths = sorted(glob.glob(os.path.join(LM_RESULTS, "*.json")))
+  assert paths
+  corpus = shakespeare_data.load()
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    name = os.path.basename(path)
+    recipe = recipes.LM_RECIPES[record["recipe"]]
+    assert record["dataset"] == "shakespeare" and record["sampler"] == "poisson", name
+    assert record["evaluated_on"] == "test" and record["delta"] == 1e-5, name
+    windows, _ = shakespeare_data.windows(corpus, "train", recipe["length"])
+    assert record["dataset_size"] == len(windows), name
+    if not record["private"]:
+      assert record["epsilon"] is None and record["noise_multiplier"] is None, name
+      continue
+    assert record["accountant"] == "pld" and record["steps"] == record["budget_steps"], name
+    # rel 1e-6: as for the MNIST records (tests/test_train_results.py).
+    assert record["epsilon"] == pytest.approx(example_runs.pld_epsilon(record), rel=1e-6), name
+    assert record["epsilon"] <= recipe["epsilon"], name

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 
-import dp_accounting
 import numpy as np
 import pytest
 
@@ -174,7 +173,6 @@ def test_the_published_records_claim_the_epsilon_of_what_ran():
   # each one's epsilon, recomputed here with dp_accounting's PLD accountant
   # from the record's sampler, batch size, dataset size, steps and noise,
   # is the one it states, within its recipe's target.
-  from dp_accounting.pld import pld_privacy_accountant  # pylint: disable=import-outside-toplevel
   import plot_results  # pylint: disable=import-outside-toplevel
   groups = plot_results.load_records(RESULTS)
   assert {"mnist-scatter-eps1", "mnist-scatter-eps3", "fashion-mnist-scatter-eps3"} <= set(groups)
@@ -183,15 +181,11 @@ def test_the_published_records_claim_the_epsilon_of_what_ran():
     for record in records:
       assert record["sampler"] == "poisson" and record["accountant"] == "pld"
       assert record["delta"] == 1e-5 and record["dataset_size"] == 60000
-      accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
-      accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
-          record["batch_size"] / record["dataset_size"],
-          dp_accounting.GaussianDpEvent(record["noise_multiplier"])), record["steps"]))
       # rel 1e-6: a record written under another SciPy's FFT differs from
       # today's PLD by ~2e-9 (tutorial-eps1: 0.99975467242 written, ...7076
       # with SciPy 1.17.1), while the smallest accounting error that matters,
       # one step more of the longest run (5000) or sigma off in its fourth
       # decimal, moves epsilon by ~1e-4 relative: 100x above the tolerance.
-      assert record["epsilon"] == pytest.approx(accountant.get_epsilon(record["delta"]),
+      assert record["epsilon"] == pytest.approx(example_runs.pld_epsilon(record),
                                                 rel=1e-6), name
       assert record["epsilon"] <= recipes.RECIPES[name]["epsilon"], name
