@@ -1,5 +1,6 @@
 """Shared pytest fixtures."""
 
+import contextlib
 import importlib.util
 import os
 
@@ -12,8 +13,9 @@ import os
 # Set here, before JAX is imported, so that the example scripts and the
 # 8-device and multi-process runs the tests start inherit it. A module that
 # must run XLA's optimised code says `pytestmark = pytest.mark.xla_optimized`
-# (the fixture below): the golden test's recorded bits come from optimised
-# code, and the audit and the MNIST runs are bound by running, not compiling.
+# (a test: `@pytest.mark.xla_optimized`; the fixtures below): the golden
+# test's recorded bits come from optimised code, and the audit and the
+# non-private MNIST run are bound by running, not compiling.
 # `JAX_DISABLE_MOST_OPTIMIZATIONS=0 pytest ...` runs everything optimised.
 _FAST_COMPILE = os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
@@ -54,18 +56,14 @@ def pytest_configure(config):
     hypothesis.settings.load_profile("dev" if fast_tier else "ci")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _xla_optimized_module(request):
-  """XLA's optimisations on for a module marked `xla_optimized`.
+@contextlib.contextmanager
+def _xla_optimizations_on():
+  """XLA's optimisations on inside the block.
 
   The flag is not part of JAX's compilation-cache key, so the caches are
   cleared on the way in and out: nothing compiled at one level runs at the
-  other. The environment variable follows, for the processes the module
-  starts.
+  other. The environment variable follows, for the processes started inside.
   """
-  if request.node.get_closest_marker("xla_optimized") is None:
-    yield
-    return
   environ_before = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
   jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", False)
@@ -79,6 +77,28 @@ def _xla_optimized_module(request):
       os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
     else:
       os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = environ_before
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _xla_optimized_module(request):
+  """A module marked `xla_optimized` (`pytestmark`) runs optimised, its
+  module-scoped fixtures included."""
+  if request.node.get_closest_marker("xla_optimized") is None:
+    yield
+    return
+  with _xla_optimizations_on():
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimized_test(request):
+  """A test marked `xla_optimized` in an unmarked module runs optimised."""
+  own = request.node.get_closest_marker("xla_optimized")
+  if own is None or request.node.parent.get_closest_marker("xla_optimized") is not None:
+    yield
+    return
+  with _xla_optimizations_on():
+    yield
 
 
 @pytest.fixture(autouse=True)

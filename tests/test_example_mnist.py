@@ -20,9 +20,6 @@ import _cli_common  # noqa: E402
 import mnist_data  # noqa: E402
 import example_runs  # noqa: E402  (tests/, on sys.path as the test root)
 
-# tests/conftest.py: the MNIST runs are bound by running, not compiling.
-pytestmark = pytest.mark.xla_optimized
-
 
 def test_bundled_files_match_their_checksums():
   folder = mnist_data.DEFAULT_DATA_DIR
@@ -99,6 +96,7 @@ def test_short_private_run_reports_the_epsilon_of_what_ran(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimized   # 60 steps: bound by running, not compiling (tests/conftest.py)
 def test_no_dp_run_learns_and_claims_no_privacy(tmp_path):
   result, stdout = _run(tmp_path, "--no-dp", "--steps", "60", "--eval-every", "60")
   assert result["private"] is False and result["epsilon"] is None
