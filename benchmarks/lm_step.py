@@ -102,6 +102,41 @@ def lora_row(name: str, length: int, batch_size: int):
   return _jax_common.Row(init, step), state0
 
 
+# peak_memory.py's `--model lm`: the rows at the recipes' length, T=64.
+PEAK_MEMORY_LENGTH = 64
+
+
+def init_params():
+  return linen_setup(PEAK_MEMORY_LENGTH)[1]
+
+
+def make_peak_batch(batch_size: int) -> jax.Array:
+  return make_batch(batch_size, PEAK_MEMORY_LENGTH)
+
+
+def _built_row(name: str, batch_size: int, noise_multiplier: float):
+  """(Row, initial state or params) of one row (peak_memory.py's rows)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  if name in LORA_ROWS:
+    return lora_row(name, PEAK_MEMORY_LENGTH, batch_size)
+  if name in _jax_common.NNX_ROWS:
+    make_nnx = lambda: lm_models.CharTransformer(  # noqa: E731
+        config(PEAK_MEMORY_LENGTH), rngs=nnx.Rngs(0))
+    return _jax_common.nnx_row(name, make_nnx, nnx_loss, batch_size, noise_multiplier,
+                               _common.L2_NORM_CLIP)
+  loss, params = linen_setup(PEAK_MEMORY_LENGTH)
+  return (_jax_common.optax_dp_row(name, loss, batch_size, noise_multiplier,
+                                   _common.L2_NORM_CLIP), params)
+
+
+def build_row(name: str, batch_size: int, noise_multiplier: float):
+  return _built_row(name, batch_size, noise_multiplier)[0]
+
+
+def nnx_state(name: str, batch_size: int, noise_multiplier: float):
+  return _built_row(name, batch_size, noise_multiplier)[1]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch-size", type=int, default=512)

@@ -6,7 +6,8 @@ Two modes:
       one process: imports, params and batch, then compiles the row's train
       step (step_time.py's `build_row`, the same CNN and the same rows; with
       `--model gru|lstm` recurrent_step.py's, its recurrent classifier,
-      `--model transformer` transformer_step.py's) and
+      `--model transformer` transformer_step.py's, `--model lm` lm_step.py's
+      Shakespeare language model with its LoRA rows) and
       runs `--steps` steps (the first one compiles and warms up).
       `--row import_only` stops after the imports, params and batch: the
       baseline. Prints one JSON line with the step times.
@@ -54,20 +55,26 @@ import _common  # pylint: disable=wrong-import-position
 ROWS = ("import_only", "non_private", "optax_dp_auto", "optax_dp_vmap",
         "optax_contrib", "jax_privacy",
         "nnx_non_private", "nnx_optax_dp_auto", "nnx_optax_dp_vmap",
-        "optax_dp_bandmf2", "optax_dp_bandmf16")
+        "optax_dp_bandmf2", "optax_dp_bandmf16",
+        "nnx_lora_non_private", "nnx_lora_auto")
 PER_EXAMPLE_ROWS = ("optax_dp_vmap", "optax_contrib", "jax_privacy", "nnx_optax_dp_vmap")
-MODELS = ("cnn", "gru", "lstm", "transformer")
+MODELS = ("cnn", "gru", "lstm", "transformer", "lm")
 # The peers' rows exist for the CNN only (step_time.py).
 PEER_ROWS = ("optax_contrib", "jax_privacy")
 # DP-BandMF's rows (2 and 16 bands: both optimise a strategy; the difference
 # is 14 copies of the parameters' noise buffers), for the CNN only.
 BANDMF_ROWS = ("optax_dp_bandmf2", "optax_dp_bandmf16")
+# The language model's LoRA rows (lm_step.py: only the adapters trained).
+LORA_ROWS = ("nnx_lora_non_private", "nnx_lora_auto")
 DEFAULT_BATCH_SIZES = (256, 2048)
 VMAP_SAFETY = 2.5     # measured peak / (B x params x 4 bytes) is about 2 for vmap
 
 
 def baseline_of(row: str) -> str:
-  """The non-private row a row is compared with: NNX rows with the NNX step."""
+  """The non-private row a row is compared with: NNX rows with the NNX step,
+  LoRA rows with the non-private LoRA step."""
+  if row in LORA_ROWS:
+    return "nnx_lora_non_private"
   return "nnx_non_private" if row.startswith("nnx_") else "non_private"
 
 
@@ -81,9 +88,13 @@ class Workload(NamedTuple):
 
 
 def rows_of(model: str) -> tuple[str, ...]:
-  """The rows that `model` has (the peers' rows for the CNN only)."""
-  return ROWS if model == "cnn" else tuple(
-      r for r in ROWS if r not in PEER_ROWS + BANDMF_ROWS)
+  """The rows that `model` has (the peers' rows for the CNN only; LoRA rows
+  for the language model only, which has no per-example-gradient rows)."""
+  if model == "lm":
+    return tuple(r for r in ROWS
+                 if r not in PEER_ROWS + BANDMF_ROWS + PER_EXAMPLE_ROWS)
+  return tuple(r for r in ROWS if r not in LORA_ROWS) if model == "cnn" else tuple(
+      r for r in ROWS if r not in PEER_ROWS + BANDMF_ROWS + LORA_ROWS)
 
 
 def workload(model: str) -> Workload:
@@ -95,6 +106,13 @@ def workload(model: str) -> Workload:
     return Workload("the example's CNN (step_time.py)", step_time.init_params,
                     step_time.make_batch, step_time.build_row,
                     step_time.nnx_state)
+  if model == "lm":
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+    import lm_step  # pylint: disable=import-outside-toplevel
+    return Workload(
+        f"lm_step.py's char transformer (d=128, 2 blocks), T={lm_step.PEAK_MEMORY_LENGTH}, "
+        f"vocab {lm_step.VOCAB}", lm_step.init_params, lm_step.make_peak_batch,
+        lm_step.build_row, lm_step.nnx_state)
   if model == "transformer":
     import transformer_step as ts  # pylint: disable=import-outside-toplevel
     return Workload(
@@ -302,7 +320,8 @@ def main(argv=None):
   parser.add_argument("--row", choices=ROWS, help="run one row in this process")
   parser.add_argument("--model", choices=MODELS, default="cnn",
                       help="cnn: step_time.py's; transformer: transformer_step.py's; "
-                      "gru / lstm: recurrent_step.py's "
+                      "gru / lstm: recurrent_step.py's; lm: lm_step.py's "
+                      "language model (with LoRA rows, no per-example rows) "
                       "(no optax_contrib / jax_privacy rows)")
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--steps", type=int, default=3,

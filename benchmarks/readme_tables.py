@@ -21,22 +21,26 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _common  # pylint: disable=wrong-import-position
+import peak_memory  # pylint: disable=wrong-import-position
 
 RESULTS = os.path.join(HERE, "results")
 TIMING = (("step_time_b256", "tutorial CNN, B=256"),
           ("transformer_b64", "transformer (2 blocks), B=64, T=64"),
           ("recurrent_gru_b64", "GRU(128), B=64, T=32"),
-          ("recurrent_lstm_b64", "LSTM(128), B=64, T=32"))
+          ("recurrent_lstm_b64", "LSTM(128), B=64, T=32"),
+          ("lm_b512_t64", "char LM (d=128, 2 blocks), B=512, T=64"),
+          ("lm_b64_t256", "char LM (d=128, 2 blocks), B=64, T=256"))
 MEMORY = (("peak_memory", "tutorial CNN"), ("peak_memory_peers", "tutorial CNN"),
           ("peak_memory_transformer", "transformer, T=64"),
-          ("peak_memory_gru", "GRU(128), T=32"))
+          ("peak_memory_gru", "GRU(128), T=32"),
+          ("peak_memory_lm", "char LM (d=128, 2 blocks), T=64"))
 # The peers' run (step_time.py with every row): only its peer rows are
 # reported, since running the heavy peers in the same rounds disturbs the
 # optax_dp rows (those come from the run without peers, above).
 PEERS = (("step_time_peers_b256", "tutorial CNN, B=256"),)
 PEER_ROWS = ("optax_contrib", "jax_privacy")
 ROWS = ("optax_dp_auto", "optax_dp_vmap", "nnx_optax_dp_auto", "nnx_optax_dp_vmap",
-        "optax_contrib", "jax_privacy")
+        "optax_contrib", "jax_privacy", "nnx_lora_auto")
 
 
 def _load(name: str) -> dict | None:
@@ -48,7 +52,7 @@ def _load(name: str) -> dict | None:
 
 
 def _base(row: str) -> str:
-  return "nnx_non_private" if row.startswith("nnx_") else "non_private"
+  return peak_memory.baseline_of(row)
 
 
 def _load_cell(result: dict) -> str:
