@@ -200,7 +200,8 @@ def _readme_tables():
 
 ROW_LABELS = {"optax_dp_auto": "optax_dp auto (Linen)", "nnx_optax_dp_auto": "optax_dp auto (NNX)",
               "optax_dp_vmap": "optax_dp vmap (Linen)", "nnx_optax_dp_vmap": "optax_dp vmap (NNX)",
-              "optax_contrib": "optax.contrib dpsgd", "jax_privacy": "jax_privacy 2 clipped_grad"}
+              "optax_contrib": "optax.contrib dpsgd", "jax_privacy": "jax_privacy 2 clipped_grad",
+              "nnx_lora_auto": "optax_dp auto, LoRA (NNX)"}
 
 
 def _bars(ax, groups: list[str], series: dict[str, dict[str, float]], xlabel: str) -> None:
