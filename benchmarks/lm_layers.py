@@ -42,7 +42,7 @@ KINDS = {
     "attention query/key/value (dense)": lambda k: any(x in ("query", "key", "value") for x in k),
     "attention out (generic)": lambda k: "out" in k,
     "MLP Dense (dense)": lambda k: k[0].startswith("_LinenBlock") and k[1].startswith("Dense"),
-    "LayerNorm (generic)": lambda k: any(x.startswith("LayerNorm") for x in k),
+    "LayerNorm (norm)": lambda k: any(x.startswith("LayerNorm") for x in k),
 }
 
 

@@ -6,7 +6,7 @@ t sees tokens 0..t only. Every parameter is in a layer optax_dp book-keeps
 (`optax_dp.clipping_plan` names the rule of each; tests/test_lm_models.py
 checks that none falls back to per-example gradients): token and position
 embeddings (`embed`), the attention's and the MLP's projections and the head
-(`dense`), LayerNorm (`generic`: a vmapped VJP of that small layer alone), the
+(`dense`), LayerNorm (`norm`: position sums of g and of g times the normalised input), the
 LSTM's cell through its scan (`recurrent`). No weight tying: a parameter used
 by two layers would send the model to the per-example path.
 """

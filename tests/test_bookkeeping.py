@@ -19,7 +19,7 @@ def test_plan_of_an_nnx_model_names_each_rule():
   plan = optax_dp.clipping_plan(test_nnx.loss_fn, model, (x, jnp.arange(6) % 3))
   assert plan == {
       "['l']['bias']": "dense", "['l']['kernel']": "dense",
-      "['norm']['bias']": "generic", "['norm']['scale']": "generic",
+      "['norm']['bias']": "norm", "['norm']['scale']": "norm",
       "['out']['bias']": "dense", "['out']['kernel']": "dense",
       "['scale']": "per-example",
       "['shared']['bias']": "per-example", "['shared']['kernel']": "per-example"}
@@ -29,6 +29,19 @@ def test_plan_of_an_nnx_model_names_each_rule():
   conv, images = test_nnx._families()["conv"]  # pylint: disable=protected-access
   assert set(optax_dp.clipping_plan(test_nnx.loss_fn, conv, (images, jnp.arange(6) % 3)).values()) \
       == {"conv", "dense"}
+
+
+@pytest.mark.parametrize("family, norms", [
+    ("attention", ["['ln']", "['rms']", "['attn']['query_ln']", "['attn']['key_ln']"]),
+    ("general", ["['gn']"])])
+def test_nnx_normalisations_take_the_norm_rule(family, norms):
+  """LayerNorm, RMSNorm (MultiHeadAttention's query/key norms too) and
+  GroupNorm: their parameters book-kept by position sums (the equality with
+  vmap: test_nnx.py::test_book_keeping_equals_vmap_for_each_layer_family)."""
+  model, x = test_nnx._families()[family]  # pylint: disable=protected-access
+  plan = optax_dp.clipping_plan(test_nnx.loss_fn, model, (x, jnp.arange(6) % 3))
+  for norm in norms:
+    assert {rule for path, rule in plan.items() if path.startswith(norm + "[")} == {"norm"}
 
 
 class _LinenNet(nn.Module):
@@ -49,7 +62,7 @@ def test_plan_of_a_linen_model_and_the_fallback_warning():
 
   plan = optax_dp.clipping_plan(loss_fn, params, x)
   assert plan["['Dense_0']['kernel']"] == "dense"
-  assert plan["['LayerNorm_0']['scale']"] == "generic"       # a VJP of that layer alone
+  assert plan["['LayerNorm_0']['scale']"] == "norm"          # position sums of g and g * n(x)
   assert plan["['Dense_1']['kernel']"] == "per-example"      # called twice: shared
   with pytest.warns(optax_dp.PerExampleFallbackWarning, match=r"Dense_1.*\(2 of 6\)"):
     optax_dp.clipped_grads(loss_fn, 1.0)(params, x)
@@ -63,3 +76,25 @@ def test_a_loss_of_plain_arrays_is_the_vmap_path_without_a_warning():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     optax_dp.clipped_grads(loss_fn, 1.0)(jnp.ones(3), jnp.ones((4, 3)))
+
+
+class _LinenNorms(nn.Module):
+  @nn.compact
+  def __call__(self, x):                                   # (B, T, 4)
+    x = nn.LayerNorm()(x)
+    x = nn.RMSNorm()(x)
+    x = nn.GroupNorm(num_groups=2)(x)
+    return nn.LayerNorm(reduction_axes=-2, feature_axes=-2)(x)  # parameters over T
+
+
+def test_linen_normalisations_take_the_norm_rule_where_it_is_exact():
+  """The norm rule needs the parameters over the output's trailing axes; a
+  LayerNorm whose features are the positions keeps the generic rule (the
+  equality of both with vmap: test_clipped.py::test_mixed_layer_types_generic_path)."""
+  x = jnp.ones((5, 3, 4))
+  params = _LinenNorms().init(jax.random.key(0), x)["params"]
+  plan = optax_dp.clipping_plan(
+      lambda p, b: jnp.mean(_LinenNorms().apply({"params": p}, b) ** 2), params, x)
+  assert {path.split("]")[0] + "]": rule for path, rule in plan.items()} == {
+      "['LayerNorm_0']": "norm", "['RMSNorm_0']": "norm", "['GroupNorm_0']": "norm",
+      "['LayerNorm_1']": "generic"}

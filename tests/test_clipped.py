@@ -137,7 +137,8 @@ def test_conv_1d_and_3d(dims, shape):
 
 
 class Mixed(nn.Module):
-  """Embed, LayerNorm, GroupNorm, RMSNorm, DenseGeneral, ConvTranspose."""
+  """Embed, LayerNorm, GroupNorm, RMSNorm (the norm rule), DenseGeneral,
+  ConvTranspose, a LayerNorm over positions (the generic rule)."""
 
   @nn.compact
   def __call__(self, tokens):
@@ -147,6 +148,7 @@ class Mixed(nn.Module):
     h = h.reshape(h.shape[:2] + (8,))
     h = nn.RMSNorm()(nn.gelu(h))
     h = nn.GroupNorm(num_groups=2)(h)
+    h = nn.LayerNorm(reduction_axes=-2, feature_axes=-2)(h)  # over positions: generic
     h = nn.ConvTranspose(3, (2,), strides=(2,))(h)       # (B, 2T, 3)
     return nn.Dense(5)(h)
 

@@ -83,7 +83,7 @@ class ComplexConvEmbed(nn.Module):
   def __call__(self, tokens):
     x = nn.Embed(11, 4, param_dtype=C64, dtype=C64)(tokens)  # (B, T, 4)
     x = nn.Conv(5, (3,), param_dtype=C64, dtype=C64)(x)
-    x = nn.LayerNorm(param_dtype=C64, dtype=C64)(x)  # generic VJP rule
+    x = nn.LayerNorm(param_dtype=C64, dtype=C64)(x)  # the norm rule
     return nn.Dense(2, param_dtype=C64, dtype=C64)(x.reshape((x.shape[0], -1)))
 
 

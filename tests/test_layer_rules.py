@@ -106,3 +106,39 @@ def test_vjp_terms_any_layer_and_keep_zeroes_a_nan_row():
   keep = jnp.array([False, True, True, True])
   ones = {name: jnp.ones((B,)) for name in sq}
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in sums(ones, keep).values())
+
+
+def _layer_norm(q, x):
+  """LayerNorm over the last axis, its parameters over the trailing `q` axes."""
+  mean = jnp.mean(x, -1, keepdims=True)
+  n = (x - mean) * jax.lax.rsqrt(jnp.var(x, -1, keepdims=True) + 1e-6)
+  return n * q.get("scale", 1.0) + q.get("bias", 0.0)
+
+
+def _rms_norm(q, x):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * q["scale"]
+
+
+@pytest.mark.parametrize("norm, names, shape", [
+    (_layer_norm, ("scale", "bias"), (B, 1, 5, 6)),     # a sequence of 5 positions
+    (_layer_norm, ("scale", "bias"), (B, 1, 6)),        # one position
+    (_layer_norm, ("bias",), (B, 1, 5, 6)),             # no scale
+    (_rms_norm, ("scale",), (B, 1, 3, 2, 6)),           # two leading position axes
+    (_layer_norm, ("scale", "bias"), (B, 1, 5, 2, 6)),  # parameters over two axes (2, 6)
+])
+def test_affine_norm_terms(norm, names, shape):
+  feature_shape = shape[-2:] if len(shape) == 5 and norm is _layer_norm else shape[-1:]
+  params = {name: _normal(feature_shape, k) for k, name in enumerate(names)}
+  x = _normal(shape, 2) * 3.0 + 1.0
+  g = _normal(shape, 3)
+  apply_fn = lambda q, xi: norm(q, xi[0])       # split_call's form: a list of arrays
+  terms = _layer_rules.affine_norm_terms(apply_fn, params, [x], g)
+  _check(terms, _per_example(apply_fn, params, [x], g))
+  # A NaN in example 0's output gradient: its norm is NaN, the others' are
+  # untouched, and with keep False for it the sums stay finite.
+  sq, sums = _layer_rules.affine_norm_terms(apply_fn, params, [x], g.at[0].set(jnp.nan))
+  total = sum(sq.values())
+  assert np.isnan(total[0]) and np.all(np.isfinite(total[1:]))
+  keep = jnp.array([False, True, True, True])
+  assert all(bool(jnp.all(jnp.isfinite(v)))
+             for v in sums({name: jnp.ones((B,)) for name in sq}, keep).values())

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from optax_dp._clip import _layer_rules
+from optax_dp._clip import _recurrent_rules
 
 
 def is_unit(x) -> bool:
@@ -38,6 +39,20 @@ def embed_is_ghost(ids, vocab: int, features: int) -> bool:
   positions = math.prod(jnp.shape(ids))
   return (bool(jnp.issubdtype(jnp.result_type(ids), jnp.integer))
           and positions * positions <= vocab * features)
+
+
+def norm_is_affine(feature_axes, axis_name, ndim: int, param_shapes: list, out_shape) -> bool:
+  """Whether a LayerNorm, RMSNorm or GroupNorm call takes the "norm" rule
+  (`_layer_rules.affine_norm_terms`): no cross-device statistics
+  (`axis_name`), and its parameters broadcast over the output's trailing
+  axes: `feature_axes` (an int or a sequence, of an input with `ndim` axes)
+  are the last ones, and each parameter's shape equals the output's trailing
+  shape. Anything else keeps the generic rule."""
+  axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
+  axes = sorted(a % ndim for a in axes)
+  return (axis_name is None and axes == list(range(ndim - len(axes), ndim))
+          and all(tuple(s) == tuple(out_shape[len(out_shape) - len(axes):])
+                  and len(s) == len(axes) for s in param_shapes))
 
 
 def unshared(layers: list) -> list:
@@ -74,7 +89,7 @@ def layer_terms(layer, layer_params, inputs, out_grad, *,
   The adapter supplies what only it knows: `dense_input(x)` (the input as a
   Dense sees it), `conv()` (the conv options), `vocab()` (`embed_terms`'s
   trailing arguments) and `apply_fn(params, arrays)` (the layer alone, for the
-  generic VJP).
+  generic VJP and the normalisation of a "norm" layer).
   """
   use_bias = "bias" in layer.leaf_index
   if layer.kind == "dense":
@@ -87,9 +102,11 @@ def layer_terms(layer, layer_params, inputs, out_grad, *,
     return _layer_rules.lora_terms(inputs["lora_a"], inputs["lora_b"], out_grad["lora_a"],
                                    out_grad["lora_b"])
   if layer.kind == "recurrent":
-    return _layer_rules.recurrent_terms(
+    return _recurrent_rules.recurrent_terms(
         inputs, out_grad, {sub: f"{sub}/bias" in layer.leaf_index for sub in out_grad},
         layer.groups)
+  if layer.kind == "norm":
+    return _layer_rules.affine_norm_terms(apply_fn, layer_params, inputs, out_grad)
   return _layer_rules.vjp_terms(apply_fn, layer_params, inputs, out_grad)
 
 

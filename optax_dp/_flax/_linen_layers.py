@@ -30,9 +30,9 @@ Recurrent layers: an `nn.RNN` call over a `GRUCell`, `LSTMCell`,
 `SimpleCell` or `MGUCell` (exact types: each parameter belongs to a Dense
 sub-layer applied once a step) with the default lifting and no
 `seq_lengths` is one covered layer: the interceptor runs the recurrence
-itself (`_layer_rules.run_recurrence`, nn.RNN's semantics), recording each
+itself (`_recurrent_rules.run_recurrence`, nn.RNN's semantics), recording each
 sub-layer's per-step inputs and perturbing its per-step outputs, so each
-sub-layer is a Dense over T positions (`_layer_rules.recurrent_terms`).
+sub-layer is a Dense over T positions (`_recurrent_rules.recurrent_terms`).
 Anything else inside `nn.scan` (or a cell subclass) keeps the fallback.
 
 Exactness guard: the layer's parameters as they appear in the params tree must
@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp._clip import _layer_rules
+from optax_dp._clip import _recurrent_rules
 from optax_dp._flax import _adapter
 
 from optax_dp._flax._linen import nn
@@ -73,7 +74,7 @@ class _Layer:
   out_struct: Any        # per-example (batch of one) output shapes
   arg_treedef: Any = None
   arg_statics: Any = None  # non-array leaves of (args, kwargs), by position
-  kind: str = "generic"    # "dense", "conv", "embed", "recurrent" or "generic"
+  kind: str = "generic"    # "dense", "conv", "embed", "norm", "recurrent" or "generic"
   groups: Any = None       # "recurrent": sub-layers sharing an input (recurrent_groups)
 
 
@@ -104,6 +105,8 @@ def _kind(module) -> str:
     return "dense"  # contracts the last axis: a Dense with flattened features
   if type(module) is nn.Embed:
     return "embed"
+  if type(module) in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm):
+    return "norm"  # checked against the call's shapes in `discover`
   return "generic"
 
 
@@ -149,8 +152,14 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
     layer = _Layer(path=path, module=module.clone(parent=None, name=None),
                    leaf_index=index, out_struct=out_struct, arg_treedef=treedef,
                    arg_statics=statics, kind=_kind(module))
-    if layer.kind in ("dense", "conv", "embed") and not (
+    if layer.kind in ("dense", "conv", "embed", "norm") and not (
         len(args) == 1 and not kwargs and _layer_rules.is_array(args[0])):
+      layer.kind = "generic"
+    if layer.kind == "norm" and not (
+        isinstance(out_struct, jax.ShapeDtypeStruct) and _adapter.norm_is_affine(
+            getattr(module, "feature_axes", -1), module.axis_name, jnp.ndim(args[0]),
+            [jnp.shape(p) for p in (_direct_params(module) or {}).values()],
+            out_struct.shape)):
       layer.kind = "generic"
     if layer.kind == "embed":
       table = direct["embedding"].shape if (direct := _direct_params(module)) else (0, 0)
@@ -174,8 +183,8 @@ _RNN_KEYWORDS = frozenset({"initial_carry", "init_key", "seq_lengths", "return_c
 def _rnn_setup(rnn, cell, args, kwargs):
   """(inputs, initial carry, time axis) of an nn.RNN call, as nn.RNN makes them."""
   inputs = args[0]
-  time_axis = _layer_rules.recurrence_time_axis(
-      inputs.ndim, _layer_rules.rnn_option(rnn, kwargs, "time_major"),
+  time_axis = _recurrent_rules.recurrence_time_axis(
+      inputs.ndim, _recurrent_rules.rnn_option(rnn, kwargs, "time_major"),
       cell.num_feature_axes)
   carry = kwargs.get("initial_carry")
   if carry is None:
@@ -259,7 +268,7 @@ def _recurrent_layer(rnn, args, kwargs, ids) -> Optional[_Layer]:
                 for name, (o,) in outs.items()}
   return _Layer(path=rnn.path, module=rnn.clone(parent=None, name=None, cell=unbound),
                 leaf_index=index, out_struct=out_struct, kind="recurrent",
-                groups=_layer_rules.recurrent_groups(taps))
+                groups=_recurrent_rules.recurrent_groups(taps))
 
 
 def _run_rnn(layer, layer_params, args, kwargs, zs):
@@ -267,7 +276,7 @@ def _run_rnn(layer, layer_params, args, kwargs, zs):
   (what nn.RNN returns, {sub-layer: its per-step inputs})."""
   rnn = layer.module
   inputs, carry, time_axis = _rnn_setup(rnn, rnn.cell, args, kwargs)
-  return _layer_rules.run_recurrence(
+  return _recurrent_rules.run_recurrence(
       rnn, kwargs, _cell_step(rnn.cell, _nest(layer_params)), inputs, carry, zs,
       layer.groups, time_axis)
 

@@ -43,7 +43,7 @@ from optax_dp._flax._nnx import _nnx
 # * "recurrent": `nnx.RNN` over an `nnx.GRUCell`, `LSTMCell` or `SimpleCell`
 #   (exact types, every variable in a plain `nnx.Linear` applied once a
 #   step), default state axes, no `seq_lengths`: the recurrence is run by
-#   `_layer_rules.run_recurrence` with the Linears tapped, each then a Dense
+#   `_recurrent_rules.run_recurrence` with the Linears tapped, each then a Dense
 #   over T positions (the RNN module itself holds no parameters: it is
 #   matched by its cell's);
 # * "lora": `nnx.LoRA` (exact type, called with one array), its adapters
@@ -51,8 +51,12 @@ from optax_dp._flax._nnx import _nnx
 #   two Dense layers without bias, `lora_a` from x to h = x @ lora_a,
 #   `lora_b` from h (its base module, an `nnx.Linear`, is a layer of its own,
 #   or frozen with `wrt=nnx.LoRAParam`);
-# * "generic": any other layer (`nnx.LayerNorm`, `nnx.RMSNorm`,
-#   `nnx.GroupNorm`, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
+# * "norm": `nnx.LayerNorm`, `nnx.RMSNorm`, `nnx.GroupNorm` (exact types,
+#   one array, the default promote_dtype, no axis_name, parameters over the
+#   trailing axes): `y = n(x) * scale + bias`, each example's parameter
+#   gradients position sums (`_layer_rules.affine_norm_terms`), `n(x)` the
+#   layer itself at scale 1 and bias 0, rebuilt from its graph definition;
+# * "generic": any other layer (other normalisations, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
 #   module using its `nnx.Param` directly in `__call__`): a vmapped VJP of
 #   that layer alone, rebuilt from its graph definition.
 #
@@ -72,7 +76,7 @@ class Layer:
   path: tuple            # its leaf indices: the same layer in every trace
   leaf_index: dict       # variable attribute name -> leaf index
   out_struct: Any
-  kind: str              # "dense", "conv", "embed", "recurrent", "lora" or "generic"
+  kind: str              # "dense", "conv", "embed", "norm", "recurrent", "lora" or "generic"
   conv: Optional[dict] = None
   contracted_axes: int = 1   # "dense": trailing input axes contracted
   vocab: int = 0             # "embed": table rows
@@ -123,6 +127,11 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
     vocab, features = module.embedding[...].shape
     if _adapter.embed_is_ghost(args[0], vocab, features):
       return dict(kind="embed", vocab=vocab)
+  norm = (plain and cls in (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)
+          and module.promote_dtype is _nnx_modules.default_promote_dtype()
+          and _adapter.norm_is_affine(
+              getattr(module, "feature_axes", -1), module.axis_name, jnp.ndim(args[0]),
+              [jnp.shape(v) for v in own.values()], jnp.shape(out)))
   leaves = jax.tree.leaves((args, kwargs), is_leaf=nnx.graph.is_graph_node)
   if not all(_layer_rules.is_array(x) or isinstance(x, _STATIC_TYPES) for x in leaves):
     return None
@@ -131,7 +140,7 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
   names = tuple(path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(state)[0])
   if sorted(names) != sorted(own):
     return None
-  return dict(kind="generic", graphdef=graphdef, state_treedef=jax.tree.structure(state),
+  return dict(kind="norm" if norm else "generic", graphdef=graphdef, state_treedef=jax.tree.structure(state),
               state_names=names, arg_treedef=arg_treedef, arg_statics=arg_statics)
 
 
@@ -227,7 +236,7 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
       if k is None or inputs[k] is not None:
         return original(module, *args, **kwargs)
       layer = layers[k]
-      inputs[k] = ([args[0]] if layer.kind != "generic"
+      inputs[k] = ([args[0]] if layer.kind not in ("generic", "norm")
                    else _layer_rules.split_call(args, kwargs)[0])
       # Computed from the layer's own copy of its parameters, then put back:
       # any other use of the variables sees the covered leaves, which the

@@ -32,3 +32,10 @@ def default_dot(module) -> bool:
   return (getattr(module, "dot_general", None) in (None, jax.lax.dot_general)
           and getattr(module, "dot_general_cls", None) is None
           and module.preferred_element_type is None)
+
+
+def default_promote_dtype():
+  """NNX's default `promote_dtype` (a module given another may compute
+  anything from its parameters)."""
+  from flax.nnx.nn import dtypes  # pylint: disable=import-outside-toplevel
+  return dtypes.promote_dtype

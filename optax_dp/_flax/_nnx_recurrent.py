@@ -1,6 +1,6 @@
 """The "recurrent" rule for Flax NNX: `nnx.RNN` over a covered cell,
 book-kept through the scan over time (`_nnx_layers` finds and runs it; the
-framework-neutral terms are `_layer_rules.recurrent_terms`)."""
+framework-neutral terms are `_recurrent_rules.recurrent_terms`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp._clip import _layer_rules
+from optax_dp._clip import _recurrent_rules
 from optax_dp._flax import _nnx_modules
 from optax_dp._flax._nnx import intercept
 from optax_dp._flax._nnx import _nnx
@@ -55,12 +56,12 @@ def rnn_setup(rnn, args, kwargs):
   """(inputs, initial carry, time axis) of an nnx.RNN call, as nnx.RNN makes them."""
   nnx = _nnx()
   inputs = args[0]
-  time_axis = _layer_rules.recurrence_time_axis(
-      inputs.ndim, _layer_rules.rnn_option(rnn, kwargs, "time_major"),
+  time_axis = _recurrent_rules.recurrence_time_axis(
+      inputs.ndim, _recurrent_rules.rnn_option(rnn, kwargs, "time_major"),
       rnn.cell.num_feature_axes)
   carry = kwargs.get("initial_carry")
   if carry is None:
-    rngs = _layer_rules.rnn_option(rnn, kwargs, "rngs")
+    rngs = _recurrent_rules.rnn_option(rnn, kwargs, "rngs")
     if isinstance(rngs, nnx.Rngs):
       rngs = rngs.carry.fork()
     carry = rnn.cell.initialize_carry(
@@ -102,7 +103,7 @@ def recurrent_rule(rnn, args, kwargs, ids) -> Optional[dict]:
     return None
   steps = inputs.shape[time_axis]
   return {"index": {name: ids.get(id(v[...])) for name, v in flat.items()},
-          "rule": dict(kind="recurrent", groups=_layer_rules.recurrent_groups(taps)),
+          "rule": dict(kind="recurrent", groups=_recurrent_rules.recurrent_groups(taps)),
           "out": {sub: jax.ShapeDtypeStruct((steps,) + o.shape, o.dtype)
                   for sub, (o,) in outs.items()}}
 
@@ -125,7 +126,7 @@ def run_rnn(rnn, flat, layer, layer_params, args, kwargs, zs, tapping):
   for name, v in flat.items():
     v[...] = layer_params[name]
   try:
-    return _layer_rules.run_recurrence(rnn, kwargs, cell_step, inputs, carry, zs,
+    return _recurrent_rules.run_recurrence(rnn, kwargs, cell_step, inputs, carry, zs,
                                        layer.groups, time_axis)
   finally:
     for name, v in flat.items():

@@ -86,11 +86,12 @@ def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
   share of the per-example norms, for this model and batch shape.
 
   Returns `{parameter path: rule}`, the rule one of `"dense"`, `"conv"`,
-  `"embed"`, `"recurrent"`, `"lora"` (book-keeping: no per-example gradient
-  of that parameter; `"recurrent"`: a Flax `RNN` over a GRU, LSTM, simple or
-  MGU cell, book-kept through the scan over time; `"lora"`: the adapters of
-  an `nnx.LoRA`),
-  `"generic"` (a vmapped VJP of the owning layer alone; Linen) or
+  `"embed"`, `"norm"`, `"recurrent"`, `"lora"` (book-keeping: no per-example
+  gradient of that parameter; `"norm"`: a LayerNorm, RMSNorm or GroupNorm
+  whose parameters span the output's trailing axes; `"recurrent"`: a Flax
+  `RNN` over a GRU, LSTM, simple or MGU cell, book-kept through the scan
+  over time; `"lora"`: the adapters of an `nnx.LoRA`),
+  `"generic"` (a vmapped VJP of the owning layer alone) or
   `"per-example"` (the fallback: ordinary per-example gradients, exact but
   slower; `PerExampleFallbackWarning` names them when a step traces).
   `method="ghost"` works iff no rule is `"per-example"`. Nothing is
