@@ -98,3 +98,24 @@ def test_linen_normalisations_take_the_norm_rule_where_it_is_exact():
   assert {path.split("]")[0] + "]": rule for path, rule in plan.items()} == {
       "['LayerNorm_0']": "norm", "['RMSNorm_0']": "norm", "['GroupNorm_0']": "norm",
       "['LayerNorm_1']": "generic"}
+
+
+class _LinenGeneral(nn.Module):
+  @nn.compact
+  def __call__(self, x):                                   # (B, T, 2, 4)
+    x = nn.DenseGeneral(6, axis=(-2, -1))(x)               # trailing axes: dense
+    x = nn.DenseGeneral(3, axis=1)(x.reshape(x.shape[:2] + (2, 3)))  # over T: generic
+    return x
+
+
+def test_linen_dense_general_over_trailing_axes_is_dense():
+  """A DenseGeneral contracting the trailing axes (Linen MultiHeadAttention's
+  output projection) is a Dense over the flattened axes; over other axes it
+  keeps the generic rule (equality with vmap: test_clipped.py::test_mixed_layer_types_generic_path,
+  tests/test_lm_models.py for attention)."""
+  x = jnp.ones((5, 3, 2, 4))
+  params = _LinenGeneral().init(jax.random.key(0), x)["params"]
+  plan = optax_dp.clipping_plan(
+      lambda p, b: jnp.mean(_LinenGeneral().apply({"params": p}, b) ** 2), params, x)
+  assert {path.split("]")[0] + "]": rule for path, rule in plan.items()} == {
+      "['DenseGeneral_0']": "dense", "['DenseGeneral_1']": "generic"}

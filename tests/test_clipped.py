@@ -145,7 +145,7 @@ class Mixed(nn.Module):
     h = nn.Embed(11, 8)(tokens)                          # (B, T, 8)
     h = nn.LayerNorm()(h)
     h = nn.DenseGeneral((2, 4))(h)                       # (B, T, 2, 4)
-    h = h.reshape(h.shape[:2] + (8,))
+    h = nn.DenseGeneral(8, axis=(-2, -1))(h)             # (B, T, 8): dense, flattened
     h = nn.RMSNorm()(nn.gelu(h))
     h = nn.GroupNorm(num_groups=2)(h)
     h = nn.LayerNorm(reduction_axes=-2, feature_axes=-2)(h)  # over positions: generic

@@ -12,7 +12,7 @@ and `_nnx`/`_nnx_layers` call these.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax.numpy as jnp
 
@@ -39,6 +39,20 @@ def embed_is_ghost(ids, vocab: int, features: int) -> bool:
   positions = math.prod(jnp.shape(ids))
   return (bool(jnp.issubdtype(jnp.result_type(ids), jnp.integer))
           and positions * positions <= vocab * features)
+
+
+def trailing_contracted_axes(axis, ndim: int) -> Optional[int]:
+  """How many trailing input axes a DenseGeneral / LinearGeneral contracts
+  (`axis`: an int or a sequence, of an input with `ndim` axes), or None if
+  they are not the trailing ones (then the layer keeps the generic rule)."""
+  axes = sorted(a % ndim for a in ((axis,) if isinstance(axis, int) else tuple(axis)))
+  return len(axes) if axes == list(range(ndim - len(axes), ndim)) else None
+
+
+def flatten_trailing(x, n: int):
+  """`x` with its last `n` axes flattened into one: the input of a
+  DenseGeneral over n trailing axes as a Dense sees it."""
+  return x.reshape(x.shape[:x.ndim - n] + (math.prod(x.shape[x.ndim - n:]),))
 
 
 def norm_is_affine(feature_axes, axis_name, ndim: int, param_shapes: list, out_shape) -> bool:

@@ -76,6 +76,7 @@ class _Layer:
   arg_statics: Any = None  # non-array leaves of (args, kwargs), by position
   kind: str = "generic"    # "dense", "conv", "embed", "norm", "recurrent" or "generic"
   groups: Any = None       # "recurrent": sub-layers sharing an input (recurrent_groups)
+  contracted_axes: int = 1   # "dense": trailing input axes contracted (DenseGeneral)
 
 
 def _direct_params(module) -> Optional[dict]:
@@ -100,9 +101,9 @@ def _kind(module) -> str:
       and _adapter.is_unit(module.input_dilation)
       and _adapter.conv_padding_supported(module.padding)):
     return "conv"
-  if (type(module) is nn.DenseGeneral and module.axis in (-1, (-1,)) and not module.batch_dims
+  if (type(module) is nn.DenseGeneral and not module.batch_dims
       and module.dot_general is None and module.dot_general_cls is None):
-    return "dense"  # contracts the last axis: a Dense with flattened features
+    return "dense"  # over trailing axes (checked in `discover`): a Dense, flattened
   if type(module) is nn.Embed:
     return "embed"
   if type(module) in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm):
@@ -155,6 +156,9 @@ def discover(loss_fn: Callable, params: Any, example: Any, has_aux: bool,
     if layer.kind in ("dense", "conv", "embed", "norm") and not (
         len(args) == 1 and not kwargs and _layer_rules.is_array(args[0])):
       layer.kind = "generic"
+    if layer.kind == "dense" and type(module) is nn.DenseGeneral:
+      axes = _adapter.trailing_contracted_axes(module.axis, jnp.ndim(args[0]))
+      layer.kind, layer.contracted_axes = ("generic", 1) if axes is None else ("dense", axes)
     if layer.kind == "norm" and not (
         isinstance(out_struct, jax.ShapeDtypeStruct) and _adapter.norm_is_affine(
             getattr(module, "feature_axes", -1), module.axis_name, jnp.ndim(args[0]),
@@ -337,6 +341,7 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
 
   return _adapter.layer_terms(
       layer, layer_params, inputs, out_grad,
+      dense_input=lambda x: _adapter.flatten_trailing(x, layer.contracted_axes),
       conv=lambda: dict(kernel_size=m.kernel_size, strides=m.strides,
                         kernel_dilation=m.kernel_dilation, padding=m.padding),
       vocab=lambda: (layer_params["embedding"].shape[0],), apply_fn=apply_fn)

@@ -8,7 +8,6 @@ rules (`_layer_rules`). flax is imported lazily (`_nnx._nnx`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import jax
@@ -94,15 +93,6 @@ def _plain_call(args, kwargs) -> bool:
           and all(k == "out_sharding" and v is None for k, v in kwargs.items()))
 
 
-def _contracted_axes(module, ndim) -> Optional[int]:
-  """How many trailing axes an nnx.LinearGeneral contracts, or None."""
-  axes = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-  axes = sorted(a % ndim for a in axes)
-  if module.batch_axis or axes != list(range(ndim - len(axes), ndim)):
-    return None
-  return len(axes)
-
-
 def _rule(module, own, args, kwargs, out) -> Optional[dict]:
   """The Layer fields of a layer call's rule, or None if not a layer."""
   nnx = _nnx()
@@ -113,7 +103,8 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
   if plain and cls is nnx.Linear and _nnx_modules.default_dot(module):
     return dict(kind="dense")
   if plain and cls is nnx.LinearGeneral and _nnx_modules.default_dot(module):
-    axes = _contracted_axes(module, jnp.ndim(args[0]))
+    axes = (None if module.batch_axis
+            else _adapter.trailing_contracted_axes(module.axis, jnp.ndim(args[0])))
     if axes is not None:
       return dict(kind="dense", contracted_axes=axes)
   if (plain and cls is nnx.Conv and module.feature_group_count == 1 and module.mask is None
@@ -263,10 +254,6 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
 def layer_terms(layer: Layer, layer_params, inputs, out_grad):
   """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer
   (`_adapter.layer_terms`)."""
-  def dense_input(x):   # the contracted trailing axes flattened into one
-    n = layer.contracted_axes
-    return x.reshape(x.shape[:x.ndim - n] + (math.prod(x.shape[x.ndim - n:]),))
-
   def apply_fn(params, arrays):
     args, kwargs = _layer_rules.rebuild_call(layer.arg_treedef, layer.arg_statics, arrays)
     state = jax.tree.unflatten(layer.state_treedef,
@@ -274,6 +261,7 @@ def layer_terms(layer: Layer, layer_params, inputs, out_grad):
     return _nnx().merge(layer.graphdef, state)(*args, **kwargs)
 
   return _adapter.layer_terms(
-      layer, layer_params, inputs, out_grad, dense_input=dense_input,
+      layer, layer_params, inputs, out_grad,
+      dense_input=lambda x: _adapter.flatten_trailing(x, layer.contracted_axes),
       conv=lambda: layer.conv, vocab=lambda: (layer.vocab, *layer.leaf_index),
       apply_fn=apply_fn)
