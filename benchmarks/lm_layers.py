@@ -40,7 +40,7 @@ import lm_step  # pylint: disable=wrong-import-position
 KINDS = {
     "embeddings (embed rule)": lambda k: k[-1] == "embedding",
     "attention query/key/value (dense)": lambda k: any(x in ("query", "key", "value") for x in k),
-    "attention out (generic)": lambda k: "out" in k,
+    "attention out (dense)": lambda k: "out" in k,
     "MLP Dense (dense)": lambda k: k[0].startswith("_LinenBlock") and k[1].startswith("Dense"),
     "LayerNorm (norm)": lambda k: any(x.startswith("LayerNorm") for x in k),
 }

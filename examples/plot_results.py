@@ -32,6 +32,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 import statistics
 import sys
@@ -41,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 FIGURES = os.path.join(ROOT, "docs", "figures")
 TUTORIAL_RUN = os.path.join(HERE, "results", "full_runs", "mnist_linen_eps1_seed0.json")
+LM_RESULTS = os.path.join(HERE, "results", "shakespeare")
 FIGURE_WIDTH_IN = 7.0   # at most the docs column's 7.2 in
 MIN_FONT_PT = 10.0
 DPI = 200
@@ -286,12 +288,84 @@ def plot_peak_memory(path: str) -> None:
   plt.close(fig)
 
 
+def lm_summaries(results_dir: str) -> dict[str, dict]:
+  """{run name: summary} of the Shakespeare language-model records (test plays):
+  a private recipe by its name, a non-private run (`--no-dp`) as
+  `NAME --no-dp`; each with the mean and std over seeds of the held-out
+  accuracy and of the bits per character (the loss in nats / ln 2)."""
+  groups = collections.defaultdict(list)
+  for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    with open(path) as f:
+      record = json.load(f)
+    if record.get("dataset") == "shakespeare" and record.get("evaluated_on") == "test":
+      groups[record["recipe"] + ("" if record.get("private") else " --no-dp")].append(record)
+  out = {}
+  for name, records in groups.items():
+    bits = [r["test_loss"] / math.log(2) for r in records]
+    out[name] = dict(summarise([dict(r, epsilon=r["epsilon"] or math.inf) for r in records]),
+                     private=bool(records[0].get("private")), bits_mean=statistics.fmean(bits),
+                     bits_std=statistics.stdev(bits) if len(bits) > 1 else 0.0,
+                     finetune="lora" in name or "finetune" in name)
+  return out
+
+
+def lm_markdown_table(summaries: dict[str, dict]) -> str:
+  lines = ["| run | epsilon | held-out accuracy (mean ± std) | bits per char | seeds | "
+           "training loop |", "|---|---|---|---|---|---|"]
+  for name, s in sorted(summaries.items(), key=lambda kv: (kv[1]["finetune"], -kv[1]["epsilon"])):
+    each = ", ".join(f"{100 * a:.2f}" for a in s["accuracies"])
+    lo, hi = s["seconds"]
+    eps = f"{s['epsilon']:.4f}" if s["private"] else "none (non-private)"
+    lines.append(f"| `{name}` | {eps} | {100 * s['accuracy_mean']:.2f}% ± "
+                 f"{100 * s['accuracy_std']:.2f}% ({each}) | {s['bits_mean']:.3f} ± "
+                 f"{s['bits_std']:.3f} | {s['seeds']} | {lo:.0f}-{hi:.0f} s |")
+  return "\n".join(lines)
+
+
+def _seeds(summary: dict) -> str:
+  return f"{summary['seeds']} seed" + ("s" if summary["seeds"] != 1 else "")
+
+
+def plot_language_model(summaries: dict[str, dict], png: str) -> None:
+  """Held-out next-character accuracy against epsilon: the private runs from
+  scratch as a curve, the fine-tunes of the publicly pretrained model as
+  points, each non-private run as a horizontal line."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, 4.2))
+  scratch = sorted((s for s in summaries.values() if s["private"] and not s["finetune"]),
+                   key=lambda s: s["epsilon"])
+  if scratch:
+    ax.errorbar([s["epsilon"] for s in scratch], [100 * s["accuracy_mean"] for s in scratch],
+                yerr=[100 * s["accuracy_std"] for s in scratch], marker="o", capsize=3,
+                label="private, from scratch (seeds: "
+                + ", ".join(str(s["seeds"]) for s in scratch) + ")")
+  for name, s in sorted(summaries.items()):
+    if s["private"] and s["finetune"]:
+      ax.errorbar([s["epsilon"]], [100 * s["accuracy_mean"]], yerr=[100 * s["accuracy_std"]],
+                  marker="s", capsize=3, linestyle="none", label=f"{name} ({_seeds(s)})")
+    elif not s["private"]:
+      ax.axhline(100 * s["accuracy_mean"], color="0.4", linestyle="--",
+                 label=f"{name} ({_seeds(s)})")
+  ax.set_xlim(0, 1.1 * max([s["epsilon"] for s in summaries.values() if s["private"]] or [1]))
+  ax.set_xlabel("epsilon (per window of 65 characters)")
+  ax.set_ylabel("held-out accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="center right")
+  fig.suptitle(_wrap("Shakespeare character LM: held-out next-character accuracy (mean ± std "
+                     "over seeds) against epsilon (delta 1e-5, Poisson, PLD)"))
+  fig.tight_layout()
+  _save(fig, png)
+  plt.close(fig)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--results", default=os.path.join(HERE, "results"),
                  help="the recipes' JSON records (train.py --json-out)")
   p.add_argument("--run", default=TUTORIAL_RUN,
                  help="the JSON record (with its history) of the run to draw as tutorial_run.png")
+  p.add_argument("--lm-results", default=LM_RESULTS,
+                 help="the language-model runs' JSON records (train.py --recipe shakespeare-*)")
   p.add_argument("--out", default=FIGURES, help="where the PNGs go")
   p.add_argument("--table-only", action="store_true",
                  help="print the markdown table of --results, draw nothing "
@@ -312,6 +386,11 @@ def main(argv=None):
     plot_run(json.load(f), written[1])
   plot_step_time(written[2])
   plot_peak_memory(written[3])
+  lm = lm_summaries(args.lm_results)
+  if lm:
+    print(lm_markdown_table(lm))
+    written.append(os.path.join(args.out, "language_model.png"))
+    plot_language_model(lm, written[-1])
   for path in written:
     print(f"wrote {os.path.relpath(path)}")
 

@@ -4,7 +4,9 @@ and the published records (examples/results/) state the epsilon of what ran
 and are what plot_results.py summarises."""
 
 import json
+import math
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -132,6 +134,31 @@ def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_pat
   plot_results.main(["--results", str(bandmf), "--out", str(tmp_path / "none"), "--table-only"])
   assert "| `a --noise bandmf --bands 8` | mnist | m | 0.9900 | 96.00%" in capsys.readouterr().out
   assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
+
+
+def test_the_language_model_summary_and_figure(tmp_path):
+  import plot_results  # pylint: disable=import-outside-toplevel
+  pytest.importorskip("matplotlib")
+  base = {"dataset": "shakespeare", "evaluated_on": "test", "seconds": 10.0, "model": "m",
+          "private": True, "recipe": "shakespeare-eps8", "epsilon": 7.99}
+  records = [dict(base, test_accuracy=0.36, test_loss=2.0),
+             dict(base, test_accuracy=0.38, test_loss=2.2),
+             dict(base, private=False, epsilon=None, test_accuracy=0.48, test_loss=1.7),
+             dict(base, recipe="shakespeare-lora-eps1", epsilon=0.99, test_accuracy=0.49,
+                  test_loss=1.69),
+             dict(base, evaluated_on="validation", test_accuracy=0.1, test_loss=9.0)]
+  for i, record in enumerate(records):
+    (tmp_path / f"r{i}.json").write_text(json.dumps(record))
+  summaries = plot_results.lm_summaries(str(tmp_path))
+  assert set(summaries) == {"shakespeare-eps8", "shakespeare-eps8 --no-dp",
+                            "shakespeare-lora-eps1"}                 # the validation run left out
+  table = plot_results.lm_markdown_table(summaries)
+  bits = statistics.fmean([2.0 / math.log(2), 2.2 / math.log(2)])
+  assert (f"| `shakespeare-eps8` | 7.9900 | 37.00% ± 1.41% (36.00, 38.00) | {bits:.3f} ± "
+          in table)
+  assert "| `shakespeare-eps8 --no-dp` | none (non-private) | 48.00%" in table
+  plot_results.plot_language_model(summaries, str(tmp_path / "lm.png"))
+  assert _is_png(tmp_path / "lm.png")
 
 
 def test_every_committed_figure_regenerates_from_the_committed_json(tmp_path):
