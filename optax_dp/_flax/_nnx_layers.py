@@ -55,8 +55,9 @@ from optax_dp._flax._nnx import _nnx
 #   trailing axes): `y = n(x) * scale + bias`, each example's parameter
 #   gradients position sums (`_layer_rules.affine_norm_terms`), `n(x)` the
 #   layer itself at scale 1 and bias 0, rebuilt from its graph definition;
-# * "generic": any other layer (other normalisations, `nnx.Einsum`, a grouped or circular `nnx.Conv`, a
-#   module using its `nnx.Param` directly in `__call__`): a vmapped VJP of
+# * "generic": any other layer (other normalisations, `nnx.Einsum`, a
+#   grouped or circular `nnx.Conv`, a module using its `nnx.Param`
+#   directly in `__call__`): a vmapped VJP of
 #   that layer alone, rebuilt from its graph definition.
 #
 # Calls are intercepted by patching `__call__` of the model's module classes
@@ -131,8 +132,9 @@ def _rule(module, own, args, kwargs, out) -> Optional[dict]:
   names = tuple(path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(state)[0])
   if sorted(names) != sorted(own):
     return None
-  return dict(kind="norm" if norm else "generic", graphdef=graphdef, state_treedef=jax.tree.structure(state),
-              state_names=names, arg_treedef=arg_treedef, arg_statics=arg_statics)
+  return dict(kind="norm" if norm else "generic", graphdef=graphdef,
+              state_treedef=jax.tree.structure(state), state_names=names,
+              arg_treedef=arg_treedef, arg_statics=arg_statics)
 
 
 def discover(loss_fn, params, example, has_aux, exclude=frozenset()) -> list:
