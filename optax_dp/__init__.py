@@ -30,6 +30,8 @@ from optax_dp._sample._accounting import SamplingArgs
 from optax_dp._sample._calibration import calibrate_noise_multiplier
 from optax_dp._sample._accounting import compute_epsilon
 from optax_dp._sample._accounting import dpsgd_event
+from optax_dp._sample._group_privacy import GroupPrivacy
+from optax_dp._sample._group_privacy import group_privacy
 from optax_dp._core._checks import AdaptiveClipMismatchError
 from optax_dp._aggregation._aggregate import DPAggregateState
 from optax_dp._aggregation._aggregate import l2_norm_clip_of
@@ -67,6 +69,7 @@ from optax_dp._sample._sampling import FixedBatchSampler
 from optax_dp._sample._batches import PoissonBatch
 from optax_dp._sample._poisson import PoissonSampler
 from optax_dp._sample._sampling import ShuffleSampler
+from optax_dp._sample._users import UserPoissonSampler
 from optax_dp._sample._sampling import make_sampler
 from optax_dp._sample._batches import MaskedBatch
 from optax_dp._sample._batches import gather_batch
@@ -106,6 +109,7 @@ __all__ = (
     "PrivacyBudget",
     "PrivacyBudgetExceededError",
     "ShuffleSampler",
+    "UserPoissonSampler",
     "bandmf_strategy",
     "calibrate_noise_multiplier",
     "clip_and_sum",
@@ -117,6 +121,8 @@ __all__ = (
     "dpsgd",
     "dpsgd_event",
     "gather_batch",
+    "GroupPrivacy",
+    "group_privacy",
     "MaskedBatch",
     "gather_sharded_batch",
     "make_sampler",

@@ -53,6 +53,7 @@ PAGES = {
     "tutorials/recipes.md": 0,          # commands and results
     "tutorials/accumulation.md": 2,
     "bandmf.md": 1,
+    "privacy_units.md": 3,
     "clipping.md": 2,
     "tutorials/checkpoint_resume.md": 3,
     "tutorials/large_data.md": 5,

@@ -273,6 +273,8 @@ def dp_aggregate(
                                     correlated=strategy is not None)
   source = _noise.noise_source(strategy, noise_multiplier)
   budget_checks = _release.budget_checks(max_steps, budget)
+  # What one clipped term must be (checked on every update): the budget's unit.
+  privacy_unit = None if budget is None else budget.sampler.privacy_unit
   # NoiseKeyReuseWarning if another live transform built from this key has
   # released updates when this one releases (see _keys.py for the rule).
   stream = _keys.noise_stream(key, (
@@ -291,7 +293,7 @@ def dp_aggregate(
       _keys.note_release(stream, stacklevel=2)
     _composition.check_composition(updates)
     # One path: raw per-example gradients become a ClippedGrads on entry.
-    updates, dtypes = _release.incoming(updates, params)
+    updates, dtypes = _release.incoming(updates, params, privacy_unit)
     clipped = policy.take(updates, params, state.clip_norm)
     step_key, next_key_data = _keys.step_keys(key, state.step)
     ok = _release.guard(   # the ledger, walked before the release

@@ -163,7 +163,7 @@ def refuse_params_shaped(updates, params) -> None:
       "batch axis: not per-example gradients, and not a ClippedGrads. " + said)
 
 
-def incoming(updates, params):
+def incoming(updates, params, privacy_unit: Optional[str] = None):
   """`(updates, output dtypes)`: per-example gradients or a `ClippedGrads`
   (NNX's per-variable ones gathered into one), refused where something
   before the DP step changed them or they do not fit `params`. The clip
@@ -171,8 +171,13 @@ def incoming(updates, params):
 
   Output dtypes: the gradients' (bf16 in, bf16 out), or the params' for a
   ClippedGrads (whose sum is float32 or wider).
+
+  `privacy_unit`: the budget's sampler's (None without a budget): a
+  user-level budget takes only a user-level `ClippedGrads` (each user's
+  examples clipped together), whose sensitivity its accounting assumes.
   """
   updates = _clipping.gather_clipped_leaves(updates)  # NNX: one per parameter
+  check_privacy_unit(updates, privacy_unit)
   if not isinstance(updates, _clipping.ClippedGrads):
     refuse_params_shaped(updates, params)
     _clipping.batch_size_of(updates)
@@ -205,6 +210,31 @@ def incoming(updates, params):
             f"dp_aggregate: clipped sum leaf of shape {jnp.shape(s)} for a "
             f"parameter of shape {jnp.shape(p)}.")
   return updates, jax.tree.map(_clipping.leaf_dtype, summed if params is None else params)
+
+
+def check_privacy_unit(updates, privacy_unit: Optional[str]) -> None:
+  """Refuses example-level gradients under a user-level budget (and the
+  reverse): the noise is calibrated for one clipped term per unit."""
+  if privacy_unit is None:
+    return
+  got = (updates.privacy_unit if isinstance(updates, _clipping.ClippedGrads)
+         else "example")
+  if got == privacy_unit:
+    return
+  if privacy_unit == "user":
+    raise ValueError(
+        "dp_aggregate: the budget's sampler is user-level (UserPoissonSampler: "
+        "the accounting protects each user, all of its examples), but these "
+        "gradients were clipped per example, so one user with m examples could "
+        "move the sum by m * C. Pass the batch's 2-D mask (users x examples) "
+        "whole to optax_dp.clipped_grads, grad_fn(params, "
+        "optax_dp.gather_batch(data, batch)), which clips each user's examples "
+        "together; do not flatten it.")
+  raise ValueError(
+      f"dp_aggregate: these gradients were clipped per {got} (a 2-D mask), but "
+      f"the budget's sampler accounts per {privacy_unit}: build the budget from "
+      "the sampler that drew the batches (optax_dp.UserPoissonSampler for "
+      "user-level batches).")
 
 
 def normaliser(expected_batch_size: Optional[int], batch_size: Optional[int]) -> int:

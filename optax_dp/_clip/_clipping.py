@@ -82,6 +82,10 @@ class ClippedGrads(metaclass=_ClippedGradsType):
     unclipped_count: adaptive clipping only (else None): float32, `sum` over
       real examples of `1[unclipped] - 1/2` (`RowClip`), not yet private:
       `dp_aggregate` adds its noise.
+    privacy_unit: what one clipped term is (static): `"example"` (default),
+      or `"user"` for the sum of a user-level batch (a 2-D mask: each user's
+      examples clipped together; `batch_size` and the counts are then of
+      users). `dp_aggregate` checks it against its budget's sampler.
   """
   clipped_sum: Any
   nonfinite_examples: Any
@@ -90,6 +94,7 @@ class ClippedGrads(metaclass=_ClippedGradsType):
   unreduced_axis: Optional[str] = None
   clip_norm: Any = None
   unclipped_count: Any = None
+  privacy_unit: str = "example"
 
   def __contains__(self, key) -> bool:
     # a train state's apply_gradients may ask `OVERWRITE_WITH_GRADIENT in grads`:
@@ -101,7 +106,7 @@ class ClippedGrads(metaclass=_ClippedGradsType):
 jax.tree_util.register_dataclass(
     ClippedGrads,
     data_fields=["clipped_sum", "nonfinite_examples", "clip_norm", "unclipped_count"],
-    meta_fields=["l2_norm_clip", "batch_size", "unreduced_axis"])
+    meta_fields=["l2_norm_clip", "batch_size", "unreduced_axis", "privacy_unit"])
 
 
 def _is_clipped(x: Any) -> bool:
@@ -127,7 +132,8 @@ def gather_clipped_leaves(updates: Any) -> Any:
   if not clipped:
     return updates
   if len(clipped) != len(leaves) or len(
-      {(c.l2_norm_clip, c.batch_size, c.unreduced_axis) for c in clipped}) != 1:
+      {(c.l2_norm_clip, c.batch_size, c.unreduced_axis, c.privacy_unit)
+       for c in clipped}) != 1:
     raise ValueError(
         "dp_aggregate got a gradient tree mixing clipped sums (ClippedGrads) "
         "with other leaves, or clipped sums of different clip norms or batch "

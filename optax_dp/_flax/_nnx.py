@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import sys
 from typing import Any, Callable, Optional
 
@@ -158,6 +159,9 @@ def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
     rngs_keys = [draw(stream) for stream in _streams(rngs)]
   leaves = jax.tree.leaves(batch)
   rows = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
+  # One row number per example: a user-level mask (users, examples) numbers
+  # every example of every user.
+  index_shape = tuple(jnp.shape(mask)) if jnp.ndim(mask) == 2 else (rows,)
 
   def reseed(streams, keys, row):
     for stream, key in zip(streams, keys):
@@ -179,7 +183,8 @@ def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
   trace_error = getattr(sys.modules.get("flax.errors"), "TraceContextError", ())
   try:
     with no_batchnorm_in_training(caller):
-      return build(pure_loss)(trained, (batch, jnp.arange(rows, dtype=jnp.int32)), mask)
+      index = jnp.arange(math.prod(index_shape), dtype=jnp.int32).reshape(index_shape)
+      return build(pure_loss)(trained, (batch, index), mask)
   except trace_error as e:
     raise ValueError(
         f"{caller}: loss_fn changed Flax state created outside it (most often "

@@ -26,6 +26,7 @@ from optax_dp._flax import _linen_layers
 from optax_dp._flax import _nnx
 from optax_dp._flax import _nnx_layers
 from optax_dp._grads import _per_example
+from optax_dp._grads import _privacy_units as _units
 
 
 class PerExampleFallbackWarning(UserWarning):
@@ -131,21 +132,60 @@ def clipping_plan(loss_fn: _per_example.LossFn, params: Any, batch: Any, *,
 def clipped_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):
   """`(values, clipped sum, non-finite count, unclipped count)` of one chunk
   by `method`: `"vmap"` (per-example gradients of every parameter, then clip
-  and sum) or book-keeping (`"auto"`, `"ghost"`: `ghost_chunk`)."""
+  and sum) or book-keeping (`"auto"`, `"ghost"`: `ghost_chunk`).
+
+  A 2-D mask `(U, k)` makes the units users (`_units`): the batch's `U * k`
+  examples are evaluated as rows, and each user's real rows are summed and
+  clipped together; the counts are of users."""
+  k = _units.examples_per_unit(mask)
+  if k is not None:
+    batch, mask = _units.flatten_units(batch, mask)
   if method == "vmap":
     values, grads = _per_example.value_and_per_example_grads(
         loss_fn, has_aux=has_aux)(params, batch)
-    rows = _clipping.clip_rows(_clipping.per_leaf_sq_norms(grads), groups, norms, mask)
-    return (mask_values(values, mask, has_aux), _clipping.clipped_sum(grads, rows.factors),
+    rows = _units.clip(_units.leaf_sq_norms(grads, mask, k), groups, norms, mask, k)
+    return (unit_values(mask_values(values, mask, has_aux), has_aux, k),
+            _units.clipped_sum(grads, rows.factors),
             rows.nonfinite_examples, rows.unclipped_count)
-  return ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask)
+  return ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask, k)
 
 
-def ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):
+def unit_values(values, has_aux, k):
+  """Per-row values as `(U, k, ...)` for users (aux squeezed per row first)."""
+  if k is None:
+    return values
+  return _units.unit_values(_per_example.batch_aux(values, has_aux), k)
+
+
+# Rules that run the layer itself on its captured input (the normalisation,
+# the generic VJP): a unit's merged input is then a batch of its rows, which
+# holds when axis 1 of every captured input is the batch-of-one axis.
+_RUNS_THE_LAYER = ("norm", "generic")
+
+
+def _unit_terms(adapter, layer, layer_params, inputs, out_grads, row_mask, k):
+  """Per-unit squared norms of one layer: its rows merged into units."""
+  if layer.kind in _RUNS_THE_LAYER and any(
+      jnp.ndim(x) < 2 or jnp.shape(x)[1] != 1 for x in jax.tree.leaves(inputs)):
+    raise ValueError(
+        f"clipped_grads with a user-level mask: layer {layer.path} receives an "
+        "input whose second axis is not the batch of one example (the model moves "
+        "the batch axis), so its rows cannot be grouped into users by book-keeping. "
+        "Use method='vmap' for this model.")
+  sq, _ = adapter.layer_terms(
+      layer, layer_params, _units.merge_units(_units.zero_rows(inputs, row_mask), k),
+      _units.merge_units(_units.zero_rows(out_grads, row_mask), k))
+  return sq
+
+
+def ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask, k=None):
   """`(values, clipped sum, non-finite count, unclipped count)` of one chunk:
   each parameter leaf i clipped with the norm of its group `groups[i]`
-  (`norms`), from the layers' per-parameter squared norms."""
+  (`norms`), from the layers' per-parameter squared norms. With `k` (users
+  of k rows each, the batch flattened), the norms are of each user's summed
+  rows and the clip factors apply to all of its rows."""
   leaves, treedef = jax.tree.flatten(params)
+  dtypes = [compute_dtype_of(leaf) for leaf in leaves]   # of each leaf's clipped sum
   example0 = jax.tree.map(lambda x: x[0], batch)
   adapter, layers, example_loss, covered, uncovered = settle(
       loss_fn, has_aux, params, example0)
@@ -192,25 +232,29 @@ def ghost_chunk(loss_fn, has_aux, groups, norms, method, params, batch, mask):
 
   leaf_sq = [None] * len(leaves)
   sum_fns = []
-  for k, layer in enumerate(layers):
-    layer_sq, sums = adapter.layer_terms(layer, layer_params[k], inputs[k], out_grads[k])
+  for j, layer in enumerate(layers):
+    layer_sq, sums = adapter.layer_terms(layer, layer_params[j], inputs[j], out_grads[j])
+    if k is not None:
+      layer_sq = _unit_terms(adapter, layer, layer_params[j], inputs[j], out_grads[j],
+                             mask, k)
     for name, i in layer.leaf_index.items():
       leaf_sq[i] = layer_sq[name].astype(jnp.float32)
     sum_fns.append(sums)
-  for i, sq in zip(uncovered, _clipping.per_leaf_sq_norms(uncovered_grads)):
+  for i, sq in zip(uncovered, _units.leaf_sq_norms(uncovered_grads, mask, k)):
     leaf_sq[i] = sq
-  rows = _clipping.clip_rows(leaf_sq, groups, norms, mask)
+  rows = _units.clip(leaf_sq, groups, norms, mask, k)
 
   out = [None] * len(leaves)
-  for k, layer in enumerate(layers):
-    sums = sum_fns[k]({name: rows.factors[i] for name, i in layer.leaf_index.items()},
+  for j, layer in enumerate(layers):
+    sums = sum_fns[j]({name: rows.factors[i] for name, i in layer.leaf_index.items()},
                       rows.keep)
     for name, i in layer.leaf_index.items():
-      out[i] = sums[name].reshape(leaves[i].shape).astype(compute_dtype_of(leaves[i]))
+      out[i] = sums[name].reshape(leaves[i].shape).astype(dtypes[i])
   if uncovered_grads:
-    for i, s in zip(uncovered, _clipping.clipped_sum(
+    for i, s in zip(uncovered, _units.clipped_sum(
         uncovered_grads, [rows.factors[i] for i in uncovered])):
-      out[i] = s.astype(compute_dtype_of(leaves[i]))
-  values = (losses, aux) if has_aux else losses
-  return (mask_values(values, mask, has_aux), jax.tree.unflatten(treedef, out),
+      out[i] = s.astype(dtypes[i])
+  values = unit_values(mask_values((losses, aux) if has_aux else losses, mask, has_aux),
+                       has_aux, k)
+  return (values, jax.tree.unflatten(treedef, out),
           rows.nonfinite_examples, rows.unclipped_count)

@@ -18,6 +18,7 @@ from optax_dp._core import _devices
 from optax_dp._flax import _linen
 from optax_dp._flax import _nnx
 from optax_dp._grads import _per_example
+from optax_dp._grads import _privacy_units as _units
 
 
 ClippedGrads = _clipping.ClippedGrads  # defined with the clipping rules
@@ -153,8 +154,14 @@ def value_and_clipped_grads(
   def one_device(params, batch, mask, norms, clip_norm):
     batch_size = _per_example.batch_rows(batch)
     params = _devices.local_params(params, batch, "clipped_grads")
-    mask = (jnp.ones((batch_size,), bool) if mask is None
-            else _per_example.check_mask(mask, batch_size))
+    if mask is None:
+      mask = jnp.ones((batch_size,), bool)
+    elif _units.examples_per_unit(mask) is None:
+      mask = _per_example.check_mask(mask, batch_size)
+    else:   # users x examples (a user-level sampler's batch): one unit per user
+      _units.check_unit_batch(batch, jnp.shape(mask), "clipped_grads")
+      mask = jnp.asarray(mask).astype(bool)
+    k = _units.examples_per_unit(mask)
     groups = _clip_norms.leaf_groups(clip, params)
 
     def chunk_fn(params, batch, mask):
@@ -170,10 +177,11 @@ def value_and_clipped_grads(
       else:
         values, summed, nonfinite, unclipped = _scan_chunks(
             chunk_fn, params, batch, mask, microbatch_size, batch_size)
-    return _per_example.batch_aux(values, has_aux), ClippedGrads(
+    return (_per_example.batch_aux(values, has_aux) if k is None else values), ClippedGrads(
         clipped_sum=summed, nonfinite_examples=nonfinite, l2_norm_clip=clip,
         batch_size=batch_size, clip_norm=clip_norm,
-        unclipped_count=None if clip_norm is None else unclipped)
+        unclipped_count=None if clip_norm is None else unclipped,
+        privacy_unit="example" if k is None else "user")
 
   return fn
 
@@ -274,7 +282,8 @@ def _scan_chunks(chunk_fn, params, batch, mask, microbatch_size, batch_size):
 
   chunks = jax.tree.map(lambda x: pad_rows(x).reshape((num, microbatch_size) + x.shape[1:]),
                         batch)
-  mask_chunks = jnp.concatenate([mask, jnp.zeros((pad,), bool)]).reshape(num, microbatch_size)
+  mask_chunks = jnp.concatenate([mask, jnp.zeros((pad,) + mask.shape[1:], bool)]).reshape(
+      (num, microbatch_size) + mask.shape[1:])
 
   def body(carry, xs):
     chunk, chunk_mask = xs

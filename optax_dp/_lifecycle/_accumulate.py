@@ -183,7 +183,8 @@ def dp_accumulate(tx: optax.GradientTransformation, accumulation_steps: int,
           clipped_sum=acc, nonfinite_examples=nonfinite,
           l2_norm_clip=updates.l2_norm_clip, batch_size=None,
           unreduced_axis=updates.unreduced_axis, clip_norm=updates.clip_norm,
-          unclipped_count=unclipped if current is not None else None)
+          unclipped_count=unclipped if current is not None else None,
+          privacy_unit=updates.privacy_unit)
       # Per-device sums: the one all-reduce of the logical batch, before the
       # noise (dp_aggregate refuses an unreduced sum).
       logical = _devices.reduce_clipped_grads(logical, mesh)

@@ -21,7 +21,9 @@ from optax_dp._sample import _accounting
 from optax_dp._sample import _calibration
 from optax_dp._aggregation import _aggregate
 from optax_dp._core import _checks
+from optax_dp._sample import _group_privacy
 from optax_dp._sample import _sampling
+from optax_dp._sample import _users
 
 
 # Raised by dp_aggregate's guard, which lives in the aggregation layer below.
@@ -83,12 +85,13 @@ class PrivacyBudget:
     `DPAggregateState`)."""
     return self.epsilon(self.steps_taken(opt_state))
 
-  def statement(self, steps: Optional[int] = None) -> str:
-    """The privacy guarantee after `steps` steps (default `max_steps`), in words."""
+  def statement(self, steps: Optional[int] = None, *, user_ids: Any = None) -> str:
+    """The privacy guarantee after `steps` steps (default `max_steps`), in
+    words (`user_ids`: as for `privacy_statement`)."""
     steps = self.max_steps if steps is None else steps
     return privacy_statement(self.noise_multiplier, self.target_delta,
                              sampler=self.sampler, steps=steps,
-                             accountant=self.accountant)
+                             accountant=self.accountant, user_ids=user_ids)
 
 
 # Epsilon on validated arguments; cached, as loops ask for it at every eval.
@@ -209,13 +212,16 @@ def privacy_statement(
     dataset_size: Optional[int] = None,
     batch_size: Optional[int] = None,
     accountant: Optional[str] = None,
+    user_ids: Any = None,
 ) -> str:
   """The (epsilon, delta) guarantee of a DP-SGD run, in plain words.
 
   Like TF Privacy's `compute_dp_sgd_privacy_statement`, for optax_dp's
   samplers: it names the sampler, the neighbouring relation, the accountant
   and what the guarantee does and does not cover. A noise multiplier of 0
-  gives an infinite epsilon, said as "NOT private".
+  gives an infinite epsilon, said as "NOT private". With `user_ids` (one per
+  example) an example-level statement adds what it gives the person with the
+  most examples (`group_privacy`); a user-level run protects each user itself.
 
   Examples:
     >>> import optax_dp
@@ -237,17 +243,48 @@ def privacy_statement(
   mechanism = ("DP-SGD" if bands is None else
                f"DP-BandMF (banded matrix-factorisation noise, {bands} band"
                f"{'s' if bands != 1 else ''}; Choquette-Choo et al. 2023)")
+  if sampler.privacy_unit == "user":
+    unit = ("user (all of that user's examples, however many: each user's "
+            "examples were clipped together)")
+    scope = ("It protects users as identified by the user ids: a person who "
+             "appears under several ids is protected as that many users.")
+    clipped = "every user's combined gradient was clipped"
+  else:
+    unit = "single training example"
+    scope = ("It protects examples, not people: a person with several examples "
+             "gets a weaker guarantee (optax_dp.group_privacy says how much).")
+    clipped = "every example's gradient was clipped"
   return "\n".join([
       f"{mechanism} with noise multiplier {noise_multiplier:g}, {steps} noisy steps "
       f"(~{epochs:.3g} epochs), {sampler.describe()}.",
       f"Guarantee: ({eps_text}, {target_delta:g})-differential privacy for each "
-      f"single training example, under the '{sampler.neighboring_relation}' "
+      f"{unit}, under the '{sampler.neighboring_relation}' "
       f"neighbouring relation, by dp-accounting's {accountant_name} accountant.",
-      "This holds if the batches were drawn exactly as described, every "
-      "example's gradient was clipped before the noise was added, and the "
-      "noise multiplier and step count are those of the run. It protects "
-      "examples, not people: a person with several examples gets a weaker "
-      "guarantee.",
-  ] + [note for note in [_checks.large_delta_note(target_delta, sampler.dataset_size)]
+      "This holds if the batches were drawn exactly as described, "
+      f"{clipped} before the noise was added, and the "
+      "noise multiplier and step count are those of the run. " + scope,
+  ] + [note for note in [_checks.large_delta_note(target_delta, sampler.dataset_size),
+                         _largest_person(noise_multiplier, target_delta, steps, sampler,
+                                         accountant, user_ids)]
        if note is not None])
+
+
+def _largest_person(noise_multiplier, target_delta, steps, sampler, accountant, user_ids):
+  """The example-level guarantee of the person with the most examples."""
+  if user_ids is None or sampler.privacy_unit != "example":
+    return None
+  owner, counts = _users.user_examples(user_ids)
+  if len(owner) != sampler.dataset_size:
+    raise ValueError(
+        f"privacy_statement: user_ids has {len(owner)} entries for a sampler of "
+        f"{sampler.dataset_size} examples: pass one user id per example.")
+  m = max(len(c) for c in counts)
+  group = _group_privacy.group_privacy(noise_multiplier, target_delta, m, steps=steps,
+                                       sampler=sampler, accountant=accountant)
+  bound = ("no guarantee (vacuous)" if math.isinf(group.epsilon) else
+           f"({group.epsilon:.4g}, {target_delta:g})-differential privacy")
+  return (f"Of the {len(counts)} people in user_ids, the one with the most examples "
+          f"(m = {m}) is protected as a group of {m} examples: {bound}, by group "
+          "privacy (optax_dp.group_privacy). A user-level run "
+          "(optax_dp.UserPoissonSampler) protects each person directly.")
 

@@ -60,10 +60,11 @@ def resolve_sampler(sampler: Optional[_sampling.Sampler], dataset_size: Any,
     raise ValueError(
         "Pass either sampler=... or dataset_size and batch_size, not both: the "
         "sampler already fixes them.")
-  if not isinstance(sampler, tuple(_sampling.SAMPLERS.values())):
+  if not isinstance(sampler, _sampling.SAMPLER_TYPES):
     raise ValueError(
-        "sampler must be an optax_dp.PoissonSampler, FixedBatchSampler or "
-        f"ShuffleSampler, got {type(sampler).__name__}.")
+        "sampler must be an optax_dp.PoissonSampler, CyclicPoissonSampler, "
+        "FixedBatchSampler, ShuffleSampler or UserPoissonSampler, got "
+        f"{type(sampler).__name__}.")
   return sampler
 
 

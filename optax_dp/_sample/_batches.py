@@ -245,39 +245,48 @@ def poisson_draws(seed: int, steps: range, accumulation_steps: int, *,
                   truncate: bool, pad_to_multiple_of: Optional[int],
                   buckets: Optional[tuple] = None,
                   groups: Optional[list] = None) -> Iterator[Batch]:
-  """`PoissonSampler`'s batches for `steps` (validated arguments): a
-  Binomial(N, q) size, then a uniform subset of that size (exactly Poisson
-  sampling), truncated to a uniform subset of `max_size` or refused above it.
-  Padded to the smallest of `buckets` that holds it (their last is
-  `max_size`), else to a multiple of `pad_to_multiple_of`, else to
-  `max_size`. With `groups` (index arrays; cyclic Poisson sampling), step t
-  samples the same way from `groups[t % len(groups)]` only."""
-  k = accumulation_steps
+  """`PoissonSampler`'s batches (validated arguments): a Binomial(N, q) size,
+  then a uniform subset of that size (exactly Poisson sampling), truncated to
+  `max_size` or refused above it; padded to the smallest of `buckets` that
+  holds it, else to a multiple of `pad_to_multiple_of`, else to `max_size`.
+  With `groups` (cyclic Poisson), step t draws from `groups[t % len(groups)]`."""
   for step in steps:
-    rng = step_rng(seed, step)
-    eligible = None if groups is None else groups[step % len(groups)]
-    population = dataset_size if eligible is None else len(eligible)
-    size = int(rng.binomial(population, sampling_probability))
-    if size > max_size:
-      if not truncate:
-        raise RuntimeError(
-            f"Poisson sampler: step {step} sampled {size} examples, more than "
-            f"max_batch_size={max_size}. Dropping examples would break the "
-            "privacy accounting, so the run stops here (this depends only on "
-            "the sampler's seed, not on the data). Raise max_batch_size, leave "
-            "it at its default (which makes this astronomically unlikely), or "
-            "use truncate=True, which is accounted for.")
-      size = max_size  # truncation: a uniform subset of the Poisson sample
-    chosen = rng.choice(population, size=size, replace=False)
-    if eligible is not None:
-      chosen = eligible[chosen]
-    if buckets:
-      padded = next(b for b in buckets if b >= max(size, 1))
-    else:
-      padded = round_up(max(size, 1), pad_to_multiple_of)
-      padded = min(max_size, padded) if pad_to_multiple_of else max_size
-    physical = round_up(math.ceil(padded / k), pad_to_multiple_of if k > 1 else None)
-    yield from split_logical(chosen, physical, k)
+    chosen, physical = poisson_step(
+        step_rng(seed, step), step, accumulation_steps, dataset_size=dataset_size,
+        sampling_probability=sampling_probability, max_size=max_size, truncate=truncate,
+        pad_to_multiple_of=pad_to_multiple_of, buckets=buckets,
+        eligible=None if groups is None else groups[step % len(groups)])
+    yield from split_logical(chosen, physical, accumulation_steps)
+
+
+def poisson_step(rng: np.random.Generator, step: int, accumulation_steps: int, *,
+                 dataset_size: int, sampling_probability: float, max_size: int,
+                 truncate: bool, pad_to_multiple_of: Optional[int],
+                 buckets: Optional[tuple], eligible: Optional[np.ndarray] = None
+                 ) -> tuple[np.ndarray, int]:
+  """One step of `poisson_draws` from `rng`: `(chosen, physical batch size)`."""
+  population = dataset_size if eligible is None else len(eligible)
+  size = int(rng.binomial(population, sampling_probability))
+  if size > max_size:
+    if not truncate:
+      raise RuntimeError(
+          f"Poisson sampler: step {step} sampled {size} examples, more than "
+          f"max_batch_size={max_size}. Dropping examples would break the "
+          "privacy accounting, so the run stops here (this depends only on "
+          "the sampler's seed, not on the data). Raise max_batch_size, leave "
+          "it at its default (which makes this astronomically unlikely), or "
+          "use truncate=True, which is accounted for.")
+    size = max_size  # truncation: a uniform subset of the Poisson sample
+  chosen = rng.choice(population, size=size, replace=False)
+  if eligible is not None:
+    chosen = eligible[chosen]
+  if buckets:
+    padded = next(b for b in buckets if b >= max(size, 1))
+  else:
+    padded = round_up(max(size, 1), pad_to_multiple_of)
+    padded = min(max_size, padded) if pad_to_multiple_of else max_size
+  return chosen, round_up(math.ceil(padded / accumulation_steps),
+                          pad_to_multiple_of if accumulation_steps > 1 else None)
 
 
 def fixed_draws(seed: int, steps: range, accumulation_steps: int, *,

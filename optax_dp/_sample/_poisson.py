@@ -112,6 +112,7 @@ class PoissonSampler:
   padding_buckets: Optional[int] = DEFAULT_PADDING_BUCKETS
 
   name: ClassVar[str] = "poisson"
+  privacy_unit: ClassVar[str] = "example"
 
   def __post_init__(self):
     n, b = _batches.check_sizes(self.dataset_size, self.expected_batch_size,

@@ -28,6 +28,7 @@ from optax_dp._sample._poisson import REPLACE_ONE
 from optax_dp._sample._poisson import ZERO_OUT
 from optax_dp._sample._poisson import CyclicPoissonSampler
 from optax_dp._sample._poisson import PoissonSampler
+from optax_dp._sample._users import UserPoissonSampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class _FixedSizeSampler:
   """What the fixed-size samplers share: `batch_size` examples every step."""
   dataset_size: int
   batch_size: int
+
+  privacy_unit: ClassVar[str] = "example"
 
   def __post_init__(self):
     n, b = _batches.check_sizes(self.dataset_size, self.batch_size, "batch_size")
@@ -171,7 +174,12 @@ class ShuffleSampler(_FixedSizeSampler):
             "per epoch; no amplification by shuffling is claimed)")
 
 
-Sampler = Union[PoissonSampler, CyclicPoissonSampler, FixedBatchSampler, ShuffleSampler]
+Sampler = Union[PoissonSampler, CyclicPoissonSampler, FixedBatchSampler, ShuffleSampler,
+                UserPoissonSampler]
+# Every sampler type (the accounting accepts these); `make_sampler` builds
+# the example-level ones by name (a user-level sampler needs the user ids).
+SAMPLER_TYPES = (PoissonSampler, CyclicPoissonSampler, FixedBatchSampler, ShuffleSampler,
+                 UserPoissonSampler)
 SAMPLERS = {"poisson": PoissonSampler, "fixed": FixedBatchSampler,
             "shuffle": ShuffleSampler, "cyclic_poisson": CyclicPoissonSampler}
 
