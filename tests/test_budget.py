@@ -213,6 +213,28 @@ def test_guard_refuses_the_step_after_max_steps(jit):
     assert "allows 3 noisy steps" in str(info.value)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_guard_refuses_the_step_after_max_steps_of_a_user_level_run(jit):
+  sampler = optax_dp.UserPoissonSampler(np.arange(60) // 3, expected_users=4,
+                                        max_examples_per_user=2)
+  budget = optax_dp.privacy_budget(sampler=sampler, target_epsilon=4.0, target_delta=1e-5,
+                                   noise_multiplier=1.5)
+  tx = optax_dp.dp_aggregate(1.0, key=0, budget=budget)
+  grad_fn = optax_dp.clipped_grads(lambda w, x: jnp.mean(x @ w), 1.0)
+  step = jax.jit(lambda g, s: tx.update(g, s)) if jit else tx.update
+  x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+  batches = sampler.batches(seed=0, steps=budget.max_steps + 1)
+  state = tx.init(jnp.zeros(3))
+  for _ in range(budget.max_steps):
+    out, state = step(grad_fn(jnp.zeros(3), optax_dp.gather_batch(x, next(batches))), state)
+  assert budget.epsilon_spent(state) == budget.epsilon() <= 4.0
+  grads = grad_fn(jnp.zeros(3), optax_dp.gather_batch(x, next(batches)))
+  assert grads.privacy_unit == "user"
+  with pytest.raises(Exception) as info:
+    jax.block_until_ready(step(grads, state))
+  assert "PrivacyBudgetExceededError" in repr(info.value) + str(info.type)
+
+
 def test_guard_fires_through_flax_trainstate_in_a_jitted_step():
   from flax.training import train_state
 

@@ -27,6 +27,7 @@ RUN_SCRIPT = textwrap.dedent('''
     import functools
     import itertools
     import json
+    import os
     import sys
 
     from flax.training import train_state
@@ -41,6 +42,10 @@ RUN_SCRIPT = textwrap.dedent('''
 
     DATASET_SIZE, BATCH, STEPS, SEED, CLIP, KEY = 64, 8, 8, 3, 0.5, 42
     SAMPLER = optax_dp.PoissonSampler(DATASET_SIZE, BATCH)
+    if os.environ.get("CHECKPOINT_TEST_UNIT") == "user":
+      # 16 users of 4 examples each, 4 users per batch, at most 3 examples each.
+      SAMPLER = optax_dp.UserPoissonSampler(np.arange(DATASET_SIZE) // 4,
+                                            expected_users=4, max_examples_per_user=3)
     BUDGET = optax_dp.privacy_budget(sampler=SAMPLER, target_delta=1e-5,
                                      noise_multiplier=1.0, steps=STEPS)
 
@@ -117,10 +122,12 @@ RUN_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  """The script's module, the straight run, and a checkpoint at STEPS // 2."""
-  root = tmp_path_factory.mktemp("dp_run")
+@pytest.fixture(scope="module", params=["example", "user"])
+def run(request, tmp_path_factory):
+  """The script's module, the straight run, and a checkpoint at STEPS // 2;
+  with examples or users (a UserPoissonSampler) as the privacy unit."""
+  os.environ["CHECKPOINT_TEST_UNIT"] = request.param   # read by the script, also the
+  root = tmp_path_factory.mktemp("dp_run")             # fresh process's
   script = root / "dp_run.py"
   script.write_text(RUN_SCRIPT)
   spec = importlib.util.spec_from_file_location("dp_run_for_checkpoint_test", script)
