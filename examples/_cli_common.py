@@ -203,8 +203,9 @@ def make_budget(args, sampler):
       accountant=args.accountant)
 
 
-def plan_privacy(args, dataset_size, budget_steps):
-  """The sampler and the budget (None with --no-dp), said on stdout.
+def plan_privacy(args, dataset_size, budget_steps, sampler=None):
+  """The sampler (`sampler`, else the flags') and the budget (None with
+  --no-dp), said on stdout.
 
   Refuses (exit status 2) a budget that cannot be met, and --steps past the
   budget unless --allow-budget-overrun.
@@ -214,7 +215,7 @@ def plan_privacy(args, dataset_size, budget_steps):
     print("Training WITHOUT differential privacy (--no-dp).")
     return sampler, None
   t = time.time()
-  sampler = make_sampler(args, dataset_size, budget_steps)
+  sampler = sampler or make_sampler(args, dataset_size, budget_steps)
   if args.noise_multiplier is None:
     say(args, f"Calibrating the noise multiplier for {budget_steps} steps at epsilon "
               f"{args.epsilon:g}, delta {args.delta:g} ...")
@@ -500,10 +501,11 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
                        f"{expected_steps}")
   epsilon = budget.epsilon_spent(opt_state)
   over = " (PAST the budget: --allow-budget-overrun)" if released > budget.max_steps else ""
+  units = "users" if sampler.privacy_unit == "user" else "training examples"
   print(f"Done: {released} steps ({steps_done} in {seconds:.0f} s). "
         f"{evaluated_on.capitalize()} accuracy {test_acc:.4f}. Privacy: "
         f"({format_epsilon(epsilon)}, {args.delta:g})-DP{over} for the "
-        f"{dataset_size} training examples ({sampler.name} sampling, "
+        f"{dataset_size} {units} ({sampler.name} sampling, "
         f"{budget.accountant} accountant, noise multiplier "
         f"{budget.noise_multiplier}, clip {describe_clip(args, opt_state)}).")
   print(budget.statement(released))
@@ -529,6 +531,9 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "recipe", "dataset", "model", "evaluated_on", "ema_decay",
              "augmentation_multiplicity", "dataset_size", "features", "epochs",
              "learning_rate", "schedule", "momentum",
+             # user-level runs (examples/train_lm.py --privacy-unit user):
+             # dataset_size and batch_size are then of users
+             "privacy_unit", "num_examples", "max_examples_per_user",
              # Every run: one entry per evaluation (Progress.evaluated), this
              # run's only (a resumed run starts a new one): {"step",
              # "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",

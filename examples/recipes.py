@@ -69,7 +69,7 @@ RECIPES = {
 _LM = dict(model="transformer", length=64, features=128, layers=2, heads=4, batch_size=512,
            steps=400, learning_rate=3e-3, l2_norm_clip=1.0, rescale_to_unit_norm=True,
            finetune="none", lora_rank=8, pretrain_steps=600, pretrain_batch_size=128,
-           pretrain_learning_rate=3e-3)
+           pretrain_learning_rate=3e-3, privacy_unit="example", max_windows_per_role=8)
 
 LM_RECIPES = {
     # Adam lr 0.01 over 0.003 at epsilon 8 on the validation plays
@@ -81,4 +81,11 @@ LM_RECIPES = {
     "shakespeare-lora-eps1": dict(_LM, epsilon=1.0, finetune="lora", steps=200),
     "shakespeare-finetune-eps1": dict(_LM, epsilon=1.0, finetune="full", steps=200),
     "shakespeare-lstm-eps8": dict(_LM, model="lstm", features=256, epsilon=8.0),
+    # User-level (issue 34): the speaking role is the privacy unit. Each step
+    # samples roles (64 expected of the 564 private ones) and at most 8 windows
+    # of each; the role's windows are clipped together. Untuned first settings.
+    "shakespeare-user-eps8": dict(_LM, epsilon=8.0, learning_rate=1e-2,
+                                  privacy_unit="user", batch_size=64),
+    "shakespeare-user-lora-eps8": dict(_LM, epsilon=8.0, finetune="lora", steps=200,
+                                       privacy_unit="user", batch_size=64),
 }

@@ -75,6 +75,13 @@ def build_parser(recipe=None):
   p.add_argument("--pretrain-steps", type=int, help="non-private steps on the public plays")
   p.add_argument("--pretrain-batch-size", type=int)
   p.add_argument("--pretrain-learning-rate", type=float)
+  p.add_argument("--privacy-unit", choices=("example", "user"),
+                 help="what the guarantee protects: one window (example), or one "
+                      "speaking role with all its windows (user: roles are sampled, "
+                      "and --batch-size is the expected number of roles per step)")
+  p.add_argument("--max-windows-per-role", type=int,
+                 help="--privacy-unit user: at most this many of a sampled role's "
+                      "windows per step (bounds compute, not privacy)")
   p.add_argument("--validation", action="store_true",
                  help="evaluate on the validation plays instead of the test plays")
   p.add_argument("--eval-windows", type=int, default=2048,
@@ -256,7 +263,10 @@ def main(argv=None):
     if args.finetune == "lora":
       lm_models.add_lora(model, args.lora_rank, rngs=nnx.Rngs(args.seed))
       wrt = nnx.LoRAParam
-  sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
+  user_level = args.privacy_unit == "user" and not args.no_dp
+  sampler, budget = _cli_common.plan_privacy(
+      args, dataset_size, args.steps, sampler=optax_dp.UserPoissonSampler(
+          roles, args.batch_size, args.max_windows_per_role) if user_level else None)
   adam = optax.adam(args.learning_rate)
   tx = adam if budget is None else _cli_common.make_private_tx(args, budget, noise_key, adam)
 
@@ -309,10 +319,12 @@ def main(argv=None):
 
   trained = sum(x.size for x in jax.tree.leaves(
       params if params is not None else nnx.state(model, wrt)))
+  unit = (f"roles (at most {args.max_windows_per_role} windows each) of the "
+          f"{sampler.dataset_size} roles holding" if user_level else "windows of")
   print(f"Recipe {args.recipe}: {args.model} ({trained} trained parameters"
         f"{', LoRA rank ' + str(args.lora_rank) if args.finetune == 'lora' else ''}), "
-        f"{args.steps} steps of expected batch {args.batch_size} windows of "
-        f"{args.length + 1} characters from {dataset_size} (the private plays), Adam lr "
+        f"{args.steps} steps of expected batch {args.batch_size} {unit} "
+        f"{args.length + 1}-character windows from {dataset_size} (the private plays), Adam lr "
         f"{args.learning_rate}, clip {args.l2_norm_clip}; evaluated on the {where} plays "
         f"({len(eval_tokens)} windows).", flush=True)
   progress = _cli_common.Progress(args, total=args.steps, evaluated_on=where,
@@ -344,18 +356,20 @@ def main(argv=None):
   epsilon = _cli_common.report(args, budget, sampler, opt_state=opt_state(),
                                expected_steps=args.steps, released=released,
                                steps_done=args.steps, seconds=seconds, test_acc=eval_acc,
-                               dataset_size=dataset_size, evaluated_on=where)
+                               dataset_size=sampler.dataset_size, evaluated_on=where)
   bits = eval_loss / math.log(2)
   print(f"Held-out ({where} plays): {bits:.4f} bits per character, next-character "
         f"accuracy {eval_acc:.4f}.")
-  if budget is not None:
+  if budget is not None and not user_level:
     say_group_privacy(epsilon, args.delta, roles)
   _cli_common.write_outputs(args, _cli_common.make_record(
       args, budget, sampler, epsilon=epsilon, test_accuracy=eval_acc, test_loss=eval_loss,
       steps=args.steps, steps_this_run=args.steps, seconds=seconds,
       history=progress.history, recipe=args.recipe, dataset="shakespeare", model=args.model,
-      evaluated_on=where, dataset_size=dataset_size, learning_rate=args.learning_rate,
-      epochs=args.steps * args.batch_size / dataset_size))
+      evaluated_on=where, dataset_size=sampler.dataset_size, learning_rate=args.learning_rate,
+      epochs=args.steps * args.batch_size / sampler.dataset_size,
+      privacy_unit="user" if user_level else "example", num_examples=dataset_size,
+      max_examples_per_user=args.max_windows_per_role if user_level else None))
   return 0
 
 

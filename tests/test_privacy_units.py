@@ -361,3 +361,37 @@ def test_user_batches_on_8_devices_equal_1_device():
   for name, (rel, unit, batch_size) in results.items():
     assert rel <= 1e-5, name
     assert unit == "user" and batch_size == 16, name
+
+
+class _PositionTable(nn.Module):
+  """A layer with no book-keeping rule (generic: its own VJP), called on an
+  input without the batch axis: positions arange(T), shared by every row."""
+
+  @nn.compact
+  def __call__(self, positions):
+    table = self.param("table", nn.initializers.normal(1.0), (T, 4))
+    return jnp.tanh(table[positions] * 2.0)
+
+
+class _WithPositions(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4)(x) + _PositionTable()(jnp.arange(x.shape[1]))[None]
+    return nn.Dense(3)(nn.LayerNorm()(h))
+
+
+def test_a_generic_layer_without_the_batch_axis_is_grouped_by_its_row_gradients():
+  model = _WithPositions()
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(U, K, T, 5)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, (U, K, T)), jnp.int32)
+  params = model.init(jax.random.key(0), x[0])["params"]
+
+  def loss_fn(params, batch):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": params}, batch[0]), batch[1]).mean()
+
+  plan = optax_dp.clipping_plan(loss_fn, params, (x[:, 0], y[:, 0]))
+  assert plan["['_PositionTable_0']['table']"] == "generic"
+  out = optax_dp.clipped_grads(loss_fn, 0.05, method="ghost")(params, (x, y), MASK)
+  assert_close(_sums(out), reference(loss_fn, params, (x, y), MASK, 0.05))

@@ -31,20 +31,29 @@ QUICK = ("--steps", "3", "--batch-size", "32", "--eval-every", "3", "--accountan
 @pytest.mark.parametrize("name", sorted(recipes.LM_RECIPES))
 def test_each_lm_recipe_runs_and_reports_the_epsilon_of_what_ran(tmp_path, name):
   recipe = recipes.LM_RECIPES[name]
+  users = recipe["privacy_unit"] == "user"
+  # The first 1024 windows hold 4 roles: a user-level run samples 2 of them.
+  quick = [("2" if users and a == "32" else a) for a in QUICK]
   record, stdout = example_runs.run_in_process(
-      tmp_path, "--recipe", name, *QUICK, "--cache-dir", str(tmp_path / "cache"),
+      tmp_path, "--recipe", name, *quick, "--cache-dir", str(tmp_path / "cache"),
       script="train.py")   # train.py hands the shakespeare-* recipes to train_lm.py
   assert record["recipe"] == name and record["model"] == recipe["model"]
   assert record["dataset"] == "shakespeare" and record["steps"] == 3
-  assert record["private"] is True and record["sampler"] == "poisson"
-  assert record["dataset_size"] == 1024 and record["evaluated_on"] == "test"
+  assert record["private"] is True and record["evaluated_on"] == "test"
+  assert record["sampler"] == ("user_poisson" if users else "poisson")
+  assert record["privacy_unit"] == recipe["privacy_unit"] and record["num_examples"] == 1024
+  # The accounting's population: the roles of a user-level run, else the windows.
+  assert record["dataset_size"] == (4 if users else 1024)
   assert record["epsilon"] == pytest.approx(example_runs.rdp_epsilon(record), rel=1e-12)
   assert record["epsilon"] <= recipe["epsilon"]
   assert 0.0 <= record["test_accuracy"] <= 1.0 and record["test_loss"] > 0
   assert "Guarantee" in stdout and "bits per character" in stdout
-  # What the example-level guarantee gives a speaker with m windows.
-  assert "protected as a group of m examples" in stdout
-  assert "user-level DP" in stdout
+  if users:
+    assert "differential privacy for each user" in stdout
+    assert "group of m examples" not in stdout
+  else:   # what the example-level guarantee gives a speaker with m windows
+    assert "protected as a group of m examples" in stdout
+    assert "user-level DP" in stdout
   if recipe["finetune"] != "none":
     assert "Pretraining on the public plays without privacy" in stdout
 
@@ -95,12 +104,15 @@ def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
       record = json.load(f)
     name = os.path.basename(path)
     recipe = recipes.LM_RECIPES[record["recipe"]]
-    assert record["dataset"] == "shakespeare" and record["sampler"] == "poisson", name
+    users = record.get("privacy_unit") == "user"
+    assert record["dataset"] == "shakespeare", name
+    assert record["sampler"] == ("user_poisson" if users else "poisson"), name
     tuning = os.path.basename(os.path.dirname(path)) == "tuning"
     assert record["evaluated_on"] == ("validation" if tuning else "test"), name
     assert record["delta"] == 1e-5, name
-    windows, _ = shakespeare_data.windows(corpus, "train", recipe["length"])
-    assert record["dataset_size"] == len(windows), name
+    windows, roles = shakespeare_data.windows(corpus, "train", recipe["length"])
+    # The population the Poisson rate is over: the roles (user level), else the windows.
+    assert record["dataset_size"] == (len(set(roles.tolist())) if users else len(windows)), name
     if not record["private"]:
       assert record["epsilon"] is None and record["noise_multiplier"] is None, name
       continue

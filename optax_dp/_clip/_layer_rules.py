@@ -204,16 +204,22 @@ def embed_terms(ids: jax.Array, out_grad: jax.Array, vocab: int,
   return {name: sq}, embed_sum
 
 
-def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: Any,
-              out_grad: Any) -> Terms:
-  """Any layer: `apply_fn(layer_params, example_inputs) -> outputs`, whose
-  per-example parameter gradients are a vmapped VJP of that layer alone."""
+def vjp_grads(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: Any,
+              out_grad: Any) -> dict:
+  """Any layer's per-example parameter gradients `{name: (B, ...)}`: a vmapped
+  VJP of `apply_fn(layer_params, example_inputs) -> outputs` alone."""
 
   def one(example_inputs, cotangent):
     _, vjp = jax.vjp(lambda p: apply_fn(p, example_inputs), layer_params)
     return vjp(cotangent)[0]
 
-  return _materialised_terms(jax.tree.map(_compute, jax.vmap(one)(inputs, out_grad)))
+  return jax.tree.map(_compute, jax.vmap(one)(inputs, out_grad))
+
+
+def vjp_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: Any,
+              out_grad: Any) -> Terms:
+  """Any layer, from its materialised per-example gradients (`vjp_grads`)."""
+  return _materialised_terms(vjp_grads(apply_fn, layer_params, inputs, out_grad))
 
 
 def affine_norm_terms(apply_fn: Callable[[Any, Any], Any], layer_params: dict, inputs: Any,

@@ -96,15 +96,19 @@ def check_called(layers: list, inputs: list, subject: Callable[[list], str]) -> 
 def layer_terms(layer, layer_params, inputs, out_grad, *,
                 dense_input: Callable[[Any], Any] = lambda x: x,
                 conv: Callable[[], dict], vocab: Callable[[], tuple],
-                apply_fn: Callable[[Any, Any], Any]):
+                apply_fn: Callable[[Any, Any], Any], per_example: bool = False):
   """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)
-  of one covered layer, by the framework-neutral rule of its kind.
+  of one covered layer, by the framework-neutral rule of its kind; with
+  `per_example`, its materialised per-example gradients `{name: (B, ...)}`
+  instead (the layer's VJP, any kind).
 
   The adapter supplies what only it knows: `dense_input(x)` (the input as a
   Dense sees it), `conv()` (the conv options), `vocab()` (`embed_terms`'s
   trailing arguments) and `apply_fn(params, arrays)` (the layer alone, for the
   generic VJP and the normalisation of a "norm" layer).
   """
+  if per_example:
+    return _layer_rules.vjp_grads(apply_fn, layer_params, inputs, out_grad)
   use_bias = "bias" in layer.leaf_index
   if layer.kind == "dense":
     return _layer_rules.dense_terms(dense_input(inputs[0]), out_grad, use_bias)

@@ -329,7 +329,7 @@ def make_example_loss(loss_fn: Callable, layers: list[_Layer], has_aux: bool,
   return example_loss, covered, uncovered
 
 
-def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
+def layer_terms(layer: _Layer, layer_params, inputs, out_grad, per_example: bool = False):
   """(per-example squared norms, `sums(c, keep) -> {param name: clipped sum}`)
   of one covered Linen layer, by the framework-neutral rule of its kind
   (`_adapter.layer_terms`)."""
@@ -344,4 +344,5 @@ def layer_terms(layer: _Layer, layer_params, inputs, out_grad):
       dense_input=lambda x: _adapter.flatten_trailing(x, layer.contracted_axes),
       conv=lambda: dict(kernel_size=m.kernel_size, strides=m.strides,
                         kernel_dilation=m.kernel_dilation, padding=m.padding),
-      vocab=lambda: (layer_params["embedding"].shape[0],), apply_fn=apply_fn)
+      vocab=lambda: (layer_params["embedding"].shape[0],), apply_fn=apply_fn,
+      per_example=per_example)

@@ -253,7 +253,7 @@ def make_example_loss(loss_fn, layers, has_aux, params_treedef, num_leaves):
   return example_loss, covered, uncovered
 
 
-def layer_terms(layer: Layer, layer_params, inputs, out_grad):
+def layer_terms(layer: Layer, layer_params, inputs, out_grad, per_example: bool = False):
   """(per-example squared norms, `sums(c, keep)`) of one covered NNX layer
   (`_adapter.layer_terms`)."""
   def apply_fn(params, arrays):
@@ -266,4 +266,5 @@ def layer_terms(layer: Layer, layer_params, inputs, out_grad):
       layer, layer_params, inputs, out_grad,
       dense_input=lambda x: _adapter.flatten_trailing(x, layer.contracted_axes),
       conv=lambda: layer.conv, vocab=lambda: (layer.vocab, *layer.leaf_index),
-      apply_fn=apply_fn)
+      apply_fn=apply_fn,
+      per_example=per_example)

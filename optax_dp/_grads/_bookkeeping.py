@@ -157,24 +157,22 @@ def unit_values(values, has_aux, k):
   return _units.unit_values(_per_example.batch_aux(values, has_aux), k)
 
 
-# Rules that run the layer itself on its captured input (the normalisation,
-# the generic VJP): a unit's merged input is then a batch of its rows, which
-# holds when axis 1 of every captured input is the batch-of-one axis.
+# Rules that run the layer itself (the normalisation, the generic VJP): a
+# unit's merged input is a batch of its rows only when axis 1 of every
+# captured input is the batch-of-one axis; otherwise (e.g. a position Embed
+# of arange(T), with no batch axis) the layer's per-row gradients are summed.
 _RUNS_THE_LAYER = ("norm", "generic")
 
 
 def _unit_terms(adapter, layer, layer_params, inputs, out_grads, row_mask, k):
-  """Per-unit squared norms of one layer: its rows merged into units."""
+  """Per-unit squared norms of one layer, its rows grouped into units."""
+  inputs, out_grads = _units.zero_rows(inputs, row_mask), _units.zero_rows(out_grads, row_mask)
   if layer.kind in _RUNS_THE_LAYER and any(
       jnp.ndim(x) < 2 or jnp.shape(x)[1] != 1 for x in jax.tree.leaves(inputs)):
-    raise ValueError(
-        f"clipped_grads with a user-level mask: layer {layer.path} receives an "
-        "input whose second axis is not the batch of one example (the model moves "
-        "the batch axis), so its rows cannot be grouped into users by book-keeping. "
-        "Use method='vmap' for this model.")
-  sq, _ = adapter.layer_terms(
-      layer, layer_params, _units.merge_units(_units.zero_rows(inputs, row_mask), k),
-      _units.merge_units(_units.zero_rows(out_grads, row_mask), k))
+    grads = adapter.layer_terms(layer, layer_params, inputs, out_grads, per_example=True)
+    return dict(zip(grads, _units.leaf_sq_norms(list(grads.values()), row_mask, k)))
+  sq, _ = adapter.layer_terms(layer, layer_params, _units.merge_units(inputs, k),
+                              _units.merge_units(out_grads, k))
   return sq
 
 
