@@ -4,6 +4,8 @@
         --noise-multiplier 1.1 --delta 1e-5 [--sampler poisson] [--accountant pld]
     optax-dp calibrate --dataset-size 60000 --batch-size 256 --epochs 20 \\
         --epsilon 1 --delta 1e-5 --sampler fixed
+    optax-dp epsilon --dataset-size 32394 --users 564 --batch-size 64 \\
+        --max-examples-per-user 8 --steps 400 --noise-multiplier 1.6 --delta 1e-5
     optax-dp --version
 
 Prints the guarantee in plain words (`optax_dp.privacy_statement`). Bad input
@@ -21,11 +23,14 @@ import math
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
 from optax_dp._sample import _accounting
 from optax_dp._sample import _calibration
 from optax_dp._lifecycle import _budget
 from optax_dp._core import _checks
 from optax_dp._sample import _sampling
+from optax_dp._sample import _users
 from optax_dp._version import __version__
 
 # `calibrate` refuses smaller target epsilons: the PLD accountant discretises
@@ -84,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", action="store_true",
                    help="poisson only: truncate batches above --max-batch-size "
                         "(accounted as truncated Poisson, PLD only)")
+    p.add_argument("--users", type=int, default=None,
+                   help="user-level DP (UserPoissonSampler): the number of distinct "
+                        "users U among the --dataset-size examples; --batch-size is "
+                        "then the expected number of users per batch")
+    p.add_argument("--max-examples-per-user", type=int, default=None,
+                   help="with --users: at most this many of a sampled user's examples "
+                        "per batch")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
   return parser
 
@@ -140,8 +152,23 @@ def _run(args) -> str:
     kwargs = dict(bands=args.bands)
   elif args.bands is not None:
     raise ValueError("--bands applies to --sampler cyclic_poisson (DP-BandMF) only.")
-  sampler = _sampling.make_sampler(args.sampler, dataset_size=args.dataset_size,
-                                   batch_size=args.batch_size, **kwargs)
+  if (args.users is None) != (args.max_examples_per_user is None):
+    raise ValueError("user-level DP needs both --users and --max-examples-per-user.")
+  if args.users is not None:
+    if args.sampler not in ("poisson", "cyclic_poisson") or args.max_batch_size or args.truncate:
+      raise ValueError("--users samples users by Poisson sampling (--sampler poisson, or "
+                       "cyclic_poisson with --bands); --max-batch-size and --truncate do "
+                       "not apply.")
+    users = _checks.check_int("--users", args.users, 1)
+    if users > _checks.check_int("--dataset-size", args.dataset_size, 1):
+      raise ValueError(f"--users {users} exceeds --dataset-size {args.dataset_size}: "
+                       "each user holds at least one example.")
+    sampler = _users.UserPoissonSampler(
+        np.arange(args.dataset_size) % users, args.batch_size, args.max_examples_per_user,
+        bands=kwargs.get("bands"))
+  else:
+    sampler = _sampling.make_sampler(args.sampler, dataset_size=args.dataset_size,
+                                     batch_size=args.batch_size, **kwargs)
   steps = _steps(args, sampler)
   accountant = _accounting.resolve_accountant(args.accountant, sampler)
   if args.command == "calibrate":
@@ -159,7 +186,8 @@ def _run(args) -> str:
         "sampler": sampler.name, "accountant": accountant,
         "neighboring_relation": sampler.neighboring_relation,
         "dataset_size": sampler.dataset_size,
-        "batch_size": sampler.expected_batch_size, "statement": statement,
+        "batch_size": sampler.expected_batch_size,
+        "privacy_unit": sampler.privacy_unit, "statement": statement,
     }, indent=2)
   if args.command == "calibrate":
     return f"Noise multiplier: {noise_multiplier}\n{statement}"

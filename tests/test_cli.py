@@ -137,6 +137,24 @@ def test_truncated_poisson_epsilon(capsys):
   assert "truncated" in result["statement"]
 
 
+def test_user_level_epsilon_is_poisson_over_the_users(capsys):
+  result = _json(capsys, ["epsilon", "--dataset-size", "5000", "--users", "400",
+                          "--batch-size", "40", "--max-examples-per-user", "8",
+                          "--steps", "300", "--noise-multiplier", "1.2", "--delta", "1e-5"])
+  over_users = optax_dp.PoissonSampler(400, 40)
+  assert result["epsilon"] == pytest.approx(
+      optax_dp.compute_epsilon(1.2, 1e-5, steps=300, sampler=over_users), rel=1e-12)
+  assert result["sampler"] == "user_poisson" and result["privacy_unit"] == "user"
+  assert (result["dataset_size"], result["batch_size"]) == (400, 40)
+  assert "each of the 400 users (holding 5000 examples)" in result["statement"]
+  for bad in (["--users", "400"], ["--max-examples-per-user", "8"],
+              ["--users", "6000", "--max-examples-per-user", "8"]):
+    status, _, err = _run_main(capsys, ["epsilon", "--dataset-size", "5000", "--batch-size",
+                                        "40", "--steps", "3", "--noise-multiplier", "1",
+                                        "--delta", "1e-5", *bad])
+    assert status == 2 and "--users" in err
+
+
 def test_zero_noise_is_reported_as_not_private(capsys):
   result = _json(capsys, ["epsilon", *POISSON, "--steps", "10",
                           "--noise-multiplier", "0", "--delta", "1e-5"])
