@@ -213,30 +213,27 @@ def pretrained(args, vocab_size, say):
   return model
 
 
-def group_guarantee(epsilon, delta, m):
-  """(epsilon, delta) for a group of m examples from an (epsilon, delta)-DP
-  mechanism: (m epsilon, m e^{(m-1) epsilon} delta) (group privacy; Vadhan,
-  "The Complexity of Differential Privacy", 2017, Lemma 2.2)."""
-  group_delta = m * math.exp(min((m - 1) * epsilon, 700.0)) * delta
-  return m * epsilon, group_delta
-
-
-def say_group_privacy(epsilon, delta, roles):
-  """Prints what the example-level guarantee gives a speaker with m windows."""
+def say_group_privacy(budget, steps, roles):
+  """Prints what the example-level guarantee gives a speaker with m windows
+  (`optax_dp.group_privacy`: the group lemma at the best example-level delta)."""
   counts = np.bincount(roles)
   counts = counts[counts > 0]
   print(f"An example is one window of one speaking role's dialogue; the {len(counts)} "
         f"roles of the private plays have {int(np.median(counts))} windows (median) to "
         f"{int(counts.max())} (most). A speaker with m windows is protected as a group of "
-        f"m examples: (m epsilon, m e^((m-1) epsilon) delta)-DP (group privacy), which is")
+        f"m examples (group privacy, at delta {budget.target_delta:g}):")
   for label, m in (("one window", 1), ("two windows", 2),
                    ("the median role", int(np.median(counts))),
                    ("the largest role", int(counts.max()))):
-    e, d = group_guarantee(epsilon, delta, m)
-    meaning = "" if d < 1 else " -- vacuous (delta >= 1): no protection for that speaker"
-    print(f"  {label} (m = {m}): ({_cli_common.format_epsilon(e)}, {d:.3g})-DP{meaning}")
-  print("Protecting speakers needs the speaker as the privacy unit (user-level DP), not "
-        "this example-level guarantee.")
+    group = optax_dp.group_privacy(budget.noise_multiplier, budget.target_delta, m,
+                                   steps=steps, sampler=budget.sampler,
+                                   accountant=budget.accountant)
+    bound = ("no guarantee (vacuous): no protection for that speaker"
+             if math.isinf(group.epsilon) else
+             f"({_cli_common.format_epsilon(group.epsilon)}, {budget.target_delta:g})-DP")
+    print(f"  {label} (m = {m}): {bound}")
+  print("Protecting speakers needs the speaker as the privacy unit (user-level DP: "
+        "--privacy-unit user), not this example-level guarantee.")
 
 
 def main(argv=None):
@@ -361,7 +358,7 @@ def main(argv=None):
   print(f"Held-out ({where} plays): {bits:.4f} bits per character, next-character "
         f"accuracy {eval_acc:.4f}.")
   if budget is not None and not user_level:
-    say_group_privacy(epsilon, args.delta, roles)
+    say_group_privacy(budget, released, roles)
   _cli_common.write_outputs(args, _cli_common.make_record(
       args, budget, sampler, epsilon=epsilon, test_accuracy=eval_acc, test_loss=eval_loss,
       steps=args.steps, steps_this_run=args.steps, seconds=seconds,

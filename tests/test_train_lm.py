@@ -4,7 +4,6 @@ group-privacy reading for speakers, and the non-private reference."""
 
 import glob
 import json
-import math
 import os
 import sys
 
@@ -65,12 +64,6 @@ def test_non_private_reference_claims_no_privacy(tmp_path):
       str(tmp_path / "cache"), script="train_lm.py")
   assert record["private"] is False and record["epsilon"] is None
   assert "NOT private" in stdout and "group" not in stdout
-
-
-def test_group_guarantee_is_the_group_privacy_bound():
-  assert train_lm.group_guarantee(2.0, 1e-5, 1) == (2.0, 1e-5)
-  e, d = train_lm.group_guarantee(2.0, 1e-5, 3)
-  assert e == 6.0 and d == pytest.approx(3 * math.exp(4.0) * 1e-5)
 
 
 def test_bad_lm_flags_are_refused(capsys):
