@@ -21,6 +21,7 @@ import os
 import platform
 import time
 import warnings
+import zlib
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import flax
@@ -49,6 +50,14 @@ class Row(NamedTuple):
   """One row: its optimizer's init and its (un-jitted) train step."""
   init: Callable[[Any], Any]                        # params -> opt_state
   step: Callable[[Any, Any, Any], tuple[Any, Any]]  # (params, opt_state, batch)
+
+
+
+def row_key(name: str) -> jax.Array:
+  """A noise key of each benchmark row's own: rows timed in one process would
+  otherwise share a key (optax_dp warns, NoiseKeyReuseWarning). The values
+  do not matter for a timing; the key must only be the row's."""
+  return jax.random.key(zlib.crc32(name.encode()))
 
 
 def sgd() -> optax.GradientTransformation:
@@ -86,7 +95,7 @@ def optax_dp_row(name: str, loss_fn: LossFn, batch_size: int,
   strategy = (optax_dp.bandmf_strategy(BANDMF_STEPS, int(name[len("optax_dp_bandmf"):]))
               if name in BANDMF_ROWS else None)
   tx = optax.chain(
-      optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
+      optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, row_key(name),
                             expected_batch_size=batch_size, noise_strategy=strategy),
       sgd())
   if name == "optax_dp_vmap":
@@ -288,7 +297,7 @@ def nnx_row(name: str, make_model: Callable[[], Any], loss_fn: LossFn,
     tx, grad_fn = sgd(), nnx.grad(loss_fn)
   else:
     tx = optax.chain(
-        optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, jax.random.key(1),
+        optax_dp.dp_aggregate(l2_norm_clip, noise_multiplier, row_key(name),
                               expected_batch_size=batch_size), sgd())
     grad_fn = (optax_dp.per_example_grads(loss_fn) if name == "nnx_optax_dp_vmap"
                else optax_dp.clipped_grads(loss_fn, l2_norm_clip))

@@ -84,7 +84,8 @@ def lora_row(name: str, length: int, batch_size: int):
     grad_fn = lambda m, b: nnx.grad(nnx_loss, argnums=nnx.DiffState(0, wrt))(m, b)  # noqa: E731
   else:
     tx = optax.chain(optax_dp.dp_aggregate(_common.L2_NORM_CLIP, _common.NOISE_MULTIPLIER,
-                                           jax.random.key(1), expected_batch_size=batch_size),
+                                           _jax_common.row_key(name),
+                                           expected_batch_size=batch_size),
                      _jax_common.sgd())
     grad_fn = optax_dp.clipped_grads(nnx_loss, _common.L2_NORM_CLIP, wrt=wrt)
   graphdef, state0 = nnx.split(model)
