@@ -52,7 +52,6 @@ class Row(NamedTuple):
   step: Callable[[Any, Any, Any], tuple[Any, Any]]  # (params, opt_state, batch)
 
 
-
 def row_key(name: str) -> jax.Array:
   """A noise key of each benchmark row's own: rows timed in one process would
   otherwise share a key (optax_dp warns, NoiseKeyReuseWarning). The values
