@@ -44,6 +44,14 @@ from optax_dp._lifecycle._budget import PrivacyBudget
 from optax_dp._core._checks import PrivacyBudgetExceededError
 from optax_dp._lifecycle._budget import privacy_budget
 from optax_dp._lifecycle._budget import privacy_statement
+from optax_dp._lifecycle._tuning import PrivateScore
+from optax_dp._lifecycle._tuning import TrialCount
+from optax_dp._lifecycle._tuning import TuningResult
+from optax_dp._lifecycle._tuning import calibrate_trial_noise
+from optax_dp._lifecycle._tuning import private_score
+from optax_dp._lifecycle._tuning import tune
+from optax_dp._lifecycle._tuning import tuning_epsilon
+from optax_dp._lifecycle._tuning import tuning_event
 from optax_dp._core._checks import LargeDeltaWarning
 from optax_dp._core._checks import reraise_refusals
 from optax_dp._clip._clipping import ClippedGrads
@@ -109,6 +117,14 @@ __all__ = (
     "PrivacyBudget",
     "PrivacyBudgetExceededError",
     "ShuffleSampler",
+    "PrivateScore",
+    "TrialCount",
+    "TuningResult",
+    "calibrate_trial_noise",
+    "private_score",
+    "tune",
+    "tuning_epsilon",
+    "tuning_event",
     "UserPoissonSampler",
     "bandmf_strategy",
     "calibrate_noise_multiplier",
