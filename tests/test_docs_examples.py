@@ -54,6 +54,7 @@ PAGES = {
     "tutorials/accumulation.md": 2,
     "bandmf.md": 1,
     "privacy_units.md": 3,
+    "tuning.md": 2,
     "clipping.md": 2,
     "tutorials/checkpoint_resume.md": 3,
     "tutorials/large_data.md": 5,
