@@ -533,7 +533,7 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "learning_rate", "schedule", "momentum",
              # user-level runs (examples/train_lm.py --privacy-unit user):
              # dataset_size and batch_size are then of users
-             "privacy_unit", "num_examples", "max_examples_per_user",
+             "privacy_unit", "num_examples", "max_examples_per_user", "role_fraction",
              # Every run: one entry per evaluation (Progress.evaluated), this
              # run's only (a resumed run starts a new one): {"step",
              # "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",

@@ -82,6 +82,10 @@ def build_parser(recipe=None):
   p.add_argument("--max-windows-per-role", type=int,
                  help="--privacy-unit user: at most this many of a sampled role's "
                       "windows per step (bounds compute, not privacy)")
+  p.add_argument("--role-fraction", type=float, default=1.0,
+                 help="train on this fraction of the private roles (all their windows), "
+                      "chosen uniformly at random with a fixed public seed: how accuracy "
+                      "grows with the number of users (default: %(default)s, all)")
   p.add_argument("--validation", action="store_true",
                  help="evaluate on the validation plays instead of the test plays")
   p.add_argument("--eval-windows", type=int, default=2048,
@@ -213,6 +217,18 @@ def pretrained(args, vocab_size, say):
   return model
 
 
+def keep_roles(tokens, roles, fraction):
+  """The windows of a `fraction` of the roles, chosen uniformly at random by a
+  fixed seed (a public choice, made before and apart from any training)."""
+  if not 0 < fraction <= 1:
+    _cli_common.fail(f"--role-fraction must be in (0, 1], got {fraction}")
+  present = np.unique(roles)
+  kept = np.random.default_rng(20261206).choice(
+      present, size=max(1, round(fraction * len(present))), replace=False)
+  rows = np.isin(roles, kept)
+  return np.asarray(tokens[rows]), roles[rows]
+
+
 def say_group_privacy(budget, steps, roles):
   """Prints what the example-level guarantee gives a speaker with m windows
   (`optax_dp.group_privacy`: the group lemma at the best example-level delta)."""
@@ -242,6 +258,8 @@ def main(argv=None):
   corpus_vocab = shakespeare_data.load()["vocabulary"]
   say(f"Loading the Shakespeare windows ({args.length + 1} characters) ...")
   tokens, roles = token_windows(args, "train", args.subset)
+  if args.role_fraction != 1.0:
+    tokens, roles = keep_roles(tokens, roles, args.role_fraction)
   where = "validation" if args.validation else "test"
   eval_tokens, _ = token_windows(args, where, args.subset)
   dataset_size = len(tokens)
@@ -366,6 +384,7 @@ def main(argv=None):
       evaluated_on=where, dataset_size=sampler.dataset_size, learning_rate=args.learning_rate,
       epochs=args.steps * args.batch_size / sampler.dataset_size,
       privacy_unit="user" if user_level else "example", num_examples=dataset_size,
+      role_fraction=args.role_fraction,
       max_examples_per_user=args.max_windows_per_role if user_level else None))
   return 0
 

@@ -105,7 +105,11 @@ def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
     assert record["delta"] == 1e-5, name
     windows, roles = shakespeare_data.windows(corpus, "train", recipe["length"])
     # The population the Poisson rate is over: the roles (user level), else the windows.
-    assert record["dataset_size"] == (len(set(roles.tolist())) if users else len(windows)), name
+    if record.get("role_fraction", 1.0) != 1.0:   # a fraction of the roles (user level)
+      assert users and record["dataset_size"] == max(1, round(
+          record["role_fraction"] * len(set(roles.tolist())))), name
+    else:
+      assert record["dataset_size"] == (len(set(roles.tolist())) if users else len(windows)), name
     if not record["private"]:
       assert record["epsilon"] is None and record["noise_multiplier"] is None, name
       continue
