@@ -49,6 +49,8 @@ from optax_dp._lifecycle._tuning import TrialCount
 from optax_dp._lifecycle._tuning import TuningResult
 from optax_dp._lifecycle._tuning import calibrate_trial_noise
 from optax_dp._lifecycle._tuning import private_score
+from optax_dp._lifecycle._tuning import rdp_dominated
+from optax_dp._lifecycle._tuning import trial_noise_for
 from optax_dp._lifecycle._tuning import tune
 from optax_dp._lifecycle._tuning import tuning_epsilon
 from optax_dp._lifecycle._tuning import tuning_event
@@ -122,6 +124,8 @@ __all__ = (
     "TuningResult",
     "calibrate_trial_noise",
     "private_score",
+    "rdp_dominated",
+    "trial_noise_for",
     "tune",
     "tuning_epsilon",
     "tuning_event",

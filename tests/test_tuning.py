@@ -116,7 +116,7 @@ def test_tune_refuses_what_the_accounting_does_not_cover():
     optax_dp.tune(public_score, [1.0], trials=optax_dp.TrialCount(4, 1), trial_event=TRIAL,
                   target_delta=1e-5, seed=0)
   other = dp_accounting.GaussianDpEvent(1.0)
-  with pytest.raises(ValueError, match="same mechanism"):
+  with pytest.raises(ValueError, match="exceeds that of the declared trial_event"):
     optax_dp.tune(_run_trial(event=other), [1.0], trials=optax_dp.TrialCount(4, 1),
                   trial_event=TRIAL, target_delta=1e-5, seed=0)
   with pytest.raises(ValueError, match="noise_multiplier > 0"):
@@ -160,3 +160,36 @@ def test_calibrated_trial_noise_meets_the_end_to_end_target_and_no_less_does():
 def test_bad_trial_counts_are_refused(bad):
   with pytest.raises(ValueError, match="TrialCount"):
     optax_dp.tuning_epsilon(TRIAL, bad, 1e-5)
+
+
+def test_a_candidate_with_another_batch_size_joins_with_the_noise_that_dominates():
+  reference_sampler = optax_dp.PoissonSampler(60000, 256)
+  reference = dp_accounting.ComposedDpEvent(
+      [reference_sampler.dp_event(1.1, 1000), dp_accounting.GaussianDpEvent(30.0)])
+  bigger = optax_dp.PoissonSampler(60000, 512)
+  sigma = optax_dp.trial_noise_for(reference, sampler=bigger, steps=1000,
+                                   score_noise_multiplier=30.0)
+
+  def event(s):
+    return dp_accounting.ComposedDpEvent([bigger.dp_event(s, 1000),
+                                          dp_accounting.GaussianDpEvent(30.0)])
+  assert optax_dp.rdp_dominated(event(sigma), reference)
+  assert not optax_dp.rdp_dominated(event(sigma * (1 - 1e-3)), reference)
+  rng = np.random.default_rng(0)
+
+  def run_trial(batch_size, index):
+    del index
+    training = (reference_sampler.dp_event(1.1, 1000) if batch_size == 256
+                else bigger.dp_event(sigma, 1000))
+    return batch_size, training, optax_dp.private_score(500, 1000, 30.0, rng)
+  result = optax_dp.tune(run_trial, [256, 512], trials=optax_dp.TrialCount(6, 1),
+                         trial_event=reference, target_delta=1e-5, seed=1)
+  assert {c for c, _ in result.scores} == {256, 512}
+  assert result.epsilon == optax_dp.tuning_epsilon(reference, optax_dp.TrialCount(6, 1), 1e-5)
+
+  def too_little_noise(batch_size, index):   # the bigger batch without its extra noise
+    del batch_size, index
+    return None, bigger.dp_event(1.1, 1000), optax_dp.private_score(500, 1000, 30.0, rng)
+  with pytest.raises(ValueError, match="exceeds that of the declared trial_event"):
+    optax_dp.tune(too_little_noise, [512], trials=optax_dp.TrialCount(6, 1),
+                  trial_event=reference, target_delta=1e-5, seed=1)

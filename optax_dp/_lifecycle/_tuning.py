@@ -206,13 +206,17 @@ def tune(run_trial: Callable[[Any, int], tuple[Any, dp_accounting.DpEvent, Priva
   `run_trial(candidate, trial_index) -> (output, training_event, score)`, where
   `score` is a `PrivateScore`; keeps the trial with the highest score. Every
   trial's event, `ComposedDpEvent([training_event, score.event])`, must equal
-  `trial_event` (the theorem is about K runs of one mechanism); the epsilon is
-  `tuning_epsilon(trial_event, trials, target_delta)`.
+  `trial_event` or be dominated by it in Renyi DP at every order of the RDP
+  accountant (`rdp_dominated`): the trial mechanism, a random choice among
+  the candidates, then has at most `trial_event`'s RDP (Renyi divergence is
+  quasi-convex), which is what the theorem needs; so candidates may differ in
+  batch size or steps, each with the noise `trial_noise_for` gives it. The
+  epsilon is `tuning_epsilon(trial_event, trials, target_delta)`.
 
   Privacy contract: see the module docstring. Refused (ValueError): a
   `trials` that is not a `TrialCount` (a fixed K), a score that is not a
-  `PrivateScore` (a non-private score), a trial whose event differs from
-  `trial_event`. With K = 0 (Poisson) nothing is released (`output` None).
+  `PrivateScore` (a non-private score), a trial whose event is not dominated
+  by `trial_event`. With K = 0 (Poisson) nothing is released (`output` None).
 
   References:
     Papernot & Steinke 2022, https://arxiv.org/abs/2110.03620 (Theorem 2).
@@ -250,12 +254,13 @@ def tune(run_trial: Callable[[Any, int], tuple[Any, dp_accounting.DpEvent, Priva
           "by the accounting. Score with optax_dp.private_score on private "
           "validation data (its noise is part of the trial's event).")
     event = dp_accounting.ComposedDpEvent([training_event, score.event])
-    if event != trial_event:
+    if event != trial_event and not rdp_dominated(event, trial_event):
       raise ValueError(
-          f"tune: trial {index} ({candidate!r}) ran the mechanism {event}, not the "
-          f"declared trial_event {trial_event}: every trial must be the same "
-          "mechanism (same sampler, steps, noise and score noise) for the "
-          "repeat-and-select bound.")
+          f"tune: trial {index} ({candidate!r}) ran the mechanism {event}, whose Renyi "
+          f"DP exceeds that of the declared trial_event {trial_event} at some order: "
+          "the repeat-and-select bound is for trials no less private than "
+          "trial_event. Give that candidate more noise (trial_noise_for finds it), "
+          "or declare a trial_event that covers every candidate.")
     scores.append((candidate, score.value))
     if best is None or score.value > best[2]:
       best = (output, candidate, score.value)
@@ -305,4 +310,54 @@ def calibrate_trial_noise(target_epsilon: float, target_delta: float, *, sampler
       lo = mid
     else:
       hi = mid
+  return hi
+
+
+def _rdp(event: dp_accounting.DpEvent) -> np.ndarray:
+  accountant = rdp.RdpAccountant()
+  accountant.compose(event)
+  return np.asarray(accountant.rdp, np.float64)
+
+
+def rdp_dominated(event: dp_accounting.DpEvent, reference: dp_accounting.DpEvent) -> bool:
+  """Whether `event`'s Renyi DP is at most `reference`'s at every order of
+  dp-accounting's RDP accountant (the orders its bounds, repeat-and-select's
+  included, are computed from)."""
+  return bool(np.all(_rdp(event) <= _rdp(reference)))
+
+
+def trial_noise_for(reference: dp_accounting.DpEvent, *, sampler: Any, steps: int,
+                    score_noise_multiplier: Optional[float] = None) -> float:
+  """The smallest noise multiplier (to 1e-4 relative) with which `steps` steps
+  of `sampler` (and a `private_score` of `score_noise_multiplier`, None: a
+  public score) are RDP-dominated by `reference` (`rdp_dominated`): how a
+  candidate with another batch size or number of steps joins a tuning whose
+  `trial_event` is `reference`.
+
+  >>> import dp_accounting, optax_dp
+  >>> reference = optax_dp.PoissonSampler(60000, 256).dp_event(1.0, 1000)
+  >>> sigma = optax_dp.trial_noise_for(reference, sampler=optax_dp.PoissonSampler(60000, 512),
+  ...                                  steps=1000)
+  >>> sigma > 1.0
+  True
+  """
+  def event(sigma):
+    training = sampler.dp_event(sigma, steps)
+    if score_noise_multiplier is None:
+      return training
+    return dp_accounting.ComposedDpEvent(
+        [training, dp_accounting.GaussianDpEvent(score_noise_multiplier)])
+
+  lo, hi = 1e-2, 1.0
+  while not rdp_dominated(event(hi), reference):
+    lo, hi = hi, hi * 2
+    if hi > 1e6:
+      raise ValueError("no noise multiplier makes this trial as private as the reference "
+                       "(its score noise alone may exceed it).")
+  while hi / lo > 1 + 1e-4:
+    mid = math.sqrt(lo * hi)
+    if rdp_dominated(event(mid), reference):
+      hi = mid
+    else:
+      lo = mid
   return hi
