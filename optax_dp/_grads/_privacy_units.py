@@ -15,6 +15,11 @@ weighted as at example level before the clip (a user with one example is
 clipped exactly as that example would be), and it is the contribution the
 book-keeping rules compute for free (a user's examples are, for a Dense layer,
 one longer sequence).
+
+References:
+  Charles et al. 2024, "Fine-Tuning Large Language Models with User-Level
+  Differential Privacy", https://arxiv.org/abs/2407.07737 (user-level
+  sampling: each sampled user's examples combined, then clipped).
 """
 
 from __future__ import annotations
