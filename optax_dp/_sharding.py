@@ -249,7 +249,8 @@ def pad_batch_for_devices(batch: _batches.Batch, num_devices: int) -> _batches.B
   multiple of `num_devices` and interleaves it, so that each device's
   contiguous slice (`PartitionSpec("data")`) gets every `num_devices`-th row:
   the real examples, which the samplers put first, spread evenly. Row order
-  does not change the clipped sum.
+  does not change the clipped sum. A user-level batch `(users, k)` is padded
+  and spread by whole users.
 
   Privacy contract: the real examples are exactly the sampler's (none added,
   dropped or repeated); keep passing the returned `mask`.
@@ -266,8 +267,9 @@ def pad_batch_for_devices(batch: _batches.Batch, num_devices: int) -> _batches.B
   n = int(num_devices)
   size = len(batch.indices)
   padded = -(-size // n) * n
-  indices = np.full((padded,), -1, np.int64)
-  mask = np.zeros((padded,), bool)
+  rest = np.shape(batch.indices)[1:]   # (k,) for a user-level batch: whole users move
+  indices = np.full((padded,) + rest, -1, np.int64)
+  mask = np.zeros((padded,) + rest, bool)
   indices[:size], mask[:size] = batch.indices, batch.mask
   order = np.arange(padded).reshape(-1, n).T.reshape(-1)
   return _batches.Batch(indices=indices[order], mask=mask[order])

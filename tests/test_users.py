@@ -165,3 +165,13 @@ def test_cyclic_user_sampling_is_bandmf_over_users():
   budget = optax_dp.privacy_budget(sampler=sampler, noise_multiplier=1.0,
                                    target_delta=1e-5, steps=8)
   assert budget.statement().startswith("DP-BandMF")
+
+
+def test_padding_for_devices_moves_whole_users():
+  sampler = optax_dp.UserPoissonSampler(_ids(), expected_users=20, max_examples_per_user=3)
+  batch = next(sampler.batches(seed=2, steps=1))
+  padded = optax_dp.pad_batch_for_devices(batch, 8)
+  assert padded.indices.shape[0] % 8 == 0 and padded.indices.shape[1] == 3
+  rows = lambda b: sorted(map(tuple, b.indices[b.mask.any(axis=1)].tolist()))
+  assert rows(padded) == rows(batch)            # the same users, each with its examples
+  assert np.array_equal(padded.mask, padded.indices >= 0)
