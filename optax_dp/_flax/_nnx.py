@@ -161,7 +161,8 @@ def call(build: Callable[[Callable[..., Any]], Callable[..., Any]],
   rows = jnp.shape(leaves[0])[0] if leaves and jnp.ndim(leaves[0]) else 0
   # One row number per example: a user-level mask (users, examples) numbers
   # every example of every user.
-  index_shape = tuple(jnp.shape(mask)) if jnp.ndim(mask) == 2 else (rows,)
+  index_shape = (tuple(jnp.shape(mask)) if mask is not None and jnp.ndim(mask) == 2
+                 else (rows,))
 
   def reseed(streams, keys, row):
     for stream, key in zip(streams, keys):

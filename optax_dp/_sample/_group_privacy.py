@@ -63,9 +63,12 @@ def group_privacy(
   run already protects each user.
 
   Args:
-    noise_multiplier, target_delta, steps, sampler, accountant: the run's,
-      as for `compute_epsilon`.
+    noise_multiplier: the run's, as for `compute_epsilon`.
+    target_delta: the delta of the group's guarantee.
     group_size: m >= 1 (1: the example-level epsilon itself).
+    steps: the run's noisy steps.
+    sampler: the run's (example-level) sampler.
+    accountant: as for `compute_epsilon` (default: the sampler's first).
 
   Returns:
     A `GroupPrivacy`.

@@ -101,7 +101,8 @@ class UserPoissonSampler:
     max_users: the static maximum number of users per batch (default: as
       `PoissonSampler.max_batch_size`, overflow probability <= 1e-12 over the
       run); a batch above it raises.
-    padding_buckets, pad_to_multiple_of: as `PoissonSampler`'s, over users.
+    padding_buckets: as `PoissonSampler`'s, over users.
+    pad_to_multiple_of: as `PoissonSampler`'s, over users.
     bands: None (default), or DP-BandMF's cyclic sampling over users
       (`CyclicPoissonSampler`'s, its groups made of users): a budget of this
       sampler then makes `dp_aggregate` add BandMF noise with `bands` bands,
