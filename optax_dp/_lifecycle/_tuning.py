@@ -269,6 +269,17 @@ def tune(run_trial: Callable[[Any, int], tuple[Any, dp_accounting.DpEvent, Priva
                       scores)
 
 
+def trial_event_of(sampler: Any, noise_multiplier: float, steps: int,
+                   score_noise_multiplier: Optional[float]) -> dp_accounting.DpEvent:
+  """One trial's event: `steps` steps of `sampler` at `noise_multiplier`, and
+  its `private_score` (None: a public score, no event)."""
+  training = sampler.dp_event(noise_multiplier, steps)
+  if score_noise_multiplier is None:
+    return training
+  return dp_accounting.ComposedDpEvent(
+      [training, dp_accounting.GaussianDpEvent(score_noise_multiplier)])
+
+
 def calibrate_trial_noise(target_epsilon: float, target_delta: float, *, sampler: Any,
                           steps: int, trials: TrialCount,
                           score_noise_multiplier: Optional[float] = None) -> float:
@@ -289,11 +300,7 @@ def calibrate_trial_noise(target_epsilon: float, target_delta: float, *, sampler
   trials = check_trial_count(trials)
 
   def event(sigma):
-    training = sampler.dp_event(sigma, steps)
-    if score_noise_multiplier is None:
-      return training
-    return dp_accounting.ComposedDpEvent(
-        [training, dp_accounting.GaussianDpEvent(score_noise_multiplier)])
+    return trial_event_of(sampler, sigma, steps, score_noise_multiplier)
 
   def spent(sigma):
     return tuning_epsilon(event(sigma), trials, target_delta)
@@ -342,11 +349,7 @@ def trial_noise_for(reference: dp_accounting.DpEvent, *, sampler: Any, steps: in
   True
   """
   def event(sigma):
-    training = sampler.dp_event(sigma, steps)
-    if score_noise_multiplier is None:
-      return training
-    return dp_accounting.ComposedDpEvent(
-        [training, dp_accounting.GaussianDpEvent(score_noise_multiplier)])
+    return trial_event_of(sampler, sigma, steps, score_noise_multiplier)
 
   lo, hi = 1e-2, 1.0
   while not rdp_dominated(event(hi), reference):
