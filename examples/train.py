@@ -23,6 +23,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,28 @@ def build_parser(recipe=None):
   p.add_argument("--subset", type=int, default=None,
                  help="train on the first N training examples and evaluate on the first N "
                       "evaluation ones (quick tries and tests; the accounting uses N)")
+  tune = p.add_argument_group(
+      "private tuning (tune_recipe.py)",
+      "--tune GRID: run a random number of trials, each a candidate drawn at random, "
+      "scored privately on --validation-size held-out training examples; keep the "
+      "best; --epsilon is then the epsilon of the whole tuning")
+  tune.add_argument("--tune", metavar="GRID", default=None,
+                    help='the candidates, e.g. "learning_rate=4,8,16 epochs=20,40" (the '
+                         "product); tunable: learning_rate, l2_norm_clip, epochs, "
+                         "batch_size, momentum")
+  tune.add_argument("--trials-mean", type=float, default=8.0,
+                    help="the expected number of trials (default: %(default)s)")
+  tune.add_argument("--trials-shape", type=float, default=1.0,
+                    help="the distribution of the number of trials: 1 geometric, 0 "
+                         "logarithmic, inf Poisson, other >= 0 a truncated negative "
+                         "binomial (default: %(default)s)")
+  tune.add_argument("--score-noise-multiplier", type=float, default=20.0,
+                    help="std of the Gaussian noise on each trial's count of correct "
+                         "validation predictions (default: %(default)s)")
+  tune.add_argument("--tuning-seed", type=int, default=None,
+                    help="the seed of the number of trials and the candidates (default: "
+                         "secret, from the OS; a known seed makes K known, which the "
+                         "guarantee does not cover)")
   p.set_defaults(**recipe, steps=None, data_dir=None, eval_every=None)
   return p
 
@@ -100,6 +123,7 @@ def parse_args(argv=None):
   p = build_parser(RECIPES[known.recipe])
   args = p.parse_args(argv)
   dataset_size = 60000 - args.validation_size
+  args.steps_from_epochs = args.steps is None
   if args.subset is not None:
     _cli_common.require_positive(p, args, ("subset",))
     dataset_size = min(dataset_size, args.subset)
@@ -117,11 +141,15 @@ def parse_args(argv=None):
   if (args.features == "scattering") != args.model.startswith("scatter_"):
     p.error(f"--model {args.model} and --features {args.features} do not match: the "
             "scatter_* models take --features scattering, the others pixels")
+  if args.tune is not None:
+    import tune_recipe  # pylint: disable=import-outside-toplevel
+    tune_recipe.check_tune_args(args)
   return args
 
 
-def load(args):
-  """Train and evaluation arrays: the test set, or the held-out validation split."""
+def load_splits(args, names=("train", "validation", "test")):
+  """The splits among `names` as (images, labels): "train", "test", and with
+  --validation-size "validation" (held out of the training set)."""
   _cli_common.say(args, f"Loading {args.dataset} ...")
   data = (mnist_data.load_mnist_tfds(args.dataset.replace("-", "_")) if args.data == "tfds"
           else mnist_data.load_mnist(args.data_dir))
@@ -129,22 +157,32 @@ def load(args):
     mean, std = NORMALISATION[args.dataset]
     for split in ("train_images", "test_images"):
       data[split] = (data[split] - mean) / std
-  train = (data["train_images"], data["train_labels"])
-  evaluation = (data["test_images"], data["test_labels"])
+  splits = {"train": (data["train_images"], data["train_labels"]),
+            "test": (data["test_images"], data["test_labels"])}
   if args.validation_size:
+    train = splits["train"]
     order = np.random.default_rng(0).permutation(len(train[0]))
     keep, held = order[:-args.validation_size], order[-args.validation_size:]
-    train, evaluation = (tuple(a[keep] for a in train), tuple(a[held] for a in train))
+    splits["train"], splits["validation"] = (tuple(a[keep] for a in train),
+                                             tuple(a[held] for a in train))
+  splits = {name: split for name, split in splits.items() if name in names}
   if args.subset is not None:
-    train, evaluation = (tuple(a[:args.subset] for a in split) for split in (train, evaluation))
+    splits = {name: tuple(a[:args.subset] for a in split) for name, split in splits.items()}
   if args.features == "scattering":   # per image, data-independent: no privacy cost
-    _cli_common.say(args, f"Computing the ScatterNet features of "
-                          f"{len(train[0]) + len(evaluation[0])} images ...")
+    count = sum(len(split[0]) for split in splits.values())
+    _cli_common.say(args, f"Computing the ScatterNet features of {count} images ...")
     start = time.time()
-    train, evaluation = ((scattering.scattering_features(x), y) for x, y in (train, evaluation))
-    print(f"ScatterNet features {train[0].shape[1:]} of {len(train[0]) + len(evaluation[0])} "
+    splits = {name: (scattering.scattering_features(x), y) for name, (x, y) in splits.items()}
+    print(f"ScatterNet features {splits['train'][0].shape[1:]} of {count} "
           f"images in {time.time() - start:.0f} s", flush=True)
-  return train, evaluation
+  return splits
+
+
+def load(args):
+  """Train and evaluation arrays: the test set, or the held-out validation split."""
+  where = "validation" if args.validation_size else "test"
+  splits = load_splits(args, ("train", where))
+  return splits["train"], splits[where]
 
 
 def random_shift(key, example, pad=2):
@@ -155,13 +193,43 @@ def random_shift(key, example, pad=2):
   return jax.lax.dynamic_slice(padded, (dx, dy, 0), image.shape), label
 
 
-def main(argv=None):
-  known, _ = _recipe_parser().parse_known_args(argv)
-  if known.recipe in LM_RECIPES:   # the language models: their own script
-    import train_lm  # pylint: disable=import-outside-toplevel
-    return train_lm.main(argv)
-  args = parse_args(argv)
-  (train_images, train_labels), (eval_images, eval_labels) = load(args)
+class Run(NamedTuple):
+  """One training run's outcome (`train_model`)."""
+  state: Any            # the final TrainState
+  params: Any           # what is evaluated: the EMA if --ema-decay, else the last iterate
+  sampler: Any
+  budget: Any           # None with --no-dp
+  eval_loss: float
+  eval_accuracy: float
+  seconds: float
+  history: list
+  evaluate: Callable    # evaluate(params, images, labels) -> (mean loss, correct count)
+
+
+def make_evaluator(model):
+  """`evaluate(params, images, labels) -> (mean loss, number correct)`, in chunks."""
+  @jax.jit
+  def eval_chunk(params, images, labels):
+    logits = model.apply({"params": params}, images)
+    return (jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)),
+            jnp.sum(jnp.argmax(logits, -1) == labels))
+
+  def evaluate(params, images, labels, chunk=1000):
+    loss = correct = 0.0
+    for s in range(0, len(images), chunk):
+      l, c = eval_chunk(params, images[s:s + chunk], labels[s:s + chunk])
+      loss, correct = loss + float(l), correct + float(c)
+    return loss / len(images), int(correct)
+
+  return evaluate
+
+
+def train_model(args, train, evaluation, where, sampler=None, budget=None):
+  """Trains `args`' model on `train` with `sampler` and `budget` (default:
+  the flags', `_cli_common.plan_privacy`), evaluating on `evaluation` (the
+  split called `where`) every --eval-every steps; returns a `Run`."""
+  train_images, train_labels = train
+  eval_images, eval_labels = evaluation
   dataset_size = len(train_images)
   model = MODELS[args.model]()
 
@@ -181,7 +249,8 @@ def main(argv=None):
   if args.ema_decay is not None:
     links.append(optax_dp.ema_params(args.ema_decay))
   sgd = optax.chain(*links)
-  sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
+  if sampler is None:
+    sampler, budget = _cli_common.plan_privacy(args, dataset_size, args.steps)
   clip = _cli_common.clip_norm(args, params)
   tx = sgd if budget is None else _cli_common.make_private_tx(args, budget, noise_key, sgd, clip)
   state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
@@ -214,24 +283,12 @@ def main(argv=None):
     return (state.apply_gradients(grads=grads), jnp.sum(losses * mask) / real,
             jnp.sum(accuracies * mask) / real)
 
-  @jax.jit
-  def eval_chunk(params, images, labels):
-    logits = model.apply({"params": params}, images)
-    return (jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)),
-            jnp.sum(jnp.argmax(logits, -1) == labels))
-
-  def evaluate(params, chunk=1000):
-    loss = correct = 0.0
-    for s in range(0, len(eval_images), chunk):
-      l, c = eval_chunk(params, eval_images[s:s + chunk], eval_labels[s:s + chunk])
-      loss, correct = loss + float(l), correct + float(c)
-    return loss / len(eval_images), correct / len(eval_images)
+  evaluate = make_evaluator(model)
 
   def evaluated_params():
     return (optax_dp.averaged_params(state.opt_state) if args.ema_decay is not None
             else state.params)
 
-  where = "validation" if args.validation_size else "test"
   print(f"Recipe {args.recipe}: {args.model} on {args.dataset}, {args.steps} steps "
         f"(batch {args.batch_size}, {args.features}), lr {args.learning_rate} ({args.schedule}), clip "
         f"{_cli_common.describe_clip(args)}, EMA {args.ema_decay}, augmentation multiplicity {k}; "
@@ -252,28 +309,54 @@ def main(argv=None):
     progress.step(step, loss)
     if step % args.eval_every == 0 or step == args.steps:
       progress.evaluating()
-      eval_loss, eval_acc = evaluate(evaluated_params())
+      eval_loss, correct = evaluate(evaluated_params(), eval_images, eval_labels)
+      eval_acc = correct / len(eval_images)
       progress.evaluated(
           step, train_loss=np.mean(train_losses), train_accuracy=np.mean(train_accs),
           eval_loss=eval_loss, eval_accuracy=eval_acc,
           epsilon=budget.epsilon_spent(state.opt_state) if budget else float("inf"))
       train_losses, train_accs = [], []
   progress.close()
-  seconds = progress.seconds()
-  released = budget.steps_taken(state.opt_state) if budget else args.steps
-  epsilon = _cli_common.report(args, budget, sampler, opt_state=state.opt_state,
-                               expected_steps=args.steps, released=released,
-                               steps_done=args.steps, seconds=seconds, test_acc=eval_acc,
-                               dataset_size=dataset_size, evaluated_on=where)
-  _cli_common.write_outputs(args, _cli_common.make_record(
-      args, budget, sampler, epsilon=epsilon, test_accuracy=eval_acc, test_loss=eval_loss,
-      steps=args.steps, steps_this_run=args.steps, seconds=seconds,
-      history=progress.history, recipe=args.recipe,
-      dataset=args.dataset, model=args.model, evaluated_on=where, ema_decay=args.ema_decay,
-      augmentation_multiplicity=k, dataset_size=dataset_size, features=args.features,
+  return Run(state, evaluated_params(), sampler, budget, eval_loss, eval_acc,
+             progress.seconds(), progress.history, evaluate)
+
+
+def record_extras(args, run, dataset_size, where):
+  """The recipe's keys of the JSON record (beyond `_cli_common.make_record`'s)."""
+  return dict(
+      recipe=args.recipe, dataset=args.dataset, model=args.model, evaluated_on=where,
+      ema_decay=args.ema_decay, augmentation_multiplicity=args.augmentation_multiplicity,
+      dataset_size=dataset_size, features=args.features,
       epochs=args.steps * args.batch_size / dataset_size, learning_rate=args.learning_rate,
       schedule=args.schedule, momentum=args.momentum,
-      final_l2_norm_clip=_cli_common.final_clip(args, state.opt_state)))
+      final_l2_norm_clip=_cli_common.final_clip(args, run.state.opt_state))
+
+
+def main(argv=None):
+  known, _ = _recipe_parser().parse_known_args(argv)
+  if known.recipe in LM_RECIPES:   # the language models: their own script
+    import train_lm  # pylint: disable=import-outside-toplevel
+    return train_lm.main(argv)
+  args = parse_args(argv)
+  if args.tune is not None:
+    import tune_recipe  # pylint: disable=import-outside-toplevel
+    tune_recipe.main(args, load_splits=load_splits, train_model=train_model)
+    return None
+  train, evaluation = load(args)
+  dataset_size = len(train[0])
+  where = "validation" if args.validation_size else "test"
+  run = train_model(args, train, evaluation, where)
+  released = run.budget.steps_taken(run.state.opt_state) if run.budget else args.steps
+  epsilon = _cli_common.report(args, run.budget, run.sampler, opt_state=run.state.opt_state,
+                               expected_steps=args.steps, released=released,
+                               steps_done=args.steps, seconds=run.seconds,
+                               test_acc=run.eval_accuracy, dataset_size=dataset_size,
+                               evaluated_on=where)
+  _cli_common.write_outputs(args, _cli_common.make_record(
+      args, run.budget, run.sampler, epsilon=epsilon, test_accuracy=run.eval_accuracy,
+      test_loss=run.eval_loss, steps=args.steps, steps_this_run=args.steps,
+      seconds=run.seconds, history=run.history,
+      **record_extras(args, run, dataset_size, where)))
 
 
 if __name__ == "__main__":

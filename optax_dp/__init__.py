@@ -50,6 +50,7 @@ from optax_dp._lifecycle._tuning import TuningResult
 from optax_dp._lifecycle._tuning import calibrate_trial_noise
 from optax_dp._lifecycle._tuning import private_score
 from optax_dp._lifecycle._tuning import rdp_dominated
+from optax_dp._lifecycle._tuning import trial_event_of
 from optax_dp._lifecycle._tuning import trial_noise_for
 from optax_dp._lifecycle._tuning import tune
 from optax_dp._lifecycle._tuning import tuning_epsilon
@@ -125,6 +126,7 @@ __all__ = (
     "calibrate_trial_noise",
     "private_score",
     "rdp_dominated",
+    "trial_event_of",
     "trial_noise_for",
     "tune",
     "tuning_epsilon",

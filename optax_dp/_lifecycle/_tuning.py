@@ -270,9 +270,17 @@ def tune(run_trial: Callable[[Any, int], tuple[Any, dp_accounting.DpEvent, Priva
 
 
 def trial_event_of(sampler: Any, noise_multiplier: float, steps: int,
-                   score_noise_multiplier: Optional[float]) -> dp_accounting.DpEvent:
-  """One trial's event: `steps` steps of `sampler` at `noise_multiplier`, and
-  its `private_score` (None: a public score, no event)."""
+                   score_noise_multiplier: Optional[float] = None) -> dp_accounting.DpEvent:
+  """One trial's event, the `trial_event` of `tune`: `steps` steps of
+  `sampler` at `noise_multiplier`, composed with its `private_score` of
+  `score_noise_multiplier` (None: a public score, no event).
+
+  >>> import optax_dp
+  >>> event = optax_dp.trial_event_of(optax_dp.PoissonSampler(60000, 256), 1.0, 1000,
+  ...                                 score_noise_multiplier=20.0)
+  >>> type(event).__name__
+  'ComposedDpEvent'
+  """
   training = sampler.dp_event(noise_multiplier, steps)
   if score_noise_multiplier is None:
     return training
