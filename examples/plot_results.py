@@ -305,7 +305,8 @@ def lm_summaries(results_dir: str) -> dict[str, dict]:
     out[name] = dict(summarise([dict(r, epsilon=r["epsilon"] or math.inf) for r in records]),
                      private=bool(records[0].get("private")), bits_mean=statistics.fmean(bits),
                      bits_std=statistics.stdev(bits) if len(bits) > 1 else 0.0,
-                     finetune="lora" in name or "finetune" in name)
+                     finetune="lora" in name or "finetune" in name,
+                     privacy_unit=records[0].get("privacy_unit") or "example")
   return out
 
 
@@ -332,20 +333,22 @@ def plot_language_model(summaries: dict[str, dict], png: str) -> None:
   points, each non-private run as a horizontal line."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, 4.2))
-  scratch = sorted((s for s in summaries.values() if s["private"] and not s["finetune"]),
+  scratch = sorted((s for s in summaries.values() if s["private"] and not s["finetune"]
+                    and s["model"] == "transformer" and s.get("privacy_unit") != "user"),
                    key=lambda s: s["epsilon"])
   if scratch:
     ax.errorbar([s["epsilon"] for s in scratch], [100 * s["accuracy_mean"] for s in scratch],
                 yerr=[100 * s["accuracy_std"] for s in scratch], marker="o", capsize=3,
-                label="private, from scratch (seeds: "
+                label="transformer, private from scratch (seeds: "
                 + ", ".join(str(s["seeds"]) for s in scratch) + ")")
   for name, s in sorted(summaries.items()):
-    if s["private"] and s["finetune"]:
+    if s["private"] and (s["finetune"] or s["model"] != "transformer"
+                         or s.get("privacy_unit") == "user"):
       ax.errorbar([s["epsilon"]], [100 * s["accuracy_mean"]], yerr=[100 * s["accuracy_std"]],
                   marker="s", capsize=3, linestyle="none", label=f"{name} ({_seeds(s)})")
     elif not s["private"]:
-      ax.axhline(100 * s["accuracy_mean"], color="0.4", linestyle="--",
-                 label=f"{name} ({_seeds(s)})")
+      ax.axhline(100 * s["accuracy_mean"], color="0.4" if s["model"] == "transformer" else "0.7",
+                 linestyle="--", label=f"{name} ({_seeds(s)})")
   ax.set_xlim(0, 1.1 * max([s["epsilon"] for s in summaries.values() if s["private"]] or [1]))
   ax.set_xlabel("epsilon (per window of 65 characters)")
   ax.set_ylabel("held-out accuracy (%)")

@@ -139,7 +139,7 @@ def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_pat
 def test_the_language_model_summary_and_figure(tmp_path):
   import plot_results  # pylint: disable=import-outside-toplevel
   pytest.importorskip("matplotlib")
-  base = {"dataset": "shakespeare", "evaluated_on": "test", "seconds": 10.0, "model": "m",
+  base = {"dataset": "shakespeare", "evaluated_on": "test", "seconds": 10.0, "model": "transformer",
           "private": True, "recipe": "shakespeare-eps8", "epsilon": 7.99}
   records = [dict(base, test_accuracy=0.36, test_loss=2.0),
              dict(base, test_accuracy=0.38, test_loss=2.2),
