@@ -492,9 +492,10 @@ def report(args, budget, sampler, *, opt_state, expected_steps, released, steps_
   statement.
   """
   if budget is None:
+    why = ("--clip-only: clipped, no noise" if getattr(args, "clip_only", False)
+           else "--no-dp")
     print(f"Done: {released} steps in {seconds:.0f} s. {evaluated_on.capitalize()} accuracy "
-          f"{test_acc:.4f}. "
-          "NOT private (--no-dp).")
+          f"{test_acc:.4f}. NOT private ({why}).")
     return float("inf")
   if released != expected_steps:  # the ledger and the loop must agree
     raise RuntimeError(f"optimizer released {released} noisy updates, loop ran to "
@@ -534,6 +535,8 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              # user-level runs (examples/train_lm.py --privacy-unit user):
              # dataset_size and batch_size are then of users
              "privacy_unit", "num_examples", "max_examples_per_user", "role_fraction",
+             # examples/train_lm.py --clip-only (an ablation, not private):
+             "clip_only",
              # Every run: one entry per evaluation (Progress.evaluated), this
              # run's only (a resumed run starts a new one): {"step",
              # "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",
@@ -569,7 +572,7 @@ def make_record(args, budget, sampler, *, epsilon, test_accuracy, test_loss, ste
       "clipping_strategy": None if args.no_dp else getattr(args, "clipping_strategy", "flat"),
       "target_quantile": (args.target_quantile
                           if getattr(args, "clipping_strategy", "flat") == "adaptive" else None),
-      "private": not args.no_dp,
+      "private": budget is not None,
       "history": list(history),
       **extra,
   }

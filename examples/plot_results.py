@@ -298,7 +298,9 @@ def lm_summaries(results_dir: str) -> dict[str, dict]:
     with open(path) as f:
       record = json.load(f)
     if record.get("dataset") == "shakespeare" and record.get("evaluated_on") == "test":
-      groups[record["recipe"] + ("" if record.get("private") else " --no-dp")].append(record)
+      suffix = (" --clip-only" if record.get("clip_only") else
+                "" if record.get("private") else " --no-dp")
+      groups[record["recipe"] + suffix].append(record)
   out = {}
   for name, records in groups.items():
     bits = [r["test_loss"] / math.log(2) for r in records]
@@ -348,7 +350,8 @@ def plot_language_model(summaries: dict[str, dict], png: str) -> None:
                   marker="s", capsize=3, linestyle="none", label=f"{name} ({_seeds(s)})")
     elif not s["private"]:
       ax.axhline(100 * s["accuracy_mean"], color="0.4" if s["model"] == "transformer" else "0.7",
-                 linestyle="--", label=f"{name} ({_seeds(s)})")
+                 linestyle=":" if name.endswith("--clip-only") else "--",
+                 label=f"{name} ({_seeds(s)})")
   ax.set_xlim(0, 1.1 * max([s["epsilon"] for s in summaries.values() if s["private"]] or [1]))
   ax.set_xlabel("epsilon (per window of 65 characters)")
   ax.set_ylabel("held-out accuracy (%)")

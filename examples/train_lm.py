@@ -34,6 +34,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 from flax import nnx
 import jax
@@ -86,6 +87,9 @@ def build_parser(recipe=None):
                  help="train on this fraction of the private roles (all their windows), "
                       "chosen uniformly at random with a fixed public seed: how accuracy "
                       "grows with the number of users (default: %(default)s, all)")
+  p.add_argument("--clip-only", action="store_true",
+                 help="an ablation, NOT private: clip each window's gradient as a private "
+                      "run does but add no noise (what clipping alone costs)")
   p.add_argument("--validation", action="store_true",
                  help="evaluate on the validation plays instead of the test plays")
   p.add_argument("--eval-windows", type=int, default=2048,
@@ -117,6 +121,9 @@ def parse_args(argv=None):
     p.error("--finetune needs a transformer model (--model transformer)")
   if args.model == "transformer_linen" and args.finetune != "none":
     p.error("--finetune is the NNX transformer's (nnx.LoRA): --model transformer")
+  if args.clip_only and (args.no_dp or args.privacy_unit == "user"):
+    p.error("--clip-only is the example-level private run without its noise: leave out "
+            "--no-dp and --privacy-unit user")
   if args.clipping_strategy != "flat" or args.noise != "gaussian" or args.sampler != "poisson":
     p.error("the language-model recipes run flat clipping, Gaussian noise and Poisson "
             "sampling (--clipping-strategy flat --noise gaussian --sampler poisson)")
@@ -279,11 +286,20 @@ def main(argv=None):
       lm_models.add_lora(model, args.lora_rank, rngs=nnx.Rngs(args.seed))
       wrt = nnx.LoRAParam
   user_level = args.privacy_unit == "user" and not args.no_dp
-  sampler, budget = _cli_common.plan_privacy(
-      args, dataset_size, args.steps, sampler=optax_dp.UserPoissonSampler(
-          roles, args.batch_size, args.max_windows_per_role) if user_level else None)
   adam = optax.adam(args.learning_rate)
-  tx = adam if budget is None else _cli_common.make_private_tx(args, budget, noise_key, adam)
+  if args.clip_only:   # the ablation: dp_aggregate's clip and mean, no noise, no budget
+    sampler, budget = _cli_common.make_sampler(args, dataset_size, args.steps), None
+    print("Clipping WITHOUT noise (--clip-only): NOT private, an ablation.")
+    with warnings.catch_warnings():   # its "adds NO noise" warning: said just above
+      warnings.simplefilter("ignore", UserWarning)
+      tx = optax.chain(optax_dp.dp_aggregate(
+          args.l2_norm_clip, 0.0, noise_key, expected_batch_size=args.batch_size,
+          rescale_to_unit_norm=args.rescale_to_unit_norm), adam)
+  else:
+    sampler, budget = _cli_common.plan_privacy(
+        args, dataset_size, args.steps, sampler=optax_dp.UserPoissonSampler(
+            roles, args.batch_size, args.max_windows_per_role) if user_level else None)
+    tx = adam if budget is None else _cli_common.make_private_tx(args, budget, noise_key, adam)
 
   def masked_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
@@ -384,7 +400,7 @@ def main(argv=None):
       evaluated_on=where, dataset_size=sampler.dataset_size, learning_rate=args.learning_rate,
       epochs=args.steps * args.batch_size / sampler.dataset_size,
       privacy_unit="user" if user_level else "example", num_examples=dataset_size,
-      role_fraction=args.role_fraction,
+      role_fraction=args.role_fraction, clip_only=args.clip_only,
       max_examples_per_user=args.max_windows_per_role if user_level else None))
   return 0
 

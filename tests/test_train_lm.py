@@ -74,6 +74,9 @@ def test_bad_lm_flags_are_refused(capsys):
       capsys, "--recipe", "shakespeare-eps8", "--sampler", "shuffle", script="train_lm.py")
   assert status == 2 and "Poisson sampling" in stderr
   status, stderr = example_runs.refusal_in_process(
+      capsys, "--recipe", "shakespeare-eps8", "--clip-only", "--no-dp", script="train_lm.py")
+  assert status == 2 and "--clip-only is the example-level private run" in stderr
+  status, stderr = example_runs.refusal_in_process(
       capsys, "--recipe", "nope", script="train_lm.py")
   assert status == 2 and "choose from" in stderr
 
@@ -117,3 +120,15 @@ def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
     # rel 1e-6: as for the MNIST records (tests/test_train_results.py).
     assert record["epsilon"] == pytest.approx(example_runs.pld_epsilon(record), rel=1e-6), name
     assert record["epsilon"] <= recipe["epsilon"], name
+
+
+@pytest.mark.slow
+def test_clip_only_ablation_clips_adds_no_noise_and_claims_no_privacy(tmp_path):
+  record, stdout = example_runs.run_in_process(
+      tmp_path, "--recipe", "shakespeare-eps8", "--clip-only", *QUICK, "--cache-dir",
+      str(tmp_path / "cache"), script="train_lm.py")
+  assert record["private"] is False and record["epsilon"] is None
+  assert record["clip_only"] is True and record["clipping"] == "auto"
+  assert record["noise_multiplier"] is None
+  assert "NOT private (--clip-only: clipped, no noise)" in stdout and "group" not in stdout
+  assert "Clipping WITHOUT noise" in stdout
