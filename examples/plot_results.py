@@ -108,13 +108,31 @@ def summarise(records: list[dict]) -> dict:
   }
 
 
+def load_tuned(results_dir: str) -> dict[str, list[dict]]:
+  """{`recipe --tune GRID`: [records]} of the private tuning runs
+  (train.py --tune, their records under results_dir/tuned)."""
+  groups = collections.defaultdict(list)
+  for path in sorted(glob.glob(os.path.join(results_dir, "tuned", "*.json"))):
+    with open(path) as f:
+      record = json.load(f)
+    if record.get("tuning") and record.get("test_accuracy") is not None:
+      groups[f'{record["recipe"]} --tune "{record["tuning"]["grid"]}"'].append(record)
+  return dict(groups)
+
+
+# What the epsilon of a row of the recipe table covers.
+ONE_RUN = "one run (its tuning excluded)"
+END_TO_END = "the whole tuning (end to end, RDP)"
+
+
 def markdown_table(summaries: dict[str, dict]) -> str:
-  lines = ["| recipe | dataset | model | epsilon spent | test accuracy (mean ± std) | seeds | "
-           "training loop |", "|---|---|---|---|---|---|---|"]
+  lines = ["| recipe | dataset | model | epsilon spent | epsilon covers | test accuracy (mean ± std) "
+           "| seeds | training loop |", "|---|---|---|---|---|---|---|---|"]
   for name, s in sorted(summaries.items(), key=lambda kv: (kv[1]["dataset"], kv[1]["epsilon"])):
     each = ", ".join(f"{100 * a:.2f}" for a in s["accuracies"])
     lo, hi = s["seconds"]
     lines.append(f"| `{name}` | {s['dataset']} | {s['model']} | {s['epsilon']:.4f} | "
+                 f"{s.get('covers', ONE_RUN)} | "
                  f"{100 * s['accuracy_mean']:.2f}% ± {100 * s['accuracy_std']:.2f}% ({each}) | "
                  f"{s['seeds']} | {lo:.0f}-{hi:.0f} s |")
   return "\n".join(lines)
@@ -382,7 +400,9 @@ def main(argv=None):
   if not groups:
     raise SystemExit(f"no private test-set records of train.py under {args.results}")
   summaries = {name: summarise(records) for name, records in groups.items()}
-  print(markdown_table(summaries))
+  tuned = {name: dict(summarise(records), covers=END_TO_END)
+           for name, records in load_tuned(args.results).items()}
+  print(markdown_table({**summaries, **tuned}))   # the figure: single runs only
   if args.table_only:
     return
   written = [os.path.join(args.out, name) for name in
