@@ -228,7 +228,7 @@ def main(args, *, load_splits, train_model):
           # and the score; and what one such run alone would be.
           "reference": {"batch_size": args.batch_size, "steps": args.steps,
                         "noise_multiplier": sigma, "single_run_epsilon": single},
-          "end_to_end_epsilon": result.epsilon, "end_to_end_accountant": "rdp",
+          "target_epsilon": args.epsilon, "end_to_end_epsilon": result.epsilon, "end_to_end_accountant": "rdp",
           "tuning_seed": seed, "per_trial": log,
       },
   }

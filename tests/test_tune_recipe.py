@@ -2,7 +2,10 @@
 recipe whose record states the epsilon of the whole procedure, recomputed
 here from the record with dp-accounting; and its refusals."""
 
+import glob
+import json
 import math
+import os
 import sys
 
 import dp_accounting
@@ -115,3 +118,42 @@ def test_grid_is_the_product_in_a_fixed_order():
       {"learning_rate": 1.0, "epochs": 3.0}, {"learning_rate": 2.0, "epochs": 3.0}]
   assert tune_recipe.parse_grid("batch-size=8") == [{"batch_size": 8}]
   assert not math.isnan(tune_recipe.parse_grid("momentum=0")[0]["momentum"])
+
+
+TUNED = os.path.join(example_runs.EXAMPLES, "results", "tuned")
+
+
+def test_the_published_tuning_records_claim_the_end_to_end_epsilon():
+  # The README's end-to-end rows (results/tuned/, plot_results.load_tuned):
+  # each record's epsilon, recomputed from its reference trial (Poisson
+  # sampling of its batch from its training examples, its noise and steps,
+  # and the score's Gaussian) and its trial-count distribution, is the one it
+  # states and within the target; each trial was no less private than the
+  # reference; K is the number of trials it lists.
+  paths = sorted(glob.glob(os.path.join(TUNED, "*.json")))
+  recipes_seen = set()
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+    name, tuning = os.path.basename(path), record["tuning"]
+    recipes_seen.add(record["recipe"])
+    n, ref = record["dataset_size"], tuning["reference"]
+    trial = dp_accounting.ComposedDpEvent([
+        _poisson_steps(ref["batch_size"] / n, ref["noise_multiplier"], ref["steps"]),
+        dp_accounting.GaussianDpEvent(tuning["score_noise_multiplier"])])
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_event.RepeatAndSelectDpEvent(
+        trial, tuning["trials"]["mean"], tuning["trials"]["shape"]))
+    assert record["epsilon"] == pytest.approx(accountant.get_epsilon(record["delta"]),
+                                              rel=1e-9), name
+    assert record["epsilon"] <= tuning["target_epsilon"], name
+    assert tuning["num_trials"] == len(tuning["per_trial"]) >= 1, name
+    assert tuning["trials"]["mean"] >= 8, name   # at least 8 candidates in expectation
+    for t in tuning["per_trial"]:
+      event = dp_accounting.ComposedDpEvent([
+          _poisson_steps(t["batch_size"] / n, t["noise_multiplier"], t["steps"]),
+          dp_accounting.GaussianDpEvent(tuning["score_noise_multiplier"])])
+      assert all(a <= b for a, b in zip(_rdp_curve(event), _rdp_curve(trial))), name
+    best = max(tuning["per_trial"], key=lambda t: t["private_score"])
+    assert tuning["selected"] == best["candidate"], name
+  assert {"mnist-scatter-eps1", "fashion-mnist-scatter-eps3"} <= recipes_seen
