@@ -87,7 +87,6 @@ LM_RECIPES = {
     # validation runs fit this machine). Its lr: results/shakespeare/tuning.
     "shakespeare-lstm-eps8": dict(_LM, model="lstm", features=128, epsilon=8.0),
     "shakespeare-lstm-eps3": dict(_LM, model="lstm", features=128, epsilon=3.0),
-    "shakespeare-lstm-eps1": dict(_LM, model="lstm", features=128, epsilon=1.0),
     # User-level (issue 34): the speaking role is the privacy unit. Each step
     # samples roles (64 expected of the 564 private ones) and at most 8 windows
     # of each; the role's windows are clipped together. Untuned first settings.
