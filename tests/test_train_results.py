@@ -110,6 +110,10 @@ def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_pat
              dict(base, recipe="b", test_accuracy=0.5, epsilon=None, private=False)]
   for i, record in enumerate(records):
     (tmp_path / f"r{i}.json").write_text(json.dumps(record))
+  (tmp_path / "tuned").mkdir()
+  (tmp_path / "tuned" / "c.json").write_text(json.dumps(dict(
+      base, recipe="c", test_accuracy=0.96, epsilon=0.98, seconds=30.0,
+      tuning={"grid": "learning_rate=1,2"})))
   run = tmp_path / "runs" / "run.json"
   run.parent.mkdir()
   run.write_text(json.dumps(dict(base, epsilon=0.5, delta=1e-5, sampler="poisson",
@@ -118,8 +122,14 @@ def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_pat
   out = tmp_path / "figures"
   plot_results.main(["--results", str(tmp_path), "--run", str(run), "--out", str(out)])
   table = capsys.readouterr().out
-  assert "| `a` | mnist | m | 0.9900 | 97.50% ± 0.71% (97.00, 98.00) | 2 | 10-10 s |" in table
-  assert "| `b` | mnist | m | 2.9900 | 99.00% ± 0.00% (99.00) | 1 | 20-20 s |" in table
+  one_run = plot_results.ONE_RUN
+  assert (f"| `a` | mnist | m | 0.9900 | {one_run} | 97.50% ± 0.71% (97.00, 98.00) | 2 | "
+          "10-10 s |") in table
+  assert f"| `b` | mnist | m | 2.9900 | {one_run} | 99.00% ± 0.00% (99.00) | 1 | 20-20 s |" in table
+  # A private tuning run (results/tuned, train.py --tune) is a row whose
+  # epsilon covers the whole tuning.
+  assert ('| `c --tune "learning_rate=1,2"` | mnist | m | 0.9800 | the whole tuning (end to end, '
+          'RDP) | 96.00% ± 0.00% (96.00) | 1 | 30-30 s |') in table
   for name in ("privacy_utility", "tutorial_run", "step_time", "peak_memory"):
     assert _is_png(out / f"{name}.png"), name
   with pytest.raises(SystemExit, match="no private test-set records"):
@@ -132,7 +142,8 @@ def test_plot_results_summarises_the_test_records_and_draws_every_figure(tmp_pat
   (bandmf / "r.json").write_text(json.dumps(dict(base, recipe="a", test_accuracy=0.96,
                                                  epsilon=0.99, noise="bandmf", bands=8)))
   plot_results.main(["--results", str(bandmf), "--out", str(tmp_path / "none"), "--table-only"])
-  assert "| `a --noise bandmf --bands 8` | mnist | m | 0.9900 | 96.00%" in capsys.readouterr().out
+  assert ("| `a --noise bandmf --bands 8` | mnist | m | 0.9900 | one run (its tuning excluded) | "
+          "96.00%") in capsys.readouterr().out
   assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
 
 

