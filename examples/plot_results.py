@@ -352,18 +352,19 @@ def plot_language_model(summaries: dict[str, dict], png: str) -> None:
   scratch as a curve, the fine-tunes of the publicly pretrained model as
   points, each non-private run as a horizontal line."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, 4.2))
-  scratch = sorted((s for s in summaries.values() if s["private"] and not s["finetune"]
-                    and s["model"] == "transformer" and s.get("privacy_unit") != "user"),
-                   key=lambda s: s["epsilon"])
-  if scratch:
-    ax.errorbar([s["epsilon"] for s in scratch], [100 * s["accuracy_mean"] for s in scratch],
-                yerr=[100 * s["accuracy_std"] for s in scratch], marker="o", capsize=3,
-                label="transformer, private from scratch (seeds: "
-                + ", ".join(str(s["seeds"]) for s in scratch) + ")")
+  fig, ax = plt.subplots(figsize=(FIGURE_WIDTH_IN, 7.0))
+  families = collections.defaultdict(list)   # private from scratch, example level: curves
+  for s in summaries.values():
+    if s["private"] and not s["finetune"] and s.get("privacy_unit") != "user":
+      families[s["model"]].append(s)
+  for model, points in sorted(families.items(), key=lambda kv: kv[0] != "transformer"):
+    points.sort(key=lambda s: s["epsilon"])
+    ax.errorbar([s["epsilon"] for s in points], [100 * s["accuracy_mean"] for s in points],
+                yerr=[100 * s["accuracy_std"] for s in points], marker="o", capsize=3,
+                label=f"{model}, private from scratch (seeds: "
+                + ", ".join(str(s["seeds"]) for s in points) + ")")
   for name, s in sorted(summaries.items()):
-    if s["private"] and (s["finetune"] or s["model"] != "transformer"
-                         or s.get("privacy_unit") == "user"):
+    if s["private"] and (s["finetune"] or s.get("privacy_unit") == "user"):
       ax.errorbar([s["epsilon"]], [100 * s["accuracy_mean"]], yerr=[100 * s["accuracy_std"]],
                   marker="s", capsize=3, linestyle="none", label=f"{name} ({_seeds(s)})")
     elif not s["private"]:
@@ -374,7 +375,7 @@ def plot_language_model(summaries: dict[str, dict], png: str) -> None:
   ax.set_xlabel("epsilon (per window of 65 characters)")
   ax.set_ylabel("held-out accuracy (%)")
   ax.grid(alpha=0.3)
-  ax.legend(loc="center right")
+  ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)
   fig.suptitle(_wrap("Shakespeare character LM: held-out next-character accuracy (mean ± std "
                      "over seeds) against epsilon (delta 1e-5, Poisson, PLD)"))
   fig.tight_layout()
