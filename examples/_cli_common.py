@@ -535,8 +535,13 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              # user-level runs (examples/train_lm.py --privacy-unit user):
              # dataset_size and batch_size are then of users
              "privacy_unit", "num_examples", "max_examples_per_user", "role_fraction",
+             # examples/train_lm.py: the private roles and their windows
+             # (the group a speaker is, for an example-level run)
+             "num_roles", "role_windows_median", "role_windows_max",
              # examples/train_lm.py --clip-only (an ablation, not private):
              "clip_only",
+             # examples/train_lm.py --public-only (the pretrained model, no training)
+             "public_only",
              # Every run: one entry per evaluation (Progress.evaluated), this
              # run's only (a resumed run starts a new one): {"step",
              # "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",

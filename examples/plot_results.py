@@ -104,7 +104,9 @@ def summarise(records: list[dict]) -> dict:
       "seeds": len(records), "accuracy_mean": statistics.fmean(accuracies),
       "accuracy_std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
       "accuracies": accuracies, "epsilon": max(r["epsilon"] for r in records),
-      "seconds": (min(r["seconds"] for r in records), max(r["seconds"] for r in records)),
+      # A tuning's published record leaves its wall time out (it reveals K).
+      "seconds": ((min(r["seconds"] for r in records), max(r["seconds"] for r in records))
+                  if all("seconds" in r for r in records) else None),
   }
 
 
@@ -130,11 +132,12 @@ def markdown_table(summaries: dict[str, dict]) -> str:
            "| seeds | training loop |", "|---|---|---|---|---|---|---|---|"]
   for name, s in sorted(summaries.items(), key=lambda kv: (kv[1]["dataset"], kv[1]["epsilon"])):
     each = ", ".join(f"{100 * a:.2f}" for a in s["accuracies"])
-    lo, hi = s["seconds"]
+    loop = (f"{s['seconds'][0]:.0f}-{s['seconds'][1]:.0f} s" if s["seconds"]
+            else "not published (it reveals K)")
     lines.append(f"| `{name}` | {s['dataset']} | {s['model']} | {s['epsilon']:.4f} | "
                  f"{s.get('covers', ONE_RUN)} | "
                  f"{100 * s['accuracy_mean']:.2f}% ± {100 * s['accuracy_std']:.2f}% ({each}) | "
-                 f"{s['seeds']} | {lo:.0f}-{hi:.0f} s |")
+                 f"{s['seeds']} | {loop} |")
   return "\n".join(lines)
 
 
@@ -317,6 +320,7 @@ def lm_summaries(results_dir: str) -> dict[str, dict]:
       record = json.load(f)
     if record.get("dataset") == "shakespeare" and record.get("evaluated_on") == "test":
       suffix = (" --clip-only" if record.get("clip_only") else
+                " --public-only" if record.get("public_only") else
                 "" if record.get("private") else " --no-dp")
       groups[record["recipe"] + suffix].append(record)
   out = {}
@@ -326,18 +330,51 @@ def lm_summaries(results_dir: str) -> dict[str, dict]:
                      private=bool(records[0].get("private")), bits_mean=statistics.fmean(bits),
                      bits_std=statistics.stdev(bits) if len(bits) > 1 else 0.0,
                      finetune="lora" in name or "finetune" in name,
-                     privacy_unit=records[0].get("privacy_unit") or "example")
+                     privacy_unit=records[0].get("privacy_unit") or "example",
+                     role_windows_max=records[0].get("role_windows_max"),
+                     run={k: records[0].get(k) for k in (   # the seeds share these
+                         "noise_multiplier", "delta", "steps", "dataset_size",
+                         "batch_size", "accountant", "sampler")})
   return out
 
 
+def speaker_guarantee(summary: dict, largest_role: int | None) -> str:
+  """What a run guarantees the speaker with the most windows (`largest_role`
+  of them): a user-level run protects every role whole at its epsilon; an
+  example-level run only as a group of that many examples
+  (`optax_dp.group_privacy`, at the run's delta); a non-private run nothing."""
+  if not summary["private"]:
+    return "none (non-private)"
+  if summary.get("privacy_unit") == "user":
+    return f"{summary['epsilon']:.4f} (user level: each role whole)"
+  if largest_role is None or summary["run"]["sampler"] != "poisson":
+    return "not recorded"
+  import optax_dp  # pylint: disable=import-outside-toplevel
+  r = summary["run"]
+  group = optax_dp.group_privacy(
+      r["noise_multiplier"], r["delta"], largest_role, steps=r["steps"],
+      sampler=optax_dp.PoissonSampler(r["dataset_size"], r["batch_size"]),
+      accountant=r["accountant"])
+  if math.isinf(group.epsilon):
+    return f"none (group of {largest_role}: the bound is vacuous)"
+  return f"{group.epsilon:.4g} (group of {largest_role})"
+
+
 def lm_markdown_table(summaries: dict[str, dict]) -> str:
-  lines = ["| run | epsilon | held-out accuracy (mean ± std) | bits per char | seeds | "
-           "training loop |", "|---|---|---|---|---|---|"]
-  for name, s in sorted(summaries.items(), key=lambda kv: (kv[1]["finetune"], -kv[1]["epsilon"])):
+  largest = max((s["role_windows_max"] for s in summaries.values()
+                 if s.get("role_windows_max")), default=None)
+  lines = ["| run | privacy unit | epsilon | the largest role's guarantee (epsilon) | "
+           "held-out accuracy (mean ± std) | bits per char | seeds | training loop |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, s in sorted(summaries.items(), key=lambda kv: (
+      kv[1]["finetune"], kv[1].get("privacy_unit") == "user", -kv[1]["epsilon"])):
     each = ", ".join(f"{100 * a:.2f}" for a in s["accuracies"])
     lo, hi = s["seconds"]
     eps = f"{s['epsilon']:.4f}" if s["private"] else "none (non-private)"
-    lines.append(f"| `{name}` | {eps} | {100 * s['accuracy_mean']:.2f}% ± "
+    unit = ("role (user)" if s.get("privacy_unit") == "user" else "window (example)"
+            ) if s["private"] else "—"
+    lines.append(f"| `{name}` | {unit} | {eps} | {speaker_guarantee(s, largest)} | "
+                 f"{100 * s['accuracy_mean']:.2f}% ± "
                  f"{100 * s['accuracy_std']:.2f}% ({each}) | {s['bits_mean']:.3f} ± "
                  f"{s['bits_std']:.3f} | {s['seeds']} | {lo:.0f}-{hi:.0f} s |")
   return "\n".join(lines)
@@ -372,7 +409,7 @@ def plot_language_model(summaries: dict[str, dict], png: str) -> None:
                  linestyle=":" if name.endswith("--clip-only") else "--",
                  label=f"{name} ({_seeds(s)})")
   ax.set_xlim(0, 1.1 * max([s["epsilon"] for s in summaries.values() if s["private"]] or [1]))
-  ax.set_xlabel("epsilon (per window of 65 characters)")
+  ax.set_xlabel("epsilon (per window of 65 characters; per role for the user-level points)")
   ax.set_ylabel("held-out accuracy (%)")
   ax.grid(alpha=0.3)
   ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1)

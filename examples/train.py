@@ -108,6 +108,11 @@ def build_parser(recipe=None):
                     help="the seed of the number of trials and the candidates (default: "
                          "secret, from the OS; a known seed makes K known, which the "
                          "guarantee does not cover)")
+  tune.add_argument("--operator-record", metavar="PATH", default=None,
+                    help="also write the operator's record of the tuning (K, every trial, "
+                         "the tuning seed, the wall time) here; keep it private: "
+                         "publishing K voids the end-to-end guarantee (--json-out "
+                         "leaves them out)")
   p.set_defaults(**recipe, steps=None, data_dir=None, eval_every=None)
   return p
 
@@ -144,6 +149,8 @@ def parse_args(argv=None):
   if args.tune is not None:
     import tune_recipe  # pylint: disable=import-outside-toplevel
     tune_recipe.check_tune_args(args)
+  elif args.operator_record:
+    p.error("--operator-record records a tuning: it needs --tune GRID")
   return args
 
 

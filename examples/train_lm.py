@@ -90,6 +90,10 @@ def build_parser(recipe=None):
   p.add_argument("--clip-only", action="store_true",
                  help="an ablation, NOT private: clip each window's gradient as a private "
                       "run does but add no noise (what clipping alone costs)")
+  p.add_argument("--public-only", action="store_true",
+                 help="--finetune lora|full: evaluate the publicly pretrained model as it "
+                      "is, without the private plays (no training, no privacy cost): what "
+                      "the private fine-tune adds is measured against it")
   p.add_argument("--validation", action="store_true",
                  help="evaluate on the validation plays instead of the test plays")
   p.add_argument("--eval-windows", type=int, default=2048,
@@ -121,6 +125,9 @@ def parse_args(argv=None):
     p.error("--finetune needs a transformer model (--model transformer)")
   if args.model == "transformer_linen" and args.finetune != "none":
     p.error("--finetune is the NNX transformer's (nnx.LoRA): --model transformer")
+  if args.public_only and args.finetune == "none":
+    p.error("--public-only evaluates the publicly pretrained model: it needs --finetune "
+            "lora or full (a fine-tune recipe)")
   if args.clip_only and (args.no_dp or args.privacy_unit == "user"):
     p.error("--clip-only is the example-level private run without its noise: leave out "
             "--no-dp and --privacy-unit user")
@@ -259,6 +266,34 @@ def say_group_privacy(budget, steps, roles):
         "--privacy-unit user), not this example-level guarantee.")
 
 
+def evaluate_tokens(eval_model, model, tokens, chunk=256):
+  """(mean loss in nats, next-character accuracy) of `model` over `tokens`."""
+  total_loss = total_acc = 0.0
+  for s in range(0, len(tokens), chunk):
+    window = jnp.asarray(tokens[s:s + chunk])
+    l, a = eval_model(model, window)
+    total_loss, total_acc = total_loss + float(l) * len(window), total_acc + float(a) * len(
+        window)
+  return total_loss / len(tokens), total_acc / len(tokens)
+
+
+def evaluate_public_only(args, model, per_window, eval_tokens, where):
+  """--public-only: the publicly pretrained model, scored as it is (the
+  private plays are not read: nothing to account)."""
+  loss, accuracy = evaluate_tokens(nnx.jit(mean_loss(per_window)), model, eval_tokens)
+  print(f"The publicly pretrained model, not trained on the private plays (no privacy "
+        f"cost): held-out ({where} plays) {loss / math.log(2):.4f} bits per character, "
+        f"next-character accuracy {accuracy:.4f}.")
+  if args.json_out:
+    record = {"test_accuracy": accuracy, "test_loss": loss, "epsilon": None,
+              "delta": args.delta, "steps": 0, "seconds": 0.0, "private": False,
+              "public_only": True, "recipe": args.recipe, "dataset": "shakespeare",
+              "model": args.model, "evaluated_on": where, "history": []}
+    _cli_common.write_outputs(args, {k: record[k] for k in _cli_common.JSON_KEYS
+                                     if k in record})
+  return 0
+
+
 def main(argv=None):
   args = parse_args(argv)
   say = lambda message: _cli_common.say(args, message)   # noqa: E731
@@ -285,6 +320,8 @@ def main(argv=None):
     if args.finetune == "lora":
       lm_models.add_lora(model, args.lora_rank, rngs=nnx.Rngs(args.seed))
       wrt = nnx.LoRAParam
+  if args.public_only:
+    return evaluate_public_only(args, model, per_window, eval_tokens, where)
   user_level = args.privacy_unit == "user" and not args.no_dp
   adam = optax.adam(args.learning_rate)
   if args.clip_only:   # the ablation: dp_aggregate's clip and mean, no noise, no budget
@@ -337,16 +374,10 @@ def main(argv=None):
     opt_state = lambda: optimizer.opt_state       # noqa: E731
     eval_model = nnx.jit(mean_loss(per_window))
 
-  def evaluate(limit=None, chunk=256):
+  def evaluate(limit=None):
     """(mean loss in nats, next-character accuracy) over the evaluation windows."""
-    data = eval_tokens if limit is None else eval_tokens[:limit]
-    total_loss = total_acc = 0.0
-    for s in range(0, len(data), chunk):
-      window = jnp.asarray(data[s:s + chunk])
-      l, a = eval_model(evaluated(), window)
-      total_loss, total_acc = total_loss + float(l) * len(window), total_acc + float(a) * len(
-          window)
-    return total_loss / len(data), total_acc / len(data)
+    return evaluate_tokens(eval_model, evaluated(),
+                           eval_tokens if limit is None else eval_tokens[:limit])
 
   trained = sum(x.size for x in jax.tree.leaves(
       params if params is not None else nnx.state(model, wrt)))
@@ -391,6 +422,8 @@ def main(argv=None):
   bits = eval_loss / math.log(2)
   print(f"Held-out ({where} plays): {bits:.4f} bits per character, next-character "
         f"accuracy {eval_acc:.4f}.")
+  role_counts = np.bincount(roles)
+  role_counts = role_counts[role_counts > 0]   # windows per private role
   if budget is not None and not user_level:
     say_group_privacy(budget, released, roles)
   _cli_common.write_outputs(args, _cli_common.make_record(
@@ -401,7 +434,9 @@ def main(argv=None):
       epochs=args.steps * args.batch_size / sampler.dataset_size,
       privacy_unit="user" if user_level else "example", num_examples=dataset_size,
       role_fraction=args.role_fraction, clip_only=args.clip_only,
-      max_examples_per_user=args.max_windows_per_role if user_level else None))
+      max_examples_per_user=args.max_windows_per_role if user_level else None,
+      num_roles=len(role_counts), role_windows_median=int(np.median(role_counts)),
+      role_windows_max=int(role_counts.max())))
   return 0
 
 

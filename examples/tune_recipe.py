@@ -21,10 +21,15 @@ tunable: see `TUNABLE`). With `--epsilon` the end-to-end target:
 4. Only the best trial's model is kept; it is evaluated on the test set
    (public, not private data: no privacy cost).
 
-The JSON record (--json-out) is the operator's: it holds every trial's
-candidate, noise, single-run epsilon and noisy score, and K. Those are not
-covered by the guarantee (only the selected model and its score are):
-publish the selected model's row, not the trials.
+Two records. `--json-out` is the one to publish: the grid, the distribution
+of K, the reference trial, the selected candidate, its private score, its
+test accuracy and the end-to-end epsilon, and nothing the guarantee does not
+cover. `--operator-record` (optional; keep it private) adds what only the
+person running the tuning may see: K, every trial (candidate, noise, its
+own epsilon, its noisy score, its time), the tuning seed and the wall time.
+Publishing K (or anything that reveals it, such as the wall time or the
+printed progress) voids the guarantee: the bound holds for the selected
+model with K unknown.
 
 References:
   Papernot & Steinke 2022, "Hyperparameter Tuning with Renyi Differential
@@ -45,6 +50,10 @@ import numpy as np
 import optax_dp
 
 import _cli_common
+
+# What the published record (--json-out) leaves out and only the operator's
+# (--operator-record) holds: each reveals K, which the guarantee needs hidden.
+WITHHELD = ("num_trials", "per_trial", "tuning_seed", "seconds")
 
 # What --tune may vary, and how its values are read.
 TUNABLE = {"learning_rate": float, "l2_norm_clip": float, "epochs": float,
@@ -89,6 +98,10 @@ def check_tune_args(args):
   if not args.validation_size:
     _cli_common.fail("--tune scores each trial on private held-out training examples: "
                      "give --validation-size N (e.g. 5000).")
+  if args.operator_record and args.json_out and (
+      os.path.abspath(args.operator_record) == os.path.abspath(args.json_out)):
+    _cli_common.fail("--operator-record must not be the --json-out file: the operator's "
+                     "record holds K, which the published one must not.")
   if args.plot:
     _cli_common.fail("--tune writes the trials to --json-out; --plot draws one run: "
                      "leave it out.")
@@ -214,13 +227,13 @@ def main(args, *, load_splits, train_model):
           f"accuracy {test_accuracy:.4f} in {seconds:.0f} s.\n{statement}")
   record = {
       "test_accuracy": test_accuracy, "test_loss": test_loss, "epsilon": result.epsilon,
-      "delta": args.delta, "seconds": seconds, "recipe": args.recipe,
+      "delta": args.delta, "recipe": args.recipe,
       "dataset": args.dataset, "model": args.model, "evaluated_on": "test",
       "dataset_size": dataset_size, "private": True,
       "tuning": {
           "grid": args.tune, "candidates": candidates,
           "trials": {"mean": trials.mean, "shape": trials.shape},
-          "num_trials": result.num_trials, "selected": chosen, "selected_score": result.score,
+          "selected": chosen, "selected_score": result.score,
           "validation_size": validation_size,
           "score_noise_multiplier": args.score_noise_multiplier,
           # The trial event every trial is no less private than: Poisson
@@ -228,12 +241,17 @@ def main(args, *, load_splits, train_model):
           # and the score; and what one such run alone would be.
           "reference": {"batch_size": args.batch_size, "steps": args.steps,
                         "noise_multiplier": sigma, "single_run_epsilon": single},
-          "target_epsilon": args.epsilon, "end_to_end_epsilon": result.epsilon, "end_to_end_accountant": "rdp",
-          "tuning_seed": seed, "per_trial": log,
+          "target_epsilon": args.epsilon, "end_to_end_epsilon": result.epsilon,
+          "end_to_end_accountant": "rdp",
+          "withheld": list(WITHHELD),
       },
   }
-  if args.json_out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-    with open(args.json_out, "w") as f:
-      json.dump(record, f, indent=2)
-  return record
+  # The operator's record: the published one plus what reveals K.
+  operator = dict(record, seconds=seconds, tuning=dict(
+      record["tuning"], num_trials=result.num_trials, per_trial=log, tuning_seed=seed))
+  for path, content in ((args.json_out, record), (args.operator_record, operator)):
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path, "w") as f:
+        json.dump(content, f, indent=2)
+  return operator

@@ -43,6 +43,11 @@ def test_each_lm_recipe_runs_and_reports_the_epsilon_of_what_ran(tmp_path, name)
   assert record["privacy_unit"] == recipe["privacy_unit"] and record["num_examples"] == 1024
   # The accounting's population: the roles of a user-level run, else the windows.
   assert record["dataset_size"] == (4 if users else 1024)
+  # The roles and their windows: 1024 windows over 4 roles, the largest holds
+  # at least a quarter (the group a speaker is, for an example-level run).
+  assert record["num_roles"] == 4
+  assert 256 <= record["role_windows_max"] <= 1024
+  assert 1 <= record["role_windows_median"] <= record["role_windows_max"]
   assert record["epsilon"] == pytest.approx(example_runs.rdp_epsilon(record), rel=1e-12)
   assert record["epsilon"] <= recipe["epsilon"]
   assert 0.0 <= record["test_accuracy"] <= 1.0 and record["test_loss"] > 0
@@ -76,6 +81,9 @@ def test_bad_lm_flags_are_refused(capsys):
   status, stderr = example_runs.refusal_in_process(
       capsys, "--recipe", "shakespeare-eps8", "--clip-only", "--no-dp", script="train_lm.py")
   assert status == 2 and "--clip-only is the example-level private run" in stderr
+  status, stderr = example_runs.refusal_in_process(
+      capsys, "--recipe", "shakespeare-eps8", "--public-only", script="train_lm.py")
+  assert status == 2 and "--public-only evaluates the publicly pretrained model" in stderr
   status, stderr = example_runs.refusal_in_process(
       capsys, "--recipe", "nope", script="train_lm.py")
   assert status == 2 and "choose from" in stderr
@@ -120,6 +128,25 @@ def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
     # rel 1e-6: as for the MNIST records (tests/test_train_results.py).
     assert record["epsilon"] == pytest.approx(example_runs.pld_epsilon(record), rel=1e-6), name
     assert record["epsilon"] <= recipe["epsilon"], name
+
+
+@pytest.mark.slow
+def test_public_only_scores_the_pretrained_model_without_the_private_plays(tmp_path):
+  # The baseline a fine-tune is measured against: the publicly pretrained
+  # model as it is. It equals a non-private fine-tune that moves nothing
+  # (learning rate 0: Adam's updates are 0, LoRA's B starts at 0).
+  cache = ("--cache-dir", str(tmp_path / "cache"))
+  public, stdout = example_runs.run_in_process(
+      tmp_path, "--recipe", "shakespeare-lora-eps1", "--public-only", *QUICK, *cache,
+      name="public", script="train_lm.py")
+  assert public["private"] is False and public["public_only"] is True
+  assert public["epsilon"] is None and public["steps"] == 0
+  assert "not trained on the private plays (no privacy cost)" in stdout
+  unmoved, _ = example_runs.run_in_process(
+      tmp_path, "--recipe", "shakespeare-lora-eps1", "--no-dp", "--learning-rate", "0",
+      *QUICK, *cache, name="unmoved", script="train_lm.py")
+  assert public["test_accuracy"] == pytest.approx(unmoved["test_accuracy"], abs=1e-6)
+  assert public["test_loss"] == pytest.approx(unmoved["test_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -151,23 +151,37 @@ def test_the_language_model_summary_and_figure(tmp_path):
   import plot_results  # pylint: disable=import-outside-toplevel
   pytest.importorskip("matplotlib")
   base = {"dataset": "shakespeare", "evaluated_on": "test", "seconds": 10.0, "model": "transformer",
-          "private": True, "recipe": "shakespeare-eps8", "epsilon": 7.99}
+          "private": True, "recipe": "shakespeare-eps8", "epsilon": 7.99,
+          "noise_multiplier": 0.6, "delta": 1e-5, "steps": 400, "dataset_size": 32394,
+          "batch_size": 512, "accountant": "pld", "sampler": "poisson"}
   records = [dict(base, test_accuracy=0.36, test_loss=2.0),
              dict(base, test_accuracy=0.38, test_loss=2.2),
              dict(base, private=False, epsilon=None, test_accuracy=0.48, test_loss=1.7),
              dict(base, recipe="shakespeare-lora-eps1", epsilon=0.99, test_accuracy=0.49,
                   test_loss=1.69),
-             dict(base, evaluated_on="validation", test_accuracy=0.1, test_loss=9.0)]
+             dict(base, evaluated_on="validation", test_accuracy=0.1, test_loss=9.0),
+             dict(base, recipe="shakespeare-user-lora-eps8", privacy_unit="user",
+                  sampler="user_poisson", dataset_size=564, batch_size=64,
+                  test_accuracy=0.47, test_loss=1.8, role_windows_max=1009)]
   for i, record in enumerate(records):
     (tmp_path / f"r{i}.json").write_text(json.dumps(record))
   summaries = plot_results.lm_summaries(str(tmp_path))
   assert set(summaries) == {"shakespeare-eps8", "shakespeare-eps8 --no-dp",
-                            "shakespeare-lora-eps1"}                 # the validation run left out
+                            "shakespeare-lora-eps1",             # the validation run left out
+                            "shakespeare-user-lora-eps8"}
   table = plot_results.lm_markdown_table(summaries)
   bits = statistics.fmean([2.0 / math.log(2), 2.2 / math.log(2)])
-  assert (f"| `shakespeare-eps8` | 7.9900 | 37.00% ± 1.41% (36.00, 38.00) | {bits:.3f} ± "
-          in table)
-  assert "| `shakespeare-eps8 --no-dp` | none (non-private) | 48.00%" in table
+  # The largest role (1009 windows, recorded by the user-level run): a group
+  # of 1009 windows under an example-level epsilon of 8 has no guarantee
+  # (optax_dp.group_privacy: infinite); the user-level run protects it whole.
+  import optax_dp  # pylint: disable=import-outside-toplevel
+  assert math.isinf(optax_dp.group_privacy(0.6, 1e-5, 1009, steps=400,
+                                           sampler=optax_dp.PoissonSampler(32394, 512)).epsilon)
+  assert (f"| `shakespeare-eps8` | window (example) | 7.9900 | none (group of 1009: the bound "
+          f"is vacuous) | 37.00% ± 1.41% (36.00, 38.00) | {bits:.3f} ± " in table)
+  assert ("| `shakespeare-user-lora-eps8` | role (user) | 7.9900 | 7.9900 (user level: each "
+          "role whole) | 47.00%" in table)
+  assert "| `shakespeare-eps8 --no-dp` | — | none (non-private) | none (non-private) | 48.00%" in table
   plot_results.plot_language_model(summaries, str(tmp_path / "lm.png"))
   assert _is_png(tmp_path / "lm.png")
 
