@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 import example_runs
@@ -110,6 +111,10 @@ def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
     recipe = recipes.LM_RECIPES[record["recipe"]]
     users = record.get("privacy_unit") == "user"
     assert record["dataset"] == "shakespeare", name
+    if record.get("public_only"):   # the pretrained model as it is: no private data read
+      assert record["private"] is False and record["epsilon"] is None, name
+      assert record["steps"] == 0 and recipe["finetune"] != "none", name
+      continue
     assert record["sampler"] == ("user_poisson" if users else "poisson"), name
     tuning = os.path.basename(os.path.dirname(path)) == "tuning"
     assert record["evaluated_on"] == ("validation" if tuning else "test"), name
@@ -121,6 +126,11 @@ def test_the_published_lm_records_claim_the_epsilon_of_what_ran():
           record["role_fraction"] * len(set(roles.tolist())))), name
     else:
       assert record["dataset_size"] == (len(set(roles.tolist())) if users else len(windows)), name
+      if "role_windows_max" in record:   # the group a speaker is (the LM table's column)
+        counts = np.unique(roles, return_counts=True)[1]
+        assert record["num_roles"] == len(counts), name
+        assert record["role_windows_max"] == counts.max(), name
+        assert record["role_windows_median"] == int(np.median(counts)), name
     if not record["private"]:
       assert record["epsilon"] is None and record["noise_multiplier"] is None, name
       continue
