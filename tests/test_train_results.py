@@ -241,3 +241,39 @@ def test_the_published_records_claim_the_epsilon_of_what_ran():
       assert record["epsilon"] == pytest.approx(example_runs.pld_epsilon(record),
                                                 rel=1e-6), name
       assert record["epsilon"] <= recipes.RECIPES[name]["epsilon"], name
+
+
+def _markdown_tables(text, header_start):
+  """Every markdown table of `text` whose header starts with `header_start`."""
+  lines, tables = text.splitlines(), []
+  for i, line in enumerate(lines):
+    if line.startswith(header_start):
+      end = i
+      while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+      tables.append(lines[i:end])
+  return tables
+
+
+def test_the_readmes_recipe_tables_are_what_the_records_give(capsys):
+  # The README's three recipe tables (single runs and --tune rows; BandMF;
+  # adaptive clipping), in that order, are plot_results' output from the
+  # committed records, line for line: a record added or rerun without
+  # regenerating the table, or a column added to one table only, fails here.
+  import plot_results  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(example_runs.EXAMPLES, os.pardir, "README.md"), encoding="utf-8") as f:
+    readme = _markdown_tables(f.read(), "| recipe | dataset | model | epsilon spent |")
+  generated = []
+  for folder in ("", "bandmf", "adaptive"):
+    plot_results.main(["--results", os.path.join(RESULTS, folder), "--table-only"])
+    generated += _markdown_tables(capsys.readouterr().out, "| recipe | dataset | model |")
+  assert readme == generated
+
+
+@pytest.mark.slow
+def test_the_readmes_language_model_table_is_what_the_records_give():
+  import plot_results  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(example_runs.EXAMPLES, os.pardir, "README.md"), encoding="utf-8") as f:
+    readme = _markdown_tables(f.read(), "| run | privacy unit | epsilon |")
+  generated = plot_results.lm_markdown_table(plot_results.lm_summaries(plot_results.LM_RESULTS))
+  assert readme == [generated.splitlines()]
