@@ -118,7 +118,9 @@ def load_tuned(results_dir: str) -> dict[str, list[dict]]:
     with open(path) as f:
       record = json.load(f)
     if record.get("tuning") and record.get("test_accuracy") is not None:
-      groups[f'{record["recipe"]} --tune "{record["tuning"]["grid"]}"'].append(record)
+      tuning = record["tuning"]
+      groups[f'{record["recipe"]} --epsilon {tuning["target_epsilon"]:g} '
+             f'--tune "{tuning["grid"]}"'].append(record)
   return dict(groups)
 
 
@@ -332,6 +334,7 @@ def lm_summaries(results_dir: str) -> dict[str, dict]:
                      finetune="lora" in name or "finetune" in name,
                      privacy_unit=records[0].get("privacy_unit") or "example",
                      role_windows_max=records[0].get("role_windows_max"),
+                     public_only=bool(records[0].get("public_only")),
                      run={k: records[0].get(k) for k in (   # the seeds share these
                          "noise_multiplier", "delta", "steps", "dataset_size",
                          "batch_size", "accountant", "sampler")})
@@ -370,13 +373,17 @@ def lm_markdown_table(summaries: dict[str, dict]) -> str:
       kv[1]["finetune"], kv[1].get("privacy_unit") == "user", -kv[1]["epsilon"])):
     each = ", ".join(f"{100 * a:.2f}" for a in s["accuracies"])
     lo, hi = s["seconds"]
-    eps = f"{s['epsilon']:.4f}" if s["private"] else "none (non-private)"
+    loop = "—" if s["public_only"] else f"{lo:.0f}-{hi:.0f} s"
+    eps = (f"{s['epsilon']:.4f}" if s["private"] else
+           "none (no private data)" if s["public_only"] else "none (non-private)")
     unit = ("role (user)" if s.get("privacy_unit") == "user" else "window (example)"
             ) if s["private"] else "—"
-    lines.append(f"| `{name}` | {unit} | {eps} | {speaker_guarantee(s, largest)} | "
+    speaker = ("nothing to protect (no role read)" if s["public_only"]
+               else speaker_guarantee(s, largest))
+    lines.append(f"| `{name}` | {unit} | {eps} | {speaker} | "
                  f"{100 * s['accuracy_mean']:.2f}% ± "
                  f"{100 * s['accuracy_std']:.2f}% ({each}) | {s['bits_mean']:.3f} ± "
-                 f"{s['bits_std']:.3f} | {s['seeds']} | {lo:.0f}-{hi:.0f} s |")
+                 f"{s['bits_std']:.3f} | {s['seeds']} | {loop} |")
   return "\n".join(lines)
 
 
