@@ -8,7 +8,9 @@ One command regenerates them all (matplotlib, no training, no benchmark run):
   record `train.py --json-out` wrote under `--results` (examples/results),
   grouped by recipe (one record per seed): mean and standard deviation over
   the seeds. Only test-set records of private runs count (`evaluated_on ==
-  "test"`); validation runs (tuning) are left out. Also printed as a table.
+  "test"`); validation runs (tuning) are left out. The `train.py --tune`
+  records (results/tuned), whose epsilon covers the whole tuning, are drawn
+  dashed beside them. Also printed as a table.
 * `tutorial_run.png`: accuracy and epsilon spent against the step of one run
   (`--run`, a record of `mnist_linen.py --json-out` with its "history"); the
   examples' `--plot PATH` draws the same figure of their own run (`plot_run`).
@@ -37,6 +39,7 @@ import os
 import statistics
 import sys
 import textwrap
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -143,34 +146,44 @@ def markdown_table(summaries: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
-def plot(summaries: dict[str, dict], png: str) -> None:
+def plot(summaries: dict[str, dict], png: str,
+         tuned: Optional[dict[str, dict]] = None) -> None:
+  """One panel per dataset: each model's single-run rows (epsilon of one run,
+  its tuning excluded) as a solid line, and its `--tune` rows (epsilon of the
+  whole tuning) as a dashed one."""
   plt = _pyplot()
 
   series = collections.defaultdict(list)
   for s in summaries.values():
-    series[(s["dataset"], s["model"])].append(s)
-  datasets = sorted({dataset for dataset, _ in series})
+    series[(s["dataset"], s["model"], "")].append(s)
+  for s in (tuned or {}).values():
+    series[(s["dataset"], s["model"], ", tuned inside epsilon")].append(s)
   # One epsilon axis from 0 for every panel: a panel whose points all sit
   # near one epsilon would otherwise zoom into its digits (an offset axis).
-  max_epsilon = max(s["epsilon"] for s in summaries.values())
-  fig, axes = plt.subplots(1, len(datasets), figsize=(FIGURE_WIDTH_IN, 4.2), squeeze=False)
+  max_epsilon = max(s["epsilon"] for points in series.values() for s in points)
+  datasets = sorted({dataset for dataset, _, _ in series})
+  fig, axes = plt.subplots(1, len(datasets), figsize=(FIGURE_WIDTH_IN, 6.0), squeeze=False)
   for ax, dataset in zip(axes[0], datasets):
-    for (d, model), points in sorted(series.items()):
+    colours = {}
+    for (d, model, kind), points in sorted(series.items()):
       if d != dataset:
         continue
       points.sort(key=lambda s: s["epsilon"])
-      ax.errorbar([s["epsilon"] for s in points], [100 * s["accuracy_mean"] for s in points],
-                  yerr=[100 * s["accuracy_std"] for s in points], marker="o", capsize=3,
-                  label=model)
+      line = ax.errorbar([s["epsilon"] for s in points], [100 * s["accuracy_mean"] for s in points],
+                         yerr=[100 * s["accuracy_std"] for s in points], marker="o", capsize=3,
+                         linestyle="--" if kind else "-", color=colours.get(model),
+                         label=model + kind)
+      colours.setdefault(model, line[0].get_color())
     ax.set_xlim(0, 1.1 * max_epsilon)
     ax.ticklabel_format(useOffset=False)
     ax.set_xlabel("epsilon")
     ax.set_title(dataset)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16))
   axes[0][0].set_ylabel("test accuracy (%)")
   fig.suptitle(_wrap("Test accuracy (mean ± std over seeds) against epsilon (delta 1e-5, "
-                     "Poisson sampling, PLD accountant)"))
+                     "Poisson sampling; PLD for one run, its tuning excluded; RDP for "
+                     "the whole tuning where dashed)"))
   fig.tight_layout()
   _save(fig, png)
   plt.close(fig)
@@ -447,12 +460,12 @@ def main(argv=None):
   summaries = {name: summarise(records) for name, records in groups.items()}
   tuned = {name: dict(summarise(records), covers=END_TO_END)
            for name, records in load_tuned(args.results).items()}
-  print(markdown_table({**summaries, **tuned}))   # the figure: single runs only
+  print(markdown_table({**summaries, **tuned}))
   if args.table_only:
     return
   written = [os.path.join(args.out, name) for name in
              ("privacy_utility.png", "tutorial_run.png", "step_time.png", "peak_memory.png")]
-  plot(summaries, written[0])
+  plot(summaries, written[0], tuned)
   with open(args.run) as f:
     plot_run(json.load(f), written[1])
   plot_step_time(written[2])
