@@ -167,6 +167,7 @@ _LONGEST_FIRST = ("test_train_recipes.py", "test_example_ledger.py", "test_examp
                   "test_audit.py", "test_properties.py", "test_clipped.py",
                   "test_multi_process.py",   # ~115 s: two groups of subprocess runs
                   "test_multi_device.py", "test_clip_norms.py",   # ~120 s (issue 18)
+                  "test_model_parallel.py",   # ~140 s: one 8-device process, optimised
                   "test_train_results.py")
 
 

@@ -140,10 +140,11 @@ def value_and_clipped_grads(
     norms, clip_norm = _clip_norms.clip_norms_now(clip, current)   # checks `current`
     if not _nnx.is_module(params):
       _nnx.refuse_nnx_options("clipped_grads", wrt=wrt, rngs=rngs)
-      route = _devices.batch_route(batch)
+      safe = _per_example.partitioner_check(loss_fn, has_aux, params, batch, mask)
+      route = _devices.batch_route(batch, safe)
       if route is not None:
         return on_devices(fn, route)(params, batch, mask, l2_norm_clip=current)
-      return one_device(params, batch, mask, norms, clip_norm)
+      return one_device(params, batch, mask, norms, clip_norm, safe)
     values, clipped = _nnx.call(
         lambda pure: functools.partial(value_and_clipped_grads(
             pure, clip, method=method, has_aux=has_aux,
@@ -151,9 +152,9 @@ def value_and_clipped_grads(
         loss_fn, params, batch, mask, wrt, "clipped_grads", rngs=rngs)
     return values, _nnx.as_optimizer_grads(clipped)
 
-  def one_device(params, batch, mask, norms, clip_norm):
+  def one_device(params, batch, mask, norms, clip_norm, safe=None):
     batch_size = _per_example.batch_rows(batch)
-    params = _devices.local_params(params, batch, "clipped_grads")
+    params = _devices.local_params(params, batch, "clipped_grads", safe)
     if mask is None:
       mask = jnp.ones((batch_size,), bool)
     elif _units.examples_per_unit(mask) is None:

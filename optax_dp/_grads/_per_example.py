@@ -122,6 +122,38 @@ def zero_masked(tree: chex.ArrayTree, mask: jax.Array) -> chex.ArrayTree:
   return jax.tree.map(zero, tree)
 
 
+def partitioner_check(loss_fn: Callable[..., Any], has_aux: bool, params: Any,
+                      batch: Any, mask: Any) -> Callable[[], bool]:
+  """`safe()`: whether XLA's partitioner may split this batch's per-example
+  work (`_devices.partitioner_safe` of one row's loss gradient), traced once
+  and only when asked (a batch on a mesh of several devices). A loss that
+  cannot be traced on one row is not called safe: the batch is then routed
+  or refused as before."""
+  lead = 1 if mask is None else jnp.ndim(mask)
+
+  def one_row(x):
+    x = jnp.asarray(x)
+    return x.reshape((-1,) + x.shape[lead:])[:1]
+
+  def grad(params, rows):
+    def value(params):
+      out = loss_fn(params, rows)
+      return out[0] if has_aux else out
+    return jax.grad(value)(params)
+
+  verdict: list[bool] = []
+
+  def safe() -> bool:
+    if not verdict:
+      try:
+        verdict.append(_devices.partitioner_safe(grad, params, jax.tree.map(one_row, batch)))
+      except Exception:   # pylint: disable=broad-except
+        verdict.append(False)
+    return verdict[0]
+
+  return safe
+
+
 def value_and_per_example_grads(
     loss_fn: LossFn,
     *,
@@ -215,11 +247,12 @@ def value_and_per_example_grads(
               pure, has_aux=has_aux, microbatch_size=microbatch_size),
           loss_fn, params, batch, mask, wrt, "per_example_grads", rngs=rngs)
     _nnx.refuse_nnx_options("per_example_grads", wrt=wrt, rngs=rngs)
-    route = _devices.batch_route(batch)
+    safe = partitioner_check(loss_fn, has_aux, params, batch, mask)
+    route = _devices.batch_route(batch, safe)
     if route is not None:
       return on_devices(fn, route)(params, batch, mask)
     batch_size = batch_rows(batch)
-    params = _devices.local_params(params, batch, "per_example_grads")
+    params = _devices.local_params(params, batch, "per_example_grads", safe)
     with _linen.no_cross_example_layers("per_example_grads"):
       if microbatch_size is None or microbatch_size >= batch_size:
         values, grads = jax.vmap(value_and_grad, in_axes=(None, 0))(params, batch)

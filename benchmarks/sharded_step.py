@@ -1,0 +1,166 @@
+"""Private against non-private step of the language model with its parameters
+sharded over devices (data parallel, FSDP, tensor parallel), under plain
+`jax.jit` with the user's shardings.
+
+The Linen causal character transformer of `examples/lm_models.py` (d=128, 2
+blocks, 4 heads, vocabulary 80), next-character loss on random windows, Adam
+after the DP part. Each layout is a mesh of Auto axes over all devices; the
+parameters are placed by the user's rule (FSDP: every leaf's largest
+dimension divisible by the 'fsdp' size split over 'fsdp'; tensor parallel:
+its last divisible dimension over 'model'), the batch over ('data', 'fsdp')
+or 'data'. Per layout, in one process, the private and the non-private steps
+alternate round by round (`_common.round_robin`); the ratio is the median of
+per-round ratios. Memory per device: XLA's memory analysis of each compiled
+step (argument and temporary bytes).
+
+On a CPU, simulate the devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+      python benchmarks/sharded_step.py --rounds 5 \\
+      --json-out benchmarks/results/sharded_step_b64_t64.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+import _common  # pylint: disable=wrong-import-position
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import optax  # pylint: disable=wrong-import-position
+from jax.sharding import AxisType, NamedSharding  # pylint: disable=wrong-import-position
+from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
+
+import optax_dp  # pylint: disable=wrong-import-position
+
+import lm_models  # pylint: disable=wrong-import-position
+
+VOCAB = 80
+
+
+def layouts(devices: int) -> dict[str, tuple[tuple[int, int], tuple[str, str]]]:
+  """name -> (mesh shape, axis names), over all devices."""
+  out = {"data": ((devices, 1), ("data", "fsdp"))}
+  for n in (2, 4, 8):
+    if devices % n == 0 and n <= devices:
+      out[f"fsdp={n}"] = ((devices // n, n), ("data", "fsdp"))
+  if devices % 2 == 0 and devices >= 2:
+    out["model=2"] = ((devices // 2, 2), ("data", "model"))
+  return out
+
+
+def spec_rule(kind: str, n: int):
+  def spec(a):
+    dims = (sorted(range(a.ndim), key=lambda i: -a.shape[i]) if kind == "fsdp"
+            else range(a.ndim - 1, -1, -1))
+    for i in dims:
+      if n > 1 and a.shape[i] % n == 0:
+        entries = [None] * a.ndim
+        entries[i] = kind
+        return P(*entries)
+    return P()
+  return spec
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch-size", type=int, default=64)
+  parser.add_argument("--length", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--json-out", default=None)
+  args = parser.parse_args(argv)
+  devices = jax.device_count()
+  config = lm_models.LMConfig(vocab_size=VOCAB, length=args.length, features=128, heads=4,
+                              layers=2)
+  model = lm_models.LinenCharTransformer(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, args.length), jnp.int32))["params"]
+
+  def loss(p, w):
+    return lm_models.next_char_loss(model.apply({"params": p}, w[:, :-1]), w)
+
+  clip, sigma = _common.L2_NORM_CLIP, _common.NOISE_MULTIPLIER
+  private_tx = optax.chain(optax_dp.dp_aggregate(clip, sigma, key=0,
+                                                 expected_batch_size=args.batch_size),
+                           optax.adam(1e-3))
+  plain_tx = optax.adam(1e-3)
+  grad_fn = optax_dp.clipped_grads(loss, clip)
+
+  def private(params, opt_state, w, mask):
+    updates, opt_state = private_tx.update(grad_fn(params, w, mask), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def non_private(params, opt_state, w, mask):
+    del mask
+    grads = jax.grad(lambda p: loss(p, w))(params)
+    updates, opt_state = plain_tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  windows = np.random.default_rng(0).integers(0, VOCAB, (args.batch_size, args.length + 1))
+  windows = windows.astype(np.int32)
+  mask = np.ones((args.batch_size,), bool)
+  header = (f"char transformer d=128, 2 blocks, 4 heads, T={args.length}, "
+            f"{sum(x.size for x in jax.tree.leaves(params))} params; batch {args.batch_size}, "
+            f"{devices} devices ({jax.devices()[0].platform}), {args.rounds} rounds, "
+            f"C={clip}, sigma={sigma}")
+  print(header, flush=True)
+  _common.print_start_load_warning()
+  results = {}
+  for name, (shape, names) in layouts(devices).items():
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2)
+    kind = names[1]
+    rule = spec_rule(kind, mesh.shape[kind])
+    p = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, rule(a))), params)
+    rows = P(("data", "fsdp")) if kind == "fsdp" else P("data")
+    w = jax.device_put(windows, NamedSharding(mesh, rows))
+    m = jax.device_put(mask, NamedSharding(mesh, rows))
+    compiled, state, memory = {}, {}, {}
+    for row, fn, tx in (("non_private", non_private, plain_tx), ("private", private, private_tx)):
+      state[row] = (p, jax.jit(tx.init)(p))
+      compiled[row] = jax.jit(fn).lower(*state[row], w, m).compile()
+      analysis = compiled[row].memory_analysis()
+      memory[row] = {"argument_bytes": analysis.argument_size_in_bytes,
+                     "temp_bytes": analysis.temp_size_in_bytes,
+                     "output_bytes": analysis.output_size_in_bytes}
+      jax.block_until_ready(compiled[row](*state[row], w, m))    # warm up
+
+    def step(row):
+      jax.block_until_ready(compiled[row](*state[row], w, m))
+
+    print(f"\n{name}: mesh {dict(mesh.shape)}", flush=True)
+    times = _common.round_robin(("non_private", "private"), args.rounds, step)
+    per_device = {row: memory[row]["argument_bytes"] + memory[row]["temp_bytes"]
+                  for row in memory}
+    results[name] = {
+        "mesh": dict(mesh.shape), "times_ms": times, "memory": memory,
+        "median_round_ratio": statistics.median(
+            a / b for a, b in zip(times["private"], times["non_private"])),
+        "memory_ratio": per_device["private"] / per_device["non_private"]}
+    print(f"{name}: private / non-private step {results[name]['median_round_ratio']:.2f}x, "
+          f"per-device argument + temp bytes {per_device['private']:,} / "
+          f"{per_device['non_private']:,} = {results[name]['memory_ratio']:.2f}x", flush=True)
+  lines = ["| layout | mesh | private / non-private step | per-device bytes (private) | "
+           "per-device bytes (non-private) | memory ratio |", "|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    mem = {row: r["memory"][row]["argument_bytes"] + r["memory"][row]["temp_bytes"]
+           for row in r["memory"]}
+    lines.append(f"| {name} | {r['mesh']} | {r['median_round_ratio']:.2f} | "
+                 f"{mem['private']:,} | {mem['non_private']:,} | {r['memory_ratio']:.2f} |")
+  table = "\n".join(lines)
+  print("\n" + table)
+  if args.json_out:
+    _common.write_json(args.json_out, header=header, batch_size=args.batch_size,
+                       length=args.length, rounds=args.rounds, devices=devices,
+                       layouts=results, load=_common.load_record(), markdown=table,
+                       machine=_common.machine_info())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,133 @@
+"""Parameters sharded over a model axis (FSDP, tensor parallel) under plain
+`jax.jit` on 8 simulated CPU devices (`_devices.partitioner_safe`: a model
+without convolutions runs with the user's shardings, nothing gathered).
+
+One fresh process (`tests/_model_parallel_script.py`, started with
+XLA_FLAGS=--xla_force_host_platform_device_count=8) runs the sections; the
+tests read its results.json. The language model is examples/lm_models.py's
+(Embed, causal attention, LayerNorm, MLP), NNX and Linen, at a test size.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+
+# The noise is compared bit for bit: XLA's optimisations on (as users run it;
+# with them off, 1-ulp differences in about 0.1% of the coordinates appear
+# between the sharded and the 1-device draws of the same normal values).
+pytestmark = pytest.mark.xla_optimized
+
+_REPO = Path(__file__).resolve().parent.parent
+_SECTIONS = ("train", "noise", "memory", "planted")
+_TRAIN_RUNS = ("nnx/auto", "linen/auto", "linen/vmap")
+_MESHES = ("fsdp", "model")
+
+# "8 devices == 1 device" in float32: the clipped sum is added in another
+# order (XLA's partial sums per device, then the all-reduce), a relative
+# error of order B * eps_f32 ~ 16 * 6e-8 ~ 1e-6 of the clipped sum; it reaches
+# the parameters through SGD (lr 1, momentum 0.9: at most 1 + 1.9 + 2.71 times
+# an update of norm <= (C + noise) over 3 steps). The noise is the same bitwise
+# (the noise test). Measured: <= 1.2e-7 absolute. A mechanism error is far
+# larger: one example dropped or counted twice moves the clipped sum by C =
+# 0.05 in norm, the parameters by ~0.05 / sqrt(parameters per leaf) >> 1e-5.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  out = tmp_path_factory.mktemp("model_parallel")
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + ["--xla_force_host_platform_device_count=8"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [str(_REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  proc = subprocess.run(
+      [sys.executable, str(_REPO / "tests" / "_model_parallel_script.py"), str(out),
+       ",".join(_SECTIONS)], capture_output=True, text=True, timeout=1200, cwd=out, env=env)
+  if proc.returncode != 0 or not (out / "results.json").exists():
+    pytest.fail(f"the 8-device subprocess failed (rc {proc.returncode}):\n"
+                f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+  data = json.loads((out / "results.json").read_text())
+  assert data["devices"] == 8
+  return data
+
+
+def _section(results, name):
+  section = results.get(name)
+  if section is None:
+    pytest.fail(f"the 8-device script did not run section {name!r}")
+  if "error" in section:
+    pytest.fail(f"section {name!r} raised in the 8-device process:\n{section['error']}")
+  return section
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("mesh", _MESHES)
+@pytest.mark.parametrize("run", _TRAIN_RUNS)
+def test_three_private_steps_with_sharded_params_equal_1_device(results, run, mesh):
+  """3 steps of clipped_grads + dp_aggregate + SGD, the parameters split over
+  'fsdp' (a (2, 4) mesh, batch over both axes) or 'model' (a (4, 2) mesh,
+  batch over 'data'), 3 padding rows per batch, equal the 1-device run."""
+  row = _section(results, "train")[f"{run}/{mesh}"]
+  for i, (diff, scale, moved) in enumerate(zip(row["max_abs_diff"], row["max_abs"],
+                                               row["moved"])):
+    assert diff <= ATOL + RTOL * scale, (i, diff, scale)
+    assert moved > 100 * (ATOL + RTOL * scale), (i, moved)   # training moved each leaf
+  # The parameters were split over the mesh, and training kept some split:
+  # nothing was gathered into one replicated copy for good.
+  assert not all(row["replicated"]), row["replicated"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("mesh", _MESHES)
+def test_noise_with_sharded_params_equals_1_device_noise_bitwise(results, mesh):
+  """dp_aggregate's update of an all-masked batch is its noise alone: on each
+  2-D mesh it equals the 1-device noise bit for bit (so no coordinate is
+  noised twice or left out), and it is noise: its standard deviation is
+  sigma * C / B within 5% (112,256 coordinates: the sample std's relative
+  standard error is 1 / sqrt(2 * 112256) = 0.2%, so 5% is 25 of them)."""
+  noise = _section(results, "noise")
+  assert noise[mesh]["bitwise_equal"]
+  assert noise[mesh]["nonzero"]
+  assert abs(noise["std"] / noise["expected_std"] - 1) < 0.05, noise
+
+
+@pytest.mark.subprocess
+def test_per_device_state_bytes_fall_as_one_over_fsdp_devices(results):
+  """XLA's memory analysis of the compiled private step on ('data', 'fsdp')
+  meshes of n = 1, 2, 4, 8 'fsdp' devices: its arguments (parameters, Adam's
+  two moments, the step's batch) and its outputs (the new parameters and
+  moments) per device fall as 1/n (within 2%: the batch of 16 x 17 int32 is
+  split over all 8 devices at every n), as the non-private step's do."""
+  memory = _section(results, "memory")
+  for step in ("private", "non_private"):
+    one = memory["1"][step]
+    for n in (2, 4, 8):
+      row = memory[str(n)][step]
+      for kind in ("argument", "output"):
+        assert row[kind] <= 1.02 * one[kind] / n, (step, n, kind, row[kind], one[kind])
+  for n in ("1", "2", "4", "8"):   # the private step holds the same state
+    assert memory[n]["private"]["argument"] - memory[n]["non_private"]["argument"] < 100
+
+
+@pytest.mark.subprocess
+def test_planted_local_shard_norm_fails_the_reference(results):
+  """On the FSDP mesh, the clipped sum equals a float64 reference that clips
+  each example's own gradient (rel 1e-5 of its largest entry); a planted
+  per-example norm that reads only each split leaf's first shard (a device's
+  local view, missing the reduction over 'fsdp': an under-estimate, so the
+  clip no longer bounds an example) is far from it. Every example of the
+  batch is clipped (the bug cannot hide behind unclipped examples)."""
+  planted = _section(results, "planted")
+  assert planted["clipped_fraction"] == 1.0
+  assert planted["honest_rel_err"] < 1e-5, planted
+  assert planted["planted_rel_err"] > 0.1, planted
