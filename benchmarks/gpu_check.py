@@ -12,7 +12,7 @@ at each batch size of --cnn-batch-sizes (256,1024) and
 (lm_step.py: its Linen, NNX and LoRA rows, private against non-private) at
 each batch size of --lm-batch-sizes (512) and length --lm-length (64; step
 time only: peak_memory.py has no LM rows). --models: any of cnn,
-transformer, lm. Three phases:
+transformer, lm. Four phases:
 
   1. device probe, in a subprocess: jax.devices()[0].platform, device_kind and
      whether memory_stats() is available. A CPU backend is refused (exit 2)
@@ -30,6 +30,10 @@ transformer, lm. Three phases:
      --rows (the six rows), --rounds, --batch-size and --json-out, and
      --check at each model's first batch size (the check runs at batch 16,
      whatever --batch-size).
+  4. on a machine of several devices, sharded_step.main: the LM's
+     private step against its non-private one with the parameters split over
+     the devices (data parallel, FSDP, tensor parallel), and XLA's per-device
+     memory analysis; skipped on one device.
 
 Writes one JSON (--json-out, default benchmarks/results/gpu_check.json) and
 prints, per model, one markdown table: median / min ms, the three ratios to
@@ -201,6 +205,23 @@ def measure_time(models: dict[str, list[int]], rounds: int, lm_length: int = 64)
   return out
 
 
+def measure_sharded(num_devices: int, rounds: int) -> dict:
+  """Phase 4, on a machine of several devices: sharded_step.main (the LM's
+  private against non-private step with its parameters split: data
+  parallel, FSDP, tensor parallel); its JSON, or why it did not run."""
+  if num_devices < 2:
+    print("\n## Sharded step: skipped (one device)", flush=True)
+    return {"skipped": f"{num_devices} device"}
+  import sharded_step  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "sharded.json")
+    argv = ["--rounds", str(rounds), "--json-out", path]
+    print(f"\n## Sharded step: sharded_step.main({' '.join(argv)})", flush=True)
+    sharded_step.main(argv)
+    with open(path) as f:
+      return json.load(f)
+
+
 # ---------------------------------------------------------------- tables
 
 def model_table(model: str, timing: dict, memory: dict) -> str:
@@ -312,7 +333,11 @@ def main(argv=None):
              "steps": args.memory_steps, "results": {}} if args.no_memory
             else measure_memory(models, args.memory_steps))
   timing = measure_time(models, args.rounds, args.lm_length)
+  sharded = measure_sharded(device["num_devices"], args.rounds)
   markdown = report(device, timing, memory, args.rounds)
+  if sharded.get("markdown"):
+    markdown += ("\n\n## Parameters split over the devices (sharded_step.py)\n\n"
+                 + sharded["markdown"])
   print("\n" + markdown, flush=True)
   wall = time.perf_counter() - t_start
   print(f"\ngpu_check wall time: {wall:.0f} s", flush=True)
@@ -320,7 +345,7 @@ def main(argv=None):
       args.json_out, device=device, cpu_validation_only=cpu,
       warning=CPU_WARNING if cpu else None, rows=list(ROWS),
       batch_sizes=models, rounds=args.rounds, memory=memory, timing=timing,
-      markdown=markdown, wall_s=wall, load=_common.load_record())
+      sharded=sharded, markdown=markdown, wall_s=wall, load=_common.load_record())
 
 
 if __name__ == "__main__":
