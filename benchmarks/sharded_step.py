@@ -37,7 +37,6 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 from jax.sharding import AxisType, NamedSharding  # pylint: disable=wrong-import-position
-from jax.sharding import PartitionSpec as P  # pylint: disable=wrong-import-position
 
 import optax_dp  # pylint: disable=wrong-import-position
 
@@ -55,19 +54,6 @@ def layouts(devices: int) -> dict[str, tuple[tuple[int, int], tuple[str, str]]]:
   if devices % 2 == 0 and devices >= 2:
     out["model=2"] = ((devices // 2, 2), ("data", "model"))
   return out
-
-
-def spec_rule(kind: str, n: int):
-  def spec(a):
-    dims = (sorted(range(a.ndim), key=lambda i: -a.shape[i]) if kind == "fsdp"
-            else range(a.ndim - 1, -1, -1))
-    for i in dims:
-      if n > 1 and a.shape[i] % n == 0:
-        entries = [None] * a.ndim
-        entries[i] = kind
-        return P(*entries)
-    return P()
-  return spec
 
 
 def main(argv=None):
@@ -115,12 +101,9 @@ def main(argv=None):
   results = {}
   for name, (shape, names) in layouts(devices).items():
     mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2)
-    kind = names[1]
-    rule = spec_rule(kind, mesh.shape[kind])
-    p = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, rule(a))), params)
-    rows = P(("data", "fsdp")) if kind == "fsdp" else P("data")
-    w = jax.device_put(windows, NamedSharding(mesh, rows))
-    m = jax.device_put(mask, NamedSharding(mesh, rows))
+    p = lm_models.shard_params(params, mesh)   # the user's layout
+    rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
+    w, m = jax.device_put(windows, rows), jax.device_put(mask, rows)
     compiled, state, memory = {}, {}, {}
     for row, fn, tx in (("non_private", non_private, plain_tx), ("private", private, private_tx)):
       state[row] = (p, jax.jit(tx.init)(p))

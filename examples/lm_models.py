@@ -151,3 +151,56 @@ def add_lora(model: CharTransformer, rank: int, *, rngs: nnx.Rngs) -> CharTransf
     block.down = wrap(block.down)
   model.head = wrap(model.head)
   return model
+
+
+def make_mesh(spec: str) -> jax.sharding.Mesh:
+  """A mesh of Auto axes over all devices from `"data=2,fsdp=4"` or
+  `"data=4,model=2"`: a data axis and one parameter axis, 'fsdp' or 'model'."""
+  sizes = {}
+  for part in spec.split(","):
+    name, _, size = part.partition("=")
+    if name.strip() not in ("data", "fsdp", "model") or not size.strip().isdigit():
+      raise ValueError(f"--mesh {spec!r}: give data=N and one of fsdp=M or model=M, "
+                       "e.g. data=2,fsdp=4")
+    sizes[name.strip()] = int(size)
+  kinds = [k for k in sizes if k != "data"]
+  if "data" not in sizes or len(kinds) != 1:
+    raise ValueError(f"--mesh {spec!r}: give data=N and one of fsdp=M or model=M")
+  shape = (sizes["data"], sizes[kinds[0]])
+  if shape[0] * shape[1] != jax.device_count():
+    raise ValueError(f"--mesh {spec!r} has {shape[0] * shape[1]} devices; JAX sees "
+                     f"{jax.device_count()} (on a CPU: XLA_FLAGS="
+                     "--xla_force_host_platform_device_count=N)")
+  return jax.make_mesh(shape, ("data", kinds[0]),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def param_spec(array, axis: str, size: int) -> jax.sharding.PartitionSpec:
+  """Where a parameter goes on a mesh axis of `size` devices: FSDP ('fsdp')
+  splits its largest dimension divisible by `size`, tensor parallel
+  ('model') its last divisible dimension; a leaf with none stays whole."""
+  shape = jnp.shape(array)
+  dims = (sorted(range(len(shape)), key=lambda i: -shape[i]) if axis == "fsdp"
+          else range(len(shape) - 1, -1, -1))
+  for i in dims:
+    if size > 1 and shape[i] % size == 0:
+      entries = [None] * len(shape)
+      entries[i] = axis
+      return jax.sharding.PartitionSpec(*entries)
+  return jax.sharding.PartitionSpec()
+
+
+def shard_params(tree, mesh: jax.sharding.Mesh):
+  """`tree` (a params dict or an `nnx.State`) placed on `mesh`, each leaf
+  split over its parameter axis by `param_spec`."""
+  axis = mesh.axis_names[1]
+  return jax.tree.map(lambda a: jax.device_put(a, jax.sharding.NamedSharding(
+      mesh, param_spec(a, axis, mesh.shape[axis]))), tree)
+
+
+def batch_spec(mesh: jax.sharding.Mesh) -> jax.sharding.PartitionSpec:
+  """The batch's rows: over both axes of an FSDP mesh, over 'data' of a
+  tensor-parallel one."""
+  if mesh.axis_names[1] == "fsdp":
+    return jax.sharding.PartitionSpec(("data", "fsdp"))
+  return jax.sharding.PartitionSpec("data")

@@ -94,6 +94,10 @@ def build_parser(recipe=None):
                  help="--finetune lora|full: evaluate the publicly pretrained model as it "
                       "is, without the private plays (no training, no privacy cost): what "
                       "the private fine-tune adds is measured against it")
+  p.add_argument("--mesh", default=None,
+                 help="parameters split over devices, e.g. data=2,fsdp=4 (FSDP) or "
+                      "data=4,model=2 (tensor parallel): a mesh of Auto axes over all "
+                      "devices, plain jax.jit with these shardings (docs/multi_device.md)")
   p.add_argument("--validation", action="store_true",
                  help="evaluate on the validation plays instead of the test plays")
   p.add_argument("--eval-windows", type=int, default=2048,
@@ -134,6 +138,11 @@ def parse_args(argv=None):
   if args.clipping_strategy != "flat" or args.noise != "gaussian" or args.sampler != "poisson":
     p.error("the language-model recipes run flat clipping, Gaussian noise and Poisson "
             "sampling (--clipping-strategy flat --noise gaussian --sampler poisson)")
+  if args.mesh:
+    try:
+      args.mesh = lm_models.make_mesh(args.mesh)
+    except ValueError as e:
+      p.error(str(e))
   return args
 
 
@@ -322,6 +331,14 @@ def main(argv=None):
       wrt = nnx.LoRAParam
   if args.public_only:
     return evaluate_public_only(args, model, per_window, eval_tokens, where)
+  mesh = args.mesh   # a jax.sharding.Mesh (parse_args), or None
+  if mesh is not None:
+    if params is not None and args.model == "transformer_linen":
+      params = lm_models.shard_params(params, mesh)
+    else:
+      nnx.update(model, lm_models.shard_params(nnx.state(model), mesh))
+    rows = jax.sharding.NamedSharding(mesh, lm_models.batch_spec(mesh))
+    row_devices = math.prod(mesh.shape[a] for a in jax.tree.leaves(tuple(rows.spec)))
   user_level = args.privacy_unit == "user" and not args.no_dp
   adam = optax.adam(args.learning_rate)
   if args.clip_only:   # the ablation: dp_aggregate's clip and mean, no noise, no budget
@@ -398,8 +415,13 @@ def main(argv=None):
   for s in range(1, args.steps + 1):
     batch = next(batches)
     progress.batch(len(batch.indices))
-    window = jnp.asarray(optax_dp.gather_batch(tokens, batch).data)
-    l, a = step(window, batch.mask)
+    if mesh is None:
+      window, mask = jnp.asarray(optax_dp.gather_batch(tokens, batch).data), batch.mask
+    else:   # padded to a multiple of the devices that split the rows, then placed
+      batch = optax_dp.pad_batch_for_devices(batch, row_devices)
+      window, mask = jax.device_put((optax_dp.gather_batch(tokens, batch).data, batch.mask),
+                                    rows)
+    l, a = step(window, mask)
     train_losses.append(l)
     train_accs.append(a)
     progress.step(s, l)

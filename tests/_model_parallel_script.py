@@ -16,6 +16,9 @@ Sections:
      update is the noise alone) on each mesh and on one device, bitwise.
   memory: XLA's memory analysis of the compiled private and non-private Linen
      steps on ('data', 'fsdp') meshes of 1, 2, 4 and 8 'fsdp' devices.
+  variants: group-wise and adaptive clipping and dp_accumulate on the FSDP
+     mesh against one device.
+  example: examples/train.py's LM recipes with --mesh against one device.
   planted: the clipped sum of one batch on the FSDP mesh against a float64
      reference that clips each example's gradient (plain jax.vmap(jax.grad)
      on one device), with optax_dp's per-example norms as they are and with
@@ -34,16 +37,15 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import optax_dp
 from optax_dp._clip import _clipping
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "examples"))
+import lm_models  # noqa: E402
 from lm_models import CharTransformer, LinenCharTransformer, LMConfig, next_char_loss  # noqa: E402
 
-OUT = sys.argv[1]
 CFG = LMConfig(vocab_size=32, length=16, features=32, heads=4, layers=2)
 B, C, SIGMA, STEPS = 16, 0.05, 1.0, 3
 MESHES = {"fsdp": ((2, 4), ("data", "fsdp")), "model": ((4, 2), ("data", "model"))}
@@ -53,38 +55,24 @@ MASKS = np.ones((STEPS, B), bool)
 MASKS[:, -3:] = False                                 # padding rows
 
 
-def spec_for(kind, n):
-  """The user's layout: FSDP splits a leaf's largest dimension divisible by
-  n over 'fsdp'; tensor parallel its last divisible dimension over 'model'."""
-  def spec(a):
-    dims = (sorted(range(a.ndim), key=lambda i: -a.shape[i]) if kind == "fsdp"
-            else range(a.ndim - 1, -1, -1))
-    for i in dims:
-      if a.shape[i] % n == 0:
-        entries = [None] * a.ndim
-        entries[i] = kind
-        return P(*entries)
-    return P()
-  return spec
-
-
 def make_mesh(shape, names):
   """A mesh of Auto axes: XLA's partitioner places what the user did not."""
   return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def place(mesh, kind, tree):
-  if mesh is None:
-    return tree
-  spec = spec_for(kind, mesh.shape[kind])
-  return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec(a))), tree)
+  """The user's layout (examples/lm_models.py's `param_spec`): FSDP splits a
+  leaf's largest divisible dimension over 'fsdp', tensor parallel its last
+  divisible dimension over 'model'."""
+  del kind   # the mesh's second axis
+  return tree if mesh is None else lm_models.shard_params(tree, mesh)
 
 
 def on_mesh(mesh, kind, x):
+  del kind
   if mesh is None:
     return jnp.asarray(x)
-  rows = P(("data", "fsdp")) if kind == "fsdp" else P("data")
-  return jax.device_put(x, NamedSharding(mesh, rows))
+  return jax.device_put(x, NamedSharding(mesh, lm_models.batch_spec(mesh)))
 
 
 def make_tx():
@@ -236,7 +224,6 @@ def planted():
   ref = [np.tensordot(factors, f, axes=1) for f in flat]
   mesh = make_mesh(*MESHES["fsdp"])
   n = mesh.shape["fsdp"]
-  spec = spec_for("fsdp", n)
 
   def clipped_sum():
     fn = jax.jit(optax_dp.clipped_grads(loss, C, method="vmap"))
@@ -250,7 +237,7 @@ def planted():
 
   def local_shard_only(per_example_grads):   # the planted bug
     def first_shard(g):
-      entries = tuple(spec(g[0]))
+      entries = tuple(lm_models.param_spec(g[0], "fsdp", n))
       if "fsdp" not in entries:
         return g
       axis = 1 + entries.index("fsdp")
@@ -266,8 +253,85 @@ def planted():
           "clipped_fraction": float(np.mean(norms[mask] > C))}
 
 
-RESULTS = {"devices": jax.device_count()}
-for name in sys.argv[2].split(","):
-  section(name, globals()[name])
-with open(os.path.join(OUT, "results.json"), "w") as f:
-  json.dump(RESULTS, f, indent=1)
+def variants():
+  """Group-wise clipping (one group per layer), adaptive clipping (the clip
+  norm from the state) and dp_accumulate (2 physical batches per logical
+  one) with the Linen LM's parameters split over 'fsdp' (the (2, 4) mesh),
+  3 logical steps each, against 1 device: the parameters, and the adaptive
+  clip norm."""
+  params0, loss = linen_setup()
+  out = {}
+  for name in ("groups", "adaptive", "accumulate"):
+    clip = {"groups": optax_dp.per_layer_clip_norms(params0, C),
+            "adaptive": optax_dp.AdaptiveClip(C, target_quantile=0.5, learning_rate=0.5),
+            "accumulate": C}[name]
+    physical = 2 if name == "accumulate" else 1
+
+    def run(mesh):
+      tx = optax.chain(optax_dp.dp_aggregate(clip, SIGMA, key=5,
+                                             expected_batch_size=B * physical),
+                       optax.sgd(1.0, momentum=0.9))
+      if physical > 1:
+        tx = optax_dp.dp_accumulate(tx, physical)
+      grad_fn = optax_dp.clipped_grads(loss, clip)
+      params = place(mesh, "fsdp", params0)
+      opt_state = tx.init(params)
+
+      @jax.jit
+      def step(params, opt_state, w, mask):
+        current = ({"l2_norm_clip": optax_dp.l2_norm_clip_of(opt_state)}
+                   if name == "adaptive" else {})
+        updates, opt_state = tx.update(grad_fn(params, w, mask, **current), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+      for t in range(STEPS * physical):
+        params, opt_state = step(params, opt_state,
+                                 on_mesh(mesh, "fsdp", WINDOWS[t % STEPS][::-1] if t >= STEPS
+                                         else WINDOWS[t]),
+                                 on_mesh(mesh, "fsdp", MASKS[t % STEPS]))
+      clip_now = (float(optax_dp.l2_norm_clip_of(opt_state)) if name == "adaptive" else None)
+      return leaves(params), clip_now
+
+    ref, ref_clip = run(None)
+    got, got_clip = run(make_mesh(*MESHES["fsdp"]))
+    out[name] = {"max_abs_diff": [float(np.max(np.abs(g - r))) for g, r in zip(got, ref)],
+                 "max_abs": [float(np.max(np.abs(r))) for r in ref],
+                 "moved": [float(np.max(np.abs(r - i))) for r, i in zip(ref, leaves(params0))],
+                 "clip": [ref_clip, got_clip]}
+  return out
+
+
+def example():
+  """examples/train.py's language-model recipes, 3 steps of a small model,
+  on one device and with --mesh: the held-out loss and the epsilon."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  import train  # pylint: disable=import-outside-toplevel
+  quick = ["--steps", "3", "--batch-size", "32", "--eval-every", "3", "--accountant", "rdp",
+           "--subset", "1024", "--eval-windows", "64", "--length", "16", "--features", "32",
+           "--layers", "1", "--heads", "2", "--pretrain-steps", "2", "--pretrain-batch-size",
+           "16", "--cache-dir", os.path.join(OUT, "cache"), "--quiet"]
+  runs = {"nnx": (["--recipe", "shakespeare-eps8"], ("data=2,fsdp=4", "data=4,model=2")),
+          "linen": (["--recipe", "shakespeare-eps8", "--model", "transformer_linen"],
+                    ("data=2,fsdp=4",)),
+          "lora": (["--recipe", "shakespeare-lora-eps1"], ("data=2,fsdp=4",))}
+  out = {}
+  for name, (recipe, meshes) in runs.items():
+    for mesh in (None,) + meshes:
+      path = os.path.join(OUT, f"{name}_{mesh}.json")
+      with contextlib.redirect_stdout(io.StringIO()):
+        train.main(recipe + quick + (["--mesh", mesh] if mesh else []) + ["--json-out", path])
+      with open(path) as f:
+        record = json.load(f)
+      out[f"{name}/{mesh or '1'}"] = {"test_loss": record["test_loss"],
+                                     "epsilon": record["epsilon"]}
+  return out
+
+
+if __name__ == "__main__":
+  OUT = sys.argv[1]
+  RESULTS = {"devices": jax.device_count()}
+  for name in sys.argv[2].split(","):
+    section(name, globals()[name])
+  with open(os.path.join(OUT, "results.json"), "w") as f:
+    json.dump(RESULTS, f, indent=1)

@@ -25,7 +25,7 @@ pytest.importorskip("flax")
 pytestmark = pytest.mark.xla_optimized
 
 _REPO = Path(__file__).resolve().parent.parent
-_SECTIONS = ("train", "noise", "memory", "planted")
+_SECTIONS = ("train", "noise", "memory", "variants", "example", "planted")
 _TRAIN_RUNS = ("nnx/auto", "linen/auto", "linen/vmap")
 _MESHES = ("fsdp", "model")
 
@@ -38,6 +38,7 @@ _MESHES = ("fsdp", "model")
 # larger: one example dropped or counted twice moves the clipped sum by C =
 # 0.05 in norm, the parameters by ~0.05 / sqrt(parameters per leaf) >> 1e-5.
 RTOL, ATOL = 1e-5, 1e-6
+C_START = 0.05   # the script's clip norm (C), where adaptive clipping starts
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,39 @@ def test_per_device_state_bytes_fall_as_one_over_fsdp_devices(results):
         assert row[kind] <= 1.02 * one[kind] / n, (step, n, kind, row[kind], one[kind])
   for n in ("1", "2", "4", "8"):   # the private step holds the same state
     assert memory[n]["private"]["argument"] - memory[n]["non_private"]["argument"] < 100
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("variant", ["groups", "adaptive", "accumulate"])
+def test_group_wise_adaptive_and_accumulated_steps_with_sharded_params_equal_1_device(
+    results, variant):
+  """On the FSDP mesh: one clip group per layer, adaptive clipping (the clip
+  norm read from the optimizer state each step), and dp_accumulate over 2
+  physical batches, 3 logical steps each, equal 1 device (the same tolerance
+  as above; the adaptive clip norm to rel 1e-6)."""
+  row = _section(results, "variants")[variant]
+  for i, (diff, scale, moved) in enumerate(zip(row["max_abs_diff"], row["max_abs"],
+                                               row["moved"])):
+    assert diff <= ATOL + RTOL * scale, (i, diff, scale)
+    assert moved > 100 * (ATOL + RTOL * scale), (i, moved)
+  want, got = row["clip"]
+  if variant == "adaptive":
+    assert want != C_START and abs(got - want) <= 1e-6 * want, row["clip"]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("run", ["nnx/data=2,fsdp=4", "nnx/data=4,model=2",
+                                 "linen/data=2,fsdp=4", "lora/data=2,fsdp=4"])
+def test_the_lm_example_on_a_mesh_equals_1_device(results, run):
+  """`examples/train.py --recipe shakespeare-eps8 | shakespeare-lora-eps1
+  --mesh ...` (3 steps, a small model; NNX, Linen, LoRA) reports the
+  1-device run's held-out loss (rel 1e-5: float32 summation order, as above)
+  and exactly its epsilon (the same sampler, steps and noise)."""
+  example = _section(results, "example")
+  name = run.split("/")[0]
+  got, want = example[run], example[f"{name}/1"]
+  assert got["epsilon"] == want["epsilon"]
+  assert abs(got["test_loss"] - want["test_loss"]) <= RTOL * want["test_loss"], (got, want)
 
 
 @pytest.mark.subprocess

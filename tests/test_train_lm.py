@@ -86,6 +86,12 @@ def test_bad_lm_flags_are_refused(capsys):
       capsys, "--recipe", "shakespeare-eps8", "--public-only", script="train_lm.py")
   assert status == 2 and "--public-only evaluates the publicly pretrained model" in stderr
   status, stderr = example_runs.refusal_in_process(
+      capsys, "--recipe", "shakespeare-eps8", "--mesh", "data=2,tp=4", script="train_lm.py")
+  assert status == 2 and "give data=N and one of fsdp=M or model=M" in stderr
+  status, stderr = example_runs.refusal_in_process(   # this process sees 1 device
+      capsys, "--recipe", "shakespeare-eps8", "--mesh", "data=2,fsdp=4", script="train_lm.py")
+  assert status == 2 and "has 8 devices; JAX sees 1" in stderr
+  status, stderr = example_runs.refusal_in_process(
       capsys, "--recipe", "nope", script="train_lm.py")
   assert status == 2 and "choose from" in stderr
 
