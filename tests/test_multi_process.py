@@ -42,6 +42,7 @@ pytest.importorskip("flax")   # the model under test is a flax.linen CNN
 
 _REPO = Path(__file__).resolve().parent.parent
 _WORKER = _REPO / "tests" / "_multiprocess_worker.py"
+_LM_WORKER = _REPO / "tests" / "_multiprocess_lm_worker.py"
 _EXAMPLE = _REPO / "examples" / "mnist_linen.py"
 # Every run of a group must be done by then (measured here, on 2 cores shared
 # with other jobs, load average 7-9: about 60 s for the 4 processes of the
@@ -165,6 +166,37 @@ def test_run_together_enforces_its_deadline(tmp_path):
                                      None)}, tmp_path, deadline_s=2)
   assert outcome["timed_out"] and not outcome["survivors"]
   assert outcome["returncodes"]["sleeps"] == -signal.SIGKILL
+
+
+# ----------------------------------- 1a. parameters split over the processes
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("kind", ["fsdp", "model"])
+def test_sharded_params_over_two_processes_equal_1_device(tmp_path, kind):
+  """The language model with its parameters split over a ('data', 'fsdp') =
+  (2, 4) or ('data', 'model') = (4, 2) mesh spanning 2 processes x 4 devices
+  (tests/_multiprocess_lm_worker.py: plain jax.jit, the user's shardings)
+  trains to the 1-device run's parameters in 3 private steps with padding rows
+  (tolerance: tests/test_model_parallel.py's, same model and steps; measured
+  1.2e-7), and its parameters stayed split."""
+  runs = {}
+  for name in ("one", "two"):
+    (tmp_path / name).mkdir()
+  runs["one"] = ([sys.executable, str(_LM_WORKER), str(tmp_path / "one"), kind], _env(1))
+  runs.update(_two_processes([sys.executable, str(_LM_WORKER), str(tmp_path / "two"), kind],
+                             _free_port()))
+  outcome = run_together(runs, tmp_path)
+  _check_clean(outcome)
+  for index in (0, 1):
+    result = json.loads((tmp_path / "two" / f"result_{index}.json").read_text())
+    assert result["devices"] == 8 and result["local_devices"] == 4
+    assert result["split_leaves"] > 0
+  with np.load(tmp_path / "one" / "params.npz") as one, \
+       np.load(tmp_path / "two" / "params.npz") as two:
+    assert sorted(one) == sorted(two)
+    for name in one:
+      np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 # ------------------------------------------------------------ 1. the library
