@@ -542,6 +542,8 @@ JSON_KEYS = ("test_accuracy", "test_loss", "epsilon", "delta", "noise_multiplier
              "clip_only",
              # examples/train_lm.py --public-only (the pretrained model, no training)
              "public_only",
+             # examples/train_lm.py --mesh: {axis name: devices} (null: one device)
+             "mesh",
              # Every run: one entry per evaluation (Progress.evaluated), this
              # run's only (a resumed run starts a new one): {"step",
              # "train_loss", "train_accuracy", "eval_loss", "eval_accuracy",

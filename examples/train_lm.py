@@ -458,7 +458,8 @@ def main(argv=None):
       role_fraction=args.role_fraction, clip_only=args.clip_only,
       max_examples_per_user=args.max_windows_per_role if user_level else None,
       num_roles=len(role_counts), role_windows_median=int(np.median(role_counts)),
-      role_windows_max=int(role_counts.max())))
+      role_windows_max=int(role_counts.max()),
+      mesh=None if mesh is None else {name: int(size) for name, size in mesh.shape.items()}))
   return 0
 
 

@@ -324,7 +324,7 @@ def example():
       with open(path) as f:
         record = json.load(f)
       out[f"{name}/{mesh or '1'}"] = {"test_loss": record["test_loss"],
-                                     "epsilon": record["epsilon"]}
+                                     "epsilon": record["epsilon"], "mesh": record["mesh"]}
   return out
 
 

@@ -150,6 +150,9 @@ def test_the_lm_example_on_a_mesh_equals_1_device(results, run):
   name = run.split("/")[0]
   got, want = example[run], example[f"{name}/1"]
   assert got["epsilon"] == want["epsilon"]
+  layout = run.split("/")[1]   # the record says where it ran
+  assert got["mesh"] == {a: int(n) for a, n in (p.split("=") for p in layout.split(","))}
+  assert want["mesh"] is None
   assert abs(got["test_loss"] - want["test_loss"]) <= RTOL * want["test_loss"], (got, want)
 
 
