@@ -186,7 +186,7 @@ def on_route(tree: Any, route: BatchRoute, spec: P) -> Any:
 #: wrongly when it splits the batch (trap 1: a convolution's kernel, measured
 #: on jax 0.10.2; every other leaf of the same model was right, and so is a
 #: language model of Embed, attention, LayerNorm and Dense layers on 2-D
-#: meshes: tests/test_multi_device.py).
+#: meshes: tests/test_model_parallel.py; other layers are trusted, unmeasured).
 PARTITIONER_UNSAFE_PRIMITIVES = frozenset({"conv_general_dilated"})
 
 
@@ -236,7 +236,7 @@ def _partitioned_error(caller: str) -> ValueError:
       "under the partitioner with any layout, FSDP and tensor-parallel "
       "included). For a convolutional model, use a mesh with one data axis "
       "and the parameters replicated, or "
-      "Use optax_dp.sharded_clipped_grads(loss_fn, l2_norm_clip, mesh=mesh, "
+      "use optax_dp.sharded_clipped_grads(loss_fn, l2_norm_clip, mesh=mesh, "
       "axis_name=...) (or sharded_per_example_grads), or JAX's explicit "
       "sharding (jax.make_mesh(..., axis_types=(AxisType.Explicit, ...))), "
       "whose types say how the batch is split; pad the batch with "
