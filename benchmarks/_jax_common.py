@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import platform
+import re
 import time
 import warnings
 import zlib
@@ -391,6 +393,35 @@ def hlo_cost(compiled) -> dict:
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   return {"hlo_gflops": cost.get("flops", float("nan")) / 1e9,
           "hlo_gbytes_accessed": cost.get("bytes accessed", float("nan")) / 1e9}
+
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16}
+_HLO_LINE = re.compile(r"=\s*(?P<result>\(.*?\)|\S+)\s+(?P<op>[a-z-]+?)(?:-start)?\(")
+_HLO_SHAPE = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+
+
+def collective_bytes(compiled) -> dict[str, dict[str, int]]:
+  """What a compiled step communicates, read from its optimized HLO:
+  {collective: {"count", "bytes"}}, where bytes sums each collective's result
+  per device (an all-gather's gathered array, a reduce-scatter's scattered
+  piece, an all-reduce's reduced arrays), over every collective of that kind
+  in the module (an async `-start` counted once, its `-done` not)."""
+  out = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+  for line in compiled.as_text().splitlines():
+    match = _HLO_LINE.search(line)
+    if not match or match.group("op") not in out:
+      continue
+    row = out[match.group("op")]
+    row["count"] += 1
+    for shape in _HLO_SHAPE.finditer(match.group("result")):
+      if shape.group("dtype") in _DTYPE_BYTES:
+        dims = [int(d) for d in shape.group("dims").split(",") if d]
+        row["bytes"] += _DTYPE_BYTES[shape.group("dtype")] * math.prod(dims)
+  return out
 
 
 def cost_table(summary: dict, base: str = "non_private") -> str:

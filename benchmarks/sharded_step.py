@@ -11,7 +11,9 @@ its last divisible dimension over 'model'), the batch over ('data', 'fsdp')
 or 'data'. Per layout, in one process, the private and the non-private steps
 alternate round by round (`_common.round_robin`); the ratio is the median of
 per-round ratios. Memory per device: XLA's memory analysis of each compiled
-step (argument and temporary bytes).
+step (argument and temporary bytes). Communication: the collectives of each
+compiled step's HLO and the bytes of their results per device
+(`_jax_common.collective_bytes`).
 
 On a CPU, simulate the devices:
 
@@ -31,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 import _common  # pylint: disable=wrong-import-position
+import _jax_common  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
@@ -46,8 +49,9 @@ VOCAB = 80
 
 
 def layouts(devices: int) -> dict[str, tuple[tuple[int, int], tuple[str, str]]]:
-  """name -> (mesh shape, axis names), over all devices."""
-  out = {"data": ((devices, 1), ("data", "fsdp"))}
+  """name -> (mesh shape, axis names), over all devices ("1 device": the
+  first device alone, the baseline the sharded ratios are read against)."""
+  out = {"1 device": ((1, 1), ("data", "fsdp")), "data": ((devices, 1), ("data", "fsdp"))}
   for n in (2, 4, 8):
     if devices % n == 0 and n <= devices:
       out[f"fsdp={n}"] = ((devices // n, n), ("data", "fsdp"))
@@ -100,11 +104,12 @@ def main(argv=None):
   _common.print_start_load_warning()
   results = {}
   for name, (shape, names) in layouts(devices).items():
-    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2)
+    mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2,
+                         devices=jax.devices()[:shape[0] * shape[1]])
     p = lm_models.shard_params(params, mesh)   # the user's layout
     rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
     w, m = jax.device_put(windows, rows), jax.device_put(mask, rows)
-    compiled, state, memory = {}, {}, {}
+    compiled, state, memory, collectives = {}, {}, {}, {}
     for row, fn, tx in (("non_private", non_private, plain_tx), ("private", private, private_tx)):
       state[row] = (p, jax.jit(tx.init)(p))
       compiled[row] = jax.jit(fn).lower(*state[row], w, m).compile()
@@ -112,6 +117,7 @@ def main(argv=None):
       memory[row] = {"argument_bytes": analysis.argument_size_in_bytes,
                      "temp_bytes": analysis.temp_size_in_bytes,
                      "output_bytes": analysis.output_size_in_bytes}
+      collectives[row] = _jax_common.collective_bytes(compiled[row])
       jax.block_until_ready(compiled[row](*state[row], w, m))    # warm up
 
     def step(row):
@@ -123,6 +129,7 @@ def main(argv=None):
                   for row in memory}
     results[name] = {
         "mesh": dict(mesh.shape), "times_ms": times, "memory": memory,
+        "collectives": collectives,
         "median_round_ratio": statistics.median(
             a / b for a, b in zip(times["private"], times["non_private"])),
         "memory_ratio": per_device["private"] / per_device["non_private"]}
@@ -136,6 +143,15 @@ def main(argv=None):
            for row in r["memory"]}
     lines.append(f"| {name} | {r['mesh']} | {r['median_round_ratio']:.2f} | "
                  f"{mem['private']:,} | {mem['non_private']:,} | {r['memory_ratio']:.2f} |")
+  lines += ["", "Communicated per step, per device (bytes of each collective's result, summed; "
+            "count in brackets), from the compiled HLO:", "",
+            "| layout | step | " + " | ".join(_jax_common.COLLECTIVES) + " |",
+            "|---|---|" + "---|" * len(_jax_common.COLLECTIVES)]
+  for name, r in results.items():
+    for row in ("non_private", "private"):
+      cells = [f"{c['bytes']:,} ({c['count']})" if c["count"] else "-"
+               for c in (r["collectives"][row][k] for k in _jax_common.COLLECTIVES)]
+      lines.append(f"| {name} | {row.replace('_', '-')} | " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   print("\n" + table)
   if args.json_out:

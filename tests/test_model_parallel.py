@@ -25,9 +25,15 @@ pytest.importorskip("flax")
 pytestmark = pytest.mark.xla_optimized
 
 _REPO = Path(__file__).resolve().parent.parent
-_SECTIONS = ("train", "noise", "memory", "variants", "example", "planted")
+_SECTIONS = ("train", "noise", "memory", "variants", "flax_idiom", "lstm", "resume",
+             "per_example", "example", "planted")
 _TRAIN_RUNS = ("nnx/auto", "linen/auto", "linen/vmap")
-_MESHES = ("fsdp", "model")
+# "-explicit": the same layouts on meshes of Explicit axes (jax.make_mesh's
+# default): the parameters' split is in their types, and optax_dp runs the
+# per-example work with those axes turned Auto (jax.sharding.auto_axes).
+_MESHES = ("fsdp", "model", "fsdp-explicit", "model-explicit")
+_TRAIN_CASES = [(run, mesh) for run in _TRAIN_RUNS for mesh in _MESHES
+                if not (run == "linen/vmap" and mesh.endswith("-explicit"))]
 
 # "8 devices == 1 device" in float32: the clipped sum is added in another
 # order (XLA's partial sums per device, then the all-reduce), a relative
@@ -72,12 +78,12 @@ def _section(results, name):
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("mesh", _MESHES)
-@pytest.mark.parametrize("run", _TRAIN_RUNS)
+@pytest.mark.parametrize("run,mesh", _TRAIN_CASES)
 def test_three_private_steps_with_sharded_params_equal_1_device(results, run, mesh):
   """3 steps of clipped_grads + dp_aggregate + SGD, the parameters split over
   'fsdp' (a (2, 4) mesh, batch over both axes) or 'model' (a (4, 2) mesh,
-  batch over 'data'), 3 padding rows per batch, equal the 1-device run."""
+  batch over 'data'), on Auto or Explicit axes, 3 padding rows per batch,
+  equal the 1-device run."""
   row = _section(results, "train")[f"{run}/{mesh}"]
   for i, (diff, scale, moved) in enumerate(zip(row["max_abs_diff"], row["max_abs"],
                                                row["moved"])):
@@ -121,20 +127,23 @@ def test_per_device_state_bytes_fall_as_one_over_fsdp_devices(results):
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("variant", ["groups", "adaptive", "accumulate"])
+@pytest.mark.parametrize("variant", ["groups", "adaptive", "accumulate", "bandmf",
+                                     "adaptive/fsdp-explicit"])
 def test_group_wise_adaptive_and_accumulated_steps_with_sharded_params_equal_1_device(
     results, variant):
   """On the FSDP mesh: one clip group per layer, adaptive clipping (the clip
-  norm read from the optimizer state each step), and dp_accumulate over 2
-  physical batches, 3 logical steps each, equal 1 device (the same tolerance
-  as above; the adaptive clip norm to rel 1e-6)."""
+  norm read from the optimizer state each step; on Auto and on Explicit
+  axes), dp_accumulate over 2 physical batches and DP-BandMF's correlated
+  noise (its state split like the parameters), 3 logical steps each, equal
+  1 device (the same tolerance as above; the adaptive clip norm to rel
+  1e-6), and the parameters stay split."""
   row = _section(results, "variants")[variant]
   for i, (diff, scale, moved) in enumerate(zip(row["max_abs_diff"], row["max_abs"],
                                                row["moved"])):
     assert diff <= ATOL + RTOL * scale, (i, diff, scale)
     assert moved > 100 * (ATOL + RTOL * scale), (i, moved)
   want, got = row["clip"]
-  if variant == "adaptive":
+  if variant.startswith("adaptive"):
     assert want != C_START and abs(got - want) <= 1e-6 * want, row["clip"]
 
 
@@ -168,3 +177,61 @@ def test_planted_local_shard_norm_fails_the_reference(results):
   assert planted["clipped_fraction"] == 1.0
   assert planted["honest_rel_err"] < 1e-5, planted
   assert planted["planted_rel_err"] > 0.1, planted
+
+
+def _assert_trained_alike(row):
+  for i, (diff, scale, moved) in enumerate(zip(row["max_abs_diff"], row["max_abs"],
+                                               row["moved"])):
+    assert diff <= ATOL + RTOL * scale, (i, diff, scale)
+    assert moved > 100 * (ATOL + RTOL * scale), (i, moved)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("case", ["auto/auto", "auto/vmap", "explicit/auto", "explicit/vmap"])
+def test_flax_nnx_sharding_annotations_train_privately_as_on_1_device(results, case):
+  """Flax NNX's own way to shard a model (its guide to multiple devices):
+  `nnx.with_partitioning` on a kernel initializer, a Param's `sharding`
+  annotation, eager sharding inside `jax.set_mesh`, a sharding constraint on
+  an activation inside the model, layers stacked by `nnx.vmap` and applied by
+  `jax.lax.scan`. 3 private steps through `nnx.Optimizer` on a (2, 4) mesh
+  of Auto axes and of Explicit ones (`jax.make_mesh`'s default), book-keeping
+  and vmap, equal the same model on one device, and every Param keeps the
+  'model' split its annotation gave it."""
+  row = _section(results, "flax_idiom")[case]
+  _assert_trained_alike(row)
+  assert row["specs"] and all("'model'" in spec for spec in row["specs"]), row["specs"]
+
+
+@pytest.mark.subprocess
+def test_lstm_with_sharded_params_equals_1_device(results):
+  """The NNX character LSTM (nnx.RNN over an LSTMCell: a scan under the
+  partitioner) with its parameters split over 'fsdp': 3 private steps equal
+  1 device, and the parameters stay split."""
+  row = _section(results, "lstm")
+  _assert_trained_alike(row)
+  assert not all(row["replicated"]), row["replicated"]
+
+
+@pytest.mark.subprocess
+def test_a_sharded_run_resumes_from_orbax_with_its_shardings_bitwise(results):
+  """Saved with orbax after 2 private steps on the FSDP mesh and restored
+  into a target of the live state's shapes and shardings: every leaf
+  (parameters, momentum, dp_aggregate's key and step) comes back with its
+  saved sharding, most of them split, and step 3 from the restored state
+  equals step 3 of the uninterrupted run bit for bit (the same noise: the
+  key and step counter were restored)."""
+  row = _section(results, "resume")
+  assert all(row["same_sharding"]) and len(row["same_sharding"]) == row["leaves"]
+  assert row["split"] > row["leaves"] // 2, row
+  assert row["bitwise_equal"], row
+
+
+@pytest.mark.subprocess
+def test_per_example_grads_with_params_split_over_an_explicit_axis_stay_split(results):
+  """`per_example_grads` with the Linen LM's parameters split over the
+  explicit 'fsdp' axis: every example's gradient equals the 1-device one
+  (rel 1e-5) and is split where its parameter is."""
+  row = _section(results, "per_example")
+  for i, (diff, scale) in enumerate(zip(row["max_abs_diff"], row["max_abs"])):
+    assert diff <= ATOL + RTOL * scale, (i, diff, scale)
+  assert row["split"] == row["params_split"] and any(row["split"]), row

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from optax_dp._core import _checks
+from optax_dp._core import _devices
 from optax_dp._clip import _clipping
 from optax_dp._aggregation import _correlated
 
@@ -56,6 +57,11 @@ def gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float) -> chex.
   float32 or wider). `key` is only read, never returned: the caller derives a
   fresh one for every release.
   """
+  mesh = _devices.explicit_split_mesh(tree)
+  if mesh is not None:   # drawn where each split leaf lives, not whole on every device
+    return _devices.with_auto_axes(
+        gaussian_noise, mesh, lambda t, *_: _devices.shardings_of(t, mesh))(
+            tree, key, jnp.asarray(stddev))
   leaves, treedef = jax.tree.flatten(tree)
   reals = [jnp.real(leaf).dtype if jnp.iscomplexobj(leaf) else jnp.result_type(leaf)
            for leaf in leaves]

@@ -218,6 +218,58 @@ def partitioner_safe(fn, *args) -> bool:
   return not _primitive_names(jaxpr.jaxpr) & PARTITIONER_UNSAFE_PRIMITIVES
 
 
+def _split_axes(spec: P) -> set[str]:
+  names: set[str] = set()
+  for entry in spec:
+    if entry is not None:
+      names |= {entry} if isinstance(entry, str) else set(entry)
+  return names
+
+
+def explicit_split_mesh(tree: Any) -> Any:
+  """The (abstract) mesh in explicit-sharding mode (`AxisType.Explicit`) over
+  one of whose axes some leaf of `tree` is split (a parameter sharded
+  FSDP-style or tensor-parallel; an axis of one device included, where a
+  model's own sharding constraints must hold as well), or None. Read from
+  the leaves' types at trace time."""
+  for leaf in jax.tree.leaves(tree):
+    try:
+      sharding = jax.typeof(leaf).sharding
+    except (AttributeError, TypeError):
+      continue
+    if not isinstance(sharding, NamedSharding):
+      continue
+    mesh = sharding.mesh
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(kinds.get(name) == AxisType.Explicit for name in _split_axes(sharding.spec)):
+      return _abstract(mesh)
+  return None
+
+
+def with_auto_axes(fn: Callable[..., Any], mesh: Any,
+                   out_sharding: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` run with `mesh`'s explicit axes turned Auto (`jax.sharding.auto_axes`):
+  inside, XLA's partitioner follows the inputs' shardings as it does on a mesh
+  of Auto axes (`partitioner_safe`), so a parameter split over an explicit
+  axis stays split instead of being gathered for `shard_map`. Its results
+  come back placed as `out_sharding(*args)` says (a tree of `NamedSharding`s
+  of `mesh`, or a prefix of the results' tree)."""
+  def run(*args):
+    with jax.sharding.use_abstract_mesh(mesh):
+      return jax.sharding.auto_axes(fn, out_sharding=out_sharding(*args))(*args)
+  return run
+
+
+def shardings_of(tree: Any, mesh: Any) -> Any:
+  """Each leaf's `NamedSharding` on `mesh` as its type says (replicated where
+  it says none)."""
+  def one(leaf):
+    sharding = getattr(jax.typeof(leaf), "sharding", None)
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else P()
+    return NamedSharding(mesh, spec)
+  return jax.tree.map(one, tree)
+
+
 def on_mesh(batch: Any) -> bool:
   """Whether some leaf of `batch` is on a mesh of several devices."""
   return any(map(_leaf_layout, jax.tree.leaves(batch)))

@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optax_dp._grads import _bookkeeping
@@ -140,6 +141,9 @@ def value_and_clipped_grads(
     norms, clip_norm = _clip_norms.clip_norms_now(clip, current)   # checks `current`
     if not _nnx.is_module(params):
       _nnx.refuse_nnx_options("clipped_grads", wrt=wrt, rngs=rngs)
+      split = _devices.explicit_split_mesh(params)
+      if split is not None:   # parameters split over an explicit-sharding axis
+        return auto_axes_run(split)(params, batch, mask, current)
       safe = _per_example.partitioner_check(loss_fn, has_aux, params, batch, mask)
       route = _devices.batch_route(batch, safe)
       if route is not None:
@@ -151,6 +155,24 @@ def value_and_clipped_grads(
             microbatch_size=microbatch_size), l2_norm_clip=current),
         loss_fn, params, batch, mask, wrt, "clipped_grads", rngs=rngs)
     return values, _nnx.as_optimizer_grads(clipped)
+
+  def auto_axes_run(mesh):
+    """`fn` with the mesh's explicit axes turned Auto, so XLA's partitioner
+    keeps each parameter split as the user placed it (`_devices.with_auto_axes`):
+    the clipped sum comes back split like the parameters, the rest replicated."""
+    def inner(params, batch, mask, current):
+      return fn(params, batch, mask, l2_norm_clip=current)
+
+    def out_sharding(params, batch, mask, current):
+      replicated = NamedSharding(mesh, P())
+      values, clipped = jax.eval_shape(
+          jax.sharding.auto_axes(inner, out_sharding=replicated), params, batch, mask,
+          current)
+      everywhere = lambda tree: jax.tree.map(lambda _: replicated, tree)
+      return everywhere(values), dataclasses.replace(
+          everywhere(clipped), clipped_sum=_devices.shardings_of(params, mesh))
+
+    return _devices.with_auto_axes(inner, mesh, out_sharding)
 
   def one_device(params, batch, mask, norms, clip_norm, safe=None):
     batch_size = _per_example.batch_rows(batch)

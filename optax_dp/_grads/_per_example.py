@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Protocol, TypeVar
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from optax_dp._sample import _batches
@@ -247,6 +250,10 @@ def value_and_per_example_grads(
               pure, has_aux=has_aux, microbatch_size=microbatch_size),
           loss_fn, params, batch, mask, wrt, "per_example_grads", rngs=rngs)
     _nnx.refuse_nnx_options("per_example_grads", wrt=wrt, rngs=rngs)
+    split = _devices.explicit_split_mesh(params)
+    if split is not None:   # parameters split over an explicit-sharding axis
+      return _devices.with_auto_axes(fn, split, functools.partial(_split_like, split))(
+          params, batch, mask)
     safe = partitioner_check(loss_fn, has_aux, params, batch, mask)
     route = _devices.batch_route(batch, safe)
     if route is not None:
@@ -270,6 +277,17 @@ def value_and_per_example_grads(
     return batch_aux(values, has_aux), grads
 
   return fn
+
+
+def _split_like(mesh: Any, params: Any, batch: Any, mask: Any) -> Any:
+  """Where `per_example_grads`' results go when the parameters are split over
+  explicit axes: each example's gradient split like its parameter (the
+  example axis whole), the per-example values replicated."""
+  del batch, mask
+  replicated = NamedSharding(mesh, P())
+  grads = jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)),
+                       _devices.shardings_of(params, mesh))
+  return replicated, grads
 
 
 def on_devices(fn: BatchGradFn, route: _devices.BatchRoute) -> BatchGradFn:
