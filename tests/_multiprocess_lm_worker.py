@@ -4,13 +4,13 @@ Usage: python _multiprocess_lm_worker.py OUT KIND [--coordinator HOST:PORT
 --num-processes N --process-id I]
 
 3 private steps of the Linen language model of examples/lm_models.py (a test
-size) with padding rows. With several devices: a mesh of Auto axes over all of
+size) with padding rows, then 3 of its NNX twin (`nnx.Optimizer`, `nnx.jit`). With several devices: a mesh of Auto axes over all of
 them, ('data', KIND) = (2, 4) for KIND fsdp, (4, 2) for model; the parameters
 split by `lm_models.shard_params`' rule (`param_spec`), the batch by
 `batch_spec`, every global array built from the host copy each process holds
 (`jax.make_array_from_callback`: a process fills only its own devices'
 shards). With one device: the same steps unsharded. Process 0 writes
-OUT/params.npz (the final parameters, gathered) and OUT/result.json; every
+OUT/params.npz and OUT/nnx_params.npz (the final parameters, gathered); every
 process writes OUT/result_<index>.json (its device counts).
 """
 
@@ -94,15 +94,43 @@ def main():
       w, mask = put(WINDOWS[t], rows), put(MASKS[t], rows)
     params, opt_state = step(params, opt_state, w, mask)
 
-  split = [not x.sharding.is_fully_replicated for x in jax.tree.leaves(params)]
+  # The NNX model: its state placed by the same rule, nnx.Optimizer, nnx.jit.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  nnx_model = lm_models.CharTransformer(CFG, rngs=nnx.Rngs(0))
   if mesh is not None:
-    params = multihost_utils.process_allgather(params, tiled=True)
+    nnx.update(nnx_model, jax.tree.map(lambda x: put(x, NamedSharding(mesh, lm_models.param_spec(
+        x, args.kind, mesh.shape[args.kind]))), nnx.state(nnx_model)))
+  optimizer = nnx.Optimizer(nnx_model, optax.chain(
+      optax_dp.dp_aggregate(C, SIGMA, key=8, expected_batch_size=B),
+      optax.sgd(1.0, momentum=0.9)), wrt=nnx.Param)
+  nnx_grad_fn = optax_dp.clipped_grads(
+      lambda m, w: lm_models.next_char_loss(m(w[:, :-1]), w), C)
+
+  @nnx.jit
+  def nnx_step(model, optimizer, w, mask):
+    optimizer.update(model, nnx_grad_fn(model, w, mask))
+
+  for t in range(STEPS):
+    if mesh is None:
+      w, mask = WINDOWS[t], MASKS[t]
+    else:
+      rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
+      w, mask = put(WINDOWS[t], rows), put(MASKS[t], rows)
+    nnx_step(nnx_model, optimizer, w, mask)
+  nnx_params = nnx.state(nnx_model, nnx.Param)
+
+  split = [not x.sharding.is_fully_replicated
+           for x in jax.tree.leaves((params, nnx_params))]
+  if mesh is not None:
+    params, nnx_params = multihost_utils.process_allgather((params, nnx_params), tiled=True)
   index = jax.process_index()
   with open(os.path.join(args.out, f"result_{index}.json"), "w") as f:
     json.dump({"process_index": index, "devices": jax.device_count(),
                "local_devices": jax.local_device_count(), "split_leaves": sum(split)}, f)
   if index == 0:
     np.savez(os.path.join(args.out, "params.npz"), *[np.asarray(x) for x in jax.tree.leaves(params)])
+    np.savez(os.path.join(args.out, "nnx_params.npz"),
+             *[np.asarray(x) for x in jax.tree.leaves(nnx_params)])
 
 
 if __name__ == "__main__":

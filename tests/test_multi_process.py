@@ -174,8 +174,8 @@ def test_run_together_enforces_its_deadline(tmp_path):
 @pytest.mark.subprocess
 @pytest.mark.parametrize("kind", ["fsdp", "model"])
 def test_sharded_params_over_two_processes_equal_1_device(tmp_path, kind):
-  """The language model with its parameters split over a ('data', 'fsdp') =
-  (2, 4) or ('data', 'model') = (4, 2) mesh spanning 2 processes x 4 devices
+  """The language model (Linen, then NNX) with its parameters split over a
+  ('data', 'fsdp') = (2, 4) or ('data', 'model') = (4, 2) mesh spanning 2 processes x 4 devices
   (tests/_multiprocess_lm_worker.py: plain jax.jit, the user's shardings)
   trains to the 1-device run's parameters in 3 private steps with padding rows
   (tolerance: tests/test_model_parallel.py's, same model and steps; measured
@@ -192,11 +192,12 @@ def test_sharded_params_over_two_processes_equal_1_device(tmp_path, kind):
     result = json.loads((tmp_path / "two" / f"result_{index}.json").read_text())
     assert result["devices"] == 8 and result["local_devices"] == 4
     assert result["split_leaves"] > 0
-  with np.load(tmp_path / "one" / "params.npz") as one, \
-       np.load(tmp_path / "two" / "params.npz") as two:
-    assert sorted(one) == sorted(two)
-    for name in one:
-      np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  for family in ("params.npz", "nnx_params.npz"):   # Linen, NNX
+    with np.load(tmp_path / "one" / family) as one, np.load(tmp_path / "two" / family) as two:
+      assert sorted(one) == sorted(two) and len(one) > 10
+      for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{family} {name}")
 
 
 # ------------------------------------------------------------ 1. the library
