@@ -2,7 +2,8 @@
 sharded over devices (data parallel, FSDP, tensor parallel), under plain
 `jax.jit` with the user's shardings.
 
-The Linen causal character transformer of `examples/lm_models.py` (d=128, 2
+The Linen causal character transformer of `examples/lm_models.py` (d=128 or
+`--features`, 2
 blocks, 4 heads, vocabulary 80), next-character loss on random windows, Adam
 after the DP part. Each layout is a mesh of Auto axes over all devices; the
 parameters are placed by the user's rule (FSDP: every leaf's largest
@@ -64,12 +65,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--length", type=int, default=64)
+  parser.add_argument("--features", type=int, default=128, help="the model's width d")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--json-out", default=None)
   args = parser.parse_args(argv)
   devices = jax.device_count()
-  config = lm_models.LMConfig(vocab_size=VOCAB, length=args.length, features=128, heads=4,
-                              layers=2)
+  config = lm_models.LMConfig(vocab_size=VOCAB, length=args.length, features=args.features,
+                              heads=4, layers=2)
   model = lm_models.LinenCharTransformer(config)
   params = model.init(jax.random.key(0), jnp.zeros((1, args.length), jnp.int32))["params"]
 
@@ -96,7 +98,7 @@ def main(argv=None):
   windows = np.random.default_rng(0).integers(0, VOCAB, (args.batch_size, args.length + 1))
   windows = windows.astype(np.int32)
   mask = np.ones((args.batch_size,), bool)
-  header = (f"char transformer d=128, 2 blocks, 4 heads, T={args.length}, "
+  header = (f"char transformer d={args.features}, 2 blocks, 4 heads, T={args.length}, "
             f"{sum(x.size for x in jax.tree.leaves(params))} params; batch {args.batch_size}, "
             f"{devices} devices ({jax.devices()[0].platform}), {args.rounds} rounds, "
             f"C={clip}, sigma={sigma}")
@@ -156,7 +158,8 @@ def main(argv=None):
   print("\n" + table)
   if args.json_out:
     _common.write_json(args.json_out, header=header, batch_size=args.batch_size,
-                       length=args.length, rounds=args.rounds, devices=devices,
+                       length=args.length, features=args.features, rounds=args.rounds,
+                       devices=devices,
                        layouts=results, load=_common.load_record(), markdown=table,
                        machine=_common.machine_info())
 

@@ -870,8 +870,8 @@ def test_noise_is_added_once_and_equals_1_device_noise(results):
     assert lo > 0.5 * n and hi < 2 * n       # the band rejects 8x (and 0)
     # Steps draw fresh noise (not the same vector every step).
     assert not np.array_equal(out8[0], out8[1])
-    # Same key, same step: the 8-device noise is the 1-device noise, bit for bit.
-    np.testing.assert_array_equal(out8, out1)
+    # Same key, same step: the 8-device noise is the 1-device noise.
+    _assert_same_noise(out8, out1)
 
 
 @pytest.mark.subprocess
@@ -921,7 +921,29 @@ def _check_accumulated_noise(acc8, acc1, k, noise):
   assert lo < s < hi, (s / n, lo / n, hi / n)
   assert lo > 0.5 * n and hi < 2 * n
   assert not np.array_equal(acc8[k - 1], acc8[2 * k - 1])   # fresh noise per logical step
-  np.testing.assert_array_equal(acc8, acc1)
+  _assert_same_noise(acc8, acc1)
+
+
+# The suite's fast-compile settings (tests/conftest.py: JAX at -O0, XLA:CPU's
+# classic emitters), which the 8-device process inherits.
+_FAST_COMPILE = (os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") == "1"
+                 or "--xla_cpu_use_fusion_emitters=false" in os.environ.get("XLA_FLAGS", ""))
+
+
+def _assert_same_noise(got, want):
+  """The 8-device noise is the 1-device noise: bit for bit under XLA's
+  default settings (`JAX_DISABLE_MOST_OPTIMIZATIONS=0
+  XLA_FLAGS=--xla_cpu_use_fusion_emitters=true pytest -k noise` passes so;
+  tests/test_model_parallel.py checks it optimised on every run). Under the
+  suite's fast-compile settings, erf_inv computed on each device's leaves
+  (`_noise._stream_normal`) rather than on one flat vector rounds some
+  coordinates (measured: 3.6%) a few ulps apart, so there every coordinate
+  must be within 4 ulps: noise reused, dropped or added twice is off by
+  O(1), millions of ulps."""
+  if _FAST_COMPILE:
+    np.testing.assert_array_max_ulp(got, want, maxulp=4)
+  else:
+    np.testing.assert_array_equal(got, want)
 
 
 # ---------------------------------------------------------------- train: all-reduces

@@ -35,7 +35,9 @@ from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
+from jax.extend.random import threefry2x32_p
 import jax.numpy as jnp
+import numpy as np
 
 from optax_dp._core import _checks
 from optax_dp._core import _devices
@@ -68,20 +70,84 @@ def gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float) -> chex.
   parts = [2 if jnp.iscomplexobj(leaf) else 1 for leaf in leaves]
   dtypes = list(dict.fromkeys(reals))
   draw_keys = jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(len(dtypes)))
+  # On a mesh of several devices each leaf's piece of the draw is computed
+  # where the leaf lives (`_stream_normal`: the same values), instead of the
+  # whole draw on every device and then moved.
+  in_place = _devices.on_mesh(tree) and _is_threefry(key) and all(
+      _stream_normal_supports(d, math.prod(jnp.shape(leaf)))
+      for d, leaf in zip(reals, leaves))
   noises = [None] * len(leaves)
   for j, dtype in enumerate(dtypes):
     members = [i for i, d in enumerate(reals) if d == dtype]
     total = sum(parts[i] * math.prod(jnp.shape(leaves[i])) for i in members)
-    draw = stddev * jax.random.normal(draw_keys[j], (total,), dtype)
+    if not in_place:
+      draw = stddev * jax.random.normal(draw_keys[j], (total,), dtype)
     start = 0
     for i in members:
       shape, size = jnp.shape(leaves[i]), math.prod(jnp.shape(leaves[i]))
-      noise = draw[start:start + size].reshape(shape)
+
+      def piece(begin, shape=shape, size=size):
+        if in_place:
+          return stddev * _stream_normal(draw_keys[j], begin, shape, dtype)
+        return draw[begin:begin + size].reshape(shape)
+
+      noise = piece(start)
       if parts[i] == 2:
-        noise = noise + 1j * draw[start + size:start + 2 * size].reshape(shape)
+        noise = noise + 1j * piece(start + size)
       start += parts[i] * size
       noises[i] = noise.astype(jnp.result_type(leaves[i]))
   return jax.tree.unflatten(treedef, noises)
+
+
+def _is_threefry(key: jax.Array) -> bool:
+  """Whether `key` is a threefry2x32 key (a typed key, or a raw uint32[2]
+  one under the default implementation), whose stream `_stream_normal`
+  reproduces."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return str(jax.random.key_impl(key)) == "threefry2x32"
+  return jnp.shape(key) == (2,) and jax.config.jax_default_prng_impl == "threefry2x32"
+
+
+def _stream_normal_supports(dtype: Any, size: int) -> bool:
+  return jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)) and size < 2 ** 32
+
+
+def _stream_normal(key: jax.Array, start: int, shape: tuple[int, ...], dtype: Any
+                   ) -> jax.Array:
+  """`jax.random.normal(key, (total,), dtype)[start:start + size].reshape(shape)`
+  with JAX's partitionable threefry (its default), bit for bit (float32 and
+  float64, a threefry key, size < 2**32), computed from the coordinates'
+  own counters: coordinate k of the flat draw is threefry2x32 of the key and
+  the 64-bit counter k (as two uint32 halves), its bits turned into a
+  uniform in (-1, 1) and then a normal as `jax.random.normal` does. Each
+  device computes only the coordinates of its shard: nothing to gather or
+  move. tests/test_noise_sources.py checks the equality."""
+  data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  local = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for axis in range(len(shape) - 1, -1, -1):
+    local = local + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+    stride *= shape[axis]
+  low = local + jnp.uint32(start & 0xFFFFFFFF)
+  if (start & 0xFFFFFFFF) + stride <= 2 ** 32:   # no carry within the leaf
+    high = jnp.full(shape, start >> 32, jnp.uint32)
+  else:
+    high = jnp.uint32(start >> 32) + (low < local).astype(jnp.uint32)   # the carry
+  bits1, bits2 = threefry2x32_p.bind(data[0], data[1], high, low)
+  finfo = jnp.finfo(dtype)
+  if finfo.bits == 32:
+    bits, uint = bits1 ^ bits2, jnp.uint32
+  else:
+    uint = jnp.uint64
+    bits = (bits1.astype(uint) << uint(32)) | bits2.astype(uint)
+  mantissa = jax.lax.shift_right_logical(bits, jnp.asarray(finfo.bits - finfo.nmant, uint))
+  one = jnp.asarray(np.array(1.0, dtype).view(uint), uint)
+  floats = jax.lax.bitcast_convert_type(mantissa | one, dtype) - jnp.asarray(1.0, dtype)
+  lowest = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+  uniform = jax.lax.max(jnp.asarray(lowest, dtype),
+                        floats * jnp.asarray(np.array(1.0, dtype) - lowest, dtype)
+                        + jnp.asarray(lowest, dtype))
+  return jnp.asarray(np.sqrt(2), dtype) * jax.lax.erf_inv(uniform)
 
 
 def add_gaussian_noise(tree: chex.ArrayTree, key: jax.Array, stddev: float
