@@ -21,13 +21,20 @@ On a CPU, simulate the devices:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
       python benchmarks/sharded_step.py --rounds 5 \\
       --json-out benchmarks/results/sharded_step_b64_t64.json
+
+With `--rss`, each (layout, step) runs instead in a process of its own under
+`/usr/bin/time -v`: its maximum resident set size (all simulated devices
+together: one process holds them all).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,7 +75,16 @@ def main(argv=None):
   parser.add_argument("--features", type=int, default=128, help="the model's width d")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--json-out", default=None)
+  parser.add_argument("--rss", action="store_true",
+                      help="instead: each (layout, step) in a process of its own under "
+                           "/usr/bin/time -v, its maximum resident set size")
+  parser.add_argument("--only", nargs=2, metavar=("LAYOUT", "STEP"),
+                      help="(--rss's worker) compile and run one layout's one step "
+                           "(non_private or private) --steps times, print RESULT")
+  parser.add_argument("--steps", type=int, default=3)
   args = parser.parse_args(argv)
+  if args.rss:
+    return measure_rss(args)
   devices = jax.device_count()
   config = lm_models.LMConfig(vocab_size=VOCAB, length=args.length, features=args.features,
                               heads=4, layers=2)
@@ -102,6 +118,9 @@ def main(argv=None):
             f"{sum(x.size for x in jax.tree.leaves(params))} params; batch {args.batch_size}, "
             f"{devices} devices ({jax.devices()[0].platform}), {args.rounds} rounds, "
             f"C={clip}, sigma={sigma}")
+  if args.only:
+    return run_only(args, params, windows, mask, {"non_private": (non_private, plain_tx),
+                                                  "private": (private, private_tx)})
   print(header, flush=True)
   _common.print_start_load_warning()
   results = {}
@@ -161,6 +180,63 @@ def main(argv=None):
                        length=args.length, features=args.features, rounds=args.rounds,
                        devices=devices,
                        layouts=results, load=_common.load_record(), markdown=table,
+                       machine=_common.machine_info())
+
+
+def place(name, params, windows, mask):
+  """The layout `name`'s mesh, with the parameters and the batch placed on it."""
+  shape, names = layouts(jax.device_count())[name]
+  mesh = jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * 2,
+                       devices=jax.devices()[:shape[0] * shape[1]])
+  rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
+  return (lm_models.shard_params(params, mesh), jax.device_put(windows, rows),
+          jax.device_put(mask, rows))
+
+
+def run_only(args, params, windows, mask, steps):
+  """One layout's one step, compiled and run `--steps` times (RSS's worker)."""
+  name, row = args.only
+  fn, tx = steps[row]
+  p, w, m = place(name, params, windows, mask)
+  state = (p, jax.jit(tx.init)(p))
+  step = jax.jit(fn)
+  for _ in range(args.steps):
+    state = step(*state, w, m)
+  jax.block_until_ready(state)
+  print("RESULT " + json.dumps({"layout": name, "step": row, "steps": args.steps}), flush=True)
+
+
+def measure_rss(args):
+  """Each (layout, step) in a process of its own under /usr/bin/time -v, one
+  at a time, `--rounds` rounds: the process's maximum resident set size. On
+  simulated CPU devices one process holds all of them, so the RSS is the
+  whole mesh's (parameters split over 'fsdp' are held once in all, whole
+  parameters once per device), plus the runtime's footprint."""
+  names = list(layouts(jax.device_count()))   # the workers inherit XLA_FLAGS
+  rss = {name: {"non_private": [], "private": []} for name in names}
+  for _ in range(args.rounds):
+    for name in names:
+      for row in ("non_private", "private"):
+        cmd = ["/usr/bin/time", "-v", sys.executable, os.path.abspath(__file__),
+               "--only", name, row, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--length", str(args.length),
+               "--features", str(args.features)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        found = re.search(r"Maximum resident set size \(kbytes\):\s*(\d+)", proc.stderr)
+        if proc.returncode != 0 or found is None or "RESULT " not in proc.stdout:
+          raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        rss[name][row].append(int(found.group(1)) / 1024)
+  lines = ["| layout | max RSS, non-private (MiB) | max RSS, private (MiB) | ratio |",
+           "|---|---|---|---|"]
+  for name in names:
+    a, b = (statistics.median(rss[name][row]) for row in ("non_private", "private"))
+    lines.append(f"| {name} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+  table = "\n".join(lines)
+  print(table)
+  if args.json_out:
+    _common.write_json(args.json_out, batch_size=args.batch_size, length=args.length,
+                       features=args.features, rounds=args.rounds, steps=args.steps,
+                       max_rss_mib=rss, load=_common.load_record(), markdown=table,
                        machine=_common.machine_info())
 
 
