@@ -26,6 +26,7 @@ Sections:
   lstm: the NNX character LSTM on the FSDP mesh against one device.
   resume: an orbax checkpoint of a sharded run, restored with its shardings.
   per_example: per_example_grads with the parameters split over an explicit axis.
+  conv_explicit: a convolutional loss, its kernel split over an explicit axis.
   example: examples/train.py's LM recipes with --mesh against one device.
   planted: the clipped sum of one batch on the FSDP mesh against a float64
      reference that clips each example's gradient (plain jax.vmap(jax.grad)
@@ -512,6 +513,31 @@ def per_example():
           "split": [not x.sharding.is_fully_replicated for x in jax.tree.leaves(got_tree)],
           "params_split": [not x.sharding.is_fully_replicated
                            for x in jax.tree.leaves(place(mesh, "fsdp", params))]}
+
+
+def conv_explicit():
+  """A loss with a convolution, its kernel split over an explicit axis: XLA's
+  partitioner is not trusted with it (`partitioner_safe`), so optax_dp keeps
+  the per-device route (the parameters gathered for it, as before): the
+  clipped sum equals 1 device."""
+  rng = np.random.default_rng(5)
+  images = rng.normal(size=(16, 6, 6, 2)).astype(np.float32)
+  params = {"k": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+            "w": rng.normal(size=(4, 8)).astype(np.float32)}
+
+  def loss(p, x):
+    y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.mean(jnp.tanh(y) @ p["w"])
+
+  fn = jax.jit(lambda p, x: optax_dp.clipped_grads(loss, 0.5)(p, x).clipped_sum)
+  ref = leaves(fn(params, images))
+  mesh = make_mesh((2, 4), ("data", "model"), "model-explicit")
+  split = {"k": jax.device_put(params["k"], NamedSharding(mesh, P(None, None, None, "model"))),
+           "w": jax.device_put(params["w"], NamedSharding(mesh, P("model", None)))}
+  got = leaves(fn(split, jax.device_put(images, NamedSharding(mesh, P("data")))))
+  return {"max_abs_diff": [float(np.max(np.abs(g - r))) for g, r in zip(got, ref)],
+          "max_abs": [float(np.max(np.abs(r))) for r in ref]}
 
 
 def example():

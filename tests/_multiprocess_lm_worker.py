@@ -86,13 +86,14 @@ def main():
     return optax.apply_updates(params, updates), opt_state
 
 
-  for t in range(STEPS):
+  def batch(t):
     if mesh is None:
-      w, mask = WINDOWS[t], MASKS[t]
-    else:
-      rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
-      w, mask = put(WINDOWS[t], rows), put(MASKS[t], rows)
-    params, opt_state = step(params, opt_state, w, mask)
+      return WINDOWS[t], MASKS[t]
+    rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
+    return put(WINDOWS[t], rows), put(MASKS[t], rows)
+
+  for t in range(STEPS):
+    params, opt_state = step(params, opt_state, *batch(t))
 
   # The NNX model: its state placed by the same rule, nnx.Optimizer, nnx.jit.
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -111,12 +112,7 @@ def main():
     optimizer.update(model, nnx_grad_fn(model, w, mask))
 
   for t in range(STEPS):
-    if mesh is None:
-      w, mask = WINDOWS[t], MASKS[t]
-    else:
-      rows = NamedSharding(mesh, lm_models.batch_spec(mesh))
-      w, mask = put(WINDOWS[t], rows), put(MASKS[t], rows)
-    nnx_step(nnx_model, optimizer, w, mask)
+    nnx_step(nnx_model, optimizer, *batch(t))
   nnx_params = nnx.state(nnx_model, nnx.Param)
 
   split = [not x.sharding.is_fully_replicated

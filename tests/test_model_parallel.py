@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 _REPO = Path(__file__).resolve().parent.parent
 _SECTIONS = ("train", "noise", "memory", "variants", "flax_idiom", "lstm", "resume",
-             "per_example", "example", "planted")
+             "per_example", "conv_explicit", "example", "planted")
 _TRAIN_RUNS = ("nnx/auto", "linen/auto", "linen/vmap")
 # "-explicit": the same layouts on meshes of Explicit axes (jax.make_mesh's
 # default): the parameters' split is in their types, and optax_dp runs the
@@ -250,3 +250,13 @@ def test_per_example_grads_with_params_split_over_an_explicit_axis_stay_split(re
   for i, (diff, scale) in enumerate(zip(row["max_abs_diff"], row["max_abs"])):
     assert diff <= ATOL + RTOL * scale, (i, diff, scale)
   assert row["split"] == row["params_split"] and any(row["split"]), row
+
+
+@pytest.mark.subprocess
+def test_a_convolution_with_its_kernel_split_over_an_explicit_axis_equals_1_device(results):
+  """A convolutional loss with its kernel split over an explicit axis is not
+  handed to XLA's partitioner (trap 1): it keeps the per-device route, and
+  its clipped sum equals 1 device (rel 1e-5)."""
+  row = _section(results, "conv_explicit")
+  for i, (diff, scale) in enumerate(zip(row["max_abs_diff"], row["max_abs"])):
+    assert diff <= ATOL + RTOL * scale, (i, diff, scale)

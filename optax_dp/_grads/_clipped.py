@@ -141,10 +141,10 @@ def value_and_clipped_grads(
     norms, clip_norm = _clip_norms.clip_norms_now(clip, current)   # checks `current`
     if not _nnx.is_module(params):
       _nnx.refuse_nnx_options("clipped_grads", wrt=wrt, rngs=rngs)
-      split = _devices.explicit_split_mesh(params)
-      if split is not None:   # parameters split over an explicit-sharding axis
-        return auto_axes_run(split)(params, batch, mask, current)
       safe = _per_example.partitioner_check(loss_fn, has_aux, params, batch, mask)
+      split = _devices.explicit_split_mesh(params)
+      if split is not None and safe():   # parameters split over an explicit axis
+        return auto_axes_run(split)(params, batch, mask, current)
       route = _devices.batch_route(batch, safe)
       if route is not None:
         return on_devices(fn, route)(params, batch, mask, l2_norm_clip=current)

@@ -146,10 +146,16 @@ def partitioner_check(loss_fn: Callable[..., Any], has_aux: bool, params: Any,
 
   verdict: list[bool] = []
 
+  def one_row_grad(params, batch):
+    return grad(params, jax.tree.map(one_row, batch))
+
   def safe() -> bool:
     if not verdict:
+      mesh = _devices.explicit_split_mesh(params)
+      check = one_row_grad if mesh is None else _devices.with_auto_axes(   # (types allow no slice)
+          one_row_grad, mesh, lambda params, _: _devices.shardings_of(params, mesh))
       try:
-        verdict.append(_devices.partitioner_safe(grad, params, jax.tree.map(one_row, batch)))
+        verdict.append(_devices.partitioner_safe(check, params, batch))
       except Exception:   # pylint: disable=broad-except
         verdict.append(False)
     return verdict[0]
@@ -250,11 +256,11 @@ def value_and_per_example_grads(
               pure, has_aux=has_aux, microbatch_size=microbatch_size),
           loss_fn, params, batch, mask, wrt, "per_example_grads", rngs=rngs)
     _nnx.refuse_nnx_options("per_example_grads", wrt=wrt, rngs=rngs)
+    safe = partitioner_check(loss_fn, has_aux, params, batch, mask)
     split = _devices.explicit_split_mesh(params)
-    if split is not None:   # parameters split over an explicit-sharding axis
+    if split is not None and safe():   # parameters split over an explicit axis
       return _devices.with_auto_axes(fn, split, functools.partial(_split_like, split))(
           params, batch, mask)
-    safe = partitioner_check(loss_fn, has_aux, params, batch, mask)
     route = _devices.batch_route(batch, safe)
     if route is not None:
       return on_devices(fn, route)(params, batch, mask)
